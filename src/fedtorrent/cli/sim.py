@@ -1,0 +1,7 @@
+"""Commands: sim."""
+
+from __future__ import annotations
+
+from fedtorrent.cli import app
+
+_ = app
