@@ -10,6 +10,8 @@ FedTorrentError
 │   ├── StateError       a state dict whose keys, shapes, dtypes or values are wrong
 │   ├── TorrentError     a torrent file that is malformed or does not verify
 │   └── MessageError     a peer message rejected before or after decoding
+│       ├── SignatureError  an update whose signature is missing or does not verify
+│       └── ReplayError     an update from an old round or with a reused nonce
 ├── NetworkError         a peer or tracker that cannot be reached in time
 │   └── TrackerError     the tracker refused or could not answer
 ├── PrivacyError         a privacy budget or setting that cannot be honoured
@@ -60,7 +62,19 @@ class TorrentError(DecodeError):
 
 
 class MessageError(DecodeError):
-    """A peer message was rejected."""
+    """A peer message was rejected; ``reason`` is a short code that peers count rejections by."""
+
+    def __init__(self, message: str, *, reason: str = "rejected") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SignatureError(MessageError):
+    """A signed update does not verify against its sender's public key."""
+
+
+class ReplayError(MessageError):
+    """A signed update repeats an old round or a nonce already seen from its sender."""
 
 
 class NetworkError(FedTorrentError):
