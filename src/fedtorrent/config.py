@@ -101,7 +101,7 @@ class TrainConfig:
 BASELINE_TRAIN = TrainConfig(
     epochs=10, batch_size=64, lr=0.005, optimizer="adam", lr_schedule="cosine"
 )
-"""Centralized baseline (``fedtorrent train``): logreg reaches ~92.8% on MNIST, ~84.9% on Fashion."""
+"""The centralized baseline (``fedtorrent train``): logreg gets ~92.8% on MNIST, ~84.8% Fashion."""
 
 
 MIXING_RULES = ("none", "fixed", "metropolis", "learned", "median", "trimmed_mean", "krum")
@@ -213,7 +213,7 @@ class SimConfig:
 
 
 IP_OVERRIDES = ("never", "private", "any")
-"""Whose ``ip`` announce parameter the tracker believes: nobody's, loopback/private senders', all."""
+"""Whose ``ip`` announce parameter the tracker believes: nobody's, private senders', anyone's."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,264 @@
-"""Commands: net."""
+"""Commands: ``create`` a session torrent, ``show`` one, run a ``tracker``."""
 
 from __future__ import annotations
 
-from fedtorrent.cli import app
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
-_ = app
+import typer
+
+from fedtorrent.cli import app
+from fedtorrent.errors import ConfigError
+
+DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "mnist": ((1, 28, 28), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "digits": ((1, 8, 8), 10),
+}
+"""Input shape and class count per dataset, so ``create`` can build the model without the data."""
+
+
+def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, lists), else text."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--model-arg takes key=value, got {pair!r}")
+        try:
+            kwargs[key] = json.loads(text)
+        except ValueError:
+            kwargs[key] = text
+    return kwargs
+
+
+@app.command()
+def create(
+    *,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Torrent file to write.")],
+    tracker: Annotated[str, typer.Option(help="Tracker announce URL.")] = (
+        "http://127.0.0.1:6969/announce"
+    ),
+    dataset: Annotated[
+        str, typer.Option(help="mnist, fashion-mnist, cifar10 or digits.")
+    ] = "mnist",
+    model: Annotated[str, typer.Option(help="Model registry name.")] = "logreg",
+    model_arg: Annotated[
+        list[str] | None, typer.Option(help="Model keyword argument key=value (repeatable).")
+    ] = None,
+    nodes: Annotated[int, typer.Option(help="Number of peers the data is split across.")] = 6,
+    split: Annotated[str, typer.Option(help="iid, noniid, shards or unbalanced.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration for skewed splits.")] = 0.5,
+    classes_per_node: Annotated[int, typer.Option(help="Classes per peer for shards.")] = 2,
+    val_fraction: Annotated[float, typer.Option(help="Validation share of each peer.")] = 0.2,
+    rounds: Annotated[int, typer.Option(help="Learning rounds.")] = 20,
+    cohort: Annotated[int, typer.Option(help="Peers each peer mixes with per round.")] = 3,
+    mixing: Annotated[str, typer.Option(help="Mixing rule.")] = "learned",
+    trust_lr: Annotated[float, typer.Option(help="Trust learning rate.")] = 5.0,
+    trust_steps: Annotated[int, typer.Option(help="Trust SGD steps per round.")] = 10,
+    epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    steps: Annotated[
+        int | None, typer.Option(help="Local batches per round (overrides epochs).")
+    ] = (None),
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 0.1,
+    optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
+    dp_clip: Annotated[
+        float | None, typer.Option(help="Differential privacy: clip norm (turns DP on).")
+    ] = None,
+    dp_noise: Annotated[float | None, typer.Option(help="DP noise multiplier.")] = None,
+    dp_epsilon: Annotated[float | None, typer.Option(help="DP target epsilon.")] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    seed: Annotated[
+        int, typer.Option(help="Seed for the split, training and initial weights.")
+    ] = 0,
+    name: Annotated[str | None, typer.Option(help="Session name (default from the settings).")] = (
+        None
+    ),
+    comment: Annotated[str | None, typer.Option(help="Free text stored in the torrent.")] = None,
+) -> None:
+    """Write a session torrent and its initial state (``<output>.state``) beside it."""
+    import torch  # noqa: PLC0415 (lazy: keep --help fast)
+
+    from fedtorrent import config  # noqa: PLC0415
+    from fedtorrent.models import build_model  # noqa: PLC0415
+    from fedtorrent.net.torrent import Session, Torrent, save_torrent, state_path_for  # noqa: PLC0415
+    from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
+
+    if dataset not in DATASET_SHAPES:
+        raise ConfigError(f"dataset must be one of {', '.join(DATASET_SHAPES)}; got {dataset!r}")
+    input_shape, num_classes = DATASET_SHAPES[dataset]
+    kwargs = _model_kwargs(model_arg or [])
+    torch.manual_seed(seed)
+    net = build_model(model, input_shape=input_shape, num_classes=num_classes, **kwargs)
+    state = encode_state(net.state_dict())
+    privacy = None
+    if dp_clip is not None:
+        privacy = config.PrivacyConfig(
+            clip=dp_clip, noise_multiplier=dp_noise, target_epsilon=dp_epsilon, delta=dp_delta
+        )
+    session = Session(
+        name=name or f"{dataset}-{model}-{split}-{nodes}",
+        model=config.ModelConfig(model, kwargs),
+        data=config.DataConfig(
+            dataset=dataset,
+            num_nodes=nodes,
+            split=split,
+            alpha=alpha,
+            classes_per_node=classes_per_node,
+            val_fraction=val_fraction,
+            seed=seed,
+        ),
+        train=config.TrainConfig(
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            seed=seed,
+        ),
+        mixing=config.MixingConfig(rule=mixing, trust_lr=trust_lr, trust_steps=trust_steps),
+        rounds=rounds,
+        cohort_size=cohort,
+        state_sha256=state_digest(state),
+        state_size=len(state),
+        privacy=privacy,
+    )
+    torrent = Torrent(
+        announce=tracker,
+        session=session,
+        creation_date=int(time.time()),
+        created_by="fedtorrent",
+        comment=comment,
+    )
+    state_path = state_path_for(output)
+    state_path.write_bytes(state)
+    save_torrent(torrent, output)
+    typer.echo(f"wrote {output} and {state_path} ({len(state)} bytes)")
+    typer.echo(f"info-hash {torrent.info_hash}")
+
+
+def _describe(value: Any) -> Any:
+    """A config as a plain dict for printing (Paths as text)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return str(value) if isinstance(value, Path) else value
+
+
+@app.command()
+def show(
+    source: Annotated[str, typer.Argument(help="Torrent file, or an http(s) URL serving one.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Print a torrent's session settings and its info-hash."""
+    from fedtorrent.net.torrent import load_torrent  # noqa: PLC0415
+    from fedtorrent.net.tracker.client import download_torrent  # noqa: PLC0415
+
+    is_url = source.startswith(("http://", "https://"))
+    torrent = download_torrent(source) if is_url else load_torrent(source)
+    session = torrent.session
+    document = {
+        "info_hash": torrent.info_hash,
+        "announce": torrent.announce,
+        "announce_list": [list(tier) for tier in torrent.announce_list],
+        "creation_date": torrent.creation_date,
+        "created_by": torrent.created_by,
+        "comment": torrent.comment,
+        "session": _describe(session),
+    }
+    document["session"]["data"].pop("data_dir")  # never part of a torrent
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+        return
+    typer.echo(f"{session.name}")
+    typer.echo(f"  info-hash     {torrent.info_hash}")
+    typer.echo(f"  announce      {torrent.announce}")
+    if torrent.creation_date is not None:
+        created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(torrent.creation_date))
+        typer.echo(f"  created       {created} by {torrent.created_by or '?'}")
+    if torrent.comment:
+        typer.echo(f"  comment       {torrent.comment}")
+    typer.echo(f"  rounds        {session.rounds}, cohort of {session.cohort_size}")
+    typer.echo(f"  initial state {session.state_size} bytes, sha256 {session.state_sha256}")
+    for label in ("model", "data", "train", "mixing", "privacy", "compression"):
+        section = document["session"].get(label)
+        if section is None:
+            continue
+        typer.echo(f"  {label}")
+        for key, value in section.items():
+            typer.echo(f"    {key:<17} {value}")
+
+
+@app.command("tracker")
+def tracker_command(
+    *,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 picks a free one and prints it).")] = 6969,
+    db: Annotated[
+        Path | None, typer.Option(help="SQLite file that keeps swarms across restarts.")
+    ] = None,
+    serve: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Torrent to serve at /torrents/<info-hash> (repeatable).", metavar="TORRENT"
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option(help="Info-hash a closed tracker admits (repeatable).")
+    ] = None,
+    closed: Annotated[
+        bool, typer.Option(help="Admit only --allow hashes and served torrents.")
+    ] = False,
+    interval: Annotated[int, typer.Option(help="Seconds between announces.")] = 30,
+    numwant: Annotated[int, typer.Option(help="Peers per answer unless asked otherwise.")] = 20,
+    max_peers: Annotated[int, typer.Option(help="Peers per swarm at most.")] = 50_000,
+    max_swarms: Annotated[int, typer.Option(help="Swarms at most.")] = 1_000,
+    rate_limit: Annotated[
+        float, typer.Option(help="Requests per second per address (0: no limit).")
+    ] = 100.0,
+    rate_burst: Annotated[int, typer.Option(help="Token bucket size per address.")] = 200,
+    flush_interval: Annotated[
+        float, typer.Option(help="Seconds between SQLite write-behind flushes.")
+    ] = 0.5,
+    ip_override: Annotated[
+        str, typer.Option(help="Believe the ip parameter from: never, private, any.")
+    ] = "private",
+) -> None:
+    """Run the HTTP tracker until Ctrl-C; prints the URL it listens on."""
+    import logging  # noqa: PLC0415
+
+    from fedtorrent.config import TrackerConfig  # noqa: PLC0415
+    from fedtorrent.net.tracker.server import TrackerServer  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = TrackerConfig(
+        host=host,
+        port=port,
+        db_path=db,
+        interval=interval,
+        numwant=numwant,
+        max_peers_per_swarm=max_peers,
+        max_swarms=max_swarms,
+        allow=frozenset(h.lower() for h in allow or ()) if closed or allow else None,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        flush_interval=flush_interval,
+        ip_override=ip_override,
+    )
+    server = TrackerServer(config, torrents=serve or [])
+
+    def ready(url: str) -> None:
+        for info_hash, served in server.served.items():
+            typer.echo(f"serving {served.name} at {url}/torrents/{info_hash}")
+        mode = "open" if server.registry.allow is None else "closed"
+        typer.echo(f"tracker listening on {url} ({mode}); announce URL {url}/announce")
+        sys.stdout.flush()  # scripts wait for this line through a pipe
+
+    server.serve(ready=ready)

@@ -1,1 +1,28 @@
-"""fedtorrent.net.transport."""
+"""Moving wire messages between peers: one small contract, a ZeroMQ implementation, a twin."""
+
+from fedtorrent.net.transport.base import (
+    Endpoint,
+    FetchResult,
+    FetchTimeoutError,
+    PeerRefusedError,
+    Reply,
+    TrafficStats,
+    Transport,
+    TransportConfig,
+)
+from fedtorrent.net.transport.memory import MemoryNetwork, MemoryTransport
+from fedtorrent.net.transport.zmq import ZmqTransport
+
+__all__ = [
+    "Endpoint",
+    "FetchResult",
+    "FetchTimeoutError",
+    "MemoryNetwork",
+    "MemoryTransport",
+    "PeerRefusedError",
+    "Reply",
+    "TrafficStats",
+    "Transport",
+    "TransportConfig",
+    "ZmqTransport",
+]

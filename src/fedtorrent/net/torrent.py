@@ -1,0 +1,565 @@
+"""The session file: a bencoded, BitTorrent-shaped metainfo whose ``info`` dict fixes the session.
+
+The info-hash (sha256 hex of the bencoded ``info`` dict) is the session id: the tracker keys swarms
+by it and every peer that holds the same torrent trains the same model on the same settings from
+the same verified initial weights. Bencode has no floats, so floats travel as the canonical decimal
+string Python's ``repr`` writes (shortest round-trip form) and are read back by the dataclass field
+types; free-form dicts (model kwargs, compression) travel as canonical JSON strings. Only
+canonical encodings are accepted, so decoding and re-encoding give the same bytes and hash.
+Reading never trusts the file: sizes first, then types, then every key; errors name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import fastbencode
+
+from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, PrivacyConfig, TrainConfig
+from fedtorrent.errors import ConfigError, TorrentError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = 1
+"""The only ``info.version`` this code reads and writes."""
+MAX_TORRENT_BYTES = 1 << 20
+"""Refuse torrent files above 1 MiB before decoding them."""
+MAX_INITIAL_STATE_BYTES = 1 << 30
+"""Equal to ``state.codec.MAX_STATE_BYTES``; repeated so reading a torrent does not import torch."""
+MAX_NAME_CHARS = 200
+MAX_TEXT_CHARS = 4096
+MAX_URL_CHARS = 2048
+MAX_JSON_BYTES = 64 * 1024
+_HEX = frozenset("0123456789abcdef")
+_LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
+"""Fields that describe one machine, never the session: a peer fills them in itself."""
+_TOP_KEYS = frozenset(
+    {"announce", "announce-list", "comment", "created by", "creation date", "info"}
+)
+
+
+def bencode(value: Any) -> bytes:
+    """Bencode ``value`` (dict keys must be bytes); a typed door to fastbencode."""
+    return bytes(fastbencode.bencode(value))  # type: ignore[attr-defined]
+
+
+def bdecode(payload: bytes) -> Any:
+    """Decode bencode strictly (sorted keys, no junk, no leading zeros); ValueError otherwise."""
+    return fastbencode.bdecode(payload)  # type: ignore[attr-defined]
+
+
+def format_float(value: float) -> str:
+    """The one decimal form a torrent stores a float in: Python's shortest round-trip ``repr``."""
+    if not math.isfinite(value):
+        raise ConfigError(f"cannot store non-finite float {value!r} in a torrent")
+    return repr(float(value))
+
+
+def canonical_json(value: Mapping[str, Any]) -> str:
+    """Sorted keys, no spaces, no NaN: the one JSON text a torrent stores a free-form dict as."""
+    try:
+        return json.dumps(dict(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot store {value!r} in a torrent as JSON: {exc}") from exc
+
+
+def is_info_hash(text: str) -> bool:
+    """True for 64 lowercase hex characters, the only spelling of an info-hash fedtorrent uses."""
+    return len(text) == 64 and _HEX.issuperset(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """Everything peers must agree on before round one; the ``info`` dict of a torrent.
+
+    ``data`` never carries a ``data_dir``: where a peer keeps its files is its own business.
+    ``state_sha256`` and ``state_size`` pin the initial weights (a safetensors file).
+    ``privacy`` is None when peers share updates without noise; ``compression`` is a JSON-able dict
+    reserved for the issue that adds it.
+    """
+
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    mixing: MixingConfig
+    rounds: int
+    cohort_size: int
+    state_sha256: str
+    state_size: int
+    privacy: PrivacyConfig | None = None
+    compression: Mapping[str, Any] | None = None
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(
+            0 < len(self.name) <= MAX_NAME_CHARS and self.name.isprintable(),
+            f"name must be 1 to {MAX_NAME_CHARS} printable characters, got {self.name!r}",
+        )
+        _check(self.data.data_dir is None, "a session never carries a local data_dir")
+        _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        _check(self.cohort_size >= 1, f"cohort_size must be >= 1, got {self.cohort_size}")
+        _check(
+            is_info_hash(self.state_sha256),
+            f"state_sha256 must be 64 lowercase hex characters, got {self.state_sha256!r}",
+        )
+        _check(
+            0 < self.state_size <= MAX_INITIAL_STATE_BYTES,
+            f"state_size must be in [1, {MAX_INITIAL_STATE_BYTES}], got {self.state_size}",
+        )
+        _check(
+            self.version == FORMAT_VERSION,
+            f"version must be {FORMAT_VERSION}, got {self.version}",
+        )
+        _check(bool(self.model.name), "model name must not be empty")
+        if self.compression is not None:
+            canonical_json(self.compression)  # raises ConfigError when not JSON-able
+            _check(
+                all(isinstance(k, str) for k in self.compression),
+                "compression keys must be strings",
+            )
+        canonical_json(self.model.kwargs)
+
+    def to_info(self) -> dict[bytes, Any]:
+        """The bencodable ``info`` dict (keys as bytes, floats as canonical decimal strings)."""
+        info: dict[bytes, Any] = {
+            b"version": self.version,
+            b"name": self.name.encode(),
+            b"model": _encode_fields(self.model),
+            b"data": _encode_fields(self.data),
+            b"train": _encode_fields(self.train),
+            b"mixing": _encode_fields(self.mixing),
+            b"rounds": self.rounds,
+            b"cohort_size": self.cohort_size,
+            b"state": {b"sha256": self.state_sha256.encode(), b"size": self.state_size},
+        }
+        if self.privacy is not None:
+            info[b"privacy"] = _encode_fields(self.privacy)
+        if self.compression is not None:
+            info[b"compression"] = canonical_json(self.compression).encode()
+        return info
+
+    @classmethod
+    def from_info(cls, info: object) -> Session:
+        """Read an ``info`` dict strictly.
+
+        Raises:
+            TorrentError: a wrong type, a missing or unknown key, an unsupported version, a
+                non-canonical float or JSON text, or a value its config rejects; names the field.
+        """
+        raw = _as_dict(info, "info")
+        if b"version" not in raw:
+            raise TorrentError("info.version: missing key")
+        version = _int(raw[b"version"], "info.version")
+        if version != FORMAT_VERSION:
+            raise TorrentError(
+                f"info.version: unsupported format version {version} (this fedtorrent reads "
+                f"{FORMAT_VERSION})"
+            )
+        required = {"version", "name", "model", "data", "train", "mixing", "rounds"}
+        required |= {"cohort_size", "state"}
+        _check_keys(raw, required=required, optional={"privacy", "compression"}, where="info")
+        state = _as_dict(raw[b"state"], "info.state")
+        _check_keys(state, required={"sha256", "size"}, optional=set(), where="info.state")
+        values: dict[str, Any] = {
+            "name": _text(raw[b"name"], "info.name", MAX_NAME_CHARS),
+            "model": _decode_fields(ModelConfig, raw[b"model"], "info.model"),
+            "data": _decode_fields(DataConfig, raw[b"data"], "info.data"),
+            "train": _decode_fields(TrainConfig, raw[b"train"], "info.train"),
+            "mixing": _decode_fields(MixingConfig, raw[b"mixing"], "info.mixing"),
+            "rounds": _int(raw[b"rounds"], "info.rounds"),
+            "cohort_size": _int(raw[b"cohort_size"], "info.cohort_size"),
+            "state_sha256": _text(state[b"sha256"], "info.state.sha256", 64),
+            "state_size": _int(state[b"size"], "info.state.size"),
+        }
+        if b"privacy" in raw:
+            values["privacy"] = _decode_fields(PrivacyConfig, raw[b"privacy"], "info.privacy")
+        if b"compression" in raw:
+            values["compression"] = _json(raw[b"compression"], "info.compression")
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise TorrentError(f"info: {exc}") from exc
+
+    @cached_property
+    def info_hash(self) -> str:
+        """sha256 hex of the bencoded ``info`` dict: the session id."""
+        return hashlib.sha256(bencode(self.to_info())).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Torrent:
+    """A session plus where to find its tracker; BitTorrent metainfo keys at the top level."""
+
+    announce: str
+    session: Session
+    announce_list: tuple[tuple[str, ...], ...] = ()
+    creation_date: int | None = None
+    """Unix seconds."""
+    created_by: str | None = None
+    comment: str | None = None
+
+    def __post_init__(self) -> None:
+        for url in (self.announce, *(u for tier in self.announce_list for u in tier)):
+            _check_url(url)
+        _check(all(self.announce_list), "announce_list tiers must not be empty")
+        _check(
+            self.creation_date is None or self.creation_date >= 0,
+            f"creation_date must be >= 0, got {self.creation_date}",
+        )
+        for label, text in (("created_by", self.created_by), ("comment", self.comment)):
+            _check(
+                text is None or len(text) <= MAX_TEXT_CHARS,
+                f"{label} must be at most {MAX_TEXT_CHARS} characters",
+            )
+
+    @property
+    def info_hash(self) -> str:
+        """The session id (see ``Session.info_hash``)."""
+        return self.session.info_hash
+
+    def to_bytes(self) -> bytes:
+        """The bencoded torrent file."""
+        meta: dict[bytes, Any] = {
+            b"announce": self.announce.encode(),
+            b"info": self.session.to_info(),
+        }
+        if self.announce_list:
+            meta[b"announce-list"] = [[u.encode() for u in tier] for tier in self.announce_list]
+        if self.creation_date is not None:
+            meta[b"creation date"] = self.creation_date
+        if self.created_by is not None:
+            meta[b"created by"] = self.created_by.encode()
+        if self.comment is not None:
+            meta[b"comment"] = self.comment.encode()
+        return bytes(bencode(meta))
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> Torrent:
+        """Decode a torrent file strictly.
+
+        Raises:
+            TorrentError: oversized, not bencode, or any field wrong (the message names it).
+        """
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TorrentError(f"torrent must be bytes, not {type(payload).__name__}")
+        if len(payload) > MAX_TORRENT_BYTES:
+            raise TorrentError(
+                f"torrent of {len(payload)} bytes exceeds the {MAX_TORRENT_BYTES} byte limit"
+            )
+        try:
+            meta = bdecode(bytes(payload))
+        except (ValueError, TypeError) as exc:
+            raise TorrentError(f"torrent is not valid bencode: {exc}") from exc
+        top = _as_dict(meta, "torrent")
+        _check_keys(
+            top,
+            required={"announce", "info"},
+            optional=_TOP_KEYS - {"announce", "info"},
+            where="torrent",
+        )
+        session = Session.from_info(top[b"info"])
+        if bencode(session.to_info()) != bencode(top[b"info"]):
+            raise TorrentError("info: not in canonical form; re-encoding it changes its hash")
+        tiers: tuple[tuple[str, ...], ...] = ()
+        if b"announce-list" in top:
+            raw_tiers = _as_list(top[b"announce-list"], "announce-list")
+            tiers = tuple(
+                tuple(
+                    _text(u, f"announce-list[{i}][{j}]", MAX_URL_CHARS)
+                    for j, u in enumerate(_as_list(tier, f"announce-list[{i}]"))
+                )
+                for i, tier in enumerate(raw_tiers)
+            )
+        optional_text = {
+            key: _text(top[key.encode()], key, MAX_TEXT_CHARS) if key.encode() in top else None
+            for key in ("created by", "comment")
+        }
+        date = top.get(b"creation date")
+        try:
+            return cls(
+                announce=_text(top[b"announce"], "announce", MAX_URL_CHARS),
+                session=session,
+                announce_list=tiers,
+                creation_date=None if date is None else _int(date, "creation date"),
+                created_by=optional_text["created by"],
+                comment=optional_text["comment"],
+            )
+        except ConfigError as exc:
+            raise TorrentError(f"torrent: {exc}") from exc
+
+
+def load_torrent(source: str | Path | bytes) -> Torrent:
+    """Read a torrent from a file path or from its bytes; the size is checked before reading.
+
+    Raises:
+        TorrentError: missing, oversized or malformed.
+    """
+    if isinstance(source, bytes | bytearray):
+        return Torrent.from_bytes(bytes(source))
+    path = Path(source)
+    try:
+        size = path.stat().st_size
+        if size > MAX_TORRENT_BYTES:
+            raise TorrentError(f"{path}: {size} bytes exceeds the {MAX_TORRENT_BYTES} byte limit")
+        payload = path.read_bytes()
+    except OSError as exc:
+        raise TorrentError(f"cannot read torrent {path}: {exc}") from exc
+    return Torrent.from_bytes(payload)
+
+
+def save_torrent(torrent: Torrent, path: str | Path) -> Path:
+    """Write the bencoded torrent to ``path`` and return the path."""
+    target = Path(path)
+    target.write_bytes(torrent.to_bytes())
+    return target
+
+
+def state_path_for(torrent_path: str | Path) -> Path:
+    """Where ``fedtorrent create`` puts the initial state: beside the torrent, suffix ``.state``."""
+    return Path(torrent_path).with_suffix(".state")
+
+
+def verify_initial_state(torrent: Torrent, payload: bytes) -> None:
+    """Check state bytes against the size and sha256 the torrent pins.
+
+    Raises:
+        TorrentError: naming ``info.state.size`` or ``info.state.sha256``.
+    """
+    session = torrent.session
+    if len(payload) != session.state_size:
+        raise TorrentError(
+            f"info.state.size: state has {len(payload)} bytes, the torrent says "
+            f"{session.state_size}"
+        )
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != session.state_sha256:
+        raise TorrentError(
+            f"info.state.sha256: state hashes to {digest}, the torrent says {session.state_sha256}"
+        )
+
+
+def load_initial_state(torrent: Torrent, path: str | Path) -> dict[str, torch.Tensor]:
+    """Read, verify and decode the initial weights a torrent pins.
+
+    Raises:
+        TorrentError: the file is missing or its size or hash differs from the torrent's.
+        StateError: the bytes verify but are not a valid state (a torrent made wrongly).
+    """
+    from fedtorrent.state import decode_state  # noqa: PLC0415  (torch only when weights load)
+
+    source = Path(path)
+    try:
+        size = source.stat().st_size
+        if size != torrent.session.state_size:
+            raise TorrentError(
+                f"info.state.size: {source} has {size} bytes, the torrent says "
+                f"{torrent.session.state_size}"
+            )
+        payload = source.read_bytes()
+    except OSError as exc:
+        raise TorrentError(f"cannot read initial state {source}: {exc}") from exc
+    verify_initial_state(torrent, payload)
+    return decode_state(payload, max_bytes=MAX_INITIAL_STATE_BYTES)
+
+
+# --- strict field codecs -------------------------------------------------------------------------
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
+    _check(
+        len(url) <= MAX_URL_CHARS
+        and parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and url.isprintable()
+        and " " not in url,
+        f"tracker URL must be http(s)://host[:port]/path of at most {MAX_URL_CHARS} characters, "
+        f"got {url!r}",
+    )
+
+
+def _as_dict(value: object, where: str) -> dict[bytes, Any]:
+    if not isinstance(value, dict):
+        raise TorrentError(f"{where}: expected a dictionary, got {_kind(value)}")
+    return value
+
+
+def _as_list(value: object, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise TorrentError(f"{where}: expected a list, got {_kind(value)}")
+    return value
+
+
+def _check_keys(
+    raw: dict[bytes, Any], *, required: set[str], optional: set[str] | frozenset[str], where: str
+) -> None:
+    names = set()
+    for key in raw:
+        try:
+            names.add(key.decode())
+        except UnicodeDecodeError as exc:
+            raise TorrentError(f"{where}: key {key!r} is not UTF-8") from exc
+    unknown = sorted(names - required - set(optional))
+    if unknown:
+        raise TorrentError(f"{where}.{unknown[0]}: unknown key")
+    missing = sorted(required - names)
+    if missing:
+        raise TorrentError(f"{where}.{missing[0]}: missing key")
+
+
+def _int(value: object, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TorrentError(f"{where}: expected an integer, got {_kind(value)}")
+    return value
+
+
+def _text(value: object, where: str, limit: int) -> str:
+    if not isinstance(value, bytes):
+        raise TorrentError(f"{where}: expected a string, got {_kind(value)}")
+    if len(value) > limit * 4:
+        raise TorrentError(f"{where}: longer than {limit} characters")
+    try:
+        text = value.decode()
+    except UnicodeDecodeError as exc:
+        raise TorrentError(f"{where}: not UTF-8") from exc
+    if len(text) > limit:
+        raise TorrentError(f"{where}: longer than {limit} characters")
+    return text
+
+
+def _float(value: object, where: str) -> float:
+    text = _text(value, where, 40)
+    try:
+        number = float(text)
+    except ValueError as exc:
+        raise TorrentError(f"{where}: {text!r} is not a decimal number") from exc
+    if not math.isfinite(number) or repr(number) != text:
+        raise TorrentError(
+            f"{where}: {text!r} is not a canonical finite decimal (write {repr(number)!r})"
+        )
+    return number
+
+
+def _json(value: object, where: str) -> dict[str, Any]:
+    text = _text(value, where, MAX_JSON_BYTES)
+
+    def no_constants(name: str) -> None:
+        raise ValueError(f"{name} is not allowed")
+
+    try:
+        parsed = json.loads(text, parse_constant=no_constants)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise TorrentError(f"{where}: not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise TorrentError(f"{where}: expected a JSON object, got {_kind(parsed)}")
+    if canonical_json(parsed) != text:
+        raise TorrentError(f"{where}: JSON is not canonical (sorted keys, no spaces)")
+    return parsed
+
+
+def _kind(value: object) -> str:
+    return {bytes: "string", int: "integer", list: "list", dict: "dictionary"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _field_type(hint: Any, where: str) -> tuple[Any, bool]:
+    """Split ``X | None`` into (X, True); anything else into (hint, False)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise ConfigError(f"{where}: union type {hint} cannot be stored in a torrent")
+        return args[0], True
+    return hint, False
+
+
+def _encode_fields(obj: Any) -> dict[bytes, Any]:
+    """A config dataclass as a bencodable dict; ``None`` fields are left out."""
+    skip = _LOCAL_ONLY.get(type(obj), frozenset())
+    hints = typing.get_type_hints(type(obj))
+    out: dict[bytes, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in skip or value is None:
+            continue
+        kind, _ = _field_type(hints[f.name], f.name)
+        out[f.name.encode()] = _encode_value(value, kind, f"{type(obj).__name__}.{f.name}")
+    return out
+
+
+def _encode_value(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        return int(bool(value))
+    if kind is int:
+        return int(value)
+    if kind is float:
+        return format_float(float(value)).encode()
+    if kind is str:
+        return str(value).encode()
+    if origin is dict:
+        return canonical_json(value).encode()
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(kind) if a is not Ellipsis]
+        return [_encode_value(v, item, where) for v in value]
+    raise ConfigError(f"{where}: type {kind} cannot be stored in a torrent")
+
+
+def _decode_fields(cls: type[Any], raw: object, where: str) -> Any:
+    """Build config ``cls`` from a bencoded dict, reading each value by its field's type."""
+    data = _as_dict(raw, where)
+    skip = _LOCAL_ONLY.get(cls, frozenset())
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    typed = {f.name: _field_type(hints[f.name], f"{where}.{f.name}") for f in fields}
+    required = {name for name, (_, optional) in typed.items() if not optional}
+    _check_keys(data, required=required, optional=set(typed) - required, where=where)
+    values = {
+        name: _decode_value(data[name.encode()], kind, f"{where}.{name}")
+        for name, (kind, _) in typed.items()
+        if name.encode() in data
+    }
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise TorrentError(f"{where}: {exc}") from exc
+
+
+def _decode_value(value: object, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        number = _int(value, where)
+        if number not in (0, 1):
+            raise TorrentError(f"{where}: expected 0 or 1, got {number}")
+        return bool(number)
+    if kind is int:
+        return _int(value, where)
+    if kind is float:
+        return _float(value, where)
+    if kind is str:
+        return _text(value, where, MAX_TEXT_CHARS)
+    if origin is dict:
+        return _json(value, where)
+    if origin is tuple:
+        (item,) = [a for a in typing.get_args(kind) if a is not Ellipsis]
+        return tuple(
+            _decode_value(v, item, f"{where}[{i}]") for i, v in enumerate(_as_list(value, where))
+        )
+    raise TorrentError(f"{where}: type {kind} cannot be read from a torrent")

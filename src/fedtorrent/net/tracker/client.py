@@ -1,0 +1,310 @@
+"""A blocking tracker client for a peer's thread: timeouts, retries with backoff, a cached answer.
+
+When the tracker cannot be reached after all retries, ``announce`` hands back the last peer list it
+got for that swarm (marked ``cached``), so a peer keeps training with the cohort it knows instead of
+stopping. Answers are checked like any bytes from outside: size first, then every field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedtorrent.errors import TrackerError
+from fedtorrent.net.torrent import (
+    MAX_TORRENT_BYTES,
+    Torrent,
+    format_float,
+    is_info_hash,
+    verify_initial_state,
+)
+from fedtorrent.net.tracker.registry import PEER_ID, RequestRejected, parse_pubkey
+
+MAX_ANSWER_BYTES = 1 << 20
+MAX_PEERS_IN_ANSWER = 10_000
+_RETRYABLE = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where to reach another peer of the swarm, and the public key it announced (or None)."""
+
+    peer_id: str
+    ip: str
+    port: int
+    pubkey: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackerAnswer:
+    """An announce answer; ``cached`` is True when it is the last good one replayed offline."""
+
+    interval: int
+    complete: int
+    incomplete: int
+    peers: tuple[PeerAddress, ...]
+    received_at: float
+    """``time.time()`` when the tracker sent it."""
+    cached: bool = False
+
+
+class TrackerRefusedError(TrackerError):
+    """The tracker answered with an error status; ``status`` and ``reason`` say which and why."""
+
+    def __init__(self, status: int, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"tracker refused ({status}): {reason}")
+        self.status, self.reason, self.retry_after = status, reason, retry_after
+
+
+class TrackerClient:
+    """Talks to one tracker; safe to share between threads.
+
+    Args:
+        url: the tracker's base URL or its announce URL (``.../announce``), as in a torrent.
+        timeout: seconds per HTTP attempt.
+        retries: extra attempts after the first for timeouts, refused connections, 429 and 5xx.
+        backoff: first retry delay in seconds; doubles each retry (jittered to 50-100 %), capped
+            by ``max_backoff``. A ``Retry-After`` header from the tracker takes precedence.
+        sleep: how to wait between attempts (tests pass a fake).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise TrackerError(f"tracker URL must be http(s)://host[:port][/announce], got {url!r}")
+        path = parts.path.rstrip("/")
+        path = path.removesuffix("/announce")
+        self.base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+        self.timeout, self.retries, self.backoff, self.max_backoff = (
+            timeout,
+            retries,
+            backoff,
+            max_backoff,
+        )
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+        self._lock = threading.Lock()
+        self._cache: dict[str, TrackerAnswer] = {}
+
+    def announce(
+        self,
+        info_hash: str,
+        peer_id: str,
+        *,
+        port: int,
+        event: str = "",
+        round: int = 0,
+        numwant: int | None = None,
+        accuracy: float | None = None,
+        bytes_sent: int = 0,
+        bytes_received: int = 0,
+        pubkey: str | None = None,
+        ip: str | None = None,
+    ) -> TrackerAnswer:
+        """Announce this peer and get a random sample of other live peers.
+
+        Raises:
+            TrackerRefusedError: the tracker rejected the announce (4xx other than 429).
+            TrackerError: unreachable (or 429/5xx) after all retries with no earlier answer for
+                this swarm; a ``stopped`` announce never falls back to the cache.
+        """
+        params: dict[str, str] = {
+            "info_hash": info_hash,
+            "peer_id": peer_id,
+            "port": str(port),
+            "round": str(round),
+            "bytes_sent": str(bytes_sent),
+            "bytes_received": str(bytes_received),
+        }
+        optional = {"event": event or None, "pubkey": pubkey, "ip": ip}
+        optional["numwant"] = None if numwant is None else str(numwant)
+        optional["accuracy"] = None if accuracy is None else format_float(accuracy)
+        params.update({k: v for k, v in optional.items() if v is not None})
+        try:
+            body = self._get("/announce", params, MAX_ANSWER_BYTES)
+        except TrackerError as exc:
+            if isinstance(exc, TrackerRefusedError) and exc.status not in _RETRYABLE:
+                raise
+            with self._lock:
+                cached = self._cache.get(info_hash)
+            if cached is None or event == "stopped":
+                raise
+            return replace(cached, cached=True)
+        answer = parse_answer(body)
+        with self._lock:
+            self._cache[info_hash] = answer
+        return answer
+
+    def last_answer(self, info_hash: str) -> TrackerAnswer | None:
+        """The last answer the tracker gave for ``info_hash``, if any."""
+        with self._lock:
+            return self._cache.get(info_hash)
+
+    def scrape(self, info_hashes: Iterable[str] = ()) -> dict[str, dict[str, int]]:
+        """``{info_hash: {complete, incomplete, downloaded}}``; all swarms when none are named."""
+        params = [("info_hash", h) for h in info_hashes]
+        document = _json_object(self._get("/scrape", params, MAX_ANSWER_BYTES), "scrape")
+        files = document.get("files")
+        if not isinstance(files, dict):
+            raise TrackerError("scrape answer has no files dictionary")
+        return files
+
+    def swarm(self, info_hash: str) -> dict[str, Any]:
+        """The tracker's JSON statistics for one swarm (``/swarms/{info_hash}``)."""
+        return _json_object(self._get(f"/swarms/{info_hash}", {}, 16 * MAX_ANSWER_BYTES), "swarm")
+
+    def healthz(self) -> dict[str, Any]:
+        """The tracker's health document; raises TrackerError when it is down."""
+        return _json_object(self._get("/healthz", {}, MAX_ANSWER_BYTES), "healthz")
+
+    def fetch_torrent(self, info_hash: str) -> Torrent:
+        """Download and strictly parse a torrent the tracker serves, checking its info-hash."""
+        payload = self._get(f"/torrents/{info_hash}", {}, MAX_TORRENT_BYTES)
+        torrent = Torrent.from_bytes(payload)
+        if torrent.info_hash != info_hash:
+            raise TrackerError(f"tracker served torrent {torrent.info_hash}, asked {info_hash}")
+        return torrent
+
+    def fetch_state(self, torrent: Torrent) -> bytes:
+        """Download the initial state a torrent pins; returns the bytes once size and hash match."""
+        payload = self._get(f"/torrents/{torrent.info_hash}/state", {}, torrent.session.state_size)
+        verify_initial_state(torrent, payload)
+        return payload
+
+    def _get(self, path: str, params: dict[str, str] | list[tuple[str, str]], limit: int) -> bytes:
+        query = urllib.parse.urlencode(params)
+        url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
+        attempt = 0
+        while True:
+            try:
+                return _fetch(url, timeout=self.timeout, limit=limit)
+            except TrackerRefusedError as exc:
+                if exc.status not in _RETRYABLE or attempt >= self.retries:
+                    raise
+                delay = exc.retry_after
+            except TrackerError:
+                if attempt >= self.retries:
+                    raise
+                delay = None
+            if delay is None:
+                delay = self.backoff * 2**attempt * (0.5 + 0.5 * self._rng.random())
+            self._sleep(min(delay, self.max_backoff))
+            attempt += 1
+
+
+def _fetch(url: str, *, timeout: float, limit: int) -> bytes:
+    """One GET: the body, or TrackerRefusedError for an error status, TrackerError otherwise."""
+    request = urllib.request.Request(url, headers={"User-Agent": "fedtorrent"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body: bytes = response.read(limit + 1)
+    except urllib.error.HTTPError as exc:
+        reason = _failure_reason(exc.read(4096))
+        header = exc.headers.get("Retry-After", "") if exc.headers else ""
+        retry_after = float(header) if header.isdigit() else None
+        raise TrackerRefusedError(
+            exc.code, reason or str(exc.reason), retry_after=retry_after
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TrackerError(f"tracker unreachable at {url.partition('?')[0]}: {exc}") from exc
+    if len(body) > limit:
+        raise TrackerError(f"tracker answer exceeds {limit} bytes")
+    return body
+
+
+def _failure_reason(body: bytes) -> str:
+    try:
+        reason = json.loads(body).get("failure reason")
+    except (ValueError, AttributeError):
+        return ""
+    return reason[:300] if isinstance(reason, str) else ""
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise TrackerError(f"{what} answer is not JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise TrackerError(f"{what} answer is not a JSON object")
+    return document
+
+
+def _count(document: dict[str, Any], key: str, low: int) -> int:
+    value = document.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise TrackerError(f"announce answer: {key} must be an integer >= {low}")
+    return value
+
+
+def parse_answer(body: bytes) -> TrackerAnswer:
+    """Check a JSON announce answer field by field.
+
+    Raises:
+        TrackerError: malformed, or any peer with a bad id, address, port or key.
+    """
+    document = _json_object(body, "announce")
+    peers = document.get("peers")
+    if not isinstance(peers, list) or len(peers) > MAX_PEERS_IN_ANSWER:
+        raise TrackerError("announce answer: peers must be a list of peers")
+    checked = []
+    for i, item in enumerate(peers):
+        if not isinstance(item, dict):
+            raise TrackerError(f"announce answer: peers[{i}] is not an object")
+        peer_id, ip, port, pubkey = (item.get(k) for k in ("peer_id", "ip", "port", "pubkey"))
+        if not isinstance(peer_id, str) or not PEER_ID.fullmatch(peer_id):
+            raise TrackerError(f"announce answer: peers[{i}].peer_id is invalid")
+        try:
+            ip = str(ipaddress.ip_address(ip)) if isinstance(ip, str) else None
+        except ValueError:
+            ip = None
+        if ip is None:
+            raise TrackerError(f"announce answer: peers[{i}].ip is not an IP address")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise TrackerError(f"announce answer: peers[{i}].port is invalid")
+        if pubkey is not None:
+            try:
+                pubkey = parse_pubkey(pubkey) if isinstance(pubkey, str) else None
+            except RequestRejected:
+                pubkey = None
+            if pubkey is None:
+                raise TrackerError(f"announce answer: peers[{i}].pubkey is invalid")
+        checked.append(PeerAddress(peer_id=peer_id, ip=ip, port=port, pubkey=pubkey))
+    return TrackerAnswer(
+        interval=_count(document, "interval", 1),
+        complete=_count(document, "complete", 0),
+        incomplete=_count(document, "incomplete", 0),
+        peers=tuple(checked),
+        received_at=time.time(),
+    )
+
+
+def download_torrent(url: str, *, timeout: float = 10.0) -> Torrent:
+    """Fetch a torrent from any http(s) URL (e.g. ``{tracker}/torrents/{info_hash}``) and parse it.
+
+    The info-hash in the URL, when the last path segment is one, must match the torrent's.
+    """
+    torrent = Torrent.from_bytes(_fetch(url, timeout=timeout, limit=MAX_TORRENT_BYTES))
+    last = urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+    if is_info_hash(last) and last != torrent.info_hash:
+        raise TrackerError(f"{url} served torrent {torrent.info_hash}")
+    return torrent

@@ -1,0 +1,459 @@
+"""The transport contract every implementation keeps, and the traffic accounting they share.
+
+A transport serves this peer's current state to peers that ask (``publish``) and pulls states
+from other peers (``fetch``, ``fetch_many``). It is pull-only on purpose: the receiver decides
+what it allocates and when, and a server never waits on a slow client. Lifecycle is explicit:
+the constructor only stores settings, ``start`` binds, ``close`` (or leaving a ``with`` block)
+stops everything without waiting on peers.
+
+Thread safety: ``publish``, ``fetch``, ``fetch_many`` and ``stats`` may be used from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import torch
+
+from fedtorrent.errors import ConfigError, FedTorrentError, MessageError, NetworkError
+from fedtorrent.net import wire
+from fedtorrent.net.wire import Header
+from fedtorrent.state.codec import MAX_STATE_BYTES
+
+log = logging.getLogger(__name__)
+State = dict[str, torch.Tensor]
+_MAX_TRACKED_PEERS = 4096
+"""Past this many distinct remote ids, traffic is pooled under ``OTHER`` (ids are self-declared)."""
+OTHER = "<other>"
+UNKNOWN = "<unknown>"
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Settings of one peer's transport; validated here, used from ``start``."""
+
+    info_hash: str
+    """The session (64 hex chars): requests and replies of other sessions are refused."""
+    peer_id: str
+    bind: str = "tcp://127.0.0.1:0"
+    """Where to listen; port 0 picks a free one (``Transport.address`` tells which)."""
+    max_payload_bytes: int = MAX_STATE_BYTES
+    piece_bytes: int = 1 << 20
+    """A payload travels as pieces of at least this size, at most ``MAX_PIECES`` of them, so the
+    receiver hashes one piece while the next is on the wire."""
+    max_concurrent_fetches: int = 8
+    curve_secret_key: bytes | None = None
+    """CurveZMQ key pair (z85, 40 bytes each): when set, every link is encrypted and clients must
+    know this peer's public key. Who may connect (ZAP) is decided by a later layer."""
+    curve_public_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not wire.is_info_hash(self.info_hash):
+            raise ConfigError(f"info_hash must be 64 lowercase hex chars, got {self.info_hash!r}")
+        if not wire.is_peer_id(self.peer_id):
+            raise ConfigError(f"peer_id must be 1-128 printable ASCII chars, got {self.peer_id!r}")
+        if self.max_payload_bytes < 1:
+            raise ConfigError(f"max_payload_bytes must be >= 1, got {self.max_payload_bytes}")
+        if self.piece_bytes < 4096:
+            raise ConfigError(f"piece_bytes must be >= 4096, got {self.piece_bytes}")
+        if self.max_concurrent_fetches < 1:
+            raise ConfigError(
+                f"max_concurrent_fetches must be >= 1, got {self.max_concurrent_fetches}"
+            )
+        keys = (self.curve_secret_key, self.curve_public_key)
+        if (keys[0] is None) != (keys[1] is None):
+            raise ConfigError("curve_secret_key and curve_public_key go together")
+        if any(k is not None and len(k) != 40 for k in keys):
+            raise ConfigError("CurveZMQ keys must be z85-encoded (40 bytes)")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A remote peer as the tracker lists it."""
+
+    peer_id: str
+    address: str
+    public_key: bytes | None = None
+    """Its CurveZMQ public key (z85), required when that peer's links are encrypted."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A state that arrived intact: header checked, payload length and sha256 verified.
+
+    ``state`` holds the decoded tensors when the fetch was given ``like_state``, else None.
+    """
+
+    peer_id: str
+    header: Header
+    payload: memoryview = field(repr=False)
+    rtt_s: float
+    state: State | None = field(default=None, repr=False)
+
+
+@dataclass
+class FetchResult:
+    """What a cohort fetch produced by its deadline: every asked peer is in exactly one dict."""
+
+    replies: dict[str, Reply] = field(default_factory=dict)
+    failures: dict[str, FedTorrentError] = field(default_factory=dict)
+
+
+@dataclass
+class _Flow:
+    header_sent: int = 0
+    payload_sent: int = 0
+    header_received: int = 0
+    payload_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+    def add(self, other: _Flow) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class TrafficStats:
+    """Bytes per remote peer and round, payload and header apart, plus round trips and rejections.
+
+    Counts application bytes (frame contents), not ZMTP or TCP framing. ``round`` is always this
+    peer's own round: the one it fetched in, or the round of the state it was serving.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flows: dict[tuple[str, int], _Flow] = {}
+        self._rtts: dict[str, list[tuple[int, float]]] = {}
+        self._rejections: dict[str, Counter[str]] = {}
+        self._failures: dict[str, Counter[str]] = {}
+        self._known: set[str] = set()
+
+    def _peer(self, peer: str) -> str:
+        if peer not in self._known:
+            if len(self._known) >= _MAX_TRACKED_PEERS:
+                return OTHER
+            self._known.add(peer)
+        return peer
+
+    def record_sent(self, peer: str, round: int, *, header: int, payload: int = 0) -> None:
+        """Count one message sent to ``peer``."""
+        with self._lock:
+            flow = self._flows.setdefault((self._peer(peer), round), _Flow())
+            flow.header_sent += header
+            flow.payload_sent += payload
+            flow.messages_sent += 1
+
+    def record_received(self, peer: str, round: int, *, header: int, payload: int = 0) -> None:
+        """Count one message (or the part of it that arrived) received from ``peer``."""
+        with self._lock:
+            flow = self._flows.setdefault((self._peer(peer), round), _Flow())
+            flow.header_received += header
+            flow.payload_received += payload
+            flow.messages_received += 1
+
+    def record_rtt(self, peer: str, round: int, seconds: float) -> None:
+        """Request sent to full payload received, for one successful fetch."""
+        with self._lock:
+            self._rtts.setdefault(self._peer(peer), []).append((round, seconds))
+
+    def record_rejection(self, peer: str, reason: str) -> None:
+        """A message from ``peer`` failed a check (``reason`` from ``wire.REASONS``)."""
+        with self._lock:
+            self._rejections.setdefault(self._peer(peer), Counter())[reason] += 1
+
+    def record_failure(self, peer: str, kind: str) -> None:
+        """A fetch from ``peer`` failed without a bad message: ``timeout``, ``refused:<why>``."""
+        with self._lock:
+            self._failures.setdefault(self._peer(peer), Counter())[kind] += 1
+
+    def rejections(self) -> Counter[str]:
+        """Rejected messages by reason, all peers together."""
+        with self._lock:
+            return sum(self._rejections.values(), Counter())
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy: totals, per peer, per round, round trips, rejections, failures."""
+        with self._lock:
+            total, per_peer, per_round = _Flow(), dict[str, _Flow](), dict[int, _Flow]()
+            for (peer, round), flow in self._flows.items():
+                total.add(flow)
+                per_peer.setdefault(peer, _Flow()).add(flow)
+                per_round.setdefault(round, _Flow()).add(flow)
+            return {
+                "totals": vars(total),
+                "per_peer": {p: vars(f) for p, f in sorted(per_peer.items())},
+                "per_round": {str(r): vars(f) for r, f in sorted(per_round.items())},
+                "per_peer_round": [
+                    {"peer": p, "round": r, **vars(f)} for (p, r), f in sorted(self._flows.items())
+                ],
+                "rtt_s": {p: [list(x) for x in v] for p, v in sorted(self._rtts.items())},
+                "rejections": dict(sum(self._rejections.values(), Counter())),
+                "rejections_per_peer": {p: dict(c) for p, c in sorted(self._rejections.items())},
+                "failures": {p: dict(c) for p, c in sorted(self._failures.items())},
+            }
+
+
+@dataclass(frozen=True)
+class Served:
+    """The state a peer currently serves: its checked header and its two frames."""
+
+    header: Header
+    frames: tuple[bytes, bytes]
+
+
+class Transport(ABC):
+    """Serve one state, fetch others; subclasses provide ``_start``, ``_close``, ``_fetch``."""
+
+    def __init__(self, config: TransportConfig) -> None:
+        self.config = config
+        self.stats = TrafficStats()
+        self._served: Served | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = threading.Event()
+        self._lifecycle = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """Where peers reach this transport; valid after ``start``."""
+
+    def start(self) -> None:
+        """Bind and begin serving. Raises NetworkError if the address cannot be bound."""
+        with self._lifecycle:
+            if self._executor is not None:
+                raise NetworkError("transport already started")
+            if self._closing.is_set():
+                raise NetworkError("a closed transport cannot start again")
+            self._start()
+            self._executor = ThreadPoolExecutor(
+                self.config.max_concurrent_fetches, thread_name_prefix="fedtorrent-fetch"
+            )
+
+    def close(self) -> None:
+        """Stop serving and abort fetches in flight; returns promptly, safe to call twice."""
+        with self._lifecycle:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+            self._close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @abstractmethod
+    def _start(self) -> None: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def publish(self, frames: Sequence[bytes]) -> None:
+        """Serve these ``wire.encode_message`` frames from now on (replaces the previous state).
+
+        Raises:
+            ConfigError: the frames are not a state message of this session and peer.
+        """
+        if len(frames) != 2:
+            raise ConfigError(f"publish takes [header, payload] frames, got {len(frames)}")
+        header_raw, payload = bytes(frames[0]), frames[1]
+        try:
+            header = wire.decode_header(
+                header_raw,
+                info_hash=self.config.info_hash,
+                max_payload_bytes=self.config.max_payload_bytes,
+            )
+        except MessageError as exc:
+            raise ConfigError(f"cannot publish: {exc}") from None
+        if header.kind != "state" or header.sender != self.config.peer_id:
+            raise ConfigError("cannot publish: not a state message sent by this peer")
+        if len(payload) != header.payload_len:
+            raise ConfigError("cannot publish: payload length differs from the header")
+        self._served = Served(header=header, frames=(header_raw, payload))
+        self._on_publish(self._served)
+
+    def _on_publish(self, served: Served) -> None:  # noqa: B027 (optional hook)
+        """Hook: precompute whatever serving needs (the ZeroMQ transport cuts pieces)."""
+
+    @property
+    def serving_round(self) -> int:
+        """Round of the state being served; 0 before the first ``publish``."""
+        served = self._served
+        return served.header.round if served is not None else 0
+
+    def answer(self, request: Sequence[Any]) -> tuple[Served | None, list[bytes]]:
+        """Server side of one request: the state to send, or error frames; counts the traffic.
+
+        Returns:
+            ``(served, [])`` to send ``served``, or ``(None, error_frames)``.
+        """
+        served = self._served
+        round = served.header.round if served is not None else 0
+        request_bytes = sum(len(memoryview(f)) for f in request if not isinstance(f, str))
+        try:
+            header = wire.decode_request(request, info_hash=self.config.info_hash)
+        except MessageError as exc:
+            log.debug("refused a request: %s", exc)
+            self.stats.record_received(UNKNOWN, round, header=request_bytes)
+            self.stats.record_rejection(UNKNOWN, exc.reason)
+            return None, self._error(UNKNOWN, round, exc.reason)
+        self.stats.record_received(header.sender, round, header=request_bytes)
+        if served is None:
+            return None, self._error(header.sender, round, "not_ready")
+        header_raw, payload = served.frames
+        self.stats.record_sent(header.sender, round, header=len(header_raw), payload=len(payload))
+        return served, []
+
+    def _error(self, peer: str, round: int, reason: str) -> list[bytes]:
+        frames = wire.encode_error(
+            info_hash=self.config.info_hash, sender=self.config.peer_id, round=round, reason=reason
+        )
+        self.stats.record_sent(peer, round, header=len(frames[0]))
+        return frames
+
+    # -- fetching -----------------------------------------------------------------------------
+
+    def fetch(
+        self,
+        endpoint: Endpoint,
+        *,
+        round: int,
+        timeout: float,
+        like_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> Reply:
+        """Ask one peer for its state and wait at most ``timeout`` seconds.
+
+        Args:
+            endpoint: the peer to ask.
+            round: this peer's round (sent with the request, used for accounting).
+            timeout: seconds; a dead or silent peer costs exactly this much.
+            like_state: when given, the payload is decoded and checked against it.
+
+        Raises:
+            MessageError: the reply failed a check (counted in ``stats`` by reason).
+            NetworkError: no reply in time, the peer refused, or the transport is closed.
+        """
+        return self._fetch_until(endpoint, round, time.monotonic() + timeout, like_state)
+
+    def fetch_many(
+        self,
+        endpoints: Iterable[Endpoint],
+        *,
+        round: int,
+        timeout: float,
+        like_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> FetchResult:
+        """Ask a cohort concurrently; return what arrived within ``timeout`` seconds, no barrier.
+
+        Peers that do not answer in time appear in ``failures`` with a NetworkError.
+        """
+        executor = self._executor
+        if executor is None or self._closing.is_set():
+            raise NetworkError("transport is not running")
+        cohort = list(endpoints)
+        if len({e.peer_id for e in cohort}) != len(cohort):
+            raise ConfigError("fetch_many got the same peer_id twice")
+        deadline = time.monotonic() + timeout
+        futures: dict[Future[Reply], Endpoint] = {
+            executor.submit(self._fetch_until, e, round, deadline, like_state): e for e in cohort
+        }
+        wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        result = FetchResult()
+        for future, endpoint in futures.items():
+            if not future.done():
+                if future.cancel():  # never started; one still running records its own outcome
+                    self.stats.record_failure(endpoint.peer_id, "timeout")
+                result.failures[endpoint.peer_id] = FetchTimeoutError(
+                    f"peer {endpoint.peer_id} did not answer before the deadline"
+                )
+            elif isinstance(error := future.exception(), FedTorrentError):
+                result.failures[endpoint.peer_id] = error
+            elif error is not None:
+                raise error
+            else:
+                result.replies[endpoint.peer_id] = future.result()
+        return result
+
+    def _fetch_until(
+        self,
+        endpoint: Endpoint,
+        round: int,
+        deadline: float,
+        like_state: Mapping[str, torch.Tensor] | None,
+    ) -> Reply:
+        if self._executor is None or self._closing.is_set():
+            raise NetworkError("transport is not running")
+        try:
+            reply = self._fetch(endpoint, round, deadline)
+            if like_state is not None:
+                state = wire.decode_payload(reply.payload, like_state=like_state)
+                reply = Reply(reply.peer_id, reply.header, reply.payload, reply.rtt_s, state)
+        except MessageError as exc:
+            log.warning("rejected the reply of peer %s: %s", endpoint.peer_id, exc)
+            self.stats.record_rejection(endpoint.peer_id, exc.reason)
+            raise
+        except NetworkError as exc:
+            self.stats.record_failure(endpoint.peer_id, getattr(exc, "kind", "unreachable"))
+            raise
+        self.stats.record_rtt(endpoint.peer_id, round, reply.rtt_s)
+        return reply
+
+    @abstractmethod
+    def _fetch(self, endpoint: Endpoint, round: int, deadline: float) -> Reply:
+        """Request, receive and verify (header, length, sha256) one state; count the bytes."""
+
+    def check_reply_header(self, endpoint: Endpoint, raw: bytes | memoryview) -> Header:
+        """Client side: the first frame of a reply must be a state header from ``endpoint``.
+
+        Raises:
+            MessageError: a bad header, or a state from another sender.
+            NetworkError: the peer answered with an error (``kind`` ``refused:<reason>``).
+        """
+        header = wire.decode_header(
+            raw, info_hash=self.config.info_hash, max_payload_bytes=self.config.max_payload_bytes
+        )
+        if header.kind == "error":
+            raise PeerRefusedError(endpoint.peer_id, header.reason)
+        if header.kind != "state":
+            raise wire.reject("bad_header", f"expected a state reply, got {header.kind!r}")
+        if header.sender != endpoint.peer_id:
+            raise wire.reject(
+                "wrong_sender", f"asked {endpoint.peer_id!r}, answered by {header.sender!r}"
+            )
+        return header
+
+
+class PeerRefusedError(NetworkError):
+    """The peer answered, but with an error instead of its state (e.g. ``not_ready``)."""
+
+    def __init__(self, peer_id: str, reason: str) -> None:
+        super().__init__(f"peer {peer_id} refused the request: {reason}")
+        self.kind = f"refused:{reason}"
+
+
+class FetchTimeoutError(NetworkError):
+    """No complete reply before the deadline."""
+
+    kind = "timeout"

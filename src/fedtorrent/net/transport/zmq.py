@@ -1,0 +1,236 @@
+"""The real transport: one ROUTER socket serves this peer's state; one DEALER per fetch pulls.
+
+On the wire a reply is a header message followed by the payload in pieces, each its own ZeroMQ
+message. ZeroMQ delivers a multipart message only once all of it has arrived, so one big frame
+would leave the receiver idle during the transfer and then hashing; separate pieces let it hash
+piece k while piece k+1 is on the wire. Pieces are zero-copy views of the published payload, so
+serving many peers costs no memory per peer. Requests and headers are capped at the ZeroMQ level
+(``MAXMSGSIZE``) as well as in ``wire``.
+
+Each fetch uses its own DEALER socket, closed (linger 0) when the fetch ends, so nothing from a
+timed-out exchange can leak into the next one. The server thread owns the ROUTER; it never blocks
+on a peer (``ROUTER_MANDATORY`` with non-blocking sends: a reply that cannot be queued is dropped
+and counted as ``dropped``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from fedtorrent.errors import NetworkError
+from fedtorrent.net import wire
+from fedtorrent.net.transport.base import (
+    UNKNOWN,
+    Endpoint,
+    FetchTimeoutError,
+    Reply,
+    Served,
+    Transport,
+    TransportConfig,
+)
+
+log = logging.getLogger(__name__)
+MAX_PIECES = 256
+"""A payload is cut into at most this many pieces (fewer, larger ones for big models)."""
+_POLL_SLICE_S = 0.1
+"""Fetches wake this often to notice ``close``."""
+
+
+class ZmqTransport(Transport):
+    """ZeroMQ over TCP (or ``ipc://``); optionally CurveZMQ-encrypted."""
+
+    def __init__(self, config: TransportConfig) -> None:
+        super().__init__(config)
+        self._context: zmq.Context[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._wake: zmq.Socket[Any] | None = None
+        self._address = ""
+        self._cut: tuple[Served, tuple[zmq.Frame, ...]] | None = None
+
+    @property
+    def address(self) -> str:
+        """The bound endpoint, e.g. ``tcp://127.0.0.1:40123``."""
+        if not self._address:
+            raise NetworkError("transport not started")
+        return self._address
+
+    def _start(self) -> None:
+        context: zmq.Context[Any] = zmq.Context(io_threads=1)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)
+        router.setsockopt(zmq.SNDHWM, 4 * (MAX_PIECES + 1))
+        if self.config.curve_secret_key is not None:
+            router.setsockopt(zmq.CURVE_SERVER, 1)
+            router.setsockopt(zmq.CURVE_SECRETKEY, self.config.curve_secret_key)
+            router.setsockopt(zmq.CURVE_PUBLICKEY, self.config.curve_public_key)
+        try:
+            router.bind(self.config.bind)
+        except zmq.ZMQError as exc:
+            router.close(linger=0)
+            context.term()
+            raise NetworkError(f"cannot bind {self.config.bind}: {exc}") from None
+        self._address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        wake_name = f"inproc://fedtorrent-wake-{id(self)}"
+        wake_rx = context.socket(zmq.PAIR)
+        wake_rx.bind(wake_name)
+        self._wake = context.socket(zmq.PAIR)
+        self._wake.setsockopt(zmq.LINGER, 0)
+        self._wake.connect(wake_name)
+        self._context = context
+        self._thread = threading.Thread(
+            target=self._serve, args=(router, wake_rx), name="fedtorrent-serve", daemon=True
+        )
+        self._thread.start()
+
+    def _close(self) -> None:
+        if self._wake is not None:
+            self._wake.send(b"")
+        if self._thread is not None:
+            self._thread.join()
+        if self._wake is not None:
+            self._wake.close(linger=0)
+        if self._context is not None:
+            self._context.term()  # fetch sockets close within _POLL_SLICE_S of _closing
+
+    # -- server ---------------------------------------------------------------------------------
+
+    def _on_publish(self, served: Served) -> None:
+        payload = memoryview(served.frames[1])
+        size = max(self.config.piece_bytes, math.ceil(len(payload) / MAX_PIECES))
+        pieces = tuple(
+            zmq.Frame(payload[i : i + size], copy=False) for i in range(0, len(payload), size)
+        )
+        self._cut = (served, pieces)
+
+    def _pieces(self, served: Served) -> tuple[zmq.Frame, ...]:
+        cut = self._cut
+        if cut is None or cut[0] is not served:  # published again meanwhile: cut this one
+            self._on_publish(served)
+            cut = self._cut
+        assert cut is not None
+        return cut[1]
+
+    def _serve(self, router: zmq.Socket[Any], wake: zmq.Socket[Any]) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if wake in events:
+                    return
+                while True:
+                    try:
+                        frames = router.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        self._handle(router, frames)
+                    except Exception:  # one bad exchange must not stop this peer serving
+                        log.exception("serving a request failed")
+        finally:
+            router.close(linger=0)
+            wake.close(linger=0)
+
+    def _handle(self, router: zmq.Socket[Any], frames: list[bytes]) -> None:
+        identity, request = frames[0], frames[1:]
+        served, error = self.answer(request)
+        try:
+            if served is None:
+                router.send_multipart([identity, *error], flags=zmq.NOBLOCK)
+                return
+            router.send_multipart([identity, served.frames[0]], flags=zmq.NOBLOCK)
+            for piece in self._pieces(served):
+                router.send_multipart([identity, piece], copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # EAGAIN (queue full) or EHOSTUNREACH (peer gone)
+            self.stats.record_failure(UNKNOWN, "dropped")
+
+    # -- client ---------------------------------------------------------------------------------
+
+    def _fetch(self, endpoint: Endpoint, round: int, deadline: float) -> Reply:
+        if self._context is None:
+            raise NetworkError("transport not started")
+        try:
+            sock = self._context.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:
+            raise NetworkError(f"transport closing: {exc}") from None
+        header_bytes = payload_bytes = 0
+        try:
+            self._configure_client(sock, endpoint)
+            request = wire.encode_request(
+                info_hash=self.config.info_hash, sender=self.config.peer_id, round=round
+            )
+            started = time.perf_counter()
+            sock.send_multipart(request, flags=zmq.NOBLOCK)
+            self.stats.record_sent(endpoint.peer_id, round, header=len(request[0]))
+
+            head = memoryview(bytearray(wire.MAX_HEADER_BYTES + 1))
+            header_bytes = self._receive_into(sock, head, endpoint, deadline)
+            if header_bytes > wire.MAX_HEADER_BYTES:
+                raise wire.reject("oversized", f"reply header of {header_bytes} bytes")
+            if sock.getsockopt(zmq.RCVMORE):
+                raise wire.reject("bad_frames", "reply header came with extra frames")
+            header = self.check_reply_header(endpoint, head[:header_bytes])
+
+            # Size checked by the header. np.empty, unlike bytearray, does not zero 100 MB first.
+            payload = memoryview(np.empty(header.payload_len, dtype=np.uint8).data)
+            digest = hashlib.sha256()
+            while payload_bytes < len(payload):
+                space = len(payload) - payload_bytes
+                got = self._receive_into(sock, payload[payload_bytes:], endpoint, deadline)
+                if got == 0 or got > space or sock.getsockopt(zmq.RCVMORE):
+                    raise wire.reject("bad_frames", "payload pieces do not add up to its length")
+                digest.update(payload[payload_bytes : payload_bytes + got])  # frees the GIL
+                payload_bytes += got
+            rtt = time.perf_counter() - started
+            wire.verify_payload(header, payload, computed_sha256=digest.hexdigest())
+            return Reply(peer_id=endpoint.peer_id, header=header, payload=payload, rtt_s=rtt)
+        except zmq.ZMQError as exc:
+            raise NetworkError(f"exchange with {endpoint.peer_id} failed: {exc}") from None
+        finally:
+            sock.close(linger=0)
+            if header_bytes:
+                self.stats.record_received(
+                    endpoint.peer_id,
+                    round,
+                    header=min(header_bytes, wire.MAX_HEADER_BYTES),
+                    payload=payload_bytes,
+                )
+
+    def _configure_client(self, sock: zmq.Socket[Any], endpoint: Endpoint) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_payload_bytes + wire.MAX_HEADER_BYTES)
+        if endpoint.public_key is not None:
+            public, secret = self.config.curve_public_key, self.config.curve_secret_key
+            if public is None or secret is None:
+                public, secret = zmq.curve_keypair()
+            sock.setsockopt(zmq.CURVE_SERVERKEY, endpoint.public_key)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        try:
+            sock.connect(endpoint.address)
+        except zmq.ZMQError as exc:
+            raise NetworkError(f"bad address {endpoint.address!r}: {exc}") from None
+
+    def _receive_into(
+        self, sock: zmq.Socket[Any], buffer: memoryview, endpoint: Endpoint, deadline: float
+    ) -> int:
+        """Wait (in short slices, to notice ``close``) for the next frame and copy it in."""
+        while True:
+            if self._closing.is_set():
+                raise NetworkError("transport closed")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FetchTimeoutError(f"peer {endpoint.peer_id} did not answer in time")
+            if sock.poll(math.ceil(min(remaining, _POLL_SLICE_S) * 1000), zmq.POLLIN):
+                return int(sock.recv_into(buffer, flags=zmq.NOBLOCK))

@@ -1,0 +1,289 @@
+"""The session torrent: round trips, the info-hash, strict reading, the initial state, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import fastbencode
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fedtorrent.cli import app
+from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, PrivacyConfig, TrainConfig
+from fedtorrent.errors import ConfigError, TorrentError
+from fedtorrent.models import build_model
+from fedtorrent.net.torrent import (
+    FORMAT_VERSION,
+    MAX_INITIAL_STATE_BYTES,
+    MAX_TORRENT_BYTES,
+    Session,
+    Torrent,
+    load_initial_state,
+    load_torrent,
+    save_torrent,
+    state_path_for,
+)
+from fedtorrent.state import encode_state
+from fedtorrent.state.codec import MAX_STATE_BYTES
+
+
+def make_session(**changes: Any) -> Session:
+    base: dict[str, Any] = {
+        "name": "mnist-mlp",
+        "model": ModelConfig("mlp", {"hidden": 32, "dropout": 0.25}),
+        "data": DataConfig(dataset="mnist", num_nodes=8, split="noniid", alpha=0.3),
+        "train": TrainConfig(epochs=2, lr=1e-5, batch_size=32),
+        "mixing": MixingConfig(rule="learned", trust_lr=2.5),
+        "rounds": 12,
+        "cohort_size": 3,
+        "state_sha256": "ab" * 32,
+        "state_size": 1234,
+    }
+    base.update(changes)
+    return Session(**base)
+
+
+def make_torrent(**changes: Any) -> Torrent:
+    return Torrent(
+        announce="http://127.0.0.1:6969/announce",
+        session=make_session(**changes),
+        announce_list=(("http://127.0.0.1:6969/announce", "https://backup.example/announce"),),
+        creation_date=1_700_000_000,
+        created_by="fedtorrent",
+        comment="a test session",
+    )
+
+
+def raw(torrent: Torrent) -> dict[bytes, Any]:
+    return fastbencode.bdecode(torrent.to_bytes())
+
+
+def encode(meta: dict[bytes, Any]) -> bytes:
+    return fastbencode.bencode(meta)
+
+
+def test_round_trip_keeps_every_field_and_the_info_hash() -> None:
+    torrent = make_torrent(privacy=PrivacyConfig(clip=1.0, noise_multiplier=0.8, dp_sgd=True))
+    again = Torrent.from_bytes(torrent.to_bytes())
+    assert again == torrent
+    assert again.info_hash == torrent.info_hash
+    assert again.to_bytes() == torrent.to_bytes()
+
+
+def test_info_hash_is_sha256_of_the_bencoded_info_dict() -> None:
+    torrent = make_torrent()
+    info = raw(torrent)[b"info"]
+    assert torrent.info_hash == hashlib.sha256(encode(info)).hexdigest()
+    assert len(torrent.info_hash) == 64
+
+
+def test_info_hash_follows_the_session_not_the_tracker() -> None:
+    torrent = make_torrent()
+    moved = dataclasses.replace(torrent, announce="http://elsewhere:1/announce", comment="x")
+    assert moved.info_hash == torrent.info_hash
+    changed = make_torrent(train=TrainConfig(epochs=2, lr=2e-5, batch_size=32))
+    assert changed.info_hash != torrent.info_hash
+
+
+def test_floats_are_canonical_decimal_strings_and_data_dir_never_leaks() -> None:
+    info = raw(make_torrent())[b"info"]
+    assert info[b"train"][b"lr"] == b"1e-05"
+    assert info[b"mixing"][b"trust_lr"] == b"2.5"
+    assert info[b"model"][b"kwargs"] == b'{"dropout":0.25,"hidden":32}'
+    assert b"data_dir" not in info[b"data"]
+    assert info[b"version"] == FORMAT_VERSION
+    assert b"steps" not in info[b"train"]  # None fields are left out
+
+
+def test_a_session_refuses_a_local_data_dir() -> None:
+    with pytest.raises(ConfigError, match="data_dir"):
+        make_session(data=DataConfig(data_dir=Path("/data")))
+
+
+def test_state_size_limit_matches_the_state_codec() -> None:
+    assert MAX_INITIAL_STATE_BYTES == MAX_STATE_BYTES
+
+
+def _set(meta: dict[bytes, Any], path: tuple[bytes, ...], value: Any) -> None:
+    node = meta
+    for key in path[:-1]:
+        node = node[key]
+    if value is _DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        ((b"info", b"rounds"), b"12", "info.rounds"),
+        ((b"info", b"train", b"lr"), 1, "info.train.lr"),
+        ((b"info", b"train", b"lr"), b"0.10", "info.train.lr"),
+        ((b"info", b"train", b"lr"), b"nan", "info.train.lr"),
+        ((b"info", b"train", b"lr"), b"1_0.0", "info.train.lr"),
+        ((b"info", b"train", b"lr"), _DELETE, "info.train.lr"),
+        ((b"info", b"train", b"lr"), b"-1.0", "info.train"),
+        ((b"info", b"data", b"data_dir"), b"/home/me/data", "info.data.data_dir"),
+        ((b"info", b"extra"), 1, "info.extra"),
+        ((b"info", b"name"), b"\xff\xfe", "info.name"),
+        ((b"info", b"version"), 2, "info.version"),
+        ((b"info", b"state"), _DELETE, "info.state"),
+        ((b"info", b"state", b"size"), -5, "info"),
+        ((b"info", b"model", b"kwargs"), b'{"hidden": 32}', "info.model.kwargs"),
+        ((b"info", b"model", b"kwargs"), b"[1]", "info.model.kwargs"),
+        ((b"info", b"privacy", b"dp_sgd"), 2, "info.privacy.dp_sgd"),
+        ((b"info", b"privacy", b"clip"), b"inf", "info.privacy.clip"),
+        ((b"info", b"data"), [], "info.data"),
+        ((b"announce",), b"ftp://x/announce", "torrent"),
+        ((b"announce",), _DELETE, "torrent.announce"),
+        ((b"nodes",), [], "torrent.nodes"),
+        ((b"announce-list",), [b"http://x/announce"], "announce-list[0]"),
+    ],
+)
+def test_strict_reading_names_the_bad_field(
+    path: tuple[bytes, ...], value: Any, field: str
+) -> None:
+    meta = raw(make_torrent(privacy=PrivacyConfig(clip=1.0, noise_multiplier=1.0)))
+    _set(meta, path, value)
+    with pytest.raises(TorrentError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        Torrent.from_bytes(encode(meta))
+
+
+def test_unsupported_version_says_so() -> None:
+    meta = raw(make_torrent())
+    meta[b"info"][b"version"] = FORMAT_VERSION + 1
+    with pytest.raises(TorrentError, match="unsupported format version"):
+        Torrent.from_bytes(encode(meta))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"not bencode", b"d8:announce1:xe junk", b"i1e", b"l" * 10 + b"e" * 10],
+)
+def test_garbage_is_a_torrent_error(payload: bytes) -> None:
+    with pytest.raises(TorrentError):
+        Torrent.from_bytes(payload)
+
+
+def test_oversized_torrents_are_refused_before_decoding(tmp_path: Path) -> None:
+    big = b"x" * (MAX_TORRENT_BYTES + 1)
+    with pytest.raises(TorrentError, match="exceeds"):
+        Torrent.from_bytes(big)
+    path = tmp_path / "big.torrent"
+    path.write_bytes(big)
+    with pytest.raises(TorrentError, match="exceeds"):
+        load_torrent(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lr=st.floats(min_value=1e-12, max_value=1e6, allow_nan=False, allow_infinity=False),
+    alpha=st.floats(min_value=1e-9, max_value=1e3),
+)
+def test_any_finite_float_round_trips_exactly(lr: float, alpha: float) -> None:
+    torrent = make_torrent(
+        train=TrainConfig(lr=lr), data=DataConfig(alpha=alpha), model=ModelConfig("mlp")
+    )
+    again = Torrent.from_bytes(torrent.to_bytes())
+    assert again.session.train.lr == lr
+    assert again.session.data.alpha == alpha
+    assert again.info_hash == torrent.info_hash
+
+
+def test_save_and_load_from_a_path(tmp_path: Path) -> None:
+    torrent = make_torrent(compression={"kind": "topk", "ratio": 0.1})
+    path = save_torrent(torrent, tmp_path / "s.torrent")
+    assert load_torrent(path) == torrent
+    assert load_torrent(str(path)).session.compression == {"kind": "topk", "ratio": 0.1}
+    assert state_path_for(path) == tmp_path / "s.state"
+    with pytest.raises(TorrentError, match="cannot read"):
+        load_torrent(tmp_path / "missing.torrent")
+
+
+def test_initial_state_is_verified_by_size_and_hash(tmp_path: Path) -> None:
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2)}
+    payload = encode_state(state)
+    torrent = make_torrent(
+        state_sha256=hashlib.sha256(payload).hexdigest(), state_size=len(payload)
+    )
+    path = tmp_path / "s.state"
+    path.write_bytes(payload)
+    loaded = load_initial_state(torrent, path)
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+
+    tampered = bytearray(payload)
+    tampered[-1] ^= 0x01
+    path.write_bytes(bytes(tampered))
+    with pytest.raises(TorrentError, match=r"info\.state\.sha256"):
+        load_initial_state(torrent, path)
+    path.write_bytes(payload + b"\0")
+    with pytest.raises(TorrentError, match=r"info\.state\.size"):
+        load_initial_state(torrent, path)
+    with pytest.raises(TorrentError, match="cannot read"):
+        load_initial_state(torrent, tmp_path / "nope.state")
+
+
+def test_cli_create_writes_a_torrent_whose_state_verifies(tmp_path: Path) -> None:
+    runner = CliRunner()
+    output = tmp_path / "digits.torrent"
+    args = ["create", "--dataset", "digits", "--model", "mlp", "--model-arg", "hidden=16"]
+    args += ["--nodes", "4", "--split", "shards", "--rounds", "5", "--cohort", "2"]
+    args += ["--lr", "0.05", "--tracker", "http://tracker.example:6969/announce", "-o", str(output)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    torrent = load_torrent(output)
+    session = torrent.session
+    assert (session.model.name, session.model.kwargs) == ("mlp", {"hidden": 16})
+    assert (session.data.dataset, session.data.num_nodes, session.data.split) == (
+        "digits",
+        4,
+        "shards",
+    )
+    assert (session.rounds, session.cohort_size, session.train.lr) == (5, 2, 0.05)
+    assert torrent.announce == "http://tracker.example:6969/announce"
+    state = load_initial_state(torrent, state_path_for(output))
+    torch.manual_seed(0)  # the default --seed
+    expected = build_model("mlp", input_shape=(1, 8, 8), num_classes=10, hidden=16).state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+    assert torrent.info_hash in result.output
+
+    # Same settings and seed give the same initial weights and so the same info-hash.
+    again = tmp_path / "again.torrent"
+    result = runner.invoke(app, [*args[:-1], str(again)])
+    assert result.exit_code == 0, result.output
+    assert state_path_for(again).read_bytes() == state_path_for(output).read_bytes()
+
+
+def test_cli_show_prints_the_info_hash_and_settings(tmp_path: Path) -> None:
+    torrent = make_torrent(privacy=PrivacyConfig(clip=2.0, noise_multiplier=1.0))
+    path = save_torrent(torrent, tmp_path / "s.torrent")
+    runner = CliRunner()
+    result = runner.invoke(app, ["show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert torrent.info_hash in result.output
+    assert "mnist-mlp" in result.output and "noise_multiplier" in result.output
+    result = runner.invoke(app, ["show", str(path), "--json"])
+    document = json.loads(result.output)
+    assert document["info_hash"] == torrent.info_hash
+    assert document["session"]["train"]["lr"] == 1e-5
+    assert "data_dir" not in document["session"]["data"]
+
+
+def test_cli_create_rejects_an_unknown_dataset(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["create", "--dataset", "imagenet", "-o", str(tmp_path / "x.torrent")]
+    )
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError)

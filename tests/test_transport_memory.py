@@ -1,0 +1,326 @@
+"""The in-memory transport keeps the transport contract: lifecycle, fetch, deadlines, accounting."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from fedtorrent.errors import ConfigError, MessageError, NetworkError
+from fedtorrent.net import wire
+from fedtorrent.net.transport import (
+    Endpoint,
+    FetchTimeoutError,
+    MemoryNetwork,
+    MemoryTransport,
+    PeerRefusedError,
+    TrafficStats,
+    TransportConfig,
+)
+from fedtorrent.net.transport import base as transport_base
+from fedtorrent.state import encode_state
+
+INFO_HASH = "ab" * 32
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def model_state(fill: float = 0.0) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((3, 2), fill), "b": torch.arange(2, dtype=torch.float32) + fill}
+
+
+def state_frames(peer_id: str, round: int, fill: float = 1.0) -> list[bytes]:
+    return wire.encode_message(
+        encode_state(model_state(fill)),
+        info_hash=INFO_HASH,
+        sender=peer_id,
+        round=round,
+        num_examples=10,
+    )
+
+
+@pytest.fixture
+def network() -> MemoryNetwork:
+    return MemoryNetwork()
+
+
+@pytest.fixture
+def peers(network: MemoryNetwork) -> Iterator[list[MemoryTransport]]:
+    transports = [
+        MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id=f"p{i}"))
+        for i in range(4)
+    ]
+    for t in transports:
+        t.start()
+    yield transports
+    for t in transports:
+        t.close()
+
+
+def endpoint(t: MemoryTransport) -> Endpoint:
+    return Endpoint(peer_id=t.config.peer_id, address=t.address)
+
+
+def test_constructor_starts_nothing(network: MemoryNetwork) -> None:
+    transport = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="p"))
+    with pytest.raises(NetworkError):
+        _ = transport.address
+    with pytest.raises(NetworkError):
+        transport.fetch(Endpoint("q", "mem://0"), round=0, timeout=0.1)
+
+
+def test_lifecycle_is_explicit_and_close_is_idempotent(network: MemoryNetwork) -> None:
+    config = TransportConfig(info_hash=INFO_HASH, peer_id="p")
+    with MemoryTransport(network, config) as transport:
+        assert transport.address.startswith("mem://")
+        with pytest.raises(NetworkError):
+            transport.start()
+    transport.close()
+    with pytest.raises(NetworkError):
+        transport.start()
+    with pytest.raises(NetworkError):
+        transport.fetch(Endpoint("q", "mem://0"), round=0, timeout=0.1)
+
+
+def test_fetch_returns_the_published_state(peers: list[MemoryTransport]) -> None:
+    server, client = peers[0], peers[1]
+    server.publish(state_frames("p0", round=5, fill=2.0))
+    reply = client.fetch(endpoint(server), round=4, timeout=1.0, like_state=model_state())
+    assert reply.header.round == 5 and reply.header.num_examples == 10
+    assert reply.state is not None
+    assert torch.equal(reply.state["w"], model_state(2.0)["w"])
+    assert reply.rtt_s >= 0
+    # Publishing again replaces what is served.
+    server.publish(state_frames("p0", round=6, fill=3.0))
+    again = client.fetch(endpoint(server), round=5, timeout=1.0, like_state=model_state())
+    assert again.header.round == 6 and again.state is not None
+    assert torch.equal(again.state["b"], model_state(3.0)["b"])
+
+
+def test_fetch_without_like_state_verifies_but_does_not_decode(
+    peers: list[MemoryTransport],
+) -> None:
+    peers[0].publish(state_frames("p0", round=1))
+    reply = peers[1].fetch(endpoint(peers[0]), round=1, timeout=1.0)
+    assert reply.state is None
+    assert bytes(reply.payload) == state_frames("p0", round=1)[1]
+
+
+def test_publish_refuses_frames_of_another_peer_or_session(
+    peers: list[MemoryTransport],
+) -> None:
+    with pytest.raises(ConfigError):
+        peers[0].publish(state_frames("p1", round=1))
+    other = wire.encode_message(
+        encode_state(model_state()), info_hash="cd" * 32, sender="p0", round=1, num_examples=1
+    )
+    with pytest.raises(ConfigError):
+        peers[0].publish(other)
+    with pytest.raises(ConfigError):
+        peers[0].publish(state_frames("p0", round=1)[:1])
+
+
+def test_not_ready_peer_refuses(peers: list[MemoryTransport]) -> None:
+    with pytest.raises(PeerRefusedError, match="not_ready"):
+        peers[1].fetch(endpoint(peers[0]), round=0, timeout=1.0)
+    assert peers[1].stats.snapshot()["failures"] == {"p0": {"refused:not_ready": 1}}
+
+
+def test_peer_of_another_session_is_rejected(network: MemoryNetwork) -> None:
+    stranger = MemoryTransport(network, TransportConfig(info_hash="cd" * 32, peer_id="s"))
+    with stranger, MemoryTransport(network, TransportConfig(INFO_HASH, "p")) as client:
+        with pytest.raises(MessageError) as info:
+            client.fetch(Endpoint("s", stranger.address), round=0, timeout=1.0)
+        assert info.value.reason == "wrong_session"
+        assert client.stats.rejections() == {"wrong_session": 1}
+        # The stranger refused our request for the same reason and counted it.
+        assert stranger.stats.rejections() == {"wrong_session": 1}
+
+
+def test_reply_from_another_peer_id_is_rejected(peers: list[MemoryTransport]) -> None:
+    peers[0].publish(state_frames("p0", round=1))
+    with pytest.raises(MessageError) as info:
+        peers[1].fetch(Endpoint("p9", peers[0].address), round=1, timeout=1.0)
+    assert info.value.reason == "wrong_sender"
+
+
+def test_unknown_address_times_out_after_the_timeout(peers: list[MemoryTransport]) -> None:
+    start = time.monotonic()
+    with pytest.raises(FetchTimeoutError):
+        peers[0].fetch(Endpoint("ghost", "mem://999"), round=0, timeout=0.2)
+    assert 0.15 <= time.monotonic() - start < 1.0
+    assert peers[0].stats.snapshot()["failures"] == {"ghost": {"timeout": 1}}
+
+
+def test_fetch_many_returns_what_arrived_before_the_deadline(
+    network: MemoryNetwork, peers: list[MemoryTransport]
+) -> None:
+    for t in peers[1:]:
+        t.publish(state_frames(t.config.peer_id, round=2))
+    network.silence(peers[3].address)  # alive but silent, like a SIGKILLed peer
+    start = time.monotonic()
+    result = peers[0].fetch_many(
+        [endpoint(t) for t in peers[1:]], round=2, timeout=0.3, like_state=model_state()
+    )
+    elapsed = time.monotonic() - start
+    assert set(result.replies) == {"p1", "p2"}
+    assert set(result.failures) == {"p3"}
+    assert isinstance(result.failures["p3"], NetworkError)
+    assert elapsed < 1.0
+
+
+def test_fetch_many_rejects_duplicate_peers(peers: list[MemoryTransport]) -> None:
+    with pytest.raises(ConfigError):
+        peers[0].fetch_many([endpoint(peers[1]), endpoint(peers[1])], round=0, timeout=0.1)
+
+
+def test_close_aborts_a_fetch_in_flight(network: MemoryNetwork) -> None:
+    client = MemoryTransport(network, TransportConfig(INFO_HASH, "c"))
+    client.start()
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def fetch() -> None:
+        started.set()
+        try:
+            client.fetch(Endpoint("ghost", "mem://999"), round=0, timeout=30.0)
+        except NetworkError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    started.wait(5)
+    begin = time.monotonic()
+    client.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - begin < 2.0
+    assert len(errors) == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        ([b"\xc1"], "bad_header"),
+        ([b"a", b"b", b"c"], "bad_frames"),
+        ("tamper", "bad_digest"),
+        ("nan", "non_finite"),
+        ("shape", "bad_shape"),
+        ("header_only", "bad_frames"),
+    ],
+)
+def test_bad_replies_are_rejected_and_counted(
+    network: MemoryNetwork, peers: list[MemoryTransport], reply: object, reason: str
+) -> None:
+    good = state_frames("evil", round=1)
+    if reply == "tamper":
+        frames = [good[0], good[1][:-1] + bytes([good[1][-1] ^ 1])]
+    elif reply == "nan":
+        frames = wire.encode_message(
+            encode_state({"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)}),
+            info_hash=INFO_HASH,
+            sender="evil",
+            round=1,
+            num_examples=1,
+        )
+    elif reply == "shape":
+        frames = wire.encode_message(
+            encode_state({"w": torch.zeros(2, 3), "b": torch.zeros(2)}),
+            info_hash=INFO_HASH,
+            sender="evil",
+            round=1,
+            num_examples=1,
+        )
+    elif reply == "header_only":
+        frames = good[:1]
+    else:
+        frames = reply  # type: ignore[assignment]
+    network.add_raw_peer("mem://evil", lambda request: frames)
+    with pytest.raises(MessageError) as info:
+        peers[0].fetch(
+            Endpoint("evil", "mem://evil"), round=1, timeout=1.0, like_state=model_state()
+        )
+    assert info.value.reason == reason
+    assert peers[0].stats.rejections() == {reason: 1}
+    # The peer carries on: a good fetch still works.
+    peers[1].publish(state_frames("p1", round=1))
+    assert peers[0].fetch(endpoint(peers[1]), round=1, timeout=1.0).header.sender == "p1"
+
+
+def test_bad_requests_are_refused_and_counted(peers: list[MemoryTransport]) -> None:
+    server = peers[0]
+    server.publish(state_frames("p0", round=1))
+    assert wire.decode_header(server._respond([b"\xc1"])[0], info_hash=INFO_HASH).reason == (
+        "bad_header"
+    )
+    assert server.stats.rejections() == {"bad_header": 1}
+
+
+def test_accounting_matches_frame_sizes(peers: list[MemoryTransport]) -> None:
+    server, client = peers[0], peers[1]
+    frames = state_frames("p0", round=7)
+    server.publish(frames)
+    client.fetch(endpoint(server), round=3, timeout=1.0)
+    request_len = len(wire.encode_request(info_hash=INFO_HASH, sender="p1", round=3)[0])
+    header_len, payload_len = len(frames[0]), len(frames[1])
+
+    seen_by_client = client.stats.snapshot()
+    assert seen_by_client["per_peer_round"] == [
+        {
+            "peer": "p0",
+            "round": 3,  # the client's own round
+            "header_sent": request_len,
+            "payload_sent": 0,
+            "header_received": header_len,
+            "payload_received": payload_len,
+            "messages_sent": 1,
+            "messages_received": 1,
+        }
+    ]
+    assert [r for r, _ in seen_by_client["rtt_s"]["p0"]] == [3]
+    seen_by_server = server.stats.snapshot()
+    assert seen_by_server["per_round"]["7"] == {  # the round of the state served
+        "header_sent": header_len,
+        "payload_sent": payload_len,
+        "header_received": request_len,
+        "payload_received": 0,
+        "messages_sent": 1,
+        "messages_received": 1,
+    }
+    json.dumps(seen_by_client)
+    json.dumps(seen_by_server)
+
+
+def test_stats_pool_peers_past_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_base, "_MAX_TRACKED_PEERS", 3)
+    stats = TrafficStats()
+    for i in range(5):
+        stats.record_sent(f"peer{i}", 0, header=10)
+    per_peer = stats.snapshot()["per_peer"]
+    assert set(per_peer) == {"peer0", "peer1", "peer2", transport_base.OTHER}
+    assert per_peer[transport_base.OTHER]["header_sent"] == 20
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"info_hash": "xyz", "peer_id": "p"},
+        {"info_hash": INFO_HASH, "peer_id": ""},
+        {"info_hash": INFO_HASH, "peer_id": "p", "piece_bytes": 10},
+        {"info_hash": INFO_HASH, "peer_id": "p", "max_concurrent_fetches": 0},
+        {"info_hash": INFO_HASH, "peer_id": "p", "curve_secret_key": b"x" * 40},
+        {
+            "info_hash": INFO_HASH,
+            "peer_id": "p",
+            "curve_secret_key": b"x",
+            "curve_public_key": b"y",
+        },
+    ],
+)
+def test_config_is_validated(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        TransportConfig(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,373 @@
+"""The ZeroMQ transport for real, on 127.0.0.1: fetches, deadlines, hostile peers, accounting."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import zmq
+
+from fedtorrent.errors import MessageError, NetworkError
+from fedtorrent.net import wire
+from fedtorrent.net.transport import (
+    Endpoint,
+    FetchTimeoutError,
+    TransportConfig,
+    ZmqTransport,
+)
+from fedtorrent.state import encode_state
+
+INFO_HASH = "ab" * 32
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
+
+
+def model_state(fill: float = 0.0, size: int = 64) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(int(fill * 10))
+    return {"w": torch.randn(size, 100, generator=gen) + fill, "b": torch.full((100,), fill)}
+
+
+def state_frames(peer_id: str, round: int, fill: float = 1.0, size: int = 64) -> list[bytes]:
+    return wire.encode_message(
+        encode_state(model_state(fill, size)),
+        info_hash=INFO_HASH,
+        sender=peer_id,
+        round=round,
+        num_examples=10,
+    )
+
+
+def config(peer_id: str, **kw: Any) -> TransportConfig:
+    return TransportConfig(info_hash=INFO_HASH, peer_id=peer_id, piece_bytes=4096, **kw)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[ZmqTransport, ZmqTransport]]:
+    with ZmqTransport(config("server")) as server, ZmqTransport(config("client")) as client:
+        yield server, client
+
+
+def endpoint(t: ZmqTransport, **kw: Any) -> Endpoint:
+    return Endpoint(peer_id=t.config.peer_id, address=t.address, **kw)
+
+
+def free_port() -> int:
+    """A port that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_fetch_in_many_pieces(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    server, client = pair
+    frames = state_frames("server", round=3, fill=2.0, size=200)  # ~80 KB: 20 pieces of 4 KiB
+    server.publish(frames)
+    reply = client.fetch(endpoint(server), round=2, timeout=5.0)
+    assert reply.header.round == 3 and reply.state is None
+    assert bytes(reply.payload) == frames[1]
+    reply = client.fetch(endpoint(server), round=2, timeout=5.0, like_state=model_state(size=200))
+    assert reply.state is not None
+    assert torch.equal(reply.state["w"], model_state(2.0, 200)["w"])
+    reply.state["w"] += 1  # decoded tensors are writable and private
+
+
+def test_not_ready_then_ready(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    server, client = pair
+    with pytest.raises(NetworkError, match="not_ready"):
+        client.fetch(endpoint(server), round=0, timeout=5.0)
+    server.publish(state_frames("server", round=1))
+    assert client.fetch(endpoint(server), round=0, timeout=5.0).header.round == 1
+
+
+def test_dead_peer_costs_at_most_the_deadline(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    server, client = pair
+    server.publish(state_frames("server", round=1))
+    with ZmqTransport(config("other")) as other:
+        other.publish(state_frames("other", round=1))
+        cohort = [
+            endpoint(server),
+            endpoint(other),
+            Endpoint("dead", f"tcp://127.0.0.1:{free_port()}"),
+        ]
+        start = time.monotonic()
+        result = client.fetch_many(cohort, round=1, timeout=0.5, like_state=model_state())
+        elapsed = time.monotonic() - start
+    assert set(result.replies) == {"server", "other"}
+    assert isinstance(result.failures["dead"], NetworkError)
+    assert 0.4 <= elapsed < 1.5
+
+
+def test_single_fetch_from_dead_peer_times_out(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    _, client = pair
+    start = time.monotonic()
+    with pytest.raises(FetchTimeoutError):
+        client.fetch(Endpoint("dead", f"tcp://127.0.0.1:{free_port()}"), round=0, timeout=0.3)
+    assert time.monotonic() - start < 1.0
+    assert client.stats.snapshot()["failures"] == {"dead": {"timeout": 1}}
+
+
+def test_concurrent_clients(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    server, _ = pair
+    frames = state_frames("server", round=4, size=100)
+    server.publish(frames)
+    clients = [ZmqTransport(config(f"c{i}")) for i in range(4)]
+    results: dict[str, bytes] = {}
+    errors: list[BaseException] = []
+
+    def run(c: ZmqTransport) -> None:
+        try:
+            for _ in range(3):
+                results[c.config.peer_id] = bytes(
+                    c.fetch(endpoint(server), round=4, timeout=10.0).payload
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    for c in clients:
+        c.start()
+    try:
+        threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        for c in clients:
+            c.close()
+    assert not errors
+    assert results == {f"c{i}": frames[1] for i in range(4)}
+    assert server.stats.snapshot()["totals"]["payload_sent"] == 12 * len(frames[1])
+
+
+def raw_request(address: str, frames: list[bytes], timeout_ms: int = 5000) -> list[bytes]:
+    """Send frames from a bare DEALER and return the first reply message."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(timeout_ms), "server did not answer"
+        return list(sock.recv_multipart())
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        ([b"\xc1"], "bad_header"),
+        ([b"garbage", b"more", b"frames"], "bad_frames"),
+        ([b"\x81\xa1v\x02"], "version"),
+        (wire.encode_request(info_hash="cd" * 32, sender="x", round=0), "wrong_session"),
+        (state_frames("client", round=0)[:1], "bad_header"),  # a state is not a request
+    ],
+)
+def test_server_rejects_bad_requests_and_keeps_serving(
+    pair: tuple[ZmqTransport, ZmqTransport], frames: list[bytes], reason: str
+) -> None:
+    server, client = pair
+    server.publish(state_frames("server", round=1))
+    reply = raw_request(server.address, frames)
+    assert len(reply) == 1
+    assert wire.decode_header(reply[0], info_hash=INFO_HASH).reason == reason
+    assert server.stats.rejections() == {reason: 1}
+    assert client.fetch(endpoint(server), round=1, timeout=5.0).header.sender == "server"
+
+
+def test_server_drops_oversized_requests_and_keeps_serving(
+    pair: tuple[ZmqTransport, ZmqTransport],
+) -> None:
+    server, client = pair
+    server.publish(state_frames("server", round=1))
+    with pytest.raises(AssertionError, match="did not answer"):
+        raw_request(server.address, [b"x" * (wire.MAX_HEADER_BYTES + 1)], timeout_ms=300)
+    assert client.fetch(endpoint(server), round=1, timeout=5.0).header.sender == "server"
+
+
+class FakeServer:
+    """A bare ROUTER that answers every request with scripted messages (a hostile peer)."""
+
+    def __init__(self, script: Callable[[], list[list[bytes]]]) -> None:
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.address = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.script = script
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if self.router.poll(50):
+                identity, *_ = self.router.recv_multipart()
+                for message in self.script():
+                    self.router.send_multipart([identity, *message])
+
+    def __enter__(self) -> FakeServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.router.close()
+        self.context.term()
+
+
+def scripted(kind: str) -> list[list[bytes]]:
+    header, payload = state_frames("evil", round=1)
+    if kind == "tampered":
+        return [[header], [payload[:-1] + bytes([payload[-1] ^ 1])]]
+    if kind == "too_long_piece":
+        return [[header], [payload + b"extra"]]
+    if kind == "multi_frame_piece":
+        return [[header], [payload[:10], payload[10:]]]
+    if kind == "header_with_payload":
+        return [[header, payload]]
+    if kind == "nan":
+        bad = {"w": torch.full((64, 100), float("nan")), "b": torch.zeros(100)}
+        return [
+            [m]
+            for m in wire.encode_message(
+                encode_state(bad), info_hash=INFO_HASH, sender="evil", round=1, num_examples=1
+            )
+        ]
+    if kind == "wrong_shape":
+        bad = {"w": torch.zeros(100, 64), "b": torch.zeros(100)}
+        return [
+            [m]
+            for m in wire.encode_message(
+                encode_state(bad), info_hash=INFO_HASH, sender="evil", round=1, num_examples=1
+            )
+        ]
+    if kind == "oversized":
+        return [[header + b"\x00" * wire.MAX_HEADER_BYTES]]
+    if kind == "truncated":
+        return [[header], [payload[:100]]]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("tampered", "bad_digest"),
+        ("too_long_piece", "bad_frames"),
+        ("multi_frame_piece", "bad_frames"),
+        ("header_with_payload", "bad_frames"),
+        ("nan", "non_finite"),
+        ("wrong_shape", "bad_shape"),
+        ("oversized", "oversized"),
+    ],
+)
+def test_client_rejects_bad_replies(
+    pair: tuple[ZmqTransport, ZmqTransport], kind: str, reason: str
+) -> None:
+    server, client = pair
+    server.publish(state_frames("server", round=1))
+    with FakeServer(lambda: scripted(kind)) as fake, pytest.raises(MessageError) as info:
+        client.fetch(Endpoint("evil", fake.address), round=1, timeout=5.0, like_state=model_state())
+    assert info.value.reason == reason
+    assert client.stats.rejections() == {reason: 1}
+    assert client.fetch(endpoint(server), round=1, timeout=5.0).header.sender == "server"
+
+
+def test_truncated_reply_times_out(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    _, client = pair
+    with FakeServer(lambda: scripted("truncated")) as fake:
+        with pytest.raises(FetchTimeoutError):
+            client.fetch(Endpoint("evil", fake.address), round=1, timeout=0.3)
+        received = client.stats.snapshot()["per_peer"]["evil"]
+    assert received["payload_received"] == 100
+
+
+def test_accounting_matches_frame_sizes(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    server, client = pair
+    frames = state_frames("server", round=8, size=100)
+    server.publish(frames)
+    for round in (1, 2):
+        client.fetch(endpoint(server), round=round, timeout=5.0)
+    request_len = len(wire.encode_request(info_hash=INFO_HASH, sender="client", round=1)[0])
+    client_view = client.stats.snapshot()
+    for round in ("1", "2"):
+        assert client_view["per_round"][round] == {
+            "header_sent": request_len,
+            "payload_sent": 0,
+            "header_received": len(frames[0]),
+            "payload_received": len(frames[1]),
+            "messages_sent": 1,
+            "messages_received": 1,
+        }
+    assert [r for r, _ in client_view["rtt_s"]["server"]] == [1, 2]
+    assert all(0 < s < 5 for _, s in client_view["rtt_s"]["server"])
+    server_view = server.stats.snapshot()
+    assert server_view["per_peer"]["client"] == {
+        "header_sent": 2 * len(frames[0]),
+        "payload_sent": 2 * len(frames[1]),
+        "header_received": 2 * request_len,
+        "payload_received": 0,
+        "messages_sent": 2,
+        "messages_received": 2,
+    }
+    assert list(server_view["per_round"]) == ["8"]
+
+
+def test_close_returns_promptly_with_a_fetch_in_flight() -> None:
+    client = ZmqTransport(config("client"))
+    client.start()
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def fetch() -> None:
+        started.set()
+        try:
+            client.fetch(Endpoint("dead", f"tcp://127.0.0.1:{free_port()}"), round=0, timeout=30)
+        except NetworkError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    started.wait(5)  # close must be prompt whether the fetch is waiting or about to
+    start = time.monotonic()
+    client.close()
+    thread.join(5)
+    assert time.monotonic() - start < 2.0
+    assert not thread.is_alive() and len(errors) == 1
+
+
+def test_binding_a_taken_port_is_a_network_error(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    server, _ = pair
+    clash = ZmqTransport(TransportConfig(info_hash=INFO_HASH, peer_id="x", bind=server.address))
+    with pytest.raises(NetworkError, match="cannot bind"):
+        clash.start()
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
+def test_curve_encrypted_link() -> None:
+    public, secret = zmq.curve_keypair()
+    server = ZmqTransport(config("server", curve_secret_key=secret, curve_public_key=public))
+    with server, ZmqTransport(config("client")) as client:
+        server.publish(state_frames("server", round=1))
+        reply = client.fetch(endpoint(server, public_key=public), round=1, timeout=5.0)
+        assert reply.header.sender == "server"
+        # Without the server's key the handshake never completes: nothing is exchanged.
+        with pytest.raises(FetchTimeoutError):
+            client.fetch(endpoint(server), round=1, timeout=0.3)
+
+
+def test_client_refuses_a_payload_over_its_limit_before_allocating(
+    pair: tuple[ZmqTransport, ZmqTransport],
+) -> None:
+    server, _ = pair
+    frames = state_frames("server", round=1)
+    server.publish(frames)
+    with ZmqTransport(config("small", max_payload_bytes=len(frames[1]) - 1)) as small:
+        with pytest.raises(MessageError) as info:
+            small.fetch(endpoint(server), round=1, timeout=5.0)
+        assert info.value.reason == "oversized"
+        assert small.stats.snapshot()["per_peer"]["server"]["payload_received"] == 0
