@@ -21,9 +21,9 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on ``app`` when imported.
-from fedtorrent.cli import learn, ledger, net, sim  # noqa: E402
+from fedtorrent.cli import learn, ledger, net, peer, sim, swarm  # noqa: E402
 
-_ = (learn, ledger, net, sim)
+_ = (learn, ledger, net, peer, sim, swarm)
 
 
 def main() -> None:

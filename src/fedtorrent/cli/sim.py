@@ -1,7 +1,297 @@
-"""Commands: sim."""
+"""Commands: ``simulate`` (many virtual nodes in one process) and ``reproduce`` (the paper)."""
 
 from __future__ import annotations
 
-from fedtorrent.cli import app
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-_ = app
+import typer
+
+from fedtorrent.cli import app
+from fedtorrent.config import (
+    MIXING_RULES,
+    SPLITS,
+    TOPOLOGIES,
+    DataConfig,
+    MixingConfig,
+    ModelConfig,
+    SimConfig,
+    TopologyConfig,
+    TrainConfig,
+)
+from fedtorrent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+_DEFAULT = SimConfig()
+_DATASET_HELP = "mnist, fashion-mnist, cifar10 or digits (scikit-learn's, offline)."
+_DATA_DIR_HELP = "Folder searched first for dataset files (else $FEDTORRENT_DATA, then the cache)."
+_THREADS_HELP = "Torch CPU threads; the simulator's small batched ops run fastest on one."
+
+
+@app.command()
+def simulate(
+    *,
+    dataset: Annotated[str, typer.Option(help=_DATASET_HELP)] = _DEFAULT.data.dataset,
+    model: Annotated[str, typer.Option(help="logreg, mlp, cnn or cnn32.")] = _DEFAULT.model.name,
+    nodes: Annotated[int, typer.Option(help="How many virtual nodes.")] = _DEFAULT.data.num_nodes,
+    split: Annotated[str, typer.Option(help=f"{', '.join(SPLITS)}.")] = _DEFAULT.data.split,
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration (noniid: labels; unbalanced: sizes).")
+    ] = _DEFAULT.data.alpha,
+    classes_per_node: Annotated[
+        int, typer.Option(help="Classes per node for shards.")
+    ] = _DEFAULT.data.classes_per_node,
+    min_per_node: Annotated[
+        int, typer.Option(help="Smallest node for unbalanced.")
+    ] = _DEFAULT.data.min_per_node,
+    val_fraction: Annotated[
+        float, typer.Option(help="Validation share of each node (learned trust fits on it).")
+    ] = _DEFAULT.data.val_fraction,
+    topology: Annotated[
+        str, typer.Option(help=f"{', '.join(TOPOLOGIES)}.")
+    ] = _DEFAULT.topology.kind,
+    degree: Annotated[
+        int, typer.Option(help="Neighbours for regular; cohort size for random_cohort.")
+    ] = _DEFAULT.topology.degree,
+    edge_prob: Annotated[
+        float, typer.Option(help="Edge probability for erdos_renyi.")
+    ] = _DEFAULT.topology.edge_prob,
+    mixing: Annotated[
+        list[str] | None,
+        typer.Option(help=f"{', '.join(MIXING_RULES)}; repeat to compare rules in one folder."),
+    ] = None,
+    trust_lr: Annotated[
+        float, typer.Option(help="Plain-SGD step on trust logits.")
+    ] = _DEFAULT.mixing.trust_lr,
+    trust_steps: Annotated[
+        int, typer.Option(help="Trust steps per round.")
+    ] = _DEFAULT.mixing.trust_steps,
+    trust_batch: Annotated[
+        int, typer.Option(help="Validation examples per trust step.")
+    ] = _DEFAULT.mixing.trust_batch_size,
+    weight_floor: Annotated[
+        float,
+        typer.Option(help="Lowest learned weight of a cohort member (keeps trust near uniform)."),
+    ] = _DEFAULT.mixing.weight_floor,
+    entropy_penalty: Annotated[
+        float, typer.Option(help="Pull learned trust rows towards uniform.")
+    ] = _DEFAULT.mixing.entropy_penalty,
+    trim_ratio: Annotated[
+        float, typer.Option(help="Cut per end for trimmed_mean.")
+    ] = _DEFAULT.mixing.trim_ratio,
+    byzantine: Annotated[
+        int, typer.Option(help="Attackers Krum tolerates.")
+    ] = _DEFAULT.mixing.byzantine,
+    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = _DEFAULT.rounds,
+    round_schedule: Annotated[
+        str, typer.Option(help="Local lr across rounds: constant, or cosine decay towards 0.")
+    ] = _DEFAULT.round_schedule,
+    epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _DEFAULT.train.epochs,
+    steps: Annotated[
+        int | None, typer.Option(help="Local batches per round instead of epochs.")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = _DEFAULT.train.lr,
+    batch_size: Annotated[int, typer.Option()] = _DEFAULT.train.batch_size,
+    optimizer: Annotated[
+        str, typer.Option(help="sgd or adam (state resets every round).")
+    ] = _DEFAULT.train.optimizer,
+    schedule: Annotated[
+        str, typer.Option(help="constant or cosine (decays to 0 within each round).")
+    ] = _DEFAULT.train.lr_schedule,
+    momentum: Annotated[float, typer.Option()] = _DEFAULT.train.momentum,
+    weight_decay: Annotated[float, typer.Option()] = _DEFAULT.train.weight_decay,
+    seed: Annotated[list[int] | None, typer.Option(help="Repeat for several seeds.")] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Evaluate every this many rounds.")
+    ] = _DEFAULT.eval_every,
+    eval_examples: Annotated[
+        int | None, typer.Option(help="Test examples for per-round curves (final uses all).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default runs/<dataset>-<split>-<time>).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help=_DATA_DIR_HELP)] = None,
+    threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 1,
+    plots: Annotated[bool, typer.Option(help="Draw plots into the run folder.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Simulate N nodes that train locally and mix with their cohorts; write a run folder."""
+    rules = mixing or [_DEFAULT.mixing.rule]
+    seeds = seed or [_DEFAULT.seed]
+    base = SimConfig(
+        data=DataConfig(
+            dataset=dataset,
+            data_dir=data_dir,
+            num_nodes=nodes,
+            split=split,
+            alpha=alpha,
+            classes_per_node=classes_per_node,
+            min_per_node=min_per_node,
+            val_fraction=val_fraction,
+        ),
+        model=ModelConfig(name=model),
+        train=TrainConfig(
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            lr_schedule=schedule,
+            momentum=momentum,
+            weight_decay=weight_decay,
+        ),
+        topology=TopologyConfig(kind=topology, degree=degree, edge_prob=edge_prob),
+        rounds=rounds,
+        round_schedule=round_schedule,
+        eval_every=eval_every,
+        eval_examples=eval_examples,
+    )
+    configs = [
+        _with_rule(
+            base.with_seed(s),
+            MixingConfig(
+                rule=rule,
+                trust_lr=trust_lr,
+                trust_steps=trust_steps,
+                trust_batch_size=trust_batch,
+                weight_floor=weight_floor,
+                entropy_penalty=entropy_penalty,
+                trim_ratio=trim_ratio,
+                byzantine=byzantine,
+            ),
+        )
+        for rule in rules
+        for s in seeds
+    ]
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    folder = out or Path("runs") / f"{dataset}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    import torch  # noqa: PLC0415
+
+    from fedtorrent.sim.run import load_for  # noqa: PLC0415
+    from fedtorrent.sim.run import simulate as run_simulation  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    data = load_for(base)
+    started = time.perf_counter()
+    with _progress(enabled=progress, total=len(configs) * rounds) as advance:
+        _, summary = run_simulation(
+            configs, out_dir=folder, dataset=data, on_round=advance, plots=plots
+        )
+    _print_summary(summary, folder=folder, seconds=time.perf_counter() - started, split=split)
+
+
+def _with_rule(config: SimConfig, mixing: MixingConfig) -> SimConfig:
+    from dataclasses import replace  # noqa: PLC0415
+
+    return replace(config, mixing=mixing)
+
+
+class _Progress:
+    def __init__(self, bar: Any, task: Any) -> None:
+        self.bar, self.task = bar, task
+
+    def __call__(self, config: SimConfig, done: int, total: int) -> None:
+        self.bar.update(
+            self.task,
+            advance=1,
+            description=f"{config.mixing.rule} seed {config.seed} round {done}/{total}",
+        )
+
+
+class _NoProgress:
+    def __call__(self, config: SimConfig, done: int, total: int) -> None:
+        return None
+
+
+def _progress(*, enabled: bool, total: int) -> Any:
+    from contextlib import contextmanager  # noqa: PLC0415
+
+    @contextmanager
+    def bar() -> Iterator[_Progress | _NoProgress]:
+        if not enabled:
+            yield _NoProgress()
+            return
+        from rich.console import Console  # noqa: PLC0415
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn  # noqa: PLC0415
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as progress:
+            yield _Progress(progress, progress.add_task("simulating", total=total))
+
+    return bar()
+
+
+def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, split: str) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    skewed = split in ("noniid", "shards")
+    table = Table(title=f"final test accuracy across nodes (and seeds); folder {folder}")
+    for header in ("mixing", "runs", "mean %", "std %", "std across seeds %", "macro F1"):
+        table.add_column(header, justify="left" if header == "mixing" else "right")
+    if skewed:
+        table.add_column("own-distribution %", justify="right")
+    for rule, row in summary["by_mixing"].items():
+        cells = [
+            rule,
+            str(row["runs"]),
+            f"{100 * row['accuracy_mean']:.2f}",
+            f"{100 * row['accuracy_std']:.2f}",
+            f"{100 * row['accuracy_std_seeds']:.2f}",
+            f"{row['f1_mean']:.4f}",
+        ]
+        if skewed:
+            cells.append(
+                f"{100 * row['own_accuracy_mean']:.2f} ± {100 * row['own_accuracy_std']:.2f}"
+            )
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    console.print(f"done in {seconds:.1f} s; records, plots and summary.json in {folder}")
+
+
+@app.command()
+def reproduce(
+    *,
+    out: Annotated[Path, typer.Option(help="Where to write the tables, plots and runs.")] = Path(
+        "results"
+    ),
+    seed: Annotated[list[int] | None, typer.Option(help="Seeds (repeat); default 0, 1, 2.")] = None,
+    quick: Annotated[
+        bool, typer.Option(help="A few rounds and one seed: checks the pipeline, not the paper.")
+    ] = False,
+    data_dir: Annotated[Path | None, typer.Option(help=_DATA_DIR_HELP)] = None,
+    threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 1,
+    progress: Annotated[bool, typer.Option(help="Show progress on stderr.")] = True,
+) -> None:
+    """Run the seed paper's experiments (Tables 1-3, nodes and rounds sweeps) into ``out``."""
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    import torch  # noqa: PLC0415
+
+    from fedtorrent.sim.reproduce import ReproducePlan  # noqa: PLC0415
+    from fedtorrent.sim.reproduce import reproduce as run_reproduce  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    plan = ReproducePlan.quick() if quick else ReproducePlan()
+    if seed:
+        plan = plan.with_seeds(tuple(seed))
+    report = run_reproduce(plan, out=out, data_dir=data_dir, log=_log if progress else None)
+    print(report.read_text(encoding="utf-8"))
+
+
+def _log(message: str) -> None:
+    import sys  # noqa: PLC0415
+
+    print(message, file=sys.stderr, flush=True)

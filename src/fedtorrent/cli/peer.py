@@ -1,0 +1,107 @@
+"""Command: ``peer``, one real peer of a swarm (see ``docs/peer.md``)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+from fedtorrent.cli import app
+
+
+@app.command("peer")
+def peer_command(
+    torrent: Annotated[Path, typer.Argument(help="The session torrent.")],
+    *,
+    out: Annotated[
+        Path, typer.Option(help="Folder for metrics, status, checkpoint, summary and log.")
+    ],
+    state: Annotated[
+        Path | None, typer.Option(help="Initial state file (default: beside the torrent).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the dataset's files are.")] = None,
+    node_index: Annotated[
+        int | None, typer.Option(help="Which shard of the dataset this peer holds (0-based).")
+    ] = None,
+    num_nodes: Annotated[
+        int | None, typer.Option(help="How many shards the dataset is split into.")
+    ] = None,
+    examples: Annotated[
+        Path | None,
+        typer.Option(help="Folder with this peer's own x.npy and y.npy (instead of a shard)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one).")] = 0,
+    advertise_ip: Annotated[
+        str | None, typer.Option(help="Address other peers should dial (told to the tracker).")
+    ] = None,
+    peer_id: Annotated[
+        str | None, typer.Option(help="Peer id (default peer-<node index>, or random).")
+    ] = None,
+    tracker: Annotated[
+        str | None, typer.Option(help="Tracker URL (default: the torrent's announce).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
+    ] = False,
+    exchange_timeout: Annotated[
+        float, typer.Option(help="Seconds a round waits for its cohort at most.")
+    ] = 10.0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for batch order and trust batches.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override the torrent's rounds.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log to stderr.")] = False,
+) -> None:
+    """Train with the swarm: announce, exchange parameters directly with peers, mix, record.
+
+    SIGTERM or Ctrl-C stop the peer cleanly after the current phase (status "stopped"); exit
+    status 0 when the last round is done or the peer was stopped, 2 on an error.
+    """
+    import logging  # noqa: PLC0415
+
+    from fedtorrent.node.peer import Peer, PeerConfig  # noqa: PLC0415
+
+    config = PeerConfig(
+        torrent=torrent,
+        out_dir=out,
+        state_path=state,
+        data_dir=data_dir,
+        node_index=node_index,
+        num_nodes=num_nodes,
+        examples=examples,
+        host=host,
+        port=port,
+        advertise_ip=advertise_ip,
+        peer_id=peer_id,
+        tracker=tracker,
+        resume=resume,
+        exchange_timeout=exchange_timeout,
+        seed=seed,
+        rounds=rounds,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
+    if verbose:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers
+    )
+    peer = Peer(config)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("signal %d: stopping after this phase", signum)
+        peer.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        peer.start()
+        outcome = peer.run()
+    finally:
+        peer.close()
+    typer.echo(f"{peer.peer_id}: {outcome} after round {peer.round_done} of {peer.rounds}")

@@ -1,0 +1,218 @@
+"""Command: ``swarm``, a tracker and N peer processes on this machine with a live table."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from fedtorrent.cli import app
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from rich.table import Table
+
+    from fedtorrent.node.swarm import PeerView
+
+_STATE_STYLE = {"done": "green", "failed": "red", "stopped": "yellow", "exited": "yellow"}
+
+
+@app.command("swarm")
+def swarm_command(
+    torrent: Annotated[Path, typer.Argument(help="Session torrent (its .state file beside it).")],
+    *,
+    peers: Annotated[int, typer.Option(help="Peer processes to start (node 0 to N-1).")] = 6,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default runs/<torrent name>-<time>).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder searched first for dataset files.")
+    ] = None,
+    tracker: Annotated[
+        str | None,
+        typer.Option(help="Join this tracker (announce URL) instead of starting one here."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address the tracker and the peers bind.")] = (
+        "127.0.0.1"
+    ),
+    tracker_port: Annotated[
+        int, typer.Option(help="Port of the tracker started here (0: free).")
+    ] = 0,
+    port_base: Annotated[
+        int, typer.Option(help="Peer i binds port-base + i (0: each picks a free port).")
+    ] = 0,
+    exchange_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a peer waits for its cohort each round.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds (default: the torrent's).")] = None,
+    peer_arg: Annotated[
+        list[str] | None, typer.Option(help="Extra argument for every peer (repeatable).")
+    ] = None,
+    stop_grace: Annotated[
+        float, typer.Option(help="Seconds peers get to stop after SIGTERM before SIGKILL.")
+    ] = 15.0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the peers of an earlier run in --out from checkpoints.")
+    ] = False,
+    live: Annotated[
+        bool, typer.Option(help="Show the live table on a terminal (off: a line per change).")
+    ] = True,
+    plots: Annotated[bool, typer.Option(help="Draw plots into the run folder.")] = True,
+) -> None:
+    """Run a tracker and N peers here; Ctrl-C stops them all; ends with a summary and plots."""
+    import time  # noqa: PLC0415
+
+    from fedtorrent.node.swarm import SwarmConfig, run_swarm  # noqa: PLC0415
+
+    folder = out or Path("runs") / f"{torrent.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = SwarmConfig(
+        torrent=torrent,
+        out=folder,
+        peers=peers,
+        data_dir=data_dir,
+        tracker=tracker,
+        host=host,
+        tracker_port=tracker_port,
+        port_base=port_base,
+        exchange_timeout=exchange_timeout,
+        rounds=rounds,
+        peer_args=tuple(peer_arg or ()),
+        stop_grace=stop_grace,
+        resume=resume,
+    )
+    stop = threading.Event()
+    with _stop_on_signals(stop), _display(live=live) as show:
+        summary = run_swarm(config, stop=stop, on_update=show, plots=plots)
+    _print_summary(summary, folder=folder)
+    if summary["interrupted"]:
+        raise typer.Exit(130)
+    if summary["finished"] < summary["peers"]:
+        raise typer.Exit(1)
+
+
+def _stop_on_signals(stop: threading.Event) -> Any:
+    """Turn SIGINT and SIGTERM into ``stop.set()`` for the block.
+
+    A second signal does not interrupt the cleanup (that could orphan peers); it is bounded by
+    ``--stop-grace`` anyway.
+    """
+    from contextlib import contextmanager  # noqa: PLC0415
+
+    @contextmanager
+    def handlers() -> Iterator[None]:
+        def handle(signum: int, frame: object) -> None:
+            word = "still stopping" if stop.is_set() else "stopping"
+            print(f"{word} the swarm (peers get SIGKILL after the grace)", file=sys.stderr)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    return handlers()
+
+
+def peer_table(views: list[PeerView], *, title: str = "swarm") -> Table:
+    """The live table: one row per peer with state, round, accuracy and bytes."""
+    from rich.table import Table  # noqa: PLC0415
+
+    from fedtorrent.node.swarm import human_bytes  # noqa: PLC0415
+
+    table = Table(title=title)
+    for header in ("peer", "pid", "state", "round", "accuracy %", "sent", "received"):
+        table.add_column(header, justify="left" if header in ("peer", "state") else "right")
+    for view in views:
+        progress = f"{view.round}/{view.rounds}" if view.rounds else str(view.round)
+        style = _STATE_STYLE.get(view.state, "")
+        table.add_row(
+            view.peer_id or str(view.index),
+            str(view.pid),
+            f"[{style}]{view.state}[/{style}]" if style else view.state,
+            progress,
+            "" if view.accuracy is None else f"{100 * view.accuracy:.2f}",
+            human_bytes(view.bytes_sent),
+            human_bytes(view.bytes_received),
+        )
+    return table
+
+
+def _display(*, live: bool) -> Any:
+    """A context yielding ``show(views)``: a rich Live table, or a line when something changes."""
+    from contextlib import contextmanager  # noqa: PLC0415
+
+    from rich.console import Console  # noqa: PLC0415
+    from rich.live import Live  # noqa: PLC0415
+
+    @contextmanager
+    def display() -> Iterator[Any]:
+        console = Console()
+        if live and console.is_terminal:  # piped output gets the plain lines
+            with Live(console=console, refresh_per_second=4) as screen:
+                yield lambda views: screen.update(peer_table(views))
+            return
+        seen: dict[int, tuple[str, int]] = {}
+
+        def show(views: list[PeerView]) -> None:
+            for view in views:
+                key = (view.state, view.round)
+                if seen.get(view.index) != key:
+                    seen[view.index] = key
+                    accuracy = "" if view.accuracy is None else f" {100 * view.accuracy:.2f}%"
+                    print(
+                        f"peer {view.index}: {view.state} round {view.round}{accuracy}", flush=True
+                    )
+
+        yield show
+
+    return display()
+
+
+def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from fedtorrent.node.swarm import human_bytes  # noqa: PLC0415
+
+    console = Console()
+    table = Table(title=f"{summary['session']}: {summary['finished']}/{summary['peers']} finished")
+    for header in ("peer", "state", "rounds", "test accuracy %", "sent", "received"):
+        table.add_column(header, justify="left" if header in ("peer", "state") else "right")
+    for peer in summary["per_peer"]:
+        accuracy = peer["test_accuracy"]
+        table.add_row(
+            str(peer["node"]),
+            peer["state"],
+            str(peer["rounds_completed"]),
+            "" if accuracy is None else f"{100 * accuracy:.2f}",
+            human_bytes(peer["bytes_sent"]),
+            human_bytes(peer["bytes_received"]),
+        )
+    console.print(table)
+    mean, std = summary["test_accuracy_mean"], summary["test_accuracy_std"]
+    if mean is not None:
+        console.print(f"mean test accuracy {100 * mean:.2f}% ± {100 * std:.2f}")
+    band = summary["bandwidth"]
+    tracker = band["tracker_bytes"]
+    central = band["central_server_bytes"]
+    console.print(
+        f"a central server would have moved {human_bytes(central)} "
+        f"(2 x {band['peer_rounds']} peer-rounds x {human_bytes(band['state_bytes'])}); "
+        + (
+            "tracker bytes unknown"
+            if tracker is None
+            else f"the tracker moved {human_bytes(tracker)}"
+            + (f" ({100 * band['tracker_vs_central']:.3f}% of that)" if central else "")
+        )
+        + f"; peers sent each other {human_bytes(band['p2p_bytes_sent'])}"
+    )
+    if summary["interrupted"]:
+        console.print("[yellow]stopped before the peers finished[/yellow]")
+    console.print(f"records, plots and summary.json in {folder}")

@@ -1,0 +1,158 @@
+"""Mixing rules as pure functions over stacked flat parameter vectors.
+
+One code path serves a single peer and the whole simulator:
+
+- **per-node stacks**: ``stack`` is ``(..., M, P)``: M parameter vectors of length P (a node and
+  its cohort); weights are ``(..., M)``. A real peer passes ``(M, P)`` with its own vector in row
+  0; the simulator may pass ``(N, M, P)`` gathered for N nodes at once.
+- **shared stack**: ``stack`` is ``(N, P)`` (every node's vector once) and weights are an
+  ``(N, N)`` row-stochastic matrix, dense or sparse, zero outside each node's cohort plus itself.
+
+Robust rules (median, trimmed mean, Krum) reduce over the second-to-last axis of a per-node stack.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedtorrent.config import MIXING_RULES, MixingConfig
+from fedtorrent.errors import ConfigError, UnknownNameError
+
+Tensor = torch.Tensor
+
+
+def mix(weights: Tensor, stack: Tensor) -> Tensor:
+    """DeGroot step: weighted sums of parameter vectors.
+
+    Args:
+        weights: ``(..., M)`` per-node weights, or an ``(N, N)`` matrix (dense or sparse).
+        stack: ``(..., M, P)`` per-node stacks, or ``(N, P)`` shared by every row of ``weights``.
+
+    Returns:
+        ``(..., P)``: one mixed vector per row of ``weights``.
+    """
+    if stack.ndim == weights.ndim + 1 and stack.shape[:-1] == weights.shape:
+        return torch.einsum("...m,...mp->...p", weights, stack)
+    if weights.ndim == 2 and stack.ndim == 2 and weights.shape[1] == stack.shape[0]:
+        return weights @ stack
+    raise ConfigError(
+        f"cannot mix weights of shape {tuple(weights.shape)} with a stack of shape "
+        f"{tuple(stack.shape)}"
+    )
+
+
+def uniform_weights(members: Tensor) -> Tensor:
+    """Equal weight over each row's members (``fixed`` sharing).
+
+    Args:
+        members: ``(..., M)`` bool: who is in the cohort plus self. Every row needs one member.
+    """
+    counts = members.sum(dim=-1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ConfigError("every row of members needs at least one member (the node itself)")
+    return members.to(torch.float32) / counts.to(torch.float32)
+
+
+def identity_weights(num_nodes: int) -> Tensor:
+    """``none``: every node keeps its own parameters."""
+    return torch.eye(num_nodes)
+
+
+def metropolis_weights(adjacency: Tensor) -> Tensor:
+    """Metropolis-Hastings weights: ``W_ij = 1 / (1 + max(d_i, d_j))`` on edges, the rest on self.
+
+    On an undirected graph the result is symmetric and doubly stochastic, so repeated mixing
+    converges to the plain average even when degrees differ. Directed cohorts still give
+    row-stochastic weights (``d`` is each row's out-degree).
+
+    Args:
+        adjacency: ``(N, N)`` bool, True where i mixes j's parameters; the diagonal is ignored.
+    """
+    n = adjacency.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    edges = adjacency.to(torch.bool) & ~eye
+    degree = edges.sum(dim=1).to(torch.float32)
+    pair = 1.0 / (1.0 + torch.maximum(degree[:, None], degree[None, :]))
+    weights = torch.where(edges, pair, torch.zeros(()))
+    return weights + torch.diag(1.0 - weights.sum(dim=1))
+
+
+def metropolis_row(self_degree: int, neighbour_degrees: Tensor) -> Tensor:
+    """Metropolis-Hastings weights for one peer: ``(1 + k,)`` over ``[self, *neighbours]``."""
+    pair = 1.0 / (1.0 + torch.clamp(neighbour_degrees.to(torch.float32), min=float(self_degree)))
+    return torch.cat([(1.0 - pair.sum()).reshape(1), pair])
+
+
+def coordinate_median(stack: Tensor) -> Tensor:
+    """Per coordinate, the median over the M rows (mean of the two middle values when M is even)."""
+    m = stack.shape[-2]
+    ordered = stack.sort(dim=-2).values
+    lo, hi = (m - 1) // 2, m // 2
+    return 0.5 * (ordered[..., lo, :] + ordered[..., hi, :])
+
+
+def trimmed_mean(stack: Tensor, *, trim_ratio: float) -> Tensor:
+    """Per coordinate, the mean after dropping ``floor(trim_ratio * M)`` values at each end."""
+    if not 0 <= trim_ratio < 0.5:
+        raise ConfigError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+    m = stack.shape[-2]
+    cut = int(trim_ratio * m)
+    ordered = stack.sort(dim=-2).values
+    return ordered[..., cut : m - cut, :].mean(dim=-2)
+
+
+def krum_scores(stack: Tensor, *, byzantine: int) -> Tensor:
+    """Krum score of each row: summed squared distance to its ``M - byzantine - 2`` nearest rows.
+
+    With fewer rows than Krum's guarantee needs (``M <= 2 * byzantine + 2``) the neighbourhood is
+    clamped to one row, so the rule still picks the most central vector.
+
+    Returns:
+        ``(..., M)``; lower is more central.
+    """
+    if byzantine < 0:
+        raise ConfigError(f"byzantine must be >= 0, got {byzantine}")
+    m = stack.shape[-2]
+    if m == 1:
+        return torch.zeros(stack.shape[:-1])
+    distances = torch.cdist(stack, stack).square()
+    nearest = max(1, min(m - 1, m - byzantine - 2))
+    # Each row's zero distance to itself sorts first; skip it.
+    ordered = distances.sort(dim=-1).values[..., 1 : 1 + nearest]
+    return ordered.sum(dim=-1)
+
+
+def krum(stack: Tensor, *, byzantine: int) -> Tensor:
+    """The row with the lowest Krum score (Blanchard et al., 2017): ``(..., P)``."""
+    best = krum_scores(stack, byzantine=byzantine).argmin(dim=-1)
+    index = best[..., None, None].expand(*best.shape, 1, stack.shape[-1])
+    return stack.gather(-2, index).squeeze(-2)
+
+
+WEIGHTED_RULES = ("none", "fixed", "metropolis", "learned")
+"""Rules that are a weighted average; the others are robust aggregators."""
+
+
+def mix_stack(stack: Tensor, *, config: MixingConfig, weights: Tensor | None = None) -> Tensor:
+    """Apply ``config.rule`` to per-node stacks ``(..., M, P)`` whose row 0 is the node itself.
+
+    ``metropolis`` and ``learned`` need ``weights`` (``(..., M)``, e.g. from
+    :func:`metropolis_row` or :meth:`TrustLearner.learn`); the other rules compute their own.
+    """
+    rule = config.rule
+    if rule == "none":
+        return stack[..., 0, :].clone()
+    if rule == "fixed":
+        members = torch.ones(stack.shape[:-1], dtype=torch.bool)
+        return mix(uniform_weights(members), stack)
+    if rule in ("metropolis", "learned"):
+        if weights is None:
+            raise ConfigError(f"mixing rule {rule!r} needs weights")
+        return mix(weights, stack)
+    if rule == "median":
+        return coordinate_median(stack)
+    if rule == "trimmed_mean":
+        return trimmed_mean(stack, trim_ratio=config.trim_ratio)
+    if rule == "krum":
+        return krum(stack, byzantine=config.byzantine)
+    raise UnknownNameError("mixing rule", rule, MIXING_RULES)

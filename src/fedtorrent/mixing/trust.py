@@ -1,0 +1,199 @@
+"""Learned trust: mixing weights ``W_i = softmax(a_i)`` fitted to a node's validation loss.
+
+The formulas are pure functions that work on one peer's row ``(M,)`` or on every node's rows
+``(N, M)`` at once; :class:`TrustLearner` keeps one real peer's logits by peer id between rounds.
+
+Node i's trust logits ``a_i`` start at zero (uniform weights). Each round, after local training,
+a few steps of plain gradient descent move ``a_i`` to lower node i's validation loss of the mixed
+model ``sum_j W_ij theta_j``; the gradient flows through the mixture into ``a_i`` while every
+``theta_j`` is held constant. Plain SGD (not Adam) on purpose: its steps shrink with the gradient,
+so when the gradient is noise (iid data) the row stays near uniform and still reads as trust.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F  # noqa: N812
+
+from fedtorrent.config import MixingConfig
+from fedtorrent.errors import ConfigError, StateError
+from fedtorrent.mixing.rules import mix
+
+Tensor = torch.Tensor
+LossFn = Callable[[Tensor], Tensor]
+
+_MASKED = -1e9
+"""Logit of non-members: finite, so their weight is exactly 0 and their gradient 0, not NaN."""
+
+
+def trust_weights(logits: Tensor, members: Tensor | None = None, *, floor: float = 0.0) -> Tensor:
+    """Row-stochastic weights from trust logits: ``softmax`` over each row's members.
+
+    Args:
+        logits: ``(..., M)`` trust logits.
+        members: ``(..., M)`` bool; None means every entry is a member. Non-members get weight 0
+            and keep their logits untouched by :func:`learn_trust`.
+        floor: lowest weight a member may get: ``W = f + (1 - M f) softmax``. ``f`` is capped at
+            ``1 / M`` per row, where the weights are uniform.
+    """
+    if members is None:
+        members = torch.ones_like(logits, dtype=torch.bool)
+    weights = torch.softmax(torch.where(members, logits, _MASKED), dim=-1)
+    if floor > 0:
+        count = members.sum(dim=-1, keepdim=True).to(logits.dtype)
+        low = torch.clamp(floor * torch.ones_like(count), max=1.0 / count)
+        weights = (low + (1.0 - count * low) * weights) * members
+    return weights
+
+
+def negative_entropy(weights: Tensor) -> Tensor:
+    """``sum_j W_j log W_j`` per row (0 for one-hot rows, ``-log M`` for uniform ones)."""
+    return (weights * torch.log(weights.clamp_min(1e-30))).sum(dim=-1)
+
+
+def learn_trust(
+    logits: Tensor,
+    *,
+    mixed_loss: Callable[[Tensor], Tensor],
+    members: Tensor | None = None,
+    lr: float,
+    steps: int,
+    floor: float = 0.0,
+    entropy_penalty: float = 0.0,
+) -> Tensor:
+    """Run ``steps`` steps of plain gradient descent on the trust logits; return the new logits.
+
+    Args:
+        logits: ``(..., M)``; not modified.
+        mixed_loss: maps weights ``(..., M)`` to one validation loss per row ``(...,)`` of the
+            model mixed with those weights, e.g. ``lambda w: loss_fn(mix(w, stack))``. It may
+            draw a fresh validation batch on each call. Rows must not depend on each other.
+        members: which entries of each row are in the cohort plus self (None: all).
+        lr: step size on the logits; it must be much larger than a model's (1 to 10).
+        steps: how many steps; 0 returns a copy of ``logits``.
+        floor: see :func:`trust_weights`.
+        entropy_penalty: adds ``entropy_penalty * sum_j W_j log W_j`` to each row's loss, which
+            pulls the row towards uniform.
+    """
+    current = logits.detach().clone()
+    for _ in range(steps):
+        current.requires_grad_(True)
+        weights = trust_weights(current, members, floor=floor)
+        objective = mixed_loss(weights).sum()
+        if entropy_penalty > 0:
+            objective = objective + entropy_penalty * negative_entropy(weights).sum()
+        (grad,) = torch.autograd.grad(objective, current)
+        current = (current - lr * grad).detach()
+    return current
+
+
+def flat_views(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Split ``(..., P)`` into tensors shaped like ``like`` (sorted keys, as ``state.flatten``).
+
+    Unlike ``state.unflatten`` this keeps leading batch axes, does not copy where dtypes agree,
+    and stays differentiable, so a model can be called on a flat parameter vector.
+    """
+    keys = sorted(like)
+    sizes = [like[k].numel() for k in keys]
+    if vector.shape[-1] != sum(sizes):
+        raise StateError(f"vector of length {vector.shape[-1]} does not hold {sum(sizes)} values")
+    lead = vector.shape[:-1]
+    out: dict[str, Tensor] = {}
+    for key, chunk in zip(keys, torch.split(vector, sizes, dim=-1), strict=True):
+        out[key] = chunk.reshape(*lead, *like[key].shape).to(like[key].dtype)
+    return out
+
+
+def model_loss_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> LossFn:
+    """Mean cross-entropy of ``model`` on one batch, as a function of its flat state vector.
+
+    The vector follows ``state.flatten(model.state_dict())``. The model's current mode is used;
+    call ``model.eval()`` first to turn dropout off.
+    """
+    like = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def loss(flat: Tensor) -> Tensor:
+        out = functional_call(model, flat_views(flat, like), (inputs,))
+        return F.cross_entropy(out, targets)
+
+    return loss
+
+
+class TrustLearner:
+    """One peer's trust logits, keyed by peer id, learned round after round.
+
+    A peer's logit persists across rounds in which it is not in the cohort; a newcomer starts at
+    0, the same as everyone did at the start. Rows are always ordered ``[self, *cohort]``.
+    """
+
+    def __init__(self, config: MixingConfig) -> None:
+        self.config = config
+        self._self_logit = 0.0
+        self._peer_logits: dict[str, float] = {}
+
+    def logits(self, cohort: Sequence[str]) -> Tensor:
+        """``(1 + k,)`` logits for ``[self, *cohort]``."""
+        if len(set(cohort)) != len(cohort):
+            raise ConfigError(f"cohort lists a peer twice: {list(cohort)}")
+        values = [self._self_logit, *(self._peer_logits.get(p, 0.0) for p in cohort)]
+        return torch.tensor(values, dtype=torch.float32)
+
+    def weights(self, cohort: Sequence[str]) -> Tensor:
+        """Current mixing weights ``(1 + k,)`` over ``[self, *cohort]``."""
+        return trust_weights(self.logits(cohort), floor=self.config.weight_floor)
+
+    def learn(self, cohort: Sequence[str], stack: Tensor, loss_fn: LossFn) -> Tensor:
+        """Fit the logits of ``[self, *cohort]`` to ``loss_fn`` and return the new weights.
+
+        Args:
+            cohort: peer ids of rows ``1..k`` of ``stack``.
+            stack: ``(1 + k, P)`` flat parameters, own vector first.
+            loss_fn: validation loss of one flat vector, e.g. :func:`model_loss_fn`.
+        """
+        if stack.ndim != 2 or stack.shape[0] != len(cohort) + 1:
+            raise ConfigError(
+                f"stack of shape {tuple(stack.shape)} does not hold self plus {len(cohort)} peers"
+            )
+        frozen = stack.detach()
+        cfg = self.config
+        new = learn_trust(
+            self.logits(cohort),
+            mixed_loss=lambda w: loss_fn(mix(w, frozen)),
+            lr=cfg.trust_lr,
+            steps=cfg.trust_steps,
+            floor=cfg.weight_floor,
+            entropy_penalty=cfg.entropy_penalty,
+        )
+        values = new.tolist()
+        self._self_logit = float(values[0])
+        self._peer_logits.update(zip(cohort, (float(v) for v in values[1:]), strict=True))
+        return trust_weights(new, floor=cfg.weight_floor)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready logits: ``{"self": float, "peers": {peer_id: float}}``."""
+        return {"self": self._self_logit, "peers": dict(self._peer_logits)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore logits saved by :meth:`state_dict`; raises StateError on anything malformed."""
+        own, peers = state.get("self"), state.get("peers")
+        if not _is_finite_number(own) or not isinstance(peers, Mapping):
+            raise StateError("trust state needs a finite 'self' logit and a 'peers' mapping")
+        for peer, value in peers.items():
+            if not isinstance(peer, str) or not _is_finite_number(value):
+                raise StateError(f"trust state holds a bad entry for peer {peer!r}")
+        self._self_logit = float(own)  # type: ignore[arg-type]
+        self._peer_logits = {str(p): float(v) for p, v in peers.items()}
+
+
+def _is_finite_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))  # type: ignore[arg-type]
+    )

@@ -1,0 +1,169 @@
+"""A peer's atomic checkpoint: the model after round ``r`` plus what it needs to go on from there.
+
+Two files in the peer's folder, each written to a temporary file and moved into place with
+``os.replace``, so a crash leaves either the old or the new version, never half of one:
+
+- ``checkpoint.safetensors``: the model tensors, with the whole record (round, trust logits, last
+  metrics, seeds, traffic totals) as JSON in the safetensors metadata under ``fedtorrent``. This
+  file alone is the commit point, so a crash between the two renames cannot pair the model of one
+  round with the trust state of another.
+- ``checkpoint.json``: the same record for people and scripts (``jq``, the swarm launcher).
+
+Loading reads only the safetensors file and trusts nothing in it: size first, the metadata's
+types and ranges, the session it belongs to, then the tensors against the session's model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from fedtorrent.errors import StateError
+from fedtorrent.metrics.records import clean, write_json
+from fedtorrent.state.codec import MAX_STATE_BYTES, decode_state
+
+MODEL_FILE = "checkpoint.safetensors"
+RECORD_FILE = "checkpoint.json"
+FORMAT = 1
+_META_KEY = "fedtorrent"
+_MAX_META_BYTES = 16 << 20
+"""The record (mostly trust logits, one float per peer ever seen) stays far below this."""
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a peer saves after a round; ``state`` is its model after mixing.
+
+    ``trust`` is ``TrustLearner.state_dict()`` (``{}`` for rules without trust); ``metrics`` the
+    round's record; ``seeds`` the seeds its random draws derive from; ``totals`` traffic and
+    rejection counters carried across restarts.
+    """
+
+    info_hash: str
+    peer_id: str
+    round: int
+    state: State = field(repr=False)
+    trust: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    seeds: Mapping[str, int] = field(default_factory=dict)
+    totals: Mapping[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record (everything but the tensors)."""
+        return {
+            "format": FORMAT,
+            "info_hash": self.info_hash,
+            "peer_id": self.peer_id,
+            "round": self.round,
+            "trust": dict(self.trust),
+            "metrics": dict(self.metrics),
+            "seeds": dict(self.seeds),
+            "totals": dict(self.totals),
+        }
+
+
+def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
+    """Write both files atomically (safetensors first: it is the commit point); return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    record = checkpoint.record()
+    text = json.dumps(clean(record), sort_keys=True, allow_nan=False)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(checkpoint.state.items())}
+    payload = bytes(st_save(tensors, metadata={_META_KEY: text}))
+    target = directory / MODEL_FILE
+    _replace_atomically(target, payload)
+    write_json(directory / RECORD_FILE, record)
+    return target
+
+
+def load_checkpoint(
+    directory: Path, *, info_hash: str, like: Mapping[str, torch.Tensor]
+) -> Checkpoint:
+    """Read the checkpoint in ``directory`` and check it belongs to this session and model.
+
+    Raises:
+        StateError: missing, oversized, malformed, of another session, or tensors whose keys,
+            shapes or dtypes differ from ``like`` (or that hold non-finite values).
+    """
+    path = Path(directory) / MODEL_FILE
+    try:
+        size = path.stat().st_size
+        if size > MAX_STATE_BYTES + _MAX_META_BYTES:
+            raise StateError(f"{path}: {size} bytes is more than a checkpoint can hold")
+        payload = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"cannot read checkpoint {path}: {exc}") from exc
+    record = _read_record(payload, path)
+    if record["info_hash"] != info_hash:
+        raise StateError(f"{path} belongs to session {record['info_hash'][:16]}..., not this one")
+    state = decode_state(payload, like=like, max_bytes=MAX_STATE_BYTES + _MAX_META_BYTES)
+    return Checkpoint(
+        info_hash=record["info_hash"],
+        peer_id=record["peer_id"],
+        round=record["round"],
+        state=state,
+        trust=record["trust"],
+        metrics=record["metrics"],
+        seeds=record["seeds"],
+        totals=record["totals"],
+    )
+
+
+def _read_record(payload: bytes, path: Path) -> dict[str, Any]:
+    """The metadata record of a safetensors checkpoint, with its types checked."""
+    if len(payload) < 8:
+        raise StateError(f"{path} is too short to be a checkpoint")
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    if header_len > min(len(payload) - 8, _MAX_META_BYTES + (1 << 20)):
+        raise StateError(f"{path}: safetensors header length {header_len} does not fit")
+    try:
+        header = json.loads(payload[8 : 8 + header_len])
+        record = json.loads(header["__metadata__"][_META_KEY])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{path} holds no fedtorrent checkpoint record ({exc})") from None
+    expected: dict[str, type | tuple[type, ...]] = {
+        "format": int,
+        "info_hash": str,
+        "peer_id": str,
+        "round": int,
+        "trust": dict,
+        "metrics": dict,
+        "seeds": dict,
+        "totals": dict,
+    }
+    if not isinstance(record, dict):
+        raise StateError(f"{path}: checkpoint record is not an object")
+    for key, kind in expected.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise StateError(f"{path}: checkpoint field {key!r} is missing or of the wrong type")
+    if record["format"] != FORMAT:
+        raise StateError(f"{path}: checkpoint format {record['format']}, expected {FORMAT}")
+    if record["round"] < 0:
+        raise StateError(f"{path}: checkpoint round {record['round']} is negative")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in record["seeds"].values()):
+        raise StateError(f"{path}: checkpoint seeds must be integers")
+    return record
+
+
+def _replace_atomically(target: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1110 @@
+"""One real peer: the composition root that wires torrent, data, model, tracker and transport.
+
+A round ``r`` (1-based) is:
+
+1. **train** the current model on the local shard (``train_local``);
+2. **publish** the trained state (through the send hook) with header round ``r``, so peers that
+   ask get what the simulator would hand them: the round's trained parameters, before mixing;
+3. **announce** to the tracker (round done so far, accuracy, bytes) and take its sample as the
+   cohort; when the tracker is down the client's cached answer keeps the peer going;
+4. **exchange**: pull the cohort's states concurrently until the exchange deadline, waiting (by
+   polling with backoff) for neighbours still behind round ``r``; a stale state is used when the
+   fresh one does not come in time, a bad one is rejected and counted (no barrier anywhere);
+5. **mix** own trained vector (row 0) with what arrived, by the session's rule, with the
+   simulator's code (``mixing.rules``, ``mixing.trust``); learned trust is renormalised over the
+   peers actually heard from;
+6. **evaluate** on the validation split and the test set, **record** one JSON line,
+   **checkpoint** atomically and rewrite ``status.json``.
+
+Nothing starts in the constructor: ``start`` loads and binds, ``run`` runs the rounds, ``close``
+says goodbye to the tracker and closes the socket. ``request_stop`` (from a signal handler) ends
+``run`` at the next phase boundary; the exchange wakes up at once.
+
+Hooks for signed updates and privacy (later issues): ``send_hook(state, round)`` returns what to
+share (own row 0 always stays the true state), ``receive_hook(reply)`` raises ``MessageError`` to
+reject a reply after the wire checks passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedtorrent.config import MixingConfig
+from fedtorrent.errors import (
+    ConfigError,
+    DataError,
+    FedTorrentError,
+    MessageError,
+    NetworkError,
+    StateError,
+    TrackerError,
+)
+from fedtorrent.metrics.records import RecordWriter, read_records, write_json
+from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    from fedtorrent.mixing.trust import TrustLearner
+    from fedtorrent.net.torrent import Session, Torrent
+    from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
+    from fedtorrent.net.transport import Endpoint, Reply, Transport, TransportConfig
+    from fedtorrent.training.evaluate import Metrics
+
+log = logging.getLogger(__name__)
+State = dict[str, torch.Tensor]
+SendHook = Callable[[State, int], State]
+"""``(trained state, round) -> state to share``; privacy noise or signing prepare it here."""
+ReceiveHook = Callable[["Reply"], None]
+"""Called on every reply that passed the wire checks; raise ``MessageError`` to reject it."""
+
+METRIC_FIELDS = (
+    "round",
+    "peer_id",
+    "train_loss",
+    "val_accuracy",
+    "test_accuracy",
+    "test_loss",
+    "test_precision",
+    "test_recall",
+    "test_f1",
+    "self_weight",
+    "heard",
+    "cohort_size",
+    "bytes_sent",
+    "bytes_received",
+    "rejected",
+    "tracker",
+    "tracker_rtt_s",
+    "duration_s",
+)
+"""Scalar columns of ``metrics.csv``; ``metrics.jsonl`` keeps every key (cohort, trust, ...)."""
+STATES = ("starting", "running", "done", "stopped", "failed")
+POLL_FIRST_S = 0.02
+POLL_MAX_S = 0.5
+"""Backoff between re-asking a neighbour that is not yet at this peer's round."""
+QUIET_S = 0.5
+"""After its last round a peer keeps serving until nobody asked for this long (see _linger)."""
+_MAX_EXAMPLE_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything one peer process is told on its command line; validated on construction.
+
+    Data comes either from the session's dataset (``node_index`` of ``num_nodes`` shards, split by
+    the torrent's data settings so that every peer computes the same split) or from ``examples``:
+    a folder with ``x.npy`` (float32 or uint8, ``N, C, H, W``) and ``y.npy`` (integer labels), and
+    optionally ``x_test.npy`` / ``y_test.npy`` (else the dataset's test set is used).
+    """
+
+    torrent: Path
+    out_dir: Path
+    state_path: Path | None = None
+    """The torrent's initial state; default beside the torrent (``state_path_for``)."""
+    data_dir: Path | None = None
+    node_index: int | None = None
+    num_nodes: int | None = None
+    examples: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port."""
+    advertise_ip: str | None = None
+    """The address peers should dial (sent to the tracker); default: what the tracker sees."""
+    peer_id: str | None = None
+    tracker: str | None = None
+    """Tracker URL; default the torrent's ``announce``."""
+    resume: bool = False
+    exchange_timeout: float = 10.0
+    """Seconds a round waits for its cohort at most: the cost of a dead or silent neighbour."""
+    seed: int | None = None
+    """Seed of batch order and trust batches; default the torrent's ``train.seed``."""
+    rounds: int | None = None
+    """Override the torrent's round count (the session itself is unchanged)."""
+    tracker_timeout: float = 3.0
+    tracker_retries: int = 1
+    linger: float | None = None
+    """Seconds to keep serving the final state for slower neighbours; default ``exchange_timeout``
+    (ends early once every peer of the last cohort has fetched it)."""
+
+    def __post_init__(self) -> None:
+        sharded = self.node_index is not None or self.num_nodes is not None
+        if sharded == (self.examples is not None):
+            raise ConfigError("give either --node-index with --num-nodes, or --examples")
+        if sharded:
+            if self.node_index is None or self.num_nodes is None:
+                raise ConfigError("--node-index and --num-nodes go together")
+            if not 0 <= self.node_index < self.num_nodes:
+                raise ConfigError(
+                    f"node index must be in [0, {self.num_nodes}), got {self.node_index}"
+                )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.advertise_ip is not None:
+            try:
+                ipaddress.ip_address(self.advertise_ip)
+            except ValueError:
+                raise ConfigError(f"advertise ip {self.advertise_ip!r} is not an IP") from None
+        if self.peer_id is not None and not _is_peer_id(self.peer_id):
+            raise ConfigError(
+                f"peer id must be 1 to 64 characters from [A-Za-z0-9._-], got {self.peer_id!r}"
+            )
+        for name in ("exchange_timeout", "tracker_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+        if self.linger is not None and not (math.isfinite(self.linger) and self.linger >= 0):
+            raise ConfigError(f"linger must be a finite number >= 0, got {self.linger}")
+        if self.tracker_retries < 0:
+            raise ConfigError(f"tracker retries must be >= 0, got {self.tracker_retries}")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+
+
+def _is_peer_id(text: str) -> bool:
+    from fedtorrent.net.tracker.registry import PEER_ID  # noqa: PLC0415
+
+    return PEER_ID.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, eq=False)
+class PeerData:
+    """One peer's tensors: its training and validation examples and the shared test set."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape, e.g. ``(1, 28, 28)``."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
+    """This peer's shard (or own examples) and the test set; see :class:`PeerConfig`.
+
+    Raises:
+        DataError: the dataset or the example files are missing or malformed.
+        ConfigError: ``num_nodes`` is impossible for the dataset.
+    """
+    from fedtorrent.data import load_dataset, split_nodes, train_val_split  # noqa: PLC0415
+    from fedtorrent.data.datasets import CLASSES  # noqa: PLC0415
+
+    num_classes = len(CLASSES[session.data.dataset])
+    if config.examples is None:
+        assert config.num_nodes is not None and config.node_index is not None
+        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
+        data_config = dataclasses.replace(session.data, num_nodes=config.num_nodes)
+        split = split_nodes(dataset.y_train, data_config)[config.node_index]
+        return PeerData(
+            x_train=torch.from_numpy(dataset.x_train[split.train]),
+            y_train=torch.from_numpy(dataset.y_train[split.train].astype(np.int64)),
+            x_val=torch.from_numpy(dataset.x_train[split.val]),
+            y_val=torch.from_numpy(dataset.y_train[split.val].astype(np.int64)),
+            x_test=torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32)),
+            y_test=torch.from_numpy(dataset.y_test.astype(np.int64)),
+            num_classes=dataset.num_classes,
+        )
+    folder = config.examples
+    x, y = read_examples(folder / "x.npy", folder / "y.npy", num_classes=num_classes)
+    if (folder / "x_test.npy").exists() or (folder / "y_test.npy").exists():
+        x_test, y_test = read_examples(
+            folder / "x_test.npy", folder / "y_test.npy", num_classes=num_classes
+        )
+    else:
+        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
+        x_test, y_test = dataset.x_test, dataset.y_test.astype(np.int64)
+    if x_test.shape[1:] != x.shape[1:]:
+        raise DataError(f"test examples have shape {x_test.shape[1:]}, own ones {x.shape[1:]}")
+    split = train_val_split(
+        np.arange(len(y)), val_fraction=session.data.val_fraction, seed=session.data.seed
+    )
+    return PeerData(
+        x_train=torch.from_numpy(x[split.train]),
+        y_train=torch.from_numpy(y[split.train]),
+        x_val=torch.from_numpy(x[split.val]),
+        y_val=torch.from_numpy(y[split.val]),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+        y_test=torch.from_numpy(y_test),
+        num_classes=num_classes,
+    )
+
+
+def read_examples(x_path: Path, y_path: Path, *, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check ``x.npy`` (float32 or uint8, N, C, H, W) and ``y.npy`` (N integer labels).
+
+    Arrays are memory-mapped first, so a header that claims a huge shape costs nothing before it
+    is checked; never unpickles. uint8 images are scaled to [0, 1].
+
+    Returns:
+        ``x`` as float32 and ``y`` as int64, both C-contiguous copies.
+
+    Raises:
+        DataError: missing files, pickled or wrong dtypes, wrong shapes, non-finite values or
+            labels outside ``[0, num_classes)``.
+    """
+    arrays = []
+    for path in (x_path, y_path):
+        try:
+            if path.stat().st_size > _MAX_EXAMPLE_BYTES:
+                raise DataError(f"{path} is larger than {_MAX_EXAMPLE_BYTES} bytes")
+            arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+    x, y = arrays
+    if x.dtype not in (np.float32, np.uint8) or x.ndim != 4 or x.shape[0] < 1:
+        raise DataError(f"{x_path}: need float32 or uint8 of shape (N, C, H, W), got {x.dtype} "
+                        f"{x.shape}")  # fmt: skip
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+        raise DataError(f"{y_path}: need {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
+    labels = np.array(y, dtype=np.int64)
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise DataError(f"{y_path}: labels must be in [0, {num_classes})")
+    images = np.array(x, dtype=np.float32)
+    if x.dtype == np.uint8:
+        images /= 255.0
+    elif not bool(np.isfinite(images).all()):
+        raise DataError(f"{x_path}: holds NaN or infinite values")
+    return images, labels
+
+
+class Announcer(Protocol):
+    """What a peer needs from a tracker (``TrackerClient`` is one)."""
+
+    def announce(
+        self,
+        info_hash: str,
+        peer_id: str,
+        *,
+        port: int,
+        event: str = "",
+        round: int = 0,
+        numwant: int | None = None,
+        accuracy: float | None = None,
+        bytes_sent: int = 0,
+        bytes_received: int = 0,
+        pubkey: str | None = None,
+        ip: str | None = None,
+    ) -> TrackerAnswer:
+        """Announce and return a sample of other peers (raise ``TrackerError`` when down)."""
+
+
+class Addressing(Protocol):
+    """How a transport address maps to what is announced, and tracker entries to endpoints."""
+
+    def port_of(self, address: str) -> int:
+        """The port to announce for this peer's bound ``address``."""
+
+    def endpoint(self, peer: PeerAddress) -> Endpoint:
+        """Where to reach a peer the tracker listed."""
+
+
+class TcpAddressing:
+    """ZeroMQ over TCP: announce the bound port, dial ``tcp://ip:port``."""
+
+    def port_of(self, address: str) -> int:
+        """The port after the last colon of ``tcp://host:port``."""
+        return int(address.rsplit(":", 1)[1])
+
+    def endpoint(self, peer: PeerAddress) -> Endpoint:
+        """``tcp://ip:port`` (IPv6 in brackets)."""
+        from fedtorrent.net.transport import Endpoint  # noqa: PLC0415
+
+        host = f"[{peer.ip}]" if ":" in peer.ip else peer.ip
+        return Endpoint(peer_id=peer.peer_id, address=f"tcp://{host}:{peer.port}")
+
+
+@dataclass
+class Exchange:
+    """What one round's exchange produced; every cohort member is in exactly one of the dicts."""
+
+    replies: dict[str, Reply] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Peer id -> rejection reason (a ``wire.REASONS`` code)."""
+    missing: dict[str, str] = field(default_factory=dict)
+    """Peer id -> why nothing usable came (``timeout``, ``refused:not_ready``, ...)."""
+
+
+def derive_seed(seed: int, *streams: int) -> int:
+    """An independent 63-bit seed for one purpose of a run's seed (as the simulator derives)."""
+    from fedtorrent.sim.engine import derive_seed as sim_derive_seed  # noqa: PLC0415
+
+    return sim_derive_seed(seed, *streams)
+
+
+class Peer:
+    """One peer of a swarm; see the module docstring for a round.
+
+    Args:
+        config: the command line.
+        transport: builds the transport (not started) from its settings; tests pass one that
+            makes a ``MemoryTransport``. Default a ``ZmqTransport`` bound to ``tcp://host:port``.
+        tracker: the tracker (tests pass any ``Announcer``); default a ``TrackerClient`` for
+            ``config.tracker`` or the torrent's ``announce``.
+        addressing: how addresses map to announces and endpoints; default TCP.
+        data: the peer's tensors; default :func:`load_peer_data`.
+        send_hook: see the module docstring; required when the session asks for privacy.
+        receive_hook: see the module docstring.
+    """
+
+    def __init__(
+        self,
+        config: PeerConfig,
+        *,
+        transport: Callable[[TransportConfig], Transport] | None = None,
+        tracker: Announcer | None = None,
+        addressing: Addressing | None = None,
+        data: PeerData | None = None,
+        send_hook: SendHook | None = None,
+        receive_hook: ReceiveHook | None = None,
+    ) -> None:
+        self.config = config
+        self._make_transport = transport
+        self._tracker = tracker
+        self.addressing: Addressing = addressing or TcpAddressing()
+        self._data = data
+        self._send_hook = send_hook
+        self._receive_hook = receive_hook
+        self._stop = threading.Event()
+        self._started = False
+        self._closed = False
+        self.state = "starting"
+        self.round_done = 0
+        self.peer_id = ""
+        self.records: list[dict[str, Any]] = []
+        self._tracker_rtts: list[tuple[int, float]] = []
+        self._tracker_counts: Counter[str] = Counter()
+        self._tracker_online: bool | None = None
+        self._last_cohort: list[str] = []
+        self._base_totals: dict[str, Any] = {}
+        self._final: dict[str, Any] = {}
+        self._formed = False
+        self._executor: ThreadPoolExecutor | None = None
+        self.error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load and verify everything, restore a checkpoint if asked, bind, announce ``started``.
+
+        Raises:
+            TorrentError: the torrent or its initial state does not verify.
+            DataError, ConfigError: the data or the settings do not fit the session.
+            StateError: ``--resume`` found a checkpoint of another session or model.
+            NetworkError: the port cannot be bound.
+        """
+        if self._started:
+            raise ConfigError("peer already started")
+        self._started = True
+        self.out_dir = Path(self.config.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start()
+        except BaseException as exc:
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            self._write_status()
+            raise
+
+    def _start(self) -> None:
+        from fedtorrent.net import torrent as torrents  # noqa: PLC0415
+        from fedtorrent.net.transport import TransportConfig  # noqa: PLC0415
+        from fedtorrent.state.codec import check_state_like  # noqa: PLC0415
+
+        cfg = self.config
+        self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
+        self.session: Session = self.torrent.session
+        self.info_hash = self.torrent.info_hash
+        privacy = self.session.privacy
+        if privacy is not None and privacy.enabled and self._send_hook is None:
+            raise ConfigError("this session asks for privacy; the peer needs a send hook")
+        self.rounds = cfg.rounds or self.session.rounds
+        swarm_size = cfg.num_nodes or self.session.data.num_nodes
+        self._expected = max(0, min(self.session.cohort_size, swarm_size - 1))
+        self.seed = self.session.train.seed if cfg.seed is None else cfg.seed
+        state_path = cfg.state_path or torrents.state_path_for(cfg.torrent)
+        initial = torrents.load_initial_state(self.torrent, state_path)
+        self.data = self._data or load_peer_data(self.session, cfg)
+        self.model = self._build_model()
+        self.like = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            check_state_like(initial, self.like)
+        except StateError as exc:
+            raise ConfigError(
+                f"the torrent's initial state does not fit its model: {exc}"
+            ) from None
+        self.current: State = initial
+        self.trust = _make_trust(self.session.mixing)
+        checkpoint = self._restore() if cfg.resume else None
+        self.peer_id = (
+            cfg.peer_id
+            or (checkpoint.peer_id if checkpoint is not None else None)
+            or (f"peer-{cfg.node_index}" if cfg.node_index is not None else None)
+            or f"peer-{secrets.token_hex(4)}"
+        )
+        self._salt = (
+            cfg.node_index if cfg.node_index is not None else zlib.crc32(self.peer_id.encode())
+        )
+        self._open_records()
+        transport_config = TransportConfig(
+            info_hash=self.info_hash,
+            peer_id=self.peer_id,
+            bind=f"tcp://{_bracket(cfg.host)}:{cfg.port}",
+            max_payload_bytes=2 * self.session.state_size + (64 << 10),
+        )
+        if self._make_transport is None:
+            from fedtorrent.net.transport import ZmqTransport  # noqa: PLC0415
+
+            self.transport: Transport = ZmqTransport(transport_config)
+        else:
+            self.transport = self._make_transport(transport_config)
+        if self._tracker is None:
+            from fedtorrent.net.tracker.client import TrackerClient  # noqa: PLC0415
+
+            self._tracker = TrackerClient(
+                cfg.tracker or self.torrent.announce,
+                timeout=cfg.tracker_timeout,
+                retries=cfg.tracker_retries,
+                backoff=0.2,
+                max_backoff=1.0,
+            )
+        self.transport.start()
+        self._executor = ThreadPoolExecutor(
+            max(1, min(32, self.session.cohort_size)), thread_name_prefix="fedtorrent-pull"
+        )
+        self.address = self.transport.address
+        self.port = self.addressing.port_of(self.address)
+        log.info(
+            "peer %s of session %s listening on %s, %d training examples, rounds %d..%d",
+            self.peer_id,
+            self.info_hash[:16],
+            self.address,
+            len(self.data.y_train),
+            self.round_done + 1,
+            self.rounds,
+        )
+        self._write_status()
+        self._announce(event="started")
+
+    def run(self) -> str:
+        """Run rounds until the last one or a stop request; returns the final state name.
+
+        Training failures propagate (after ``state`` becomes ``failed``); network trouble never
+        does: it shows up in the records.
+        """
+        if not self._started or self._closed:
+            raise ConfigError("start the peer before running it")
+        self.state = "running"
+        self._write_status()
+        try:
+            while self.round_done < self.rounds and not self._stop.is_set():
+                self.run_round(self.round_done + 1)
+            if self.round_done >= self.rounds:
+                self.state = "done"
+                self._announce(event="completed")
+                self._linger()
+            else:
+                self.state = "stopped"
+        except BaseException as exc:
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._write_status()
+        return self.state
+
+    def request_stop(self) -> None:
+        """Ask ``run`` to return at the next phase boundary (safe from a signal handler)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Announce ``stopped``, stop serving, write the summary; safe to call twice."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        self._stop.set()
+        if self.state in ("starting", "running"):
+            self.state = "stopped"
+        if hasattr(self, "transport"):  # start may have failed before any of these existed
+            if self.peer_id and hasattr(self, "port"):
+                self._announce(event="stopped")
+            self.transport.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        if hasattr(self, "_writer"):
+            self._writer.close()
+            if hasattr(self, "transport"):
+                self._write_summary()
+        self._write_status()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- one round --------------------------------------------------------------------------
+
+    def run_round(self, round: int) -> dict[str, Any] | None:
+        """Train, publish, announce, exchange, mix, evaluate, record, checkpoint: one round.
+
+        Returns the round's record, or None when a stop request cut the exchange short (the
+        round is then abandoned and redone after ``--resume``).
+        """
+        from fedtorrent.mixing.rules import metropolis_row, mix_stack  # noqa: PLC0415
+        from fedtorrent.net import wire  # noqa: PLC0415
+        from fedtorrent.state import encode_state, flatten, unflatten  # noqa: PLC0415
+        from fedtorrent.training import train_local  # noqa: PLC0415
+
+        began = time.perf_counter()
+        rejected_before = self.transport.stats.rejections()
+        timings: dict[str, float] = {}
+
+        tick = time.perf_counter()
+        self.model.load_state_dict(self.current)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round, self._salt))
+        train_loss = train_local(
+            self.model, self.data.x_train, self.data.y_train, self.session.train,
+            generator=generator,
+        )  # fmt: skip
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        shared = trained if self._send_hook is None else self._send_hook(trained, round)
+        payload = encode_state(shared)
+        self.transport.publish(
+            wire.encode_message(
+                payload,
+                info_hash=self.info_hash,
+                sender=self.peer_id,
+                round=round,
+                num_examples=len(self.data.y_train),
+            )
+        )
+        timings["train"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        deadline = time.monotonic() + self.config.exchange_timeout
+        answer, tracker_rtt, tracker_status = self._announce(event="")
+        cohort = self._cohort(answer)
+        if not self._formed:
+            cohort = self._await_swarm(cohort, deadline)
+            self._formed = True
+        exchange = self._exchange(round, cohort, deadline)
+        timings["exchange"] = time.perf_counter() - tick
+        if self._stop.is_set():
+            return None
+        self._final_exchange = exchange
+
+        tick = time.perf_counter()
+        heard = [e.peer_id for e in cohort if e.peer_id in exchange.replies]
+        states = [exchange.replies[p].state for p in heard]
+        stack = torch.stack([flatten(trained), *(flatten(s) for s in states if s is not None)])
+        rule = self.session.mixing.rule
+        weights: torch.Tensor | None = None
+        if rule == "learned":
+            weights = self._learn_trust(round, heard, stack)
+        elif rule == "metropolis":
+            degrees = torch.full((len(heard),), float(self.session.cohort_size))
+            weights = metropolis_row(len(heard), degrees)
+        elif rule == "fixed":
+            weights = torch.full((1 + len(heard),), 1.0 / (1 + len(heard)))
+        mixed = mix_stack(stack, config=self.session.mixing, weights=weights)
+        self.current = unflatten(mixed, self.like)
+        self.model.load_state_dict(self.current)
+        timings["mix"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        val = self._score(self.data.x_val, self.data.y_val)
+        test = self._score(self.data.x_test, self.data.y_test)
+        timings["evaluate"] = time.perf_counter() - tick
+
+        snapshot = self.transport.stats.snapshot()
+        flow = snapshot["per_round"].get(str(round), {})
+        rejections = self.transport.stats.rejections() - rejected_before
+        record: dict[str, Any] = {
+            "round": round,
+            "peer_id": self.peer_id,
+            "train_loss": train_loss,
+            "val_accuracy": val.accuracy if val is not None else None,
+            "val_loss": val.loss if val is not None else None,
+            "test_accuracy": test.accuracy if test is not None else None,
+            "test_loss": test.loss if test is not None else None,
+            "test_precision": test.precision if test is not None else None,
+            "test_recall": test.recall if test is not None else None,
+            "test_f1": test.f1 if test is not None else None,
+            "cohort": [e.peer_id for e in cohort],
+            "cohort_size": len(cohort),
+            "heard_from": heard,
+            "heard": len(heard),
+            "staleness": {p: round - exchange.replies[p].header.round for p in heard},
+            "trust_weights": _weights_by_peer(weights, heard),
+            "self_weight": float(weights[0]) if weights is not None else None,
+            "rejected_from": exchange.rejected,
+            "missing": exchange.missing,
+            "rejections": dict(rejections),
+            "rejected": sum(rejections.values()),
+            "bytes_sent": flow.get("header_sent", 0) + flow.get("payload_sent", 0),
+            "bytes_received": flow.get("header_received", 0) + flow.get("payload_received", 0),
+            "header_bytes_sent": flow.get("header_sent", 0),
+            "payload_bytes_sent": flow.get("payload_sent", 0),
+            "header_bytes_received": flow.get("header_received", 0),
+            "payload_bytes_received": flow.get("payload_received", 0),
+            "rtts": {p: s for p, runs in snapshot["rtt_s"].items() for r, s in runs if r == round},
+            "tracker": tracker_status,
+            "tracker_rtt_s": tracker_rtt,
+            "timings": timings,
+            "duration_s": time.perf_counter() - began,
+        }
+        self._last_test = test
+        self.round_done = round
+        self.records.append(record)
+        self._writer.write(record)
+        self._checkpoint(record)
+        self._write_status()
+        log.info(
+            "round %d: loss %.4f, test accuracy %s, heard %d/%d, rejected %d, %.2fs",
+            round,
+            train_loss,
+            f"{test.accuracy:.4f}" if test is not None else "-",
+            len(heard),
+            len(cohort),
+            record["rejected"],
+            record["duration_s"],
+        )
+        return record
+
+    # -- phases -----------------------------------------------------------------------------
+
+    def _cohort(self, answer: TrackerAnswer | None) -> list[Endpoint]:
+        if answer is None:
+            return []
+        cohort: list[Endpoint] = []
+        for peer in answer.peers:
+            if peer.peer_id == self.peer_id or len(cohort) >= self.session.cohort_size:
+                continue
+            try:
+                cohort.append(self.addressing.endpoint(peer))
+            except (ValueError, FedTorrentError) as exc:
+                log.warning("cannot reach peer %s as listed: %s", peer.peer_id, exc)
+        self._last_cohort = [e.peer_id for e in cohort]
+        return cohort
+
+    def _await_swarm(self, cohort: list[Endpoint], deadline: float) -> list[Endpoint]:
+        """In this process's first round, re-announce until the tracker lists a full cohort.
+
+        A full cohort is ``min(cohort_size, num_nodes - 1)`` peers. Without this the first peers
+        to start would train their first rounds alone. Later rounds take what the tracker lists,
+        so a swarm that shrank (a peer left) never waits for it.
+        """
+        delay = POLL_FIRST_S
+        while len(cohort) < self._expected and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return cohort
+            self._stop.wait(min(delay, remaining))
+            delay = min(2 * delay, POLL_MAX_S)
+            answer, _, status = self._announce(event="")
+            if status != "ok":
+                return cohort
+            cohort = self._cohort(answer)
+        return cohort
+
+    def _exchange(self, round: int, cohort: Sequence[Endpoint], deadline: float) -> Exchange:
+        """Pull every cohort member's state concurrently, each on its own until ``deadline``.
+
+        Members never wait on each other: a silent one costs its own fetch the deadline, while
+        the others are asked again (with backoff) as long as they are behind ``round``.
+        """
+        outcome = Exchange()
+        executor = self._executor
+        if executor is None or not cohort:
+            return outcome
+        futures = {executor.submit(self._pull, e, round, deadline): e.peer_id for e in cohort}
+        pending = set(futures)
+        while pending and not self._stop.is_set():
+            remaining = deadline - time.monotonic() + POLL_MAX_S  # fetches end at the deadline
+            if remaining <= 0:
+                break
+            _, pending = wait(pending, timeout=min(remaining, POLL_MAX_S))
+        for future, peer_id in futures.items():
+            if not future.done():
+                outcome.missing[peer_id] = "timeout"
+                continue
+            kind, reply, reason = future.result()
+            if reply is not None:
+                outcome.replies[peer_id] = reply
+            elif kind == "rejected":
+                outcome.rejected[peer_id] = reason
+            else:
+                outcome.missing[peer_id] = reason
+        return outcome
+
+    def _pull(
+        self, endpoint: Endpoint, round: int, deadline: float
+    ) -> tuple[str, Reply | None, str]:
+        """Fetch one neighbour until it is at ``round`` or the deadline passes.
+
+        Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
+        ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
+        """
+        from fedtorrent.net.transport import PeerRefusedError  # noqa: PLC0415
+
+        stale: Reply | None = None
+        why = "timeout"
+        delay = POLL_FIRST_S
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                reply = self.transport.fetch(
+                    endpoint, round=round, timeout=remaining, like_state=self.like
+                )
+            except MessageError as exc:  # the transport counted and logged it
+                return "rejected", None, exc.reason
+            except PeerRefusedError as exc:  # e.g. not_ready: it has not trained a round yet
+                why = exc.kind
+            except NetworkError as exc:  # timeout, or the transport is closing
+                return "missing", stale, getattr(exc, "kind", "unreachable")
+            else:
+                if self._receive_hook is not None:
+                    try:
+                        self._receive_hook(reply)
+                    except MessageError as exc:
+                        self.transport.stats.record_rejection(endpoint.peer_id, exc.reason)
+                        log.warning("rejected the state of peer %s: %s", endpoint.peer_id, exc)
+                        return "rejected", None, exc.reason
+                if reply.header.round >= round:
+                    return "fresh", reply, ""
+                stale = reply
+            if self._stop.wait(min(delay, max(0.0, deadline - time.monotonic()))):
+                break
+            delay = min(2 * delay, POLL_MAX_S)
+        return ("stale", stale, "") if stale is not None else ("missing", None, why)
+
+    def _learn_trust(self, round: int, heard: list[str], stack: torch.Tensor) -> torch.Tensor:
+        """Learned trust over ``[self, *heard]``, fitted on fresh validation batches.
+
+        With nothing to fit on (no validation data, nobody heard) the current logits are used.
+        """
+        from fedtorrent.mixing.trust import model_loss_fn  # noqa: PLC0415
+
+        assert self.trust is not None
+        mixing = self.session.mixing
+        count = len(self.data.y_val)
+        if not heard or count == 0 or mixing.trust_steps == 0:
+            return self.trust.weights(heard)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round, self._salt))
+        self.model.eval()
+
+        def loss(flat: torch.Tensor) -> torch.Tensor:
+            pick = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
+            return model_loss_fn(self.model, self.data.x_val[pick], self.data.y_val[pick])(flat)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, 4, round, self._salt))
+            return self.trust.learn(heard, stack, loss).detach()
+
+    def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | None:
+        """The current model's scores on ``(x, y)``; None when there are no examples."""
+        from fedtorrent.training import evaluate  # noqa: PLC0415
+
+        if len(y) == 0:
+            return None
+        return evaluate(self.model, x, y, num_classes=self.data.num_classes)
+
+    def _announce(self, *, event: str) -> tuple[TrackerAnswer | None, float | None, str]:
+        """Announce; returns the answer (None when unreachable), its RTT and a status word.
+
+        Status: ``ok``, ``cached`` (tracker down, last answer reused) or ``down``. A peer that
+        was offline re-announces with ``started`` when the tracker is back.
+        """
+        assert self._tracker is not None
+        totals = self._traffic_totals()
+        accuracy = self._last_accuracy()
+        if event == "" and self._tracker_online is False:
+            event = "started"
+        started = time.perf_counter()
+        try:
+            answer = self._tracker.announce(
+                self.info_hash,
+                self.peer_id,
+                port=self.port,
+                event=event,
+                round=self.round_done,
+                numwant=self.session.cohort_size,
+                accuracy=accuracy,
+                bytes_sent=totals["bytes_sent"],
+                bytes_received=totals["bytes_received"],
+                ip=self.config.advertise_ip,
+            )
+        except TrackerError as exc:
+            self._tracker_counts["failed"] += 1
+            if self._tracker_online is not False:
+                log.warning("tracker unreachable, no cached peers: %s", exc)
+            self._tracker_online = False
+            return None, None, "down"
+        rtt = time.perf_counter() - started
+        if answer.cached:
+            self._tracker_counts["cached"] += 1
+            if self._tracker_online is not False:
+                log.warning("tracker unreachable; training on with the cached cohort")
+            self._tracker_online = False
+            return answer, None, "cached"
+        if self._tracker_online is False:
+            self._tracker_counts["reconnected"] += 1
+            log.info("tracker is back; re-announced")
+        self._tracker_online = True
+        self._tracker_counts["ok"] += 1
+        self._tracker_rtts.append((self.round_done, rtt))
+        return answer, rtt, "ok"
+
+    def _linger(self) -> None:
+        """Keep serving the final state a while for neighbours that are behind.
+
+        Ends when every peer of the last cohort whose final-round state was not fresh (it was
+        behind, or silent) has fetched ours and no request came for ``QUIET_S``, or when nobody
+        asked for ``QUIET_S`` and nobody is known to be behind; never later than ``linger``.
+        """
+        limit = self.config.exchange_timeout if self.config.linger is None else self.config.linger
+        final = self.round_done
+        exchange = getattr(self, "_final_exchange", Exchange())
+        behind = {
+            p for p in self._last_cohort
+            if p not in exchange.rejected
+            and (p not in exchange.replies or exchange.replies[p].header.round < final)
+        }  # fmt: skip
+        start = time.monotonic()
+        deadline, quiet_since, seen = start + limit, start, -1
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            flows = [f for f in self.transport.stats.snapshot()["per_peer_round"]
+                     if f["round"] == final]  # fmt: skip
+            requests = sum(f["messages_received"] for f in flows)
+            if requests != seen:
+                seen, quiet_since = requests, now
+            behind -= {f["peer"] for f in flows if f["payload_sent"]}
+            if not behind and now - quiet_since >= QUIET_S:
+                break
+            self._stop.wait(min(POLL_MAX_S / 5, max(0.0, deadline - now)))
+
+    # -- state, records and files -----------------------------------------------------------
+
+    def _build_model(self) -> nn.Module:
+        from fedtorrent.models import build_model  # noqa: PLC0415
+
+        try:
+            model = build_model(
+                self.session.model.name,
+                input_shape=self.data.input_shape,
+                num_classes=self.data.num_classes,
+                **self.session.model.kwargs,
+            )
+            with torch.no_grad():
+                model.eval()(self.data.x_train[:2])
+        except (RuntimeError, ValueError) as exc:
+            raise DataError(
+                f"examples of shape {self.data.input_shape} do not fit model "
+                f"{self.session.model.name!r}: {exc}"
+            ) from None
+        return model
+
+    def _restore(self) -> Checkpoint | None:
+        from fedtorrent.node.checkpoint import MODEL_FILE  # noqa: PLC0415
+
+        if not (self.out_dir / MODEL_FILE).exists():
+            log.info("--resume: no checkpoint in %s, starting from round 1", self.out_dir)
+            return None
+        checkpoint = load_checkpoint(self.out_dir, info_hash=self.info_hash, like=self.like)
+        if self.config.peer_id is not None and checkpoint.peer_id != self.config.peer_id:
+            raise StateError(
+                f"checkpoint belongs to peer {checkpoint.peer_id!r}, not {self.config.peer_id!r}"
+            )
+        self.current = checkpoint.state
+        self.round_done = checkpoint.round
+        if self.trust is not None and checkpoint.trust:
+            self.trust.load_state_dict(checkpoint.trust)
+        self._base_totals = dict(checkpoint.totals)
+        log.info("resuming after round %d", checkpoint.round)
+        return checkpoint
+
+    def _open_records(self) -> None:
+        """Open ``metrics.jsonl``; on resume drop records past the checkpoint (they are redone)."""
+        jsonl, csv_path = self.out_dir / "metrics.jsonl", self.out_dir / "metrics.csv"
+        kept: list[dict[str, Any]] = []
+        if self.config.resume and jsonl.exists():
+            kept = [
+                r
+                for r in read_records(jsonl)
+                if isinstance(r.get("round"), int) and r["round"] <= self.round_done
+            ]
+        for path in (jsonl, csv_path):
+            path.unlink(missing_ok=True)
+        self._writer = RecordWriter(self.out_dir, name="metrics", fields=METRIC_FIELDS).open()
+        for record in kept:
+            self._writer.write(record)
+        self.records = kept
+
+    def _checkpoint(self, record: Mapping[str, Any]) -> None:
+        save_checkpoint(
+            self.out_dir,
+            Checkpoint(
+                info_hash=self.info_hash,
+                peer_id=self.peer_id,
+                round=self.round_done,
+                state=self.current,
+                trust=self.trust.state_dict() if self.trust is not None else {},
+                metrics={k: v for k, v in record.items() if not isinstance(v, dict | list)},
+                seeds={"seed": self.seed, "salt": self._salt},
+                totals=self._traffic_totals(),
+            ),
+        )
+
+    def _traffic_totals(self) -> dict[str, Any]:
+        """Bytes and rejections since round 1, across restarts (what the checkpoint carries)."""
+        if not hasattr(self, "transport"):
+            return {"bytes_sent": 0, "bytes_received": 0, "rejections": {}}
+        flow = self.transport.stats.snapshot()["totals"]
+        base = self._base_totals
+        rejections = Counter(base.get("rejections", {})) + self.transport.stats.rejections()
+        return {
+            "bytes_sent": int(base.get("bytes_sent", 0))
+            + flow["header_sent"]
+            + flow["payload_sent"],
+            "bytes_received": int(base.get("bytes_received", 0))
+            + flow["header_received"]
+            + flow["payload_received"],
+            "rejections": dict(rejections),
+        }
+
+    def _last_accuracy(self) -> float | None:
+        for record in reversed(self.records):
+            value = record.get("test_accuracy")
+            if isinstance(value, float) and math.isfinite(value):
+                return value
+        return None
+
+    def _write_status(self) -> None:
+        if not hasattr(self, "out_dir"):
+            return
+        totals = self._traffic_totals()
+        write_json(
+            self.out_dir / "status.json",
+            {
+                "peer_id": self.peer_id,
+                "pid": os.getpid(),
+                "address": getattr(self, "address", None),
+                "round": self.round_done,
+                "rounds": getattr(self, "rounds", None),
+                "accuracy": self._last_accuracy(),
+                "bytes_sent": totals["bytes_sent"],
+                "bytes_received": totals["bytes_received"],
+                "rejections": totals["rejections"],
+                "rejected": sum(totals["rejections"].values()),
+                "tracker": {True: "ok", False: "down", None: "unknown"}[self._tracker_online],
+                "state": self.state,
+                "error": self.error,
+                "updated_at": time.time(),
+            },
+        )
+
+    def _write_summary(self) -> None:
+        test = getattr(self, "_last_test", None)
+        if test is None and self.round_done > 0:
+            self.model.load_state_dict(self.current)
+            test = self._score(self.data.x_test, self.data.y_test)
+        snapshot = self.transport.stats.snapshot()
+        totals = self._traffic_totals()
+        rtts = [s for s in snapshot["rtt_s"].values() for _, s in s]
+        self._final = {
+            "peer_id": self.peer_id,
+            "info_hash": self.info_hash,
+            "session": self.session.name,
+            "state": self.state,
+            "error": self.error,
+            "rounds": self.rounds,
+            "rounds_done": self.round_done,
+            "mixing": self.session.mixing.rule,
+            "train_examples": len(self.data.y_train),
+            "test": test.to_dict() if test is not None else None,
+            "traffic": {
+                "bytes_sent": totals["bytes_sent"],
+                "bytes_received": totals["bytes_received"],
+                "this_process": snapshot["totals"],
+                "per_peer": snapshot["per_peer"],
+                "failures": snapshot["failures"],
+                "central_server_bytes": 2 * self.session.state_size * self.round_done,
+            },
+            "rejections": totals["rejections"],
+            "rejections_per_peer": snapshot["rejections_per_peer"],
+            "exchange_rtt_s": _spread(rtts),
+            "tracker": {
+                "announces": dict(self._tracker_counts),
+                "rtt_s": _spread([s for _, s in self._tracker_rtts]),
+                "rtts": [list(x) for x in self._tracker_rtts],
+            },
+        }
+        write_json(self.out_dir / "summary.json", self._final)
+
+
+def _make_trust(mixing: MixingConfig) -> TrustLearner | None:
+    if mixing.rule != "learned":
+        return None
+    from fedtorrent.mixing.trust import TrustLearner  # noqa: PLC0415
+
+    return TrustLearner(mixing)
+
+
+def _weights_by_peer(weights: torch.Tensor | None, heard: Sequence[str]) -> dict[str, float] | None:
+    if weights is None:
+        return None
+    values = weights.tolist()
+    return {"self": values[0], **dict(zip(heard, values[1:], strict=True))}
+
+
+def _spread(values: Sequence[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"count": 0, "mean": None, "p50": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "count": len(ordered),
+        "mean": sum(ordered) / len(ordered),
+        "p50": ordered[len(ordered) // 2],
+        "max": ordered[-1],
+    }
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

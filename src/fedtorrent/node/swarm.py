@@ -1,0 +1,725 @@
+"""One machine, one swarm: a tracker, N ``fedtorrent peer`` processes, a live view, a summary.
+
+The launcher is plumbing only: it never trains or exchanges parameters itself. Each peer is a
+separate process in its own session, so a terminal's Ctrl-C reaches only the launcher, which then
+stops the peers in order (SIGTERM, a bounded wait, SIGKILL) before the tracker. Everything the
+summary says is read back from the files the peers wrote (``status.json`` while they run,
+``metrics.jsonl`` at the end) and from the tracker's per-swarm byte counters, so
+:func:`summarize_swarm` gives the same answer for peer folders copied back from other machines.
+
+A run folder::
+
+    <out>/swarm.json              the launch: torrent, info-hash, tracker URL, peer command lines
+    <out>/peers/peer-00/          peer 0's --out (metrics.jsonl, status.json, summary.json,
+                                  checkpoint.*, peer.log) plus console.log (stdout and stderr)
+    <out>/rounds.jsonl, .csv      every peer's per-round records; ``node`` is the node index
+    <out>/summary.json            per-peer results, accuracy mean and std, bandwidth comparison
+    <out>/plots/                  accuracy.png, bytes.png, bandwidth.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+from fedtorrent.errors import ConfigError, DataError, TrackerError
+from fedtorrent.metrics.records import RecordWriter, iter_records, read_json, write_json
+
+if TYPE_CHECKING:
+    from fedtorrent.net.torrent import Torrent
+    from fedtorrent.net.tracker.server import BackgroundTracker
+
+PEERS_FOLDER = "peers"
+PEER_STATES = ("starting", "running", "done", "failed", "stopped")
+"""What ``status.json`` may say; the launcher adds ``exited`` for a peer gone without saying."""
+ROUND_FIELDS = (
+    "node",
+    "peer_id",
+    "round",
+    "test_accuracy",
+    "val_accuracy",
+    "train_loss",
+    "cohort_size",
+    "heard",
+    "rejected",
+    "bytes_sent",
+    "bytes_received",
+    "tracker_rtt_s",
+    "duration_s",
+)
+"""CSV columns of the merged ``rounds.csv`` (the JSON Lines file keeps every key)."""
+_CLI = "from fedtorrent.cli import main; main()"
+"""How the launcher runs the CLI: the same interpreter, whatever the PATH holds."""
+
+
+def peer_folder(out: Path, index: int) -> Path:
+    """Where peer ``index`` of a swarm writes (its ``--out``)."""
+    return Path(out) / PEERS_FOLDER / f"peer-{index:02d}"
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """One launch: which torrent, how many peers, where they write and how they find each other.
+
+    ``tracker`` None starts a tracker in this process on ``host:tracker_port`` (0: a free port);
+    an announce URL joins that tracker instead. Peer ``i`` binds ``host:port_base + i``, or a free
+    port when ``port_base`` is 0. ``peer_command`` replaces ``python -c <fedtorrent CLI> peer`` (the
+    torrent and the per-peer options are appended to it); ``peer_args`` are appended to every peer.
+    ``stop_grace`` is how long stopping waits for peers after SIGTERM before it kills them.
+    Without ``resume`` an ``out`` that already holds peer records is refused, so two runs never
+    mix their records.
+    """
+
+    torrent: Path
+    out: Path
+    peers: int = 6
+    data_dir: Path | None = None
+    tracker: str | None = None
+    host: str = "127.0.0.1"
+    tracker_port: int = 0
+    port_base: int = 0
+    exchange_timeout: float | None = None
+    rounds: int | None = None
+    peer_args: tuple[str, ...] = ()
+    peer_command: tuple[str, ...] = ()
+    stop_grace: float = 15.0
+    resume: bool = False
+    """Continue the peers of an earlier run in ``out`` from their checkpoints (``--resume``)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Extra environment variables for every peer."""
+
+    def __post_init__(self) -> None:
+        if self.peers < 1:
+            raise ConfigError(f"peers must be >= 1, got {self.peers}")
+        for label, port in (("tracker_port", self.tracker_port), ("port_base", self.port_base)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{label} must be in [0, 65535], got {port}")
+        if self.port_base and self.port_base + self.peers - 1 > 65535:
+            raise ConfigError(f"port_base {self.port_base} leaves no port for {self.peers} peers")
+        if self.exchange_timeout is not None and not self.exchange_timeout > 0:
+            raise ConfigError(f"exchange_timeout must be > 0, got {self.exchange_timeout}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if not self.stop_grace >= 0:
+            raise ConfigError(f"stop_grace must be >= 0, got {self.stop_grace}")
+        if self.tracker is not None and not self.tracker.startswith(("http://", "https://")):
+            raise ConfigError(f"tracker must be an http(s) announce URL, got {self.tracker!r}")
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What the launcher knows about one peer right now (from its process and ``status.json``).
+
+    ``state`` is the peer's own word while it runs; once its process is gone without a final
+    word it is ``failed`` (non-zero exit) or ``exited``. ``accuracy`` is None before the first
+    evaluated round; bytes are cumulative over the run.
+    """
+
+    index: int
+    pid: int
+    state: str
+    round: int
+    rounds: int | None
+    accuracy: float | None
+    bytes_sent: int
+    bytes_received: int
+    returncode: int | None
+    peer_id: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        """True while the process has not exited."""
+        return self.returncode is None
+
+
+def read_status(folder: Path) -> dict[str, Any] | None:
+    """A peer's ``status.json``, or None when it is missing or unreadable (not written yet)."""
+    try:
+        value = read_json(Path(folder) / "status.json")
+    except DataError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """``value`` as ``kind`` when it is a finite number (bools excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return kind(value)
+
+
+def view_of(
+    index: int, *, pid: int, returncode: int | None, status: Mapping[str, Any] | None
+) -> PeerView:
+    """Combine a process's exit status with the peer's last ``status.json`` into one view."""
+    status = status or {}
+    state = str(status.get("state", "starting"))
+    if state not in PEER_STATES:
+        state = "starting"
+    if returncode is not None and state in ("starting", "running"):
+        state = "exited" if returncode == 0 else "failed"
+    peer_id = status.get("peer_id")
+    return PeerView(
+        index=index,
+        pid=pid,
+        state=state,
+        round=_number(status.get("round"), int) or 0,
+        rounds=_number(status.get("rounds"), int),
+        accuracy=_number(status.get("accuracy"), float),
+        bytes_sent=_number(status.get("bytes_sent"), int) or 0,
+        bytes_received=_number(status.get("bytes_received"), int) or 0,
+        returncode=returncode,
+        peer_id=peer_id if isinstance(peer_id, str) else None,
+    )
+
+
+@dataclass
+class _Peer:
+    index: int
+    folder: Path
+    command: list[str]
+    process: subprocess.Popen[bytes]
+    console: IO[bytes]
+
+
+class Swarm:
+    """A swarm on this machine: ``start()`` launches, ``stop()`` ends it, ``close()`` tidies up.
+
+    Use it as a context manager; leaving the block stops every peer and the tracker it started.
+    """
+
+    def __init__(self, config: SwarmConfig) -> None:
+        self.config = config
+        self.torrent: Torrent | None = None
+        self.tracker_url: str | None = config.tracker
+        """The announce URL the peers use (known after ``start()`` when the swarm owns one)."""
+        self._tracker: BackgroundTracker | None = None
+        self._peers: list[_Peer] = []
+        self.started_at: float | None = None
+        self.tracker_traffic: dict[str, int] | None = None
+        """The swarm's tracker bytes in and out, as last read (``close()`` reads it once more)."""
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the torrent, start the tracker (unless joining one) and launch every peer.
+
+        Raises:
+            TorrentError: the torrent is missing or malformed.
+            ConfigError: more peers than the torrent splits its data into.
+            OSError: the tracker's address cannot be bound or a peer cannot be spawned.
+        """
+        from fedtorrent.net.torrent import load_torrent  # noqa: PLC0415
+
+        config = self.config
+        torrent = load_torrent(config.torrent)
+        num_nodes = torrent.session.data.num_nodes
+        if config.peers > num_nodes:
+            raise ConfigError(
+                f"{config.peers} peers but the torrent splits its data into {num_nodes} shards"
+            )
+        if not config.resume:
+            used = [
+                folder.name
+                for folder in sorted((config.out / PEERS_FOLDER).glob("peer-*"))
+                if (folder / "metrics.jsonl").exists() or (folder / "status.json").exists()
+            ]
+            if used:
+                raise ConfigError(
+                    f"{config.out} already holds the records of {', '.join(used)}; choose "
+                    "another run folder or resume that run"
+                )
+        self.torrent = torrent
+        config.out.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.tracker_url is None:
+                self.tracker_url = self._start_tracker()
+            self.started_at = time.time()
+            for index in range(config.peers):
+                self._spawn(index)
+            self._write_launch()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_tracker(self) -> str:
+        from fedtorrent.config import TrackerConfig  # noqa: PLC0415
+        from fedtorrent.net.torrent import state_path_for  # noqa: PLC0415
+        from fedtorrent.net.tracker.server import BackgroundTracker  # noqa: PLC0415
+
+        # Serving the torrent lets peers on other machines fetch it and its initial state.
+        served = [self.config.torrent] if state_path_for(self.config.torrent).exists() else []
+        tracker = BackgroundTracker(
+            TrackerConfig(host=self.config.host, port=self.config.tracker_port), torrents=served
+        )
+        tracker.start()
+        self._tracker = tracker
+        return tracker.server.announce_url
+
+    def peer_command(self, index: int) -> list[str]:
+        """The command line that runs peer ``index`` (``start()`` must have read the torrent)."""
+        if self.torrent is None or self.tracker_url is None:
+            raise RuntimeError("swarm is not started")
+        config = self.config
+        base = list(config.peer_command) or [sys.executable, "-c", _CLI, "peer"]
+        port = config.port_base + index if config.port_base else 0
+        command = [
+            *base,
+            str(config.torrent),
+            "--out",
+            str(peer_folder(config.out, index)),
+            "--node-index",
+            str(index),
+            "--num-nodes",
+            str(self.torrent.session.data.num_nodes),
+            "--host",
+            config.host,
+            "--port",
+            str(port),
+            "--tracker",
+            self.tracker_url,
+        ]
+        if config.data_dir is not None:
+            command += ["--data-dir", str(config.data_dir)]
+        if config.exchange_timeout is not None:
+            command += ["--exchange-timeout", repr(config.exchange_timeout)]
+        if config.rounds is not None:
+            command += ["--rounds", str(config.rounds)]
+        if config.resume:
+            command.append("--resume")
+        return [*command, *config.peer_args]
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # N peers on C cores: give each C // N torch threads unless the user chose already.
+        threads = str(max(1, (os.cpu_count() or 1) // self.config.peers))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, threads)
+        env.update(self.config.env)
+        return env
+
+    def _spawn(self, index: int) -> None:
+        folder = peer_folder(self.config.out, index)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "status.json").unlink(missing_ok=True)  # a stale one would read as progress
+        command = self.peer_command(index)
+        console = (folder / "console.log").open("ab")
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                env=self._environment(),
+                start_new_session=True,  # Ctrl-C in the terminal reaches the launcher only
+            )
+        except BaseException:
+            console.close()
+            raise
+        self._peers.append(_Peer(index, folder, command, process, console))
+
+    def _write_launch(self) -> None:
+        assert self.torrent is not None
+        write_json(
+            self.config.out / "swarm.json",
+            {
+                "torrent": str(self.config.torrent),
+                "info_hash": self.torrent.info_hash,
+                "session": self.torrent.session.name,
+                "tracker": self.tracker_url,
+                "tracker_owned": self._tracker is not None,
+                "started": self.started_at,
+                "peers": [
+                    {"index": p.index, "pid": p.process.pid, "command": p.command}
+                    for p in self._peers
+                ],
+            },
+        )
+
+    def stop(self) -> None:
+        """Send SIGTERM to every live peer, wait up to ``stop_grace`` s, then SIGKILL the rest."""
+        for peer in self._peers:
+            if peer.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    peer.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_grace
+        for peer in self._peers:
+            try:
+                peer.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                peer.process.kill()
+                peer.process.wait()
+
+    def close(self) -> None:
+        """Stop the peers, read the tracker's byte counters one last time, stop the tracker."""
+        self.stop()
+        for peer in self._peers:
+            peer.console.close()
+        if self.torrent is not None and self.tracker_url is not None:
+            self.tracker_traffic = self.read_tracker_traffic() or self.tracker_traffic
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def __enter__(self) -> Swarm:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- watching --------------------------------------------------------------------------------
+
+    @property
+    def info_hash(self) -> str:
+        """The session id (after ``start()``)."""
+        if self.torrent is None:
+            raise RuntimeError("swarm is not started")
+        return self.torrent.info_hash
+
+    def views(self) -> list[PeerView]:
+        """Every peer's current view, in node order."""
+        return [
+            view_of(
+                p.index,
+                pid=p.process.pid,
+                returncode=p.process.poll(),
+                status=read_status(p.folder),
+            )
+            for p in self._peers
+        ]
+
+    def returncodes(self) -> dict[int, int | None]:
+        """Exit status per node index (None while running; negative: killed by that signal)."""
+        return {p.index: p.process.poll() for p in self._peers}
+
+    def read_tracker_traffic(self) -> dict[str, int] | None:
+        """This swarm's tracker bytes in and out (``/swarms/<info-hash>``); None if unreachable."""
+        from fedtorrent.net.tracker.client import TrackerClient  # noqa: PLC0415
+
+        if self.tracker_url is None:
+            return None
+        try:
+            stats = TrackerClient(self.tracker_url, timeout=3.0, retries=0).swarm(self.info_hash)
+        except TrackerError:
+            return None
+        traffic = {
+            "bytes_in": _number(stats.get("tracker_bytes_in"), int),
+            "bytes_out": _number(stats.get("tracker_bytes_out"), int),
+        }
+        if None in traffic.values():
+            return None
+        self.tracker_traffic = traffic
+        return traffic
+
+    def wait(
+        self,
+        *,
+        stop: threading.Event | None = None,
+        on_update: Callable[[list[PeerView]], None] | None = None,
+        interval: float = 0.5,
+        timeout: float | None = None,
+    ) -> bool:
+        """Poll until every peer has exited (True) or ``stop`` is set or ``timeout`` passes (False).
+
+        ``on_update(views)`` is called after each poll, from this thread.
+        """
+        stop = stop or threading.Event()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_traffic = 0.0
+        while True:
+            views = self.views()
+            now = time.monotonic()
+            if now - last_traffic >= 5.0:  # the tracker may vanish; keep a recent reading
+                self.read_tracker_traffic()
+                last_traffic = now
+            if on_update is not None:
+                on_update(views)
+            if all(not v.alive for v in views):
+                return True
+            if deadline is not None and now >= deadline:
+                return False
+            if stop.wait(interval):
+                return False
+
+
+# --- summary -------------------------------------------------------------------------------------
+
+
+def bandwidth(
+    *,
+    state_bytes: int,
+    peer_rounds: Sequence[int],
+    tracker_bytes_in: int | None,
+    tracker_bytes_out: int | None,
+    p2p_bytes_sent: int,
+    p2p_bytes_received: int,
+) -> dict[str, Any]:
+    """Bytes the swarm moved beside what one central aggregating server would have moved.
+
+    A central server receives every peer's update and sends the aggregate back each round:
+    ``2 x state_bytes`` per completed peer-round (``2 x peers x rounds x state`` when all finish);
+    payload only, so an underestimate of a real server's traffic. The tracker only lists peers, so
+    its bytes (in + out, HTTP headers included) are what the swarm put through any central point.
+    Ratios are None when a total is unknown or zero.
+    """
+    central = 2 * state_bytes * sum(peer_rounds)
+    tracker = None
+    if tracker_bytes_in is not None and tracker_bytes_out is not None:
+        tracker = tracker_bytes_in + tracker_bytes_out
+    return {
+        "state_bytes": state_bytes,
+        "peer_rounds": sum(peer_rounds),
+        "central_server_bytes": central,
+        "tracker_bytes_in": tracker_bytes_in,
+        "tracker_bytes_out": tracker_bytes_out,
+        "tracker_bytes": tracker,
+        "tracker_vs_central": None if tracker is None or not central else tracker / central,
+        "p2p_bytes_sent": p2p_bytes_sent,
+        "p2p_bytes_received": p2p_bytes_received,
+        "p2p_vs_central": p2p_bytes_sent / central if central else None,
+    }
+
+
+def _peer_result(
+    index: int, folder: Path, records: list[dict[str, Any]], returncode: int | None
+) -> dict[str, Any]:
+    view = view_of(index, pid=0, returncode=returncode, status=read_status(folder))
+    accuracies = [r["test_accuracy"] for r in records if _number(r.get("test_accuracy"), float)]
+    rounds_done = {int(r["round"]) for r in records if _number(r.get("round"), int) is not None}
+    sent = sum(_number(r.get("bytes_sent"), int) or 0 for r in records)
+    received = sum(_number(r.get("bytes_received"), int) or 0 for r in records)
+    peer_id = view.peer_id or next((r["peer_id"] for r in records if "peer_id" in r), None)
+    return {
+        "node": index,
+        "peer_id": peer_id,
+        "state": view.state,
+        "exit_code": returncode,
+        "rounds_completed": len(rounds_done),
+        "last_round": max(rounds_done, default=0),
+        "test_accuracy": float(accuracies[-1]) if accuracies else None,
+        # status.json counts every byte of the run; the per-round records are the fallback.
+        "bytes_sent": max(view.bytes_sent, sent),
+        "bytes_received": max(view.bytes_received, received),
+    }
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def summarize_swarm(
+    out: Path,
+    *,
+    torrent: Torrent,
+    tracker_traffic: Mapping[str, int] | None,
+    returncodes: Mapping[int, int | None] | None = None,
+    interrupted: bool = False,
+    wall_seconds: float | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Merge every peer folder under ``out/peers`` into ``rounds.jsonl``, ``summary.json``, plots.
+
+    Args:
+        out: the run folder.
+        torrent: the session the peers ran (its state size prices the central server).
+        tracker_traffic: ``{"bytes_in", "bytes_out"}`` of this swarm at the tracker, if known.
+        returncodes: exit status per node index, when the peers were processes of this launcher.
+        interrupted: the run was stopped before the peers finished.
+        wall_seconds: how long the run took.
+        plots: draw ``plots/accuracy.png``, ``bytes.png`` and ``bandwidth.png``.
+
+    Returns:
+        The summary written to ``out/summary.json``.
+    """
+    out = Path(out)
+    returncodes = dict(returncodes or {})
+    folders = sorted((out / PEERS_FOLDER).glob("peer-*"))
+    for path in (out / "rounds.jsonl", out / "rounds.csv"):
+        path.unlink(missing_ok=True)  # rebuilt from the peer folders each time
+    peers = []
+    with RecordWriter(out, name="rounds", fields=ROUND_FIELDS) as writer:
+        for folder in folders:
+            index = int(folder.name.removeprefix("peer-"))
+            metrics = folder / "metrics.jsonl"
+            records = list(iter_records(metrics)) if metrics.exists() else []
+            for record in records:
+                writer.write({"node": index, **record})
+            peers.append(_peer_result(index, folder, records, returncodes.get(index)))
+    finals = [p["test_accuracy"] for p in peers if p["test_accuracy"] is not None]
+    mean, std = _mean_std(finals)
+    traffic = tracker_traffic or {}
+    summary = {
+        "session": torrent.session.name,
+        "info_hash": torrent.info_hash,
+        "mixing": torrent.session.mixing.rule,
+        "rounds": torrent.session.rounds,
+        "peers": len(peers),
+        "finished": sum(p["state"] == "done" for p in peers),
+        "interrupted": interrupted,
+        "wall_seconds": wall_seconds,
+        "test_accuracy_mean": mean,
+        "test_accuracy_std": std,
+        "bandwidth": bandwidth(
+            state_bytes=torrent.session.state_size,
+            peer_rounds=[p["rounds_completed"] for p in peers],
+            tracker_bytes_in=traffic.get("bytes_in"),
+            tracker_bytes_out=traffic.get("bytes_out"),
+            p2p_bytes_sent=sum(p["bytes_sent"] for p in peers),
+            p2p_bytes_received=sum(p["bytes_received"] for p in peers),
+        ),
+        "per_peer": peers,
+    }
+    write_json(out / "summary.json", summary)
+    if plots and folders:
+        plot_swarm(out)
+    return summary
+
+
+def run_swarm(
+    config: SwarmConfig,
+    *,
+    stop: threading.Event | None = None,
+    on_update: Callable[[list[PeerView]], None] | None = None,
+    timeout: float | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Launch the swarm, wait for it (or ``stop`` / ``timeout``), stop it and summarize it.
+
+    Returns:
+        The summary (also in ``config.out/summary.json``).
+    """
+    started = time.monotonic()
+    swarm = Swarm(config)
+    with swarm:
+        finished = swarm.wait(stop=stop, on_update=on_update, timeout=timeout)
+    assert swarm.torrent is not None
+    if on_update is not None:
+        on_update(swarm.views())
+    return summarize_swarm(
+        config.out,
+        torrent=swarm.torrent,
+        tracker_traffic=swarm.tracker_traffic,
+        returncodes=swarm.returncodes(),
+        interrupted=not finished,
+        wall_seconds=time.monotonic() - started,
+        plots=plots,
+    )
+
+
+# --- plots (matplotlib loaded lazily, drawn from the run folder's files only) --------------------
+
+
+def plot_swarm(out: Path) -> list[Path]:
+    """Draw ``plots/accuracy.png``, ``bytes.png`` and ``bandwidth.png`` from a summarized run."""
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    out = Path(out)
+    summary = read_json(out / "summary.json")
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    by_node: dict[int, dict[int, float]] = {}
+    rounds_path = out / "rounds.jsonl"
+    for record in iter_records(rounds_path) if rounds_path.exists() else []:
+        accuracy = _number(record.get("test_accuracy"), float)
+        if accuracy is not None and _number(record.get("round"), int) is not None:
+            by_node.setdefault(int(record["node"]), {})[int(record["round"])] = accuracy
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    axes = figure.subplots()
+    for node, curve in sorted(by_node.items()):
+        xs = sorted(curve)
+        axes.plot(xs, [100 * curve[x] for x in xs], linewidth=0.8, alpha=0.6, label=f"peer {node}")
+    all_rounds = sorted({r for curve in by_node.values() for r in curve})
+    if all_rounds:
+        stats = [_mean_std([c[r] for c in by_node.values() if r in c]) for r in all_rounds]
+        mean = [100 * (m or 0.0) for m, _ in stats]
+        std = [100 * (s or 0.0) for _, s in stats]
+        axes.plot(all_rounds, mean, color="black", linewidth=2, label="mean")
+        axes.fill_between(
+            all_rounds,
+            [m - s for m, s in zip(mean, std, strict=True)],
+            [m + s for m, s in zip(mean, std, strict=True)],
+            color="black",
+            alpha=0.15,
+            label="± std",
+        )
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("round")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(f"{summary.get('session')}: {summary.get('peers')} peers")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncol=2)
+    made.append(_save(figure, plots / "accuracy.png"))
+
+    peers = summary.get("per_peer", [])
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    axes = figure.subplots()
+    xs = list(range(len(peers)))
+    mib = 1 << 20
+    axes.bar([x - 0.2 for x in xs], [p["bytes_sent"] / mib for p in peers], 0.4, label="sent")
+    axes.bar(
+        [x + 0.2 for x in xs], [p["bytes_received"] / mib for p in peers], 0.4, label="received"
+    )
+    axes.set_xticks(xs, [f"peer {p['node']}" for p in peers])
+    axes.set_ylabel("MiB")
+    axes.set_title("peer-to-peer bytes per peer")
+    axes.legend()
+    made.append(_save(figure, plots / "bytes.png"))
+
+    band = summary["bandwidth"]
+    bars = {
+        "central server\n(2 x peers x rounds x state)": band["central_server_bytes"],
+        "peer-to-peer\n(sum of bytes sent)": band["p2p_bytes_sent"],
+        "tracker\n(in + out)": band["tracker_bytes"] or 0,
+    }
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    axes = figure.subplots()
+    positions = list(range(len(bars)))
+    axes.bar(positions, [max(v, 1) for v in bars.values()], color=["grey", "tab:blue", "tab:green"])
+    axes.set_yscale("log")
+    axes.set_ylim(bottom=max(1, min(max(v, 1) for v in bars.values()) / 10))
+    axes.set_xticks(positions, list(bars), fontsize=8)
+    for x, value in zip(positions, bars.values(), strict=True):
+        axes.annotate(human_bytes(value), (x, max(value, 1)), ha="center", va="bottom", fontsize=8)
+    axes.set_ylabel("bytes (log scale)")
+    axes.set_title("bytes moved: one central server vs this swarm")
+    made.append(_save(figure, plots / "bandwidth.png"))
+    return made
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def human_bytes(value: float) -> str:
+    """``1536`` -> ``1.5 KiB``: sizes for tables and plot labels."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

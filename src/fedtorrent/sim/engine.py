@@ -1,0 +1,810 @@
+"""The vectorized engine: N virtual nodes whose parameters live in one ``(N, P)`` tensor.
+
+A round is local training of every node at once, then one mixing step over the round's cohorts.
+Both are batched tensor operations, never a Python loop over N models:
+
+- **linear fast path** (``logreg``): logits ``(A, C, B)`` by one batched matmul, the softmax
+  cross-entropy gradient derived by hand, batches gathered with ``index_select``;
+- **general path** (any registry model): ``torch.func.functional_call`` under ``vmap`` over the
+  stacked parameters, one autograd pass for all nodes.
+
+Row i of ``params`` is ``state.flatten`` of node i's state dict (sorted keys), so a row can be
+turned back into a state dict with ``state.unflatten(row, like)``. Memory is the stacked
+parameters, one gradient and optimizer state of the same size, and one batch per node. Every
+random draw comes from generators seeded by the run's seed, so a seed fixes the result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn import functional as F  # noqa: N812
+
+from fedtorrent.config import MixingConfig, TrainConfig
+from fedtorrent.errors import ConfigError
+from fedtorrent.mixing.rules import (
+    WEIGHTED_RULES,
+    coordinate_median,
+    krum,
+    metropolis_weights,
+    mix,
+    trimmed_mean,
+    uniform_weights,
+)
+from fedtorrent.mixing.trust import flat_views, learn_trust, trust_weights
+from fedtorrent.sim.topology import Topology
+
+Tensor = torch.Tensor
+Rows = Tensor | slice | None
+"""Which rows of the stacked parameters a step touches: an index tensor, a slice, or all."""
+ShareFn = Callable[[Tensor, int], Tensor]
+"""``share(params (N, P), round) -> (N, P)``: what each node sends its cohort this round.
+
+A node always mixes its own true parameters for itself; adversaries and privacy noise change only
+what the others receive."""
+
+_GATHER_BUDGET = 64 * 2**20
+"""Floats a gathered ``(N, M, P)`` cohort stack may take before mixing falls back to a loop."""
+_EVAL_FLOATS = 32 * 2**20
+_BATCH_FLOATS = 2**21
+"""Input floats one training step gathers at most (8 MiB): larger groups of nodes are split so a
+batch stays in cache between the forward and backward passes."""
+"""Floats of logits (or inputs, general path) one evaluation chunk may hold."""
+
+
+def derive_seed(seed: int, *streams: int) -> int:
+    """An independent 63-bit seed for one purpose (training, trust, a round) of a run's seed."""
+    state = np.random.SeedSequence([seed, *streams]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """The whole training and test sets once, and each node's rows of them as padded indices.
+
+    ``train_index[i, :train_count[i]]`` are node i's training rows of ``x_train``; the rest of
+    the row is padding (0). Same for ``val_index``.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    train_index: Tensor
+    train_count: Tensor
+    val_index: Tensor
+    val_count: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+
+    @property
+    def num_nodes(self) -> int:
+        """N."""
+        return int(self.train_index.shape[0])
+
+
+def node_data(
+    *,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    num_classes: int,
+) -> NodeData:
+    """Pack arrays and per-node ``(train, val)`` index arrays into :class:`NodeData` (no copies)."""
+    if not splits:
+        raise ConfigError("need at least one node")
+    return NodeData(
+        x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
+        y_train=torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64)),
+        train_index=_pad([s[0] for s in splits]),
+        train_count=torch.tensor([len(s[0]) for s in splits], dtype=torch.int64),
+        val_index=_pad([s[1] for s in splits]),
+        val_count=torch.tensor([len(s[1]) for s in splits], dtype=torch.int64),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+        y_test=torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64)),
+        num_classes=num_classes,
+    )
+
+
+def _pad(parts: list[np.ndarray]) -> Tensor:
+    width = max(1, *(len(p) for p in parts))
+    out = torch.zeros(len(parts), width, dtype=torch.int64)
+    for row, part in enumerate(parts):
+        out[row, : len(part)] = torch.from_numpy(np.asarray(part, dtype=np.int64))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: the model as functions of stacked flat parameters
+
+
+class Backend(Protocol):
+    """A model as functions of ``(A, P)`` stacked flat parameter rows."""
+
+    like: dict[str, Tensor]
+    num_params: int
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Inputs as this backend wants them (flattened for the linear path)."""
+
+    def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+        """``(A, P)`` gradient of each row's weighted cross-entropy on its own batch.
+
+        ``x`` is ``(A, B, ...)``, ``y`` ``(A, B)``; ``weight`` ``(A, B)`` sums to 1 per row
+        (None: plain mean).
+        """
+
+    def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``(A,)`` mean cross-entropy of each row on its own batch; differentiable."""
+
+    def logits(self, params: Tensor, x: Tensor) -> Tensor:
+        """``(A, E, C)`` logits of every row on the same inputs ``(E, ...)``; no gradients."""
+
+
+class LinearBackend:
+    """Multinomial logistic regression with the gradient written out: the fast path."""
+
+    def __init__(self, like: dict[str, Tensor], *, weight_key: str, bias_key: str) -> None:
+        self.like = like
+        self.num_params = sum(t.numel() for t in like.values())
+        self.num_classes, self.num_features = like[weight_key].shape
+        offsets, start = {}, 0
+        for key in sorted(like):
+            offsets[key] = slice(start, start + like[key].numel())
+            start += like[key].numel()
+        self._weight, self._bias = offsets[weight_key], offsets[bias_key]
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        rows = params.shape[0]
+        weight = params[:, self._weight].view(rows, self.num_classes, self.num_features)
+        return weight, params[:, self._bias]
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Flatten each example."""
+        return x.reshape(x.shape[0], -1)
+
+    def _logits_t(self, params: Tensor, x: Tensor) -> Tensor:
+        # (A, C, B): softmax over a middle axis of size C is far faster than over a last axis of 10.
+        weight, bias = self._split(params)
+        return torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2))
+
+    def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+        """Softmax cross-entropy gradient by hand: ``(p - onehot) x`` per row."""
+        rows, batch = y.shape
+        probs = torch.softmax(self._logits_t(params, x), dim=1)
+        probs.scatter_add_(1, y.unsqueeze(1), torch.full((1, 1, 1), -1.0).expand(rows, 1, batch))
+        if weight is None:
+            probs.mul_(1.0 / batch)
+        else:
+            probs.mul_(weight.unsqueeze(1))
+        grad = torch.empty(rows, self.num_params)
+        grad[:, self._bias] = probs.sum(dim=2)
+        grad[:, self._weight] = torch.bmm(probs, x).view(rows, -1)
+        return grad
+
+    def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy per row."""
+        logits_t = self._logits_t(params, x)
+        return F.cross_entropy(logits_t, y, reduction="none").mean(dim=1)
+
+    def logits(self, params: Tensor, x: Tensor) -> Tensor:
+        """One matmul for all rows: ``(E, D) @ (D, A*C)``."""
+        weight, bias = self._split(params)
+        rows = params.shape[0]
+        flat = x @ weight.reshape(rows * self.num_classes, -1).T
+        return (flat.view(-1, rows, self.num_classes) + bias).transpose(0, 1)
+
+
+_SPATIAL = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+class FunctionalBackend:
+    """Any ``nn.Module`` via ``functional_call`` on stacked rows; gradients by one autograd pass.
+
+    With ``vectorize`` the rows run under ``vmap`` (one batched kernel per layer). Without it the
+    forward passes run row by row inside one autograd graph: ``vmap`` turns N convolutions into
+    one grouped convolution and N poolings into one over N times the channels, which CPU kernels
+    run 1.5 to 2.5 times slower than N separate calls (``benchmarks/sim_speed.py``). The default,
+    None, vectorizes unless the model has convolution or pooling layers.
+    """
+
+    def __init__(
+        self, model: nn.Module, like: dict[str, Tensor], *, vectorize: bool | None = None
+    ) -> None:
+        self.model = model
+        self.like = like
+        self.num_params = sum(t.numel() for t in like.values())
+        names = {name for name, _ in model.named_parameters()}
+        self._trainable = [key in names for key in sorted(like)]
+        if vectorize is None:
+            vectorize = not any(isinstance(m, _SPATIAL) for m in model.modules())
+        self.vectorize = vectorize
+        self._own = vmap(self._forward, randomness="different")
+        self._shared = vmap(self._forward, in_dims=(0, None), randomness="different")
+
+    def _forward(self, state: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        out: Tensor = functional_call(self.model, state, (inputs,))
+        return out
+
+    def _each_row(self, state: dict[str, Tensor], x: Tensor, *, shared: bool) -> Tensor:
+        rows = next(iter(state.values())).shape[0]
+        return torch.stack(
+            [
+                self._forward({k: v[i] for k, v in state.items()}, x if shared else x[i])
+                for i in range(rows)
+            ]
+        )
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """Inputs as they are."""
+        return x
+
+    def _views(self, params: Tensor, frozen: Tensor) -> dict[str, Tensor]:
+        live = flat_views(params, self.like)
+        fixed = flat_views(frozen, self.like)
+        return {
+            key: live[key] if trainable else fixed[key]
+            for key, trainable in zip(sorted(self.like), self._trainable, strict=True)
+        }
+
+    def _row_losses(self, state: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = self._own(state, x) if self.vectorize else self._each_row(state, x, shared=False)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+
+    def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+        """Autograd through the vmapped forward of every row at once (or row by row)."""
+        self.model.train()
+        if not self.vectorize:
+            return torch.stack(
+                [
+                    self._row_grad(params[i], x[i], y[i], None if weight is None else weight[i])
+                    for i in range(params.shape[0])
+                ]
+            )
+        leaf = params.detach().requires_grad_(True)
+        per_example = self._row_losses(self._views(leaf, params.detach()), x, y)
+        per_row = per_example.mean(dim=1) if weight is None else (per_example * weight).sum(dim=1)
+        (grad,) = torch.autograd.grad(per_row.sum(), leaf)
+        return grad
+
+    def _row_grad(self, row: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+        """One row's gradient with one leaf per parameter, as a plain module would have."""
+        state = {k: v.detach() for k, v in flat_views(row, self.like).items()}
+        keys = [
+            k for k, trainable in zip(sorted(self.like), self._trainable, strict=True) if trainable
+        ]
+        for key in keys:
+            state[key].requires_grad_(True)
+        per_example = F.cross_entropy(self._forward(state, x), y, reduction="none")
+        loss = per_example.mean() if weight is None else (per_example * weight).sum()
+        grads = dict(zip(keys, torch.autograd.grad(loss, [state[k] for k in keys]), strict=True))
+        return torch.cat(
+            [
+                grads[k].reshape(-1) if k in grads else torch.zeros(state[k].numel())
+                for k in sorted(self.like)
+            ]
+        )
+
+    def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy per row, in eval mode."""
+        self.model.eval()
+        return self._row_losses(self._views(params, params.detach()), x, y).mean(dim=1)
+
+    def logits(self, params: Tensor, x: Tensor) -> Tensor:
+        """Eval-mode logits of every row on shared inputs."""
+        self.model.eval()
+        state = flat_views(params, self.like)
+        with torch.no_grad():
+            if self.vectorize:
+                out: Tensor = self._shared(state, x)
+                return out
+            return self._each_row(state, x, shared=True)
+
+
+def make_backend(model: nn.Module, *, input_shape: tuple[int, ...]) -> Backend:
+    """The linear fast path when ``model`` is exactly ``flatten -> linear``, else the general."""
+    like = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    linear = _linear_keys(model, like, input_shape)
+    if linear is not None:
+        return LinearBackend(like, weight_key=linear[0], bias_key=linear[1])
+    return FunctionalBackend(model, like)
+
+
+def _linear_keys(
+    model: nn.Module, like: dict[str, Tensor], input_shape: tuple[int, ...]
+) -> tuple[str, str] | None:
+    """``(weight_key, bias_key)`` when the model computes ``flatten(x) @ W.T + b``, else None."""
+    if len(like) != 2 or any(not t.is_floating_point() for t in like.values()):
+        return None
+    weights = [k for k, t in like.items() if t.ndim == 2]
+    biases = [k for k, t in like.items() if t.ndim == 1]
+    if len(weights) != 1 or len(biases) != 1:
+        return None
+    w, b = like[weights[0]], like[biases[0]]
+    if w.shape[0] != b.shape[0] or w.shape[1] != math.prod(input_shape):
+        return None
+    # Check numerically that the forward pass really is affine in the flattened input.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *input_shape, generator=generator)
+    probe = {weights[0]: torch.randn(w.shape, generator=generator), biases[0]: torch.randn(b.shape)}
+    with torch.no_grad():
+        try:
+            got = functional_call(model.eval(), probe, (x,))
+        except Exception:  # any model that cannot run this probe is not the simple linear one
+            return None
+        expected = x.reshape(3, -1) @ probe[weights[0]].T + probe[biases[0]]
+    if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        return None
+    return weights[0], biases[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer on stacked rows
+
+
+class RowOptimizer:
+    """SGD (momentum, weight decay) or Adam applied row-wise to ``(N, P)`` parameters.
+
+    State is reset by :meth:`reset` at the start of each round, like a real peer that builds a
+    new optimizer for every local training call.
+    """
+
+    def __init__(self, config: TrainConfig, shape: tuple[int, int]) -> None:
+        self.config = config
+        self.shape = shape
+        self._first: Tensor | None = None
+        self._second: Tensor | None = None
+        self._steps = torch.zeros(shape[0])
+
+    def reset(self) -> None:
+        """Forget momentum and Adam moments."""
+        self._first = self._second = None
+        self._steps.zero_()
+
+    def step(self, params: Tensor, grad: Tensor, *, rows: Rows, lr: Tensor | float) -> None:
+        """Update ``params`` in place; ``grad`` holds the ``rows`` (all rows when None)."""
+        cfg = self.config
+        current = self._take(params, rows)
+        if cfg.weight_decay > 0:
+            grad = grad.add(current, alpha=cfg.weight_decay)
+        if cfg.optimizer == "adam":
+            update = self._adam(grad, rows)
+        elif cfg.momentum > 0:
+            if self._first is None:
+                self._first = torch.zeros(self.shape)
+            buf = self._take(self._first, rows).mul_(cfg.momentum).add_(grad)
+            self._put(self._first, rows, buf)
+            update = buf
+        else:
+            update = grad
+        if isinstance(lr, Tensor):
+            update = update * lr.unsqueeze(1)
+            lr = 1.0
+        current.sub_(update, alpha=lr)
+        self._put(params, rows, current)
+
+    def _adam(self, grad: Tensor, rows: Rows) -> Tensor:
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        if self._first is None or self._second is None:
+            self._first, self._second = torch.zeros(self.shape), torch.zeros(self.shape)
+        first = self._take(self._first, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
+        second = self._take(self._second, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self._put(self._first, rows, first)
+        self._put(self._second, rows, second)
+        steps = self._take(self._steps, rows).add_(1)
+        self._put(self._steps, rows, steps)
+        correct1 = (1 - beta1**steps).unsqueeze(1)
+        correct2 = (1 - beta2**steps).unsqueeze(1)
+        return (first / correct1) / ((second / correct2).sqrt_().add_(eps))
+
+    @staticmethod
+    def _take(state: Tensor, rows: Rows) -> Tensor:
+        """All rows and slices are views (updated in place); index tensors are copies."""
+        if rows is None:
+            return state
+        return state[rows] if isinstance(rows, slice) else state.index_select(0, rows)
+
+    @staticmethod
+    def _put(state: Tensor, rows: Rows, value: Tensor) -> None:
+        if isinstance(rows, Tensor):
+            state.index_copy_(0, rows, value)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Every node scored on the same examples: mean loss ``(N,)``, confusion ``(N, C, C)``.
+
+    ``predictions`` ``(N, E)`` is kept only when asked for.
+    """
+
+    loss: Tensor
+    confusion: Tensor
+    predictions: Tensor | None = None
+
+    @property
+    def accuracy(self) -> Tensor:
+        """``(N,)`` fraction correct."""
+        hits = self.confusion.diagonal(dim1=1, dim2=2).sum(dim=1)
+        return hits.to(torch.float64) / self.confusion.sum(dim=(1, 2)).clamp_min(1)
+
+    def weighted_accuracy(self, class_weights: Tensor) -> Tensor:
+        """``(N,)`` accuracy on a test set reweighted to each node's label mix ``(N, C)``.
+
+        ``sum_c w_ic * recall_ic``: how well node i does on data distributed like its own.
+        """
+        support = self.confusion.sum(dim=2).to(torch.float64)
+        recall = self.confusion.diagonal(dim1=1, dim2=2).to(torch.float64) / support.clamp_min(1)
+        weights = class_weights.to(torch.float64) * (support > 0)
+        return (weights * recall).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-12)
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each phase, summed over rounds."""
+
+    train: float = 0.0
+    trust: float = 0.0
+    mix: float = 0.0
+    evaluate: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain numbers for JSON."""
+        return {
+            "train": self.train,
+            "trust": self.trust,
+            "mix": self.mix,
+            "evaluate": self.evaluate,
+        }
+
+
+@contextmanager
+def _timed(timings: Timings, phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        setattr(timings, phase, getattr(timings, phase) + time.perf_counter() - start)
+
+
+class Engine:
+    """N nodes in one process: ``run_round`` trains all of them, then mixes over the cohorts.
+
+    Args:
+        backend: the model as functions of stacked parameters (:func:`make_backend`).
+        data: the data and each node's share of it.
+        train: local training settings (one round = ``epochs`` passes or ``steps`` batches).
+        mixing: the mixing rule and its settings.
+        topology: who is in whose cohort each round.
+        init: ``(P,)`` starting parameters, the same for every node (as a torrent's initial state).
+        seed: fixes batch order, trust batches and dropout.
+        share: what nodes send each other (default: their parameters).
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        data: NodeData,
+        train: TrainConfig,
+        mixing: MixingConfig,
+        topology: Topology,
+        init: Tensor,
+        seed: int,
+        share: ShareFn | None = None,
+    ) -> None:
+        n = data.num_nodes
+        if topology.num_nodes != n:
+            raise ConfigError(f"topology has {topology.num_nodes} nodes but data has {n}")
+        if init.shape != (backend.num_params,):
+            raise ConfigError(
+                f"init has shape {tuple(init.shape)}, expected ({backend.num_params},)"
+            )
+        if (
+            mixing.rule == "learned"
+            and mixing.trust_steps > 0
+            and bool((data.val_count == 0).any())
+        ):
+            raise ConfigError(
+                "learned trust needs validation data on every node (val_fraction > 0)"
+            )
+        self.backend, self.data, self.train_config = backend, data, train
+        self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
+        self.num_nodes = n
+        self.params = init.detach().to(torch.float32).unsqueeze(0).repeat(n, 1)
+        self.trust_logits = torch.zeros(n, n)
+        self.optimizer = RowOptimizer(train, (n, backend.num_params))
+        self.timings = Timings()
+        self._x_train = backend.prepare(data.x_train)
+        self._x_test = backend.prepare(data.x_test)
+        self._minus_one = torch.full((1,), -1.0)
+
+    # ---- training -------------------------------------------------------------------------
+
+    def train_round(self, round_index: int, *, lr_scale: float = 1.0) -> None:
+        """Local training of every node at once: each node runs its own batches (no mixing).
+
+        ``lr_scale`` multiplies ``train.lr`` for this round (a schedule across rounds).
+        """
+        with _timed(self.timings, "train"), _forked_rng(self.seed, 1, round_index):
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round_index))
+            self._train(generator, self.train_config.lr * lr_scale)
+
+    def _train(self, generator: torch.Generator, base_lr: float) -> None:
+        cfg, data = self.train_config, self.data
+        batch = cfg.batch_size
+        counts = data.train_count
+        per_pass = (counts + batch - 1) // batch
+        if cfg.steps is not None:
+            totals = torch.where(counts > 0, cfg.steps, 0)
+        else:
+            totals = per_pass * cfg.epochs
+        last = int(totals.max()) if self.num_nodes else 0
+        if last == 0:
+            return
+        self.optimizer.reset()
+        order = torch.zeros_like(data.train_index)
+        if (
+            len(set(counts.tolist())) == 1
+            and len(set(totals.tolist())) == 1
+            and (int(counts[0]) % batch == 0)
+        ):
+            # Every node runs the same number of full batches: no masks, no row subsets.
+            everyone, per = torch.ones(self.num_nodes, dtype=torch.bool), int(per_pass[0])
+            for step in range(last):
+                if step % per == 0:
+                    self._shuffle_rows(order, everyone, generator)
+                start = (step % per) * batch
+                self._step(order[:, start : start + batch], None, None, step, totals, base_lr)
+            return
+        slot = torch.arange(batch)
+        for step in range(last):
+            active = step < totals
+            fresh = active & (step % per_pass.clamp_min(1) == 0)
+            if bool(fresh.any()):
+                self._shuffle_rows(order, fresh, generator)
+            within = step % per_pass.clamp_min(1)
+            rows = None if bool(active.all()) else active.nonzero().squeeze(1)
+            position = within.unsqueeze(1) * batch + slot
+            valid = position < counts.unsqueeze(1)
+            index = order.gather(1, position.clamp_max(order.shape[1] - 1))
+            weight: Tensor | None = valid / valid.sum(dim=1, keepdim=True).clamp_min(1)
+            if rows is not None:
+                index = index.index_select(0, rows)
+                weight = None if weight is None else weight.index_select(0, rows)
+            self._step(index, weight, rows, step, totals, base_lr)
+
+    def _shuffle_rows(self, order: Tensor, rows_mask: Tensor, generator: torch.Generator) -> None:
+        data = self.data
+        rows = rows_mask.nonzero().squeeze(1)
+        width = data.train_index.shape[1]
+        keys = torch.rand(len(rows), width, generator=generator)
+        keys.masked_fill_(torch.arange(width) >= data.train_count[rows].unsqueeze(1), 2.0)
+        picks = keys.argsort(dim=1)
+        order[rows] = data.train_index[rows].gather(1, picks)
+
+    def _step(
+        self,
+        index: Tensor,
+        weight: Tensor | None,
+        rows: Tensor | None,
+        step: int,
+        totals: Tensor,
+        base_lr: float,
+    ) -> None:
+        count, batch = index.shape
+        chunk = max(1, _BATCH_FLOATS // (batch * math.prod(self._x_train.shape[1:])))
+        for start in range(0, count, chunk):
+            stop = min(count, start + chunk)
+            part: Rows = rows
+            if count > chunk:
+                part = slice(start, stop) if rows is None else rows[start:stop]
+            self._step_rows(
+                index[start:stop],
+                None if weight is None else weight[start:stop],
+                part,
+                step,
+                totals,
+                base_lr,
+            )
+
+    def _step_rows(
+        self,
+        index: Tensor,
+        weight: Tensor | None,
+        rows: Rows,
+        step: int,
+        totals: Tensor,
+        base_lr: float,
+    ) -> None:
+        count, batch = index.shape
+        flat = index.reshape(-1)
+        x = self._x_train.index_select(0, flat).view(count, batch, *self._x_train.shape[1:])
+        y = self.data.y_train.index_select(0, flat).view(count, batch)
+        grad = self.backend.grad(RowOptimizer._take(self.params, rows), x, y, weight)
+        lr: Tensor | float = base_lr
+        if self.train_config.lr_schedule == "cosine":
+            total = RowOptimizer._take(totals, rows)
+            lr = base_lr * 0.5 * (1 + torch.cos(math.pi * step / total.clamp_min(1)))
+        self.optimizer.step(self.params, grad, rows=rows, lr=lr)
+
+    # ---- mixing ---------------------------------------------------------------------------
+
+    def mix_round(self, round_index: int) -> Tensor | None:
+        """Mix every node with its cohort; return the ``(N, N)`` weights used (None for robust)."""
+        adjacency = self.topology.cohorts(round_index)
+        members = adjacency | torch.eye(self.num_nodes, dtype=torch.bool)
+        shared = self.params if self.share is None else self.share(self.params, round_index)
+        rule = self.mixing.rule
+        if rule == "none":
+            return torch.eye(self.num_nodes)
+        if rule not in WEIGHTED_RULES:
+            with _timed(self.timings, "mix"):
+                self.params = self._robust(members, shared)
+            return None
+        if rule == "fixed":
+            weights = uniform_weights(members)
+        elif rule == "metropolis":
+            weights = metropolis_weights(adjacency)
+        else:
+            with _timed(self.timings, "trust"):
+                weights = self._learn_trust(members, shared, round_index)
+        with _timed(self.timings, "mix"):
+            self.params = self._weighted_mix(weights, shared)
+        return weights
+
+    def _weighted_mix(self, weights: Tensor, shared: Tensor) -> Tensor:
+        n = self.num_nodes
+        width = int((weights != 0).sum(dim=1).max())
+        if n >= 64 and 4 * width <= n:
+            # Small cohorts in a big swarm: sum the few members row by row, O(N k P) not O(N^2 P).
+            values, columns = weights.topk(width, dim=1)
+            mixed = torch.zeros_like(shared)
+            for k in range(width):
+                mixed.addcmul_(values[:, k : k + 1], shared.index_select(0, columns[:, k]))
+        else:
+            mixed = mix(weights, shared)
+        if shared is not self.params:
+            mixed = mixed + weights.diagonal().unsqueeze(1) * (self.params - shared)
+        return mixed
+
+    def _learn_trust(self, members: Tensor, shared: Tensor, round_index: int) -> Tensor:
+        cfg = self.mixing
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round_index))
+        data, backend = self.data, self.backend
+        vmax = data.val_index.shape[1]
+        own = self.params
+
+        def val_loss(mixed: Tensor) -> Tensor:
+            pick = (torch.rand(self.num_nodes, cfg.trust_batch_size, generator=generator)) * (
+                data.val_count.unsqueeze(1)
+            )
+            index = data.val_index.gather(1, pick.long().clamp_max(vmax - 1))
+            flat = index.reshape(-1)
+            x = self._x_train.index_select(0, flat).view(*index.shape, *self._x_train.shape[1:])
+            return backend.losses(mixed, x, data.y_train.index_select(0, flat).view(index.shape))
+
+        def mixed_loss(weights: Tensor) -> Tensor:
+            mixed = mix(weights, shared)
+            if shared is not own:
+                mixed = mixed + weights.diagonal().unsqueeze(1) * (own - shared)
+            return val_loss(mixed)
+
+        with _forked_rng(self.seed, 4, round_index):
+            self.trust_logits = learn_trust(
+                self.trust_logits,
+                mixed_loss=mixed_loss,
+                members=members,
+                lr=cfg.trust_lr,
+                steps=cfg.trust_steps,
+                floor=cfg.weight_floor,
+                entropy_penalty=cfg.entropy_penalty,
+            )
+        return trust_weights(self.trust_logits, members, floor=cfg.weight_floor).detach()
+
+    def _robust(self, members: Tensor, shared: Tensor) -> Tensor:
+        """Robust rules by groups of nodes: equal-size cohorts are gathered and reduced at once."""
+        n, p = self.params.shape
+        out = torch.empty_like(self.params)
+        sizes = members.sum(dim=1)
+        # Self first, then the cohort in index order.
+        ranked = torch.where(members, torch.arange(n).expand(n, n), n)
+        ranked[torch.arange(n), torch.arange(n)] = -1
+        order = ranked.sort(dim=1).values
+        order[:, 0] = torch.arange(n)
+        for size in sorted(set(sizes.tolist())):
+            nodes = (sizes == size).nonzero().squeeze(1)
+            chunk = max(1, _GATHER_BUDGET // max(1, size * p))
+            for start in range(0, len(nodes), chunk):
+                group = nodes[start : start + chunk]
+                index = order[group, :size]
+                stack = shared[index.reshape(-1)].view(len(group), size, p)
+                stack[:, 0] = self.params[group]
+                out[group] = self._reduce(stack)
+        return out
+
+    def _reduce(self, stack: Tensor) -> Tensor:
+        cfg = self.mixing
+        if cfg.rule == "median":
+            return coordinate_median(stack)
+        if cfg.rule == "trimmed_mean":
+            return trimmed_mean(stack, trim_ratio=cfg.trim_ratio)
+        return krum(stack, byzantine=cfg.byzantine)
+
+    # ---- rounds and evaluation -----------------------------------------------------------
+
+    def run_round(self, round_index: int, *, lr_scale: float = 1.0) -> Tensor | None:
+        """One round: local training, then mixing. Returns the mixing weights (see mix_round)."""
+        self.train_round(round_index, lr_scale=lr_scale)
+        return self.mix_round(round_index)
+
+    def evaluate(
+        self, x: Tensor | None = None, y: Tensor | None = None, *, keep_predictions: bool = False
+    ) -> Evaluation:
+        """Score every node on ``(x, y)`` (default: the test set), in chunks that bound memory."""
+        with _timed(self.timings, "evaluate"):
+            inputs = self._x_test if x is None else self.backend.prepare(x)
+            targets = self.data.y_test if y is None else y
+            return self._evaluate(inputs, targets, keep_predictions)
+
+    def _evaluate(self, x: Tensor, y: Tensor, keep_predictions: bool) -> Evaluation:
+        n, classes, total = self.num_nodes, self.data.num_classes, int(x.shape[0])
+        loss = torch.zeros(n, dtype=torch.float64)
+        confusion = torch.zeros(n * classes * classes, dtype=torch.int64)
+        predictions = torch.zeros(n, total, dtype=torch.int64) if keep_predictions else None
+        linear = isinstance(self.backend, LinearBackend)
+        # Floats held per (row, example): logits for the linear path, activations otherwise.
+        per_example = classes if linear else 32 * math.prod(x.shape[1:])
+        rows_chunk = max(1, min(n, _EVAL_FLOATS // max(1, per_example * min(total, 1024))))
+        ex_chunk = max(1, min(total, _EVAL_FLOATS // max(1, per_example * rows_chunk)))
+        for r0 in range(0, n, rows_chunk):
+            rows = slice(r0, min(n, r0 + rows_chunk))
+            count = rows.stop - r0
+            base = (torch.arange(r0, rows.stop) * classes * classes).unsqueeze(1)
+            for e0 in range(0, total, ex_chunk):
+                xs, ys = x[e0 : e0 + ex_chunk], y[e0 : e0 + ex_chunk]
+                with torch.no_grad():
+                    logits = self.backend.logits(self.params[rows], xs)
+                    per_row = F.cross_entropy(
+                        logits.transpose(1, 2), ys.expand(count, -1), reduction="none"
+                    ).sum(dim=1)
+                loss[rows] += per_row.to(torch.float64)
+                guess = logits.argmax(dim=2)
+                if predictions is not None:
+                    predictions[rows, e0 : e0 + ex_chunk] = guess
+                cells = base + ys.unsqueeze(0) * classes + guess
+                confusion += torch.bincount(cells.reshape(-1), minlength=confusion.numel())
+        return Evaluation(
+            loss=loss / max(total, 1),
+            confusion=confusion.view(n, classes, classes),
+            predictions=predictions,
+        )
+
+    def node_state(self, node: int) -> dict[str, Tensor]:
+        """Node ``node``'s state dict (a copy), keyed and shaped like the model's."""
+        return {k: v.clone() for k, v in flat_views(self.params[node], self.backend.like).items()}
+
+
+@contextmanager
+def _forked_rng(seed: int, *streams: int) -> Iterator[None]:
+    """Seed torch's global generator (dropout in vmapped models) without leaking that to callers."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, *streams))
+        yield

@@ -1,0 +1,576 @@
+"""The peer's protocol logic on the in-memory transport twin, with the tracker's real registry.
+
+No sockets: peers run in threads of this process, reach each other through a ``MemoryNetwork``
+and find each other through ``SwarmRegistry`` (the tracker's own swarm logic) behind a tiny
+in-process announcer that answers exactly as the HTTP client would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, TrackerConfig, TrainConfig
+from fedtorrent.errors import ConfigError, DataError, MessageError, StateError, TorrentError
+from fedtorrent.metrics.records import read_records
+from fedtorrent.mixing.rules import mix
+from fedtorrent.models import build_model
+from fedtorrent.net import wire
+from fedtorrent.net.torrent import Session, Torrent, load_torrent, save_torrent, state_path_for
+from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer, parse_answer
+from fedtorrent.net.tracker.registry import Announce, SwarmRegistry
+from fedtorrent.net.transport import (
+    Endpoint,
+    MemoryNetwork,
+    MemoryTransport,
+    Reply,
+    TransportConfig,
+)
+from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtorrent.node.peer import Peer, PeerConfig, read_examples
+from fedtorrent.state import encode_state, flatten, state_digest
+
+pytestmark = pytest.mark.timeout(60)
+State = dict[str, torch.Tensor]
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+def make_torrent(
+    folder: Path, *, rule: str = "fixed", nodes: int = 3, cohort: int = 2, rounds: int = 3
+) -> Path:
+    """A digits / logreg session (fast: ~200 examples per peer) and its initial state."""
+    torch.manual_seed(0)
+    net = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
+    state = encode_state(net.state_dict())
+    session = Session(
+        name="test-digits",
+        model=ModelConfig("logreg", {}),
+        data=DataConfig(dataset="digits", num_nodes=nodes, seed=0),
+        train=TrainConfig(epochs=1, batch_size=32, lr=0.1, seed=0),
+        mixing=MixingConfig(rule=rule, trust_steps=3, trust_batch_size=32),
+        rounds=rounds,
+        cohort_size=cohort,
+        state_sha256=state_digest(state),
+        state_size=len(state),
+    )
+    path = folder / "session.torrent"
+    save_torrent(Torrent(announce="http://127.0.0.1:9/announce", session=session), path)
+    state_path_for(path).write_bytes(state)
+    return path
+
+
+class RegistryAnnouncer:
+    """The tracker's swarm registry behind the announce signature of ``TrackerClient``.
+
+    Like the client, it replays the last answer (``cached``) while ``down`` is set.
+    """
+
+    def __init__(self, *, interval: int = 30) -> None:
+        self.registry = SwarmRegistry(
+            TrackerConfig(interval=interval), clock=time.monotonic, rng=random.Random(0)
+        )
+        self.lock = threading.Lock()
+        self.down = False
+        self.calls: list[dict[str, Any]] = []
+        self.cache: dict[tuple[str, str], TrackerAnswer] = {}
+        """Per peer, as each peer has its own client."""
+
+    def announce(self, info_hash: str, peer_id: str, **kw: Any) -> TrackerAnswer:
+        from fedtorrent.errors import TrackerError
+
+        with self.lock:
+            self.calls.append({"peer_id": peer_id, "answered": not self.down, **kw})
+            if self.down:
+                if (info_hash, peer_id) in self.cache and kw.get("event") != "stopped":
+                    return replace(self.cache[(info_hash, peer_id)], cached=True)
+                raise TrackerError("tracker down (test)")
+            answer = self.registry.announce(
+                Announce(
+                    info_hash=info_hash,
+                    peer_id=peer_id,
+                    ip="127.0.0.1",
+                    port=kw["port"],
+                    source="127.0.0.1",
+                    event=kw.get("event", ""),
+                    round=kw.get("round", 0),
+                    numwant=kw.get("numwant") or 20,
+                    accuracy=kw.get("accuracy"),
+                )
+            )
+            parsed = parse_answer(answer.to_json())
+            self.cache[(info_hash, peer_id)] = parsed
+        return parsed
+
+
+class MemAddressing:
+    """``mem://N`` is announced as port ``N + 1``."""
+
+    def port_of(self, address: str) -> int:
+        return int(address.removeprefix("mem://")) + 1
+
+    def endpoint(self, peer: PeerAddress) -> Endpoint:
+        return Endpoint(peer_id=peer.peer_id, address=f"mem://{peer.port - 1}")
+
+
+class Swarm:
+    """Peers of one session on one memory network, started and run in threads."""
+
+    def __init__(self, torrent: Path, root: Path) -> None:
+        self.torrent, self.root = torrent, root
+        self.network = MemoryNetwork()
+        self.tracker = RegistryAnnouncer()
+        self.peers: list[Peer] = []
+
+    def peer(self, index: int, *, nodes: int = 3, **overrides: Any) -> Peer:
+        hooks = {k: overrides.pop(k) for k in ("send_hook", "receive_hook") if k in overrides}
+        config = PeerConfig(
+            torrent=self.torrent,
+            out_dir=self.root / f"peer-{index}",
+            node_index=index,
+            num_nodes=nodes,
+            exchange_timeout=overrides.pop("exchange_timeout", 5.0),
+            linger=overrides.pop("linger", 0.5),
+            **overrides,
+        )
+        peer = Peer(
+            config,
+            transport=lambda cfg: MemoryTransport(self.network, cfg),
+            tracker=self.tracker,
+            addressing=MemAddressing(),
+            **hooks,
+        )
+        self.peers.append(peer)
+        return peer
+
+    def run(self, peers: Sequence[Peer]) -> list[str]:
+        outcomes: dict[int, str] = {}
+        errors: list[BaseException] = []
+
+        def go(i: int, peer: Peer) -> None:
+            try:
+                outcomes[i] = peer.run()
+            except BaseException as exc:
+                errors.append(exc)
+
+        for peer in peers:
+            peer.start()
+        threads = [threading.Thread(target=go, args=(i, p)) for i, p in enumerate(peers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(50)
+        for peer in peers:
+            peer.close()
+        assert not errors, errors
+        return [outcomes[i] for i in range(len(peers))]
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[Swarm]:
+    torch.manual_seed(0)
+    running = Swarm(make_torrent(tmp_path), tmp_path)
+    yield running
+    for peer in running.peers:
+        peer.close()
+
+
+class Recorder:
+    """A send hook that remembers what each peer shared in each round."""
+
+    def __init__(self) -> None:
+        self.shared: dict[tuple[str, int], State] = {}
+        self.lock = threading.Lock()
+
+    def hook(self, name: str) -> Callable[[State, int], State]:
+        def send(state: State, round: int) -> State:
+            with self.lock:
+                self.shared[(name, round)] = {k: v.clone() for k, v in state.items()}
+            return state
+
+        return send
+
+
+# -- mixing follows the simulator's rules ---------------------------------------------------------
+
+
+def test_fixed_rule_averages_the_cohort_like_the_simulator(swarm: Swarm) -> None:
+    recorder = Recorder()
+    peers = [swarm.peer(i, send_hook=recorder.hook(f"peer-{i}")) for i in range(3)]
+    assert swarm.run(peers) == ["done"] * 3
+    for peer in peers:
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        assert [r["round"] for r in records] == [1, 2, 3]
+        last = records[-1]
+        assert sorted(last["heard_from"]) == sorted(p.peer_id for p in peers if p is not peer)
+        assert last["staleness"] == {p: 0 for p in last["heard_from"]}
+        assert last["trust_weights"]["self"] == pytest.approx(1 / 3)
+        # Every cohort is the whole swarm, so after the last round each peer holds the uniform
+        # average of the three trained states of that round: the simulator's fixed rule.
+        trained = torch.stack([flatten(recorder.shared[(p.peer_id, 3)]) for p in peers])
+        expected = mix(torch.full((3,), 1 / 3), trained)
+        assert torch.allclose(flatten(peer.current), expected, atol=1e-6)
+        assert last["bytes_received"] > 2 * peer.session.state_size  # two payloads at least
+        assert last["payload_bytes_received"] >= 2 * peer.session.state_size
+        assert last["header_bytes_received"] > 0
+        assert set(last["rtts"]) == set(last["heard_from"])
+    accuracies = [read_records(p.out_dir / "metrics.jsonl")[-1]["test_accuracy"] for p in peers]
+    assert min(accuracies) > 0.5  # 10 classes: learning happened
+
+
+def test_learned_trust_mixes_with_the_weights_it_records(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, rule="learned"), tmp_path)
+    recorder = Recorder()
+    peers = [swarm.peer(i, send_hook=recorder.hook(f"peer-{i}")) for i in range(3)]
+    assert swarm.run(peers) == ["done"] * 3
+    for peer in peers:
+        last = read_records(peer.out_dir / "metrics.jsonl")[-1]
+        weights = last["trust_weights"]
+        assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)
+        order = ["self", *last["heard_from"]]
+        names = [peer.peer_id, *last["heard_from"]]
+        stack = torch.stack([flatten(recorder.shared[(n, 3)]) for n in names])
+        expected = mix(torch.tensor([weights[k] for k in order]), stack)
+        assert torch.allclose(flatten(peer.current), expected, atol=1e-5)
+        assert peer.trust is not None
+        logits = peer.trust.state_dict()
+        assert set(logits["peers"]) == set(last["heard_from"])
+
+
+def test_none_rule_keeps_its_own_model(tmp_path: Path) -> None:
+    alone = Swarm(make_torrent(tmp_path, rule="none"), tmp_path)
+    recorder = Recorder()
+    peers = [alone.peer(i, send_hook=recorder.hook(f"peer-{i}")) for i in range(3)]
+    alone.run(peers)
+    for peer in peers:
+        assert torch.equal(flatten(peer.current), flatten(recorder.shared[(peer.peer_id, 3)]))
+
+
+# -- hostile and silent neighbours ----------------------------------------------------------------
+
+
+def bad_replies(session: Session, info_hash: str) -> list[Callable[[list[bytes]], list[bytes]]]:
+    """Responders that answer with NaN, wrong shapes, another session, garbage, a huge size."""
+
+    def state_reply(state: State, *, session_hash: str = info_hash) -> list[bytes]:
+        return wire.encode_message(
+            encode_state(state), info_hash=session_hash, sender="evil", round=99, num_examples=1
+        )
+
+    good = {"1.bias": torch.zeros(10), "1.weight": torch.zeros(10, 64)}
+    nan = {**good, "1.weight": torch.full((10, 64), float("nan"))}
+    wrong_shape = {**good, "1.weight": torch.zeros(10, 65)}
+    huge = wire.Header(
+        kind="state",
+        info_hash=info_hash,
+        sender="evil",
+        round=99,
+        num_examples=1,
+        payload_len=1 << 40,
+        payload_sha256="0" * 64,
+    )
+    replies = [
+        state_reply(nan),
+        state_reply(wrong_shape),
+        state_reply(good, session_hash="cd" * 32),
+        [b"\xc1 not msgpack at all"],
+        [wire.encode_header(huge), b"x"],
+    ]
+    return [lambda request, frames=frames: frames for frames in replies]
+
+
+def test_a_hostile_peer_is_rejected_counted_and_the_peer_keeps_going(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, rounds=5, cohort=2, nodes=3), tmp_path)
+    honest = [swarm.peer(i) for i in range(2)]
+    # The hostile peer announces itself like any other and answers every request badly.
+    state: dict[str, int] = {"next": 0}
+    loaded = load_torrent(swarm.torrent)
+    responders = bad_replies(loaded.session, loaded.info_hash)
+
+    def respond(request: list[bytes]) -> list[bytes]:
+        frames = responders[state["next"] % len(responders)](request)
+        state["next"] += 1
+        return list(frames)
+
+    swarm.network.add_raw_peer("mem://1000", respond)
+    swarm.tracker.announce(loaded.info_hash, "evil", port=1001, event="started")
+    assert swarm.run(honest) == ["done", "done"]
+    expected = {"non_finite", "bad_shape", "wrong_session", "bad_header", "oversized"}
+    seen: set[str] = set()
+    for peer in honest:
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+        for record in records:
+            assert "evil" not in record["heard_from"]
+            assert "evil" in record["rejected_from"]
+            assert record["heard"] == 1  # the honest neighbour, every round
+        status = json.loads((peer.out_dir / "status.json").read_text())
+        summary = json.loads((peer.out_dir / "summary.json").read_text())
+        assert status["state"] == "done"
+        assert status["rejected"] == 5
+        assert summary["rejections"] == status["rejections"]
+        assert set(summary["rejections_per_peer"]) == {"evil"}
+        seen |= set(status["rejections"])
+    assert seen == expected
+
+
+def test_a_receive_hook_can_reject_a_valid_state(swarm: Swarm) -> None:
+    def refuse_peer_1(reply: Reply) -> None:
+        if reply.peer_id == "peer-1":
+            raise MessageError("unsigned", reason="bad_header")
+
+    peers = [swarm.peer(0, receive_hook=refuse_peer_1), swarm.peer(1), swarm.peer(2)]
+    swarm.run(peers)
+    last = read_records(peers[0].out_dir / "metrics.jsonl")[-1]
+    assert last["heard_from"] == ["peer-2"]
+    assert last["rejected_from"] == {"peer-1": "bad_header"}
+
+
+def test_a_silent_peer_costs_at_most_the_deadline(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, rounds=2, cohort=2, nodes=3), tmp_path)
+    swarm.tracker.announce("0" * 64, "x", port=1)  # an unrelated swarm is ignored
+    loaded = load_torrent(swarm.torrent)
+    swarm.network.silence("mem://2000")
+    swarm.tracker.announce(loaded.info_hash, "ghost", port=2001, event="started")
+    peers = [swarm.peer(i, exchange_timeout=1.0) for i in range(2)]
+    started = time.monotonic()
+    assert swarm.run(peers) == ["done", "done"]
+    elapsed = time.monotonic() - started
+    for peer in peers:
+        for record in read_records(peer.out_dir / "metrics.jsonl"):
+            assert record["missing"] == {"ghost": "timeout"}
+            assert record["heard"] == 1
+            assert 0.9 <= record["timings"]["exchange"] <= 1.0 + 0.5
+    assert elapsed < 2 * 1.0 + 10  # two rounds, each at most one deadline (plus training)
+
+
+def test_a_neighbour_behind_is_waited_for_and_a_stale_state_is_used_at_the_deadline(
+    tmp_path: Path,
+) -> None:
+    swarm = Swarm(make_torrent(tmp_path, rounds=2, cohort=1, nodes=2), tmp_path)
+    loaded = load_torrent(swarm.torrent)
+    like = {"1.bias": torch.zeros(10), "1.weight": torch.zeros(10, 64)}
+    behind = wire.encode_message(
+        encode_state(like), info_hash=loaded.info_hash, sender="slow", round=0, num_examples=5
+    )
+    asked: list[float] = []
+
+    def respond(request: list[bytes]) -> list[bytes]:
+        asked.append(time.monotonic())
+        return list(behind)
+
+    swarm.network.add_raw_peer("mem://3000", respond)
+    swarm.tracker.announce(loaded.info_hash, "slow", port=3001, event="started")
+    peer = swarm.peer(0, nodes=2, exchange_timeout=0.6)
+    swarm.run([peer])
+    records = read_records(peer.out_dir / "metrics.jsonl")
+    assert [r["staleness"] for r in records] == [{"slow": 1}, {"slow": 2}]
+    assert len(asked) >= 4  # re-asked (with backoff) while it stayed behind
+    assert all(r["heard_from"] == ["slow"] for r in records)
+
+
+# -- checkpoint and resume ------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
+    like = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    state = {"a": torch.randn(2, 3), "b": torch.randn(4)}
+    saved = Checkpoint(
+        info_hash="ab" * 32,
+        peer_id="p",
+        round=7,
+        state=state,
+        trust={"self": 0.5, "peers": {"q": -0.25}},
+        metrics={"test_accuracy": 0.9, "train_loss": float("nan")},
+        seeds={"seed": 3},
+        totals={"bytes_sent": 10},
+    )
+    save_checkpoint(tmp_path, saved)
+    loaded = load_checkpoint(tmp_path, info_hash="ab" * 32, like=like)
+    assert loaded.round == 7 and loaded.peer_id == "p"
+    assert loaded.trust == saved.trust and loaded.seeds == {"seed": 3}
+    assert loaded.metrics["train_loss"] is None  # NaN is stored as null
+    assert all(torch.equal(loaded.state[k], state[k]) for k in state)
+    record = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert record["round"] == 7 and record["trust"] == saved.trust
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    with pytest.raises(StateError, match="session"):
+        load_checkpoint(tmp_path, info_hash="cd" * 32, like=like)
+    with pytest.raises(StateError, match="shape"):
+        load_checkpoint(tmp_path, info_hash="ab" * 32, like={**like, "b": torch.zeros(5)})
+    (tmp_path / "checkpoint.safetensors").write_bytes(encode_state(state))  # no record
+    with pytest.raises(StateError, match="no fedtorrent checkpoint"):
+        load_checkpoint(tmp_path, info_hash="ab" * 32, like=like)
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(StateError):
+        load_checkpoint(tmp_path, info_hash="ab" * 32, like=like)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path: Path) -> None:
+    torrent = make_torrent(tmp_path, rule="learned", rounds=4, nodes=2, cohort=1)
+    first = Swarm(torrent, tmp_path)
+    peers = [first.peer(i, nodes=2, rounds=2) for i in range(2)]
+    assert first.run(peers) == ["done", "done"]
+    saved_trust = peers[0].trust.state_dict() if peers[0].trust else None
+    checkpoint = json.loads((peers[0].out_dir / "checkpoint.json").read_text())
+    assert checkpoint["round"] == 2 and checkpoint["trust"] == saved_trust
+
+    # A record written after the checkpoint (a crash between the two) is dropped and redone.
+    with (peers[0].out_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"round": 3, "peer_id": "peer-0"}) + "\n")
+    second = Swarm(torrent, tmp_path)
+    again = [second.peer(i, nodes=2, resume=True) for i in range(2)]
+    again[0].start()
+    assert again[0].round_done == 2
+    assert again[0].trust is not None and again[0].trust.state_dict() == saved_trust
+    assert torch.equal(flatten(again[0].current), flatten(peers[0].current))
+    again[0].close()
+    third = Swarm(torrent, tmp_path)
+    resumed = [third.peer(i, nodes=2, resume=True) for i in range(2)]
+    assert third.run(resumed) == ["done", "done"]
+    rounds = [r["round"] for r in read_records(resumed[0].out_dir / "metrics.jsonl")]
+    assert rounds == [1, 2, 3, 4]
+    assert json.loads((resumed[0].out_dir / "checkpoint.json").read_text())["round"] == 4
+
+
+# -- refusals at start ----------------------------------------------------------------------------
+
+
+def test_an_initial_state_that_differs_from_the_torrent_is_refused(swarm: Swarm) -> None:
+    path = state_path_for(swarm.torrent)
+    payload = bytearray(path.read_bytes())
+    payload[-1] ^= 1
+    path.write_bytes(bytes(payload))
+    with pytest.raises(TorrentError, match="sha256"):
+        swarm.peer(0).start()
+
+
+def test_peer_config_is_validated(tmp_path: Path) -> None:
+    base = {"torrent": tmp_path / "t", "out_dir": tmp_path}
+    with pytest.raises(ConfigError, match="either"):
+        PeerConfig(**base)
+    with pytest.raises(ConfigError, match="either"):
+        PeerConfig(**base, node_index=0, num_nodes=2, examples=tmp_path)
+    with pytest.raises(ConfigError, match="node index"):
+        PeerConfig(**base, node_index=2, num_nodes=2)
+    with pytest.raises(ConfigError, match="peer id"):
+        PeerConfig(**base, node_index=0, num_nodes=2, peer_id="has space")
+    with pytest.raises(ConfigError, match="exchange_timeout"):
+        PeerConfig(**base, node_index=0, num_nodes=2, exchange_timeout=float("nan"))
+    with pytest.raises(ConfigError, match="advertise"):
+        PeerConfig(**base, node_index=0, num_nodes=2, advertise_ip="not-an-ip")
+
+
+def test_own_examples_are_read_and_checked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x, y = tmp_path / "x.npy", tmp_path / "y.npy"
+    np.save(x, rng.integers(0, 256, size=(5, 1, 8, 8), dtype=np.uint8))
+    np.save(y, np.array([0, 1, 2, 3, 9]))
+    images, labels = read_examples(x, y, num_classes=10)
+    assert images.dtype == np.float32 and float(images.max()) <= 1.0 and labels.dtype == np.int64
+    np.save(y, np.array([0, 1, 2, 3, 10]))
+    with pytest.raises(DataError, match="labels"):
+        read_examples(x, y, num_classes=10)
+    np.save(y, np.array([0, 1, 2, 3]))
+    with pytest.raises(DataError, match="integer labels"):
+        read_examples(x, y, num_classes=10)
+    np.save(x, np.zeros((4, 64), dtype=np.float32))
+    with pytest.raises(DataError, match="N, C, H, W"):
+        read_examples(x, y, num_classes=10)
+    np.save(x, np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
+    with pytest.raises(DataError):  # never unpickled
+        read_examples(x, y, num_classes=10)
+    np.save(x, np.full((4, 1, 8, 8), np.nan, dtype=np.float32))
+    with pytest.raises(DataError, match="NaN"):
+        read_examples(x, y, num_classes=10)
+
+
+def test_a_peer_runs_on_its_own_examples_folder(swarm: Swarm, tmp_path: Path) -> None:
+    from fedtorrent.data import load_dataset
+
+    digits = load_dataset("digits")
+    folder = tmp_path / "own"
+    folder.mkdir()
+    np.save(folder / "x.npy", digits.x_train[:150])
+    np.save(folder / "y.npy", digits.y_train[:150])
+    np.save(folder / "x_test.npy", digits.x_test[:50])
+    np.save(folder / "y_test.npy", digits.y_test[:50])
+    config = PeerConfig(
+        torrent=swarm.torrent, out_dir=tmp_path / "own-out", examples=folder, rounds=1,
+        exchange_timeout=0.2, linger=0,
+    )  # fmt: skip
+    peer = Peer(
+        config,
+        transport=lambda cfg: MemoryTransport(swarm.network, cfg),
+        tracker=swarm.tracker,
+        addressing=MemAddressing(),
+    )
+    peer.start()
+    assert peer.run() == "done"
+    peer.close()
+    assert len(peer.data.y_train) + len(peer.data.y_val) == 150
+    summary = json.loads((tmp_path / "own-out" / "summary.json").read_text())
+    assert summary["test"]["num_examples"] == 50
+    assert summary["train_examples"] == len(peer.data.y_train)
+
+
+def test_tracker_down_keeps_training_on_the_cached_cohort(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, rounds=5, nodes=2, cohort=1), tmp_path)
+
+    def outage(state: State, round: int) -> State:  # peer-0 takes the tracker down and up
+        swarm.tracker.down = round in (2, 3)
+        return state
+
+    peers = [swarm.peer(0, nodes=2, send_hook=outage), swarm.peer(1, nodes=2)]
+    assert swarm.run(peers) == ["done", "done"]
+    first = read_records(peers[0].out_dir / "metrics.jsonl")
+    assert [r["tracker"] for r in first] == ["ok", "cached", "cached", "ok", "ok"]
+    for peer in peers:
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        assert [r["heard"] for r in records] == [1] * 5  # the cached cohort still answers
+        assert records[-1]["tracker"] == "ok"
+    # Back online, peer-0 announced itself again as started.
+    calls = [c for c in swarm.tracker.calls if c["peer_id"] == "peer-0" and c["answered"]]
+    assert [c["event"] for c in calls].count("started") == 2
+    summary = json.loads((peers[0].out_dir / "summary.json").read_text())
+    assert summary["tracker"]["announces"]["reconnected"] == 1
+
+
+def test_no_tracker_at_all_still_trains_alone(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, rounds=2, nodes=2, cohort=1), tmp_path)
+    swarm.tracker.down = True
+    peer = swarm.peer(0, nodes=2, exchange_timeout=0.3)
+    assert swarm.run([peer]) == ["done"]
+    records = read_records(peer.out_dir / "metrics.jsonl")
+    assert [(r["tracker"], r["heard"]) for r in records] == [("down", 0), ("down", 0)]
+
+
+def test_transport_factory_gets_the_session_and_a_payload_limit(swarm: Swarm) -> None:
+    seen: list[TransportConfig] = []
+
+    def factory(cfg: TransportConfig) -> MemoryTransport:
+        seen.append(cfg)
+        return MemoryTransport(swarm.network, cfg)
+
+    peer = Peer(
+        replace(swarm.peer(0).config),
+        transport=factory,
+        tracker=swarm.tracker,
+        addressing=MemAddressing(),
+    )
+    peer.start()
+    peer.close()
+    assert seen[0].peer_id == "peer-0"
+    assert seen[0].info_hash == peer.info_hash
+    assert seen[0].max_payload_bytes == 2 * peer.session.state_size + (64 << 10)

@@ -1,0 +1,359 @@
+"""The swarm launcher: real peer processes, a real tracker, stopping on signals, the summary files.
+
+The fast tests drive the launcher with a stand-in peer (a short Python script that writes the same
+files as ``fedtorrent peer``), so launcher logic is checked in seconds; the slow ones run real
+``fedtorrent peer`` processes on MNIST and compare the swarm's accuracy with the simulator's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtorrent.errors import ConfigError
+from fedtorrent.metrics.records import read_json, read_records
+from fedtorrent.node.swarm import (
+    SwarmConfig,
+    bandwidth,
+    peer_folder,
+    run_swarm,
+    view_of,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("FEDTORRENT_DATA", "/work/shared/data"))
+
+FAKE_PEER = textwrap.dedent(
+    """
+    import argparse, json, os, signal, sys, time
+    parser = argparse.ArgumentParser()
+    parser.add_argument("torrent")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--node-index", type=int, required=True)
+    parser.add_argument("--num-nodes", type=int, required=True)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--tracker")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--exchange-timeout", type=float)
+    parser.add_argument("--round-seconds", type=float, default=0.05)
+    parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--fail-at", type=int, default=-1)
+    args = parser.parse_args()
+    stopping = []
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
+    peer_id = f"fake{args.node_index:04d}"
+    sent = received = 0
+
+    def status(state, round_):
+        path = os.path.join(args.out, "status.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"peer_id": peer_id, "round": round_, "rounds": args.rounds,
+                       "accuracy": 0.5 + 0.01 * round_ + 0.001 * args.node_index,
+                       "bytes_sent": sent, "bytes_received": received, "state": state}, f)
+        os.replace(path + ".tmp", path)
+
+    status("starting", 0)
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics:
+        for r in range(1, args.rounds + 1):
+            if stopping:
+                status("stopped", r - 1)
+                sys.exit(0)
+            if r == args.fail_at:
+                print("boom", file=sys.stderr)
+                sys.exit(3)
+            time.sleep(args.round_seconds)
+            sent += 1000
+            received += 900
+            metrics.write(json.dumps({"round": r, "peer_id": peer_id,
+                                      "test_accuracy": 0.5 + 0.01 * r + 0.001 * args.node_index,
+                                      "bytes_sent": 1000, "bytes_received": 900}) + "\\n")
+            metrics.flush()
+            status("running", r)
+    status("done", args.rounds)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"peer_id": peer_id, "rounds": args.rounds}, f)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def digits_torrent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small torrent (digits, logistic regression) made by ``fedtorrent create``."""
+    folder = tmp_path_factory.mktemp("torrent")
+    return _create(folder / "digits.torrent", dataset="digits", rounds=3, nodes=6)
+
+
+def _create(path: Path, *, dataset: str, rounds: int, nodes: int, **extra: object) -> Path:
+    from fedtorrent.cli.net import create
+
+    create(output=path, dataset=dataset, model="logreg", nodes=nodes, rounds=rounds, **extra)  # type: ignore[arg-type]
+    return path
+
+
+def _fake_config(tmp_path: Path, torrent: Path, *extra: str, peers: int = 3) -> SwarmConfig:
+    script = tmp_path / "fake_peer.py"
+    script.write_text(FAKE_PEER)
+    return SwarmConfig(
+        torrent=torrent,
+        out=tmp_path / "run",
+        peers=peers,
+        peer_command=(sys.executable, str(script)),
+        peer_args=tuple(extra),
+        stop_grace=2.0,
+    )
+
+
+def test_config_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="peers"):
+        SwarmConfig(torrent=tmp_path / "t", out=tmp_path, peers=0)
+    with pytest.raises(ConfigError, match="port_base"):
+        SwarmConfig(torrent=tmp_path / "t", out=tmp_path, peers=10, port_base=65530)
+    with pytest.raises(ConfigError, match="tracker"):
+        SwarmConfig(torrent=tmp_path / "t", out=tmp_path, tracker="udp://x:1")
+
+
+def test_bandwidth_prices_a_central_server_per_completed_peer_round() -> None:
+    band = bandwidth(
+        state_bytes=1000,
+        peer_rounds=[3, 3, 2],
+        tracker_bytes_in=400,
+        tracker_bytes_out=600,
+        p2p_bytes_sent=5000,
+        p2p_bytes_received=4000,
+    )
+    assert band["central_server_bytes"] == 2 * 1000 * 8
+    assert band["tracker_bytes"] == 1000
+    assert band["tracker_vs_central"] == pytest.approx(1000 / 16000)
+    unknown = bandwidth(
+        state_bytes=1000,
+        peer_rounds=[],
+        tracker_bytes_in=None,
+        tracker_bytes_out=5,
+        p2p_bytes_sent=0,
+        p2p_bytes_received=0,
+    )
+    assert unknown["tracker_bytes"] is None and unknown["tracker_vs_central"] is None
+
+
+def test_view_marks_a_peer_that_died_without_saying_so_as_failed() -> None:
+    running = {"state": "running", "round": 2, "rounds": 5, "accuracy": 0.9, "bytes_sent": 10}
+    assert view_of(0, pid=1, returncode=None, status=running).state == "running"
+    assert view_of(0, pid=1, returncode=-9, status=running).state == "failed"
+    assert view_of(0, pid=1, returncode=0, status=None).state == "exited"
+    done = view_of(0, pid=1, returncode=0, status={**running, "state": "done"})
+    assert done.state == "done" and done.round == 2 and done.bytes_sent == 10
+    junk = view_of(0, pid=1, returncode=None, status={"state": 3, "round": "x", "accuracy": True})
+    assert junk.state == "starting" and junk.round == 0 and junk.accuracy is None
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_fake_swarm_runs_to_the_end_and_writes_the_summary(
+    tmp_path: Path, digits_torrent: Path
+) -> None:
+    config = _fake_config(tmp_path, digits_torrent, "--rounds", "3", peers=3)
+    updates: list[int] = []
+    summary = run_swarm(config, on_update=lambda views: updates.append(len(views)), timeout=45)
+    assert updates and set(updates) == {3}
+    assert summary["finished"] == 3 and not summary["interrupted"]
+    assert [p["rounds_completed"] for p in summary["per_peer"]] == [3, 3, 3]
+    assert summary["test_accuracy_mean"] == pytest.approx(0.53 + 0.001, abs=1e-9)
+    band = summary["bandwidth"]
+    assert band["p2p_bytes_sent"] == 9000 and band["p2p_bytes_received"] == 8100
+    state_size = (digits_torrent.with_suffix(".state")).stat().st_size
+    assert band["central_server_bytes"] == 2 * 3 * 3 * state_size
+    # The fake peers never announce, so the launcher's own tracker has seen nothing of them.
+    assert band["tracker_bytes"] is None
+    assert read_json(config.out / "summary.json") == json.loads(json.dumps(summary))
+    assert len(read_records(config.out / "rounds.jsonl")) == 9
+    for name in ("accuracy.png", "bytes.png", "bandwidth.png"):
+        assert (config.out / "plots" / name).stat().st_size > 1000
+    launch = read_json(config.out / "swarm.json")
+    assert launch["tracker_owned"] and launch["tracker"].endswith("/announce")
+    command = launch["peers"][1]["command"]
+    assert command[command.index("--node-index") + 1] == "1"
+    assert command[command.index("--num-nodes") + 1] == "6"
+    with pytest.raises(ConfigError, match="already holds the records"):
+        run_swarm(config, timeout=10)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_stop_kills_peers_that_ignore_sigterm_after_the_grace(
+    tmp_path: Path, digits_torrent: Path
+) -> None:
+    config = _fake_config(
+        tmp_path, digits_torrent, "--rounds", "100000", "--round-seconds", "0.05", "--ignore-term"
+    )
+    stop = threading.Event()
+
+    def stop_when_running(views: list) -> None:
+        if all(v.round >= 1 for v in views):
+            stop.set()
+
+    started = time.monotonic()
+    summary = run_swarm(config, stop=stop, on_update=stop_when_running, timeout=40)
+    assert time.monotonic() - started < 30
+    assert summary["interrupted"]
+    assert {p["exit_code"] for p in summary["per_peer"]} == {-signal.SIGKILL}
+    assert {p["state"] for p in summary["per_peer"]} == {"failed"}
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_a_failing_peer_is_reported_and_the_others_finish(
+    tmp_path: Path, digits_torrent: Path
+) -> None:
+    script = tmp_path / "fake_peer.py"
+    script.write_text(FAKE_PEER)
+    # Peer 1 fails at round 2: a wrapper picks the failure by node index.
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import subprocess, sys\n"
+        "args = sys.argv[1:]\n"
+        "extra = ['--fail-at', '2'] if args[args.index('--node-index') + 1] == '1' else []\n"
+        f"sys.exit(subprocess.call([sys.executable, {str(script)!r}, *args, *extra]))\n"
+    )
+    config = SwarmConfig(
+        torrent=digits_torrent,
+        out=tmp_path / "run",
+        peers=3,
+        peer_command=(sys.executable, str(wrapper)),
+        peer_args=("--rounds", "3"),
+        stop_grace=2.0,
+    )
+    summary = run_swarm(config, timeout=45, plots=False)
+    states = [p["state"] for p in summary["per_peer"]]
+    assert states == ["done", "failed", "done"]
+    assert summary["per_peer"][1]["exit_code"] == 3
+    assert summary["per_peer"][1]["rounds_completed"] == 1
+    assert "boom" in (peer_folder(config.out, 1) / "console.log").read_text()
+
+
+# --- real peers ----------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from fedtorrent.cli import main; main()", *args]
+
+
+def _wait_for_rounds(out: Path, peers: int, *, at_least: int, timeout: float) -> None:
+    """Poll the peers' status files until each has finished ``at_least`` rounds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rounds = []
+        for i in range(peers):
+            path = peer_folder(out, i) / "status.json"
+            try:
+                rounds.append(json.loads(path.read_text())["round"])
+            except (OSError, ValueError, KeyError):
+                rounds.append(-1)
+        if min(rounds) >= at_least:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"peers did not all reach round {at_least} within {timeout} s: {rounds}")
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_swarm_command_stops_every_peer_on_sigint(tmp_path: Path, digits_torrent: Path) -> None:
+    """Ctrl-C on ``fedtorrent swarm``: peers stop cleanly, the summary is still written."""
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        _cli(
+            "swarm", str(digits_torrent), "--peers", "3", "--out", str(out), "--no-live",
+            "--no-plots", "--rounds", "10000", "--exchange-timeout", "5",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        _wait_for_rounds(out, 3, at_least=1, timeout=90)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=45)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, output
+    summary = read_json(out / "summary.json")
+    assert summary["interrupted"]
+    assert {p["state"] for p in summary["per_peer"]} == {"stopped"}, output
+    assert {p["exit_code"] for p in summary["per_peer"]} <= {0, 130, -signal.SIGTERM}
+    assert all(p["rounds_completed"] >= 1 for p in summary["per_peer"])
+    for peer in read_json(out / "swarm.json")["peers"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(peer["pid"], 0)
+    for i in range(3):  # each peer said goodbye in its own summary
+        assert read_json(peer_folder(out, i) / "summary.json")["state"] == "stopped"
+
+
+MNIST_ROUNDS = 3
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_six_peer_mnist_swarm_matches_the_simulator(tmp_path: Path) -> None:
+    """The same session run as 6 processes and in the simulator ends within 1 point of accuracy."""
+    if not (DATA / "mnist").is_dir():
+        pytest.skip(f"MNIST is not in {DATA} (set FEDTORRENT_DATA)")
+    import dataclasses
+
+    import torch
+
+    from fedtorrent.config import SimConfig, TopologyConfig
+    from fedtorrent.net.torrent import load_torrent
+    from fedtorrent.sim.run import load_for, run_one
+
+    torrent_path = _create(
+        tmp_path / "mnist.torrent", dataset="mnist", rounds=MNIST_ROUNDS, nodes=6, cohort=3
+    )
+    session = load_torrent(torrent_path).session
+    assert session.mixing.rule == "learned"
+    out = tmp_path / "run"
+    config = SwarmConfig(torrent=torrent_path, out=out, peers=6, data_dir=DATA, exchange_timeout=30)
+    summary = run_swarm(config, timeout=240)
+    assert summary["finished"] == 6, summary["per_peer"]
+    assert all(p["rounds_completed"] == MNIST_ROUNDS for p in summary["per_peer"])
+    band = summary["bandwidth"]
+    assert band["central_server_bytes"] == 2 * 6 * MNIST_ROUNDS * session.state_size
+    # The tracker only lists peers: far fewer bytes than one aggregating server would move.
+    assert 0 < band["tracker_bytes"] < band["central_server_bytes"] / 10
+    assert band["p2p_bytes_received"] >= 6 * MNIST_ROUNDS * session.state_size  # >= 1 per round
+    for name in ("accuracy.png", "bytes.png", "bandwidth.png"):
+        assert (out / "plots" / name).exists()
+
+    sim = SimConfig(
+        data=dataclasses.replace(session.data, data_dir=DATA),
+        model=session.model,
+        train=session.train,
+        mixing=session.mixing,
+        topology=TopologyConfig(kind="random_cohort", degree=session.cohort_size),
+        rounds=MNIST_ROUNDS,
+        round_schedule="constant",  # a session has no schedule across rounds: peers keep train.lr
+        seed=session.train.seed,
+    )
+    torch.set_num_threads(1)
+    outcome = run_one(sim, dataset=load_for(sim))
+    simulated = sum(outcome.accuracies) / len(outcome.accuracies)
+    swarm_mean = summary["test_accuracy_mean"]
+    assert abs(swarm_mean - simulated) <= 0.01, (swarm_mean, simulated)
