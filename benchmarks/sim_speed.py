@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import time
@@ -204,32 +205,40 @@ def profile_seed_workload(dataset: Dataset) -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     mnist = load_dataset("mnist", progress=False)
     train_set = subset(mnist, 48_000)
     if args.quick:
         linear_sizes, cnn_sizes, rounds = [6, 100], [6], 2
     else:
-        linear_sizes, cnn_sizes, rounds = [6, 10, 30, 100, 300, 1000], [6, 30, 100], 3
+        linear_sizes, cnn_sizes, rounds = [6, 10, 30, 100, 300, 1000], [6, 30, 100], 4
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {cpu}")
-    header = ("model", "nodes", "round_s", "train_s", "mix_s", "loop_s", "speedup")
-    print(f"{header[0]:7s} " + " ".join(f"{h:>9s}" for h in header[1:]))
-    rows = sweep(train_set, "logreg", linear_sizes, rounds, loop_limit=1000)
-    # The CNN costs ~17 MFLOP per example: a 6,000-image subset keeps a round near a second.
-    rows += sweep(subset(mnist, 6_000), "cnn", cnn_sizes, max(1, rounds - 1), loop_limit=1000)
-    seed = seed_workload(train_set, repeats=1 if args.quick else 3)
-    print(
-        f"\nseed workload (MNIST, 6 nodes, logreg, 10 rounds x 1 epoch, batch 64): "
-        f"engine {seed['engine_train_s']:.3f} s, plain loop {seed['loop_train_s']:.3f} s "
-        f"({seed['loop_train_s'] / seed['engine_train_s']:.1f}x); "
-        f"{1e3 * seed['engine_train_s'] / seed['steps']:.3f} ms per batched step"
-    )
+    results: dict[str, dict] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        load = os.getloadavg()[0]
+        print(f"\ntorch {torch.__version__}, {threads} thread(s), {cpu}, load average {load:.2f}")
+        print("round times are the best of the timed rounds (least disturbed by other processes)")
+        header = ("model", "nodes", "round_s", "train_s", "mix_s", "loop_s", "speedup")
+        print(f"{header[0]:7s} " + " ".join(f"{h:>9s}" for h in header[1:]))
+        rows = sweep(train_set, "logreg", linear_sizes, rounds, loop_limit=1000)
+        # The CNN costs ~17 MFLOP per example: a 6,000-image subset keeps a round near a second.
+        rows += sweep(subset(mnist, 6_000), "cnn", cnn_sizes, max(1, rounds - 2), loop_limit=1000)
+        seed = seed_workload(train_set, repeats=1 if args.quick else 3)
+        print(
+            f"seed workload (MNIST, 6 nodes, logreg, 10 rounds x 1 epoch, batch 64): "
+            f"engine {seed['engine_train_s']:.3f} s, plain loop {seed['loop_train_s']:.3f} s "
+            f"({seed['loop_train_s'] / seed['engine_train_s']:.1f}x); "
+            f"{1e3 * seed['engine_train_s'] / seed['steps']:.3f} ms per batched step"
+        )
+        results[str(threads)] = {"load_average_before": load, "rows": rows, "seed_workload": seed}
+    torch.set_num_threads(args.threads[0])
     profile = profile_seed_workload(train_set)
-    print("\nwhere the engine's training time goes (10 rounds, torch profiler, self CPU s):")
+    print(f"\nwhere the engine's training time goes ({args.threads[0]} thread, 10 rounds, s):")
     for name, seconds in profile:
         print(f"  {name:28s} {seconds:7.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,10 +246,10 @@ def main() -> None:
         json.dumps(
             {
                 "torch": torch.__version__,
-                "threads": args.threads,
+                "cpu": cpu,
                 "cohort": COHORT,
-                "rows": rows,
-                "seed_workload": seed,
+                "by_threads": results,
+                "profile_threads": args.threads[0],
                 "profile_s": profile,
                 "quick": args.quick,
             },

@@ -14,7 +14,11 @@ Ratios are raw time / our time (so 1.0 = as fast as bare ZeroMQ), from medians; 
 each side's fastest repetition, the least disturbed by other processes. ``full`` counts publish +
 fetch, as if every publish were fetched once.
 
-    .venv/bin/python benchmarks/transport.py [--sizes 1 10 100] [--repeats 11]
+With ``--curve`` both transports run CurveZMQ (keys from ``PeerIdentity``, the server's ZAP
+handler admitting the client's key, as in a closed swarm) while raw stays plain, so ``fetch/raw``
+shows what encryption costs; results go to ``results/transport_curve.json``.
+
+    .venv/bin/python benchmarks/transport.py [--sizes 1 10 100] [--repeats 11] [--curve]
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 import zmq
 
 from fedtorrent.net import wire
+from fedtorrent.net.identity import PeerIdentity
 from fedtorrent.net.transport import Endpoint, TransportConfig, ZmqTransport
 from fedtorrent.state import encode_state
 
@@ -94,7 +99,9 @@ def measure(
     size_mb: float, repeats: int, raw: RawPair, server: ZmqTransport, client: ZmqTransport
 ) -> dict[str, Any]:
     state = make_state(size_mb)
-    endpoint = Endpoint(peer_id="server", address=server.address)
+    endpoint = Endpoint(
+        peer_id="server", address=server.address, public_key=server.config.curve_public_key
+    )
     times: dict[str, list[float]] = {"raw": [], "publish": [], "fetch": []}
     for rep in range(repeats + 1):  # repetition 0 warms up and is dropped
         start = time.perf_counter()
@@ -143,15 +150,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 100])
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "transport.json"
-    )
+    parser.add_argument("--curve", action="store_true", help="encrypt the transport's links")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    name = "transport_curve.json" if args.curve else "transport.json"
+    out: Path = args.out or Path(__file__).parent / "results" / name
 
     load_before = os.getloadavg()[0]
     raw = RawPair()
-    server = ZmqTransport(TransportConfig(info_hash=INFO_HASH, peer_id="server"))
-    client = ZmqTransport(TransportConfig(info_hash=INFO_HASH, peer_id="client"))
+    server_keys: dict[str, Any] = {}
+    client_keys: dict[str, Any] = {}
+    if args.curve:
+        server_id, client_id = PeerIdentity.generate(), PeerIdentity.generate()
+        client_keys = {
+            "curve_secret_key": client_id.curve_secret,
+            "curve_public_key": client_id.curve_public,
+        }
+        server_keys = {
+            "curve_secret_key": server_id.curve_secret,
+            "curve_public_key": server_id.curve_public,
+            "curve_allow": frozenset({client_id.curve_public}),
+        }
+    server = ZmqTransport(TransportConfig(info_hash=INFO_HASH, peer_id="server", **server_keys))
+    client = ZmqTransport(TransportConfig(info_hash=INFO_HASH, peer_id="client", **client_keys))
     with server, client:
         rows = [measure(size, args.repeats, raw, server, client) for size in args.sizes]
     raw.close()
@@ -171,7 +192,9 @@ def main() -> None:
     result = {
         "benchmark": "transport",
         "command": "python benchmarks/transport.py "
-        + " ".join(["--sizes", *map(str, args.sizes), "--repeats", str(args.repeats)]),
+        + " ".join(["--sizes", *map(str, args.sizes), "--repeats", str(args.repeats)])
+        + (" --curve" if args.curve else ""),
+        "curve": args.curve,
         "machine": {
             "cpus": os.cpu_count(),
             "load_avg_1m_before": load_before,
@@ -183,9 +206,9 @@ def main() -> None:
         },
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

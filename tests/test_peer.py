@@ -26,6 +26,7 @@ from fedtorrent.metrics.records import read_records
 from fedtorrent.mixing.rules import mix
 from fedtorrent.models import build_model
 from fedtorrent.net import wire
+from fedtorrent.net.identity import PeerIdentity, new_nonce, sign_update
 from fedtorrent.net.torrent import Session, Torrent, load_torrent, save_torrent, state_path_for
 from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer, parse_answer
 from fedtorrent.net.tracker.registry import Announce, SwarmRegistry
@@ -107,6 +108,7 @@ class RegistryAnnouncer:
                     round=kw.get("round", 0),
                     numwant=kw.get("numwant") or 20,
                     accuracy=kw.get("accuracy"),
+                    pubkey=kw.get("pubkey"),
                 )
             )
             parsed = parse_answer(answer.to_json())
@@ -304,7 +306,8 @@ def test_a_hostile_peer_is_rejected_counted_and_the_peer_keeps_going(tmp_path: P
         return list(frames)
 
     swarm.network.add_raw_peer("mem://1000", respond)
-    swarm.tracker.announce(loaded.info_hash, "evil", port=1001, event="started")
+    evil_key = PeerIdentity.generate().public_key_hex  # a key: it is dialled, then rejected
+    swarm.tracker.announce(loaded.info_hash, "evil", port=1001, event="started", pubkey=evil_key)
     assert swarm.run(honest) == ["done", "done"]
     expected = {"non_finite", "bad_shape", "wrong_session", "bad_header", "oversized"}
     seen: set[str] = set()
@@ -342,7 +345,8 @@ def test_a_silent_peer_costs_at_most_the_deadline(tmp_path: Path) -> None:
     swarm.tracker.announce("0" * 64, "x", port=1)  # an unrelated swarm is ignored
     loaded = load_torrent(swarm.torrent)
     swarm.network.silence("mem://2000")
-    swarm.tracker.announce(loaded.info_hash, "ghost", port=2001, event="started")
+    ghost_key = PeerIdentity.generate().public_key_hex
+    swarm.tracker.announce(loaded.info_hash, "ghost", port=2001, event="started", pubkey=ghost_key)
     peers = [swarm.peer(i, exchange_timeout=1.0) for i in range(2)]
     started = time.monotonic()
     assert swarm.run(peers) == ["done", "done"]
@@ -361,9 +365,12 @@ def test_a_neighbour_behind_is_waited_for_and_a_stale_state_is_used_at_the_deadl
     swarm = Swarm(make_torrent(tmp_path, rounds=2, cohort=1, nodes=2), tmp_path)
     loaded = load_torrent(swarm.torrent)
     like = {"1.bias": torch.zeros(10), "1.weight": torch.zeros(10, 64)}
-    behind = wire.encode_message(
-        encode_state(like), info_hash=loaded.info_hash, sender="slow", round=0, num_examples=5
+    slow, payload, nonce = PeerIdentity.generate(), encode_state(like), new_nonce()
+    signed = {"info_hash": loaded.info_hash, "round": 0, "sender": "slow"}
+    sig = sign_update(
+        slow, receiver=None, payload_sha256=state_digest(payload), nonce=nonce, **signed
     )
+    behind = wire.encode_message(payload, num_examples=5, sig=sig, nonce=nonce, **signed)
     asked: list[float] = []
 
     def respond(request: list[bytes]) -> list[bytes]:
@@ -371,7 +378,9 @@ def test_a_neighbour_behind_is_waited_for_and_a_stale_state_is_used_at_the_deadl
         return list(behind)
 
     swarm.network.add_raw_peer("mem://3000", respond)
-    swarm.tracker.announce(loaded.info_hash, "slow", port=3001, event="started")
+    swarm.tracker.announce(
+        loaded.info_hash, "slow", port=3001, event="started", pubkey=slow.public_key_hex
+    )
     peer = swarm.peer(0, nodes=2, exchange_timeout=0.6)
     swarm.run([peer])
     records = read_records(peer.out_dir / "metrics.jsonl")

@@ -27,6 +27,7 @@ import zmq
 from fedtorrent.config import TrackerConfig
 from fedtorrent.metrics.records import read_records
 from fedtorrent.net import wire
+from fedtorrent.net.identity import PeerIdentity
 from fedtorrent.net.torrent import load_torrent
 from fedtorrent.net.tracker.client import TrackerClient
 from fedtorrent.net.tracker.server import BackgroundTracker
@@ -246,9 +247,13 @@ class HostilePeer:
             [b"\xc1 this is not msgpack"],
             [wire.encode_header(huge)],
         ]
+        self.identity = PeerIdentity.generate()  # announced, so honest peers dial it
         self.context: zmq.Context[Any] = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.CURVE_SERVER, 1)
+        self.router.setsockopt(zmq.CURVE_SECRETKEY, self.identity.curve_secret)
+        self.router.setsockopt(zmq.CURVE_PUBLICKEY, self.identity.curve_public)
         self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
         self.stop = threading.Event()
         self.answered = 0
@@ -271,11 +276,17 @@ class HostilePeer:
         self.context.term()
 
 
-def ask(address: str, frames: list[bytes], *, timeout_ms: int = 5000) -> list[bytes] | None:
+def ask(
+    address: str, frames: list[bytes], *, server_key: bytes, timeout_ms: int = 5000
+) -> list[bytes] | None:
     """Send raw frames to a live peer's socket; its answer, or None when it said nothing."""
     context: zmq.Context[Any] = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    public, secret = zmq.curve_keypair()  # any key: the swarm is open
+    sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
     try:
         sock.connect(address)
         sock.send_multipart(frames)
@@ -297,7 +308,11 @@ def test_bad_messages_to_a_live_peer_are_rejected_counted_and_it_keeps_training(
         hostile = HostilePeer(info_hash, torrent.session.state_size)
         hostile.thread.start()
         TrackerClient(tracker.url, retries=0).announce(
-            info_hash, "evil", port=hostile.port, event="started"
+            info_hash,
+            "evil",
+            port=hostile.port,
+            event="started",
+            pubkey=hostile.identity.public_key_hex,
         )
         peers = Peers(torrent_path, tmp_path, nodes=2, timeout=1.0)
         try:
@@ -311,6 +326,7 @@ def test_bad_messages_to_a_live_peer_are_rejected_counted_and_it_keeps_training(
             )
             # Now bad requests, straight to its socket: each is answered with an error.
             address = status(peers.folder(0))["address"]
+            key = (peers.folder(0) / "keys" / "curve.pub").read_bytes().strip()
             other = wire.encode_request(info_hash="cd" * 32, sender="evil", round=1)
             pushed = wire.encode_message(
                 encode_state({"1.bias": torch.full((10,), float("nan"))}),
@@ -320,9 +336,9 @@ def test_bad_messages_to_a_live_peer_are_rejected_counted_and_it_keeps_training(
                 num_examples=1,
             )
             answers = [
-                ask(address, [b"\x00garbage"]),
-                ask(address, other),
-                ask(address, pushed),  # a NaN state pushed unasked: not a request at all
+                ask(address, [b"\x00garbage"], server_key=key),
+                ask(address, other, server_key=key),
+                ask(address, pushed, server_key=key),  # a NaN state pushed unasked
             ]
             errors = [wire.decode_header(a[0], info_hash=info_hash) for a in answers if a]
             assert [(e.kind, e.reason) for e in errors] == [
@@ -330,7 +346,11 @@ def test_bad_messages_to_a_live_peer_are_rejected_counted_and_it_keeps_training(
                 ("error", "wrong_session"),
                 ("error", "bad_frames"),
             ]
-            assert ask(address, [b"x" * 10_000], timeout_ms=500) is None  # over MAXMSGSIZE
+            assert ask(address, [b"x" * 10_000], server_key=key, timeout_ms=500) is None
+            assert (  # the wrong server key: the handshake fails, nothing is exchanged
+                ask(address, [b"\x00garbage"], server_key=zmq.curve_keypair()[0], timeout_ms=300)
+                is None
+            )
             reached = peers.round(0)
             wait_for(lambda: peers.round(0) >= reached + 3, timeout=30, what="training going on")
             peers.procs[0].send_signal(signal.SIGTERM)

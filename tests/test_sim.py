@@ -377,3 +377,23 @@ def test_splitting_a_step_into_node_groups_changes_nothing(
     whole = trained()
     monkeypatch.setattr(engine_module, "_BATCH_FLOATS", 4 * 9 * 2)  # two nodes per group
     assert torch.allclose(trained(), whole, atol=1e-6)
+
+
+def test_row_by_row_and_vmapped_forward_agree() -> None:
+    torch.manual_seed(0)
+    net = build_model("mlp", input_shape=SHAPE, num_classes=CLASSES, hidden=5)
+    like = {k: v.detach() for k, v in net.state_dict().items()}
+    batched, looped = FunctionalBackend(net, like), FunctionalBackend(net, like, vectorize=False)
+    assert batched.vectorize and not looped.vectorize
+    conv = build_model("cnn", input_shape=(1, 8, 8), num_classes=3)
+    assert not FunctionalBackend(conv, dict(conv.state_dict())).vectorize
+    params = torch.randn(3, batched.num_params)
+    x, y = torch.randn(3, 6, *SHAPE), torch.randint(0, CLASSES, (3, 6))
+    weight = torch.softmax(torch.randn(3, 6), dim=1)
+    for w in (None, weight):
+        assert torch.allclose(
+            batched.grad(params, x, y, w), looped.grad(params, x, y, w), atol=1e-5
+        )
+    assert torch.allclose(batched.losses(params, x, y), looped.losses(params, x, y), atol=1e-5)
+    shared = torch.randn(4, *SHAPE)
+    assert torch.allclose(batched.logits(params, shared), looped.logits(params, shared), atol=1e-5)

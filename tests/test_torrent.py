@@ -287,3 +287,42 @@ def test_cli_create_rejects_an_unknown_dataset(tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert isinstance(result.exception, ConfigError)
+
+
+# -- closed swarms --------------------------------------------------------------------------------
+
+
+def test_an_allow_list_round_trips_and_an_open_torrent_keeps_its_hash() -> None:
+    keys = tuple(sorted(("1f" * 32, "0a" * 32)))
+    closed = make_torrent(allow_keys=keys)
+    again = Torrent.from_bytes(closed.to_bytes())
+    assert again.session.allow_keys == keys and again.session.closed
+    assert again.info_hash == closed.info_hash != make_torrent().info_hash
+    assert b"allow_keys" not in raw(make_torrent())[b"info"]  # open: the key is absent
+    assert not make_torrent().session.closed
+    for bad in (keys[::-1], (keys[0], keys[0]), ("AB" * 32,), ("ab" * 31,)):
+        with pytest.raises(ConfigError, match="allow_keys"):
+            make_session(allow_keys=bad)
+    meta = raw(closed)
+    meta[b"info"][b"allow_keys"] = []
+    with pytest.raises(TorrentError, match=r"info\.allow_keys"):
+        Torrent.from_bytes(encode(meta))
+
+
+def test_cli_create_closes_a_swarm_with_allowed_keys(tmp_path: Path) -> None:
+    from fedtorrent.net.identity import load_or_create_identity
+
+    alice, bob = (load_or_create_identity(tmp_path / name) for name in ("alice", "bob"))
+    output = tmp_path / "closed.torrent"
+    args = ["create", "--output", str(output), "--dataset", "digits", "--nodes", "2"]
+    keys = ["--allow-key", alice.public_key_hex.upper(), "--allow-keys-file"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, *keys, str(tmp_path / "bob" / "ed25519.pub")])
+    assert result.exit_code == 0, result.output
+    assert "closed swarm: 2 allowed keys" in result.output
+    allowed = load_torrent(output).session.allow_keys
+    assert allowed == tuple(sorted((alice.public_key_hex, bob.public_key_hex)))
+    shown = runner.invoke(app, ["show", str(output)])
+    assert "closed, 2 allowed keys" in shown.output and bob.public_key_hex in shown.output
+    bad = runner.invoke(app, [*args, "--allow-key", "00" * 31])
+    assert bad.exit_code != 0 and not bad.output.count("wrote")

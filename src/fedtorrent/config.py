@@ -202,8 +202,7 @@ class SimConfig:
         _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _require(
             self.round_schedule in LR_SCHEDULES,
-            f"round_schedule must be one of {', '.join(LR_SCHEDULES)}; "
-            f"got {self.round_schedule!r}",
+            f"round_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.round_schedule!r}",
         )
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")

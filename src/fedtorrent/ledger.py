@@ -102,7 +102,8 @@ class Ledger:
     """One peer's append-only log. Build it, then ``open()`` (or ``with``), append, ``close()``.
 
     ``owner`` names the peer in entries (default: its public key in hex). ``info_hash`` names the
-    session, so receivers' stored update signatures can be checked later. Use from one thread.
+    session, so receivers' stored update signatures can be checked later. Use from one thread
+    at a time.
     """
 
     def __init__(
@@ -128,7 +129,9 @@ class Ledger:
         if self._db is not None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path)
+        # One thread at a time, but not always the same one (a peer starts, runs and closes
+        # from whichever threads its owner uses), so sqlite3's same-thread check is off.
+        db = sqlite3.connect(self.path, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable across a crash of this process

@@ -82,6 +82,21 @@ def create(
         None
     ),
     comment: Annotated[str | None, typer.Option(help="Free text stored in the torrent.")] = None,
+    allow_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Ed25519 public key (hex) of a peer a closed swarm admits (repeatable); "
+            "any --allow-key or --allow-keys-file makes the swarm closed.",
+            metavar="HEX",
+        ),
+    ] = None,
+    allow_keys_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="File of allowed keys, one hex key per line (# comments), e.g. a peer's "
+            "keys/ed25519.pub (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Write a session torrent and its initial state (``<output>.state``) beside it."""
     import torch  # noqa: PLC0415 (lazy: keep --help fast)
@@ -93,6 +108,7 @@ def create(
 
     if dataset not in DATASET_SHAPES:
         raise ConfigError(f"dataset must be one of {', '.join(DATASET_SHAPES)}; got {dataset!r}")
+    allow_keys = _allow_keys(allow_key or [], allow_keys_file or [])
     input_shape, num_classes = DATASET_SHAPES[dataset]
     kwargs = _model_kwargs(model_arg or [])
     torch.manual_seed(seed)
@@ -130,6 +146,7 @@ def create(
         state_sha256=state_digest(state),
         state_size=len(state),
         privacy=privacy,
+        allow_keys=allow_keys,
     )
     torrent = Torrent(
         announce=tracker,
@@ -143,6 +160,30 @@ def create(
     save_torrent(torrent, output)
     typer.echo(f"wrote {output} and {state_path} ({len(state)} bytes)")
     typer.echo(f"info-hash {torrent.info_hash}")
+    if allow_keys:
+        typer.echo(f"closed swarm: {len(allow_keys)} allowed keys")
+
+
+def _allow_keys(keys: list[str], files: list[Path]) -> tuple[str, ...]:
+    """Every key given, checked as an Ed25519 public key, lowercased, sorted, once each."""
+    from fedtorrent.net.identity import public_keys_from  # noqa: PLC0415
+
+    found = [(key.strip().lower(), "--allow-key") for key in keys]
+    for path in files:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --allow-keys-file {path}: {exc}") from exc
+        for number, line in enumerate(lines, start=1):
+            text = line.split("#", 1)[0].strip().lower()
+            if text:
+                found.append((text, f"{path}:{number}"))
+    for key, where in found:
+        try:
+            public_keys_from({where: key})
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(sorted({key for key, _ in found}))
 
 
 def _describe(value: Any) -> Any:
@@ -187,6 +228,10 @@ def show(
         typer.echo(f"  comment       {torrent.comment}")
     typer.echo(f"  rounds        {session.rounds}, cohort of {session.cohort_size}")
     typer.echo(f"  initial state {session.state_size} bytes, sha256 {session.state_sha256}")
+    access = f"closed, {len(session.allow_keys)} allowed keys" if session.closed else "open"
+    typer.echo(f"  swarm         {access}")
+    for key in session.allow_keys:
+        typer.echo(f"    {key}")
     for label in ("model", "data", "train", "mixing", "privacy", "compression"):
         section = document["session"].get(label)
         if section is None:

@@ -55,6 +55,10 @@ def peer_command(
         int | None, typer.Option(help="Seed for batch order and trust batches.")
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Override the torrent's rounds.")] = None,
+    key_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of this peer's Ed25519 identity (default: <out>/keys)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log to stderr.")] = False,
 ) -> None:
     """Train with the swarm: announce, exchange parameters directly with peers, mix, record.
@@ -83,6 +87,7 @@ def peer_command(
         exchange_timeout=exchange_timeout,
         seed=seed,
         rounds=rounds,
+        key_dir=key_dir,
     )
     out.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]

@@ -10,7 +10,7 @@ halves are written beside it for people to copy into allow-lists.
 
 Signed updates cover a canonical byte string of every field a receiver acts on (see
 :func:`update_message`). Check the signature first, then the :class:`ReplayGuard`, so unsigned
-traffic can never fill the guard's memory.
+traffic can never fill the guard's memory; :class:`UpdateVerifier` does both for a peer.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import os
 import re
 import secrets
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import nacl.exceptions
@@ -31,6 +32,9 @@ import nacl.signing
 from zmq.utils import z85
 
 from fedtorrent.errors import ConfigError, MessageError, ReplayError, SignatureError
+
+if TYPE_CHECKING:
+    from fedtorrent.net.wire import Header
 
 SEED_FILE = "ed25519.key"
 PUBLIC_FILE = "ed25519.pub"
@@ -275,6 +279,75 @@ class ReplayGuard:
             self._newest[sender] = newest = round
             for old in [r for r in by_round if r < newest - self.window]:
                 del by_round[old]
+
+
+class UpdateVerifier:
+    """The receiving side of signed updates in a swarm: signature, then freshness.
+
+    A state header must carry ``sig`` and ``nonce``; its signature (``receiver`` None: one
+    signature per round for the whole cohort) must verify with the Ed25519 key its sender
+    announced, and the header's ``pubkey``, when present, must be that key. Then the
+    :class:`ReplayGuard` admits it, except that the very update admitted last from a sender
+    (same round, nonce and digest) may come again: a neighbour still behind keeps serving it,
+    and a pull protocol asks again. Rounds past ``last_round`` are refused as well: no honest
+    peer of the session gets there. Thread-safe.
+
+    Every refusal is a ``MessageError`` whose ``reason`` is ``unsigned``, ``bad_signature`` or
+    ``replay`` (wire ``REASONS``).
+    """
+
+    def __init__(self, *, info_hash: str, last_round: int, window: int = 1) -> None:
+        self.info_hash = info_hash
+        self.last_round = last_round
+        self.guard = ReplayGuard(window=window)
+        self._last: dict[str, tuple[int, bytes, str]] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, header: Header, public_key: str | bytes | None) -> None:
+        """Accept one state header from ``header.sender``, whose announced key is ``public_key``.
+
+        Raises:
+            SignatureError: reason ``unsigned`` or ``bad_signature``.
+            ReplayError: reason ``replay``.
+        """
+        sender, sig, nonce = header.sender, header.sig, header.nonce
+        if sig is None or nonce is None:
+            raise SignatureError(
+                f"unsigned: state from {sender!r} has no signature", reason="unsigned"
+            )
+        if public_key is None:
+            raise SignatureError(f"unsigned: {sender!r} announced no key", reason="unsigned")
+        try:
+            announced = bytes(_verify_key(public_key, error=SignatureError))
+            if header.pubkey is not None and header.pubkey != announced:
+                raise SignatureError(f"{sender!r} names a key other than the one it announced")
+            verify_update(
+                announced,
+                sig,
+                info_hash=self.info_hash,
+                round=header.round,
+                sender=sender,
+                receiver=None,
+                payload_sha256=header.payload_sha256,
+                nonce=nonce,
+            )
+        except MessageError as exc:  # SignatureError, or a field verify_update refuses
+            raise SignatureError(f"bad_signature: {exc}", reason="bad_signature") from None
+        if header.round > self.last_round:
+            raise ReplayError(
+                f"replay: round {header.round} from {sender!r} is past the session's last "
+                f"round {self.last_round}",
+                reason="replay",
+            )
+        update = (header.round, nonce, header.payload_sha256)
+        with self._lock:
+            if self._last.get(sender) == update:
+                return
+            try:
+                self.guard.admit(sender, round=header.round, nonce=nonce)
+            except ReplayError as exc:
+                raise ReplayError(f"replay: {exc}", reason="replay") from None
+            self._last[sender] = update
 
 
 def public_keys_from(mapping: Mapping[str, str | bytes]) -> dict[str, bytes]:

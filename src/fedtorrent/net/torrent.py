@@ -41,6 +41,8 @@ MAX_NAME_CHARS = 200
 MAX_TEXT_CHARS = 4096
 MAX_URL_CHARS = 2048
 MAX_JSON_BYTES = 64 * 1024
+MAX_ALLOW_KEYS = 10_000
+"""Public keys a closed swarm's allow-list may hold (10k keys is 650 kB of the 1 MiB file)."""
 _HEX = frozenset("0123456789abcdef")
 _LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
 """Fields that describe one machine, never the session: a peer fills them in itself."""
@@ -86,7 +88,9 @@ class Session:
     ``data`` never carries a ``data_dir``: where a peer keeps its files is its own business.
     ``state_sha256`` and ``state_size`` pin the initial weights (a safetensors file).
     ``privacy`` is None when peers share updates without noise; ``compression`` is a JSON-able dict
-    reserved for the issue that adds it.
+    reserved for the issue that adds it. ``allow_keys`` makes the swarm closed: the Ed25519 public
+    keys (64 lowercase hex, sorted, no repeats) of the only peers that may take part; empty means
+    open (any key) and leaves the key out of the ``info`` dict.
     """
 
     name: str
@@ -100,6 +104,7 @@ class Session:
     state_size: int
     privacy: PrivacyConfig | None = None
     compression: Mapping[str, Any] | None = None
+    allow_keys: tuple[str, ...] = ()
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -130,6 +135,24 @@ class Session:
                 "compression keys must be strings",
             )
         canonical_json(self.model.kwargs)
+        _check(
+            isinstance(self.allow_keys, tuple) and len(self.allow_keys) <= MAX_ALLOW_KEYS,
+            f"allow_keys must be a tuple of at most {MAX_ALLOW_KEYS} keys",
+        )
+        for key in self.allow_keys:
+            _check(
+                isinstance(key, str) and is_info_hash(key),
+                f"allow_keys: {key!r} is not an Ed25519 public key as 64 lowercase hex characters",
+            )
+        _check(
+            list(self.allow_keys) == sorted(set(self.allow_keys)),
+            "allow_keys must be sorted and hold each key once",
+        )
+
+    @property
+    def closed(self) -> bool:
+        """True when only the peers in ``allow_keys`` may take part."""
+        return bool(self.allow_keys)
 
     def to_info(self) -> dict[bytes, Any]:
         """The bencodable ``info`` dict (keys as bytes, floats as canonical decimal strings)."""
@@ -148,6 +171,8 @@ class Session:
             info[b"privacy"] = _encode_fields(self.privacy)
         if self.compression is not None:
             info[b"compression"] = canonical_json(self.compression).encode()
+        if self.allow_keys:
+            info[b"allow_keys"] = [key.encode() for key in self.allow_keys]
         return info
 
     @classmethod
@@ -169,7 +194,8 @@ class Session:
             )
         required = {"version", "name", "model", "data", "train", "mixing", "rounds"}
         required |= {"cohort_size", "state"}
-        _check_keys(raw, required=required, optional={"privacy", "compression"}, where="info")
+        optional = {"privacy", "compression", "allow_keys"}
+        _check_keys(raw, required=required, optional=optional, where="info")
         state = _as_dict(raw[b"state"], "info.state")
         _check_keys(state, required={"sha256", "size"}, optional=set(), where="info.state")
         values: dict[str, Any] = {
@@ -187,6 +213,13 @@ class Session:
             values["privacy"] = _decode_fields(PrivacyConfig, raw[b"privacy"], "info.privacy")
         if b"compression" in raw:
             values["compression"] = _json(raw[b"compression"], "info.compression")
+        if b"allow_keys" in raw:
+            keys = _as_list(raw[b"allow_keys"], "info.allow_keys")
+            if not 0 < len(keys) <= MAX_ALLOW_KEYS:
+                raise TorrentError(f"info.allow_keys: 1 to {MAX_ALLOW_KEYS} keys, got {len(keys)}")
+            values["allow_keys"] = tuple(
+                _text(key, f"info.allow_keys[{i}]", 64) for i, key in enumerate(keys)
+            )
         try:
             return cls(**values)
         except ConfigError as exc:

@@ -44,6 +44,10 @@ REASONS = (
     "bad_shape",  # keys, shapes or dtypes differ from the session's model
     "non_finite",  # NaN or infinite values
     "not_ready",  # (sent by a server) nothing published yet
+    "unsigned",  # a state without a signature and nonce, or from a peer that announced no key
+    "bad_signature",  # the signature does not verify with the sender's announced key
+    "replay",  # an old round, a reused nonce, or a round past the end of the session
+    "not_allowed",  # (a handshake) a CurveZMQ key outside the closed swarm's allow-list
 )
 
 _MAX_INT = 2**53
@@ -83,8 +87,9 @@ State = dict[str, torch.Tensor]
 class Header:
     """The decoded header; which fields matter depends on ``kind``.
 
-    ``sig``, ``nonce`` and ``pubkey`` are carried but not checked here: signing (Ed25519 over
-    info-hash, round, sender and ``payload_sha256``) layers on top of this module.
+    ``sig``, ``nonce`` and ``pubkey`` are carried but not checked here: the peer checks the
+    signature (Ed25519 over info-hash, round, sender, ``payload_sha256`` and nonce; see
+    ``fedtorrent.net.identity``) against the key the sender announced.
     """
 
     kind: str

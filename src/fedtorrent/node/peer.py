@@ -20,9 +20,17 @@ Nothing starts in the constructor: ``start`` loads and binds, ``run`` runs the r
 says goodbye to the tracker and closes the socket. ``request_stop`` (from a signal handler) ends
 ``run`` at the next phase boundary; the exchange wakes up at once.
 
-Hooks for signed updates and privacy (later issues): ``send_hook(state, round)`` returns what to
-share (own row 0 always stays the true state), ``receive_hook(reply)`` raises ``MessageError`` to
-reject a reply after the wire checks passed.
+Security (``docs/privacy.md``): the peer's persistent identity (``--key-dir``) keys its CurveZMQ
+links and signs every state it publishes (once per round); its public key goes to the tracker,
+and it dials only peers that announced a key (and, in a closed swarm, whose key the torrent's
+allow-list holds), so every link is encrypted and authenticated. Replies are verified against
+the sender's announced key and a replay guard (``UpdateVerifier``) before anything else looks at
+them. Every state served and every state mixed goes into the peer's signed, hash-chained ledger
+(``<out>/<peer>.ledger.sqlite``).
+
+Hooks for privacy and attacks: ``send_hook(state, round)`` returns what to share (own row 0
+always stays the true state), ``receive_hook(reply)`` raises ``MessageError`` to reject a reply
+after the wire and signature checks passed.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import ipaddress
 import logging
 import math
 import os
+import queue
 import secrets
 import threading
 import time
@@ -62,10 +71,18 @@ from fedtorrent.metrics.records import RecordWriter, read_records, write_json
 from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
+    from fedtorrent.ledger import Ledger
     from fedtorrent.mixing.trust import TrustLearner
+    from fedtorrent.net.identity import PeerIdentity, UpdateVerifier
     from fedtorrent.net.torrent import Session, Torrent
     from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
-    from fedtorrent.net.transport import Endpoint, Reply, Transport, TransportConfig
+    from fedtorrent.net.transport import (
+        Endpoint,
+        Reply,
+        ServedEvent,
+        Transport,
+        TransportConfig,
+    )
     from fedtorrent.training.evaluate import Metrics
 
 log = logging.getLogger(__name__)
@@ -143,6 +160,8 @@ class PeerConfig:
     linger: float | None = None
     """Seconds to keep serving the final state for slower neighbours; default ``exchange_timeout``
     (ends early once every peer of the last cohort has fetched it)."""
+    key_dir: Path | None = None
+    """Where the peer's Ed25519 identity lives (created on first use); default ``<out>/keys``."""
 
     def __post_init__(self) -> None:
         sharded = self.node_index is not None or self.num_nodes is not None
@@ -347,6 +366,9 @@ class Exchange:
     """Peer id -> rejection reason (a ``wire.REASONS`` code)."""
     missing: dict[str, str] = field(default_factory=dict)
     """Peer id -> why nothing usable came (``timeout``, ``refused:not_ready``, ...)."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Peers the tracker listed but this peer would not dial: ``no_key`` (announced no usable
+    Ed25519 key) or ``not_allowed`` (outside a closed swarm's allow-list). Not in the cohort."""
 
 
 def derive_seed(seed: int, *streams: int) -> int:
@@ -405,6 +427,11 @@ class Peer:
         self._formed = False
         self._executor: ThreadPoolExecutor | None = None
         self.error: str | None = None
+        self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
+        self._keys: dict[str, str] = {}
+        """Peer id -> the Ed25519 key (hex) it announced, as the tracker last listed it."""
+        self._skipped: dict[str, str] = {}
+        self.ledger: Ledger | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -432,6 +459,11 @@ class Peer:
 
     def _start(self) -> None:
         from fedtorrent.net import torrent as torrents  # noqa: PLC0415
+        from fedtorrent.net.identity import (  # noqa: PLC0415
+            UpdateVerifier,
+            curve_public_key,
+            load_or_create_identity,
+        )
         from fedtorrent.net.transport import TransportConfig  # noqa: PLC0415
         from fedtorrent.state.codec import check_state_like  # noqa: PLC0415
 
@@ -439,10 +471,20 @@ class Peer:
         self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
         self.session: Session = self.torrent.session
         self.info_hash = self.torrent.info_hash
+        self.identity: PeerIdentity = load_or_create_identity(cfg.key_dir or self.out_dir / "keys")
+        allowed = self.session.allow_keys
+        if allowed and self.identity.public_key_hex not in allowed:
+            log.warning(
+                "this peer's key %s is not in the closed swarm's allow-list: peers will refuse it",
+                self.identity.public_key_hex,
+            )
         privacy = self.session.privacy
         if privacy is not None and privacy.enabled and self._send_hook is None:
             raise ConfigError("this session asks for privacy; the peer needs a send hook")
         self.rounds = cfg.rounds or self.session.rounds
+        self.verifier: UpdateVerifier = UpdateVerifier(
+            info_hash=self.info_hash, last_round=max(self.rounds, self.session.rounds)
+        )
         swarm_size = cfg.num_nodes or self.session.data.num_nodes
         self._expected = max(0, min(self.session.cohort_size, swarm_size - 1))
         self.seed = self.session.train.seed if cfg.seed is None else cfg.seed
@@ -470,11 +512,15 @@ class Peer:
             cfg.node_index if cfg.node_index is not None else zlib.crc32(self.peer_id.encode())
         )
         self._open_records()
+        self.ledger = self._open_ledger()
         transport_config = TransportConfig(
             info_hash=self.info_hash,
             peer_id=self.peer_id,
             bind=f"tcp://{_bracket(cfg.host)}:{cfg.port}",
             max_payload_bytes=2 * self.session.state_size + (64 << 10),
+            curve_secret_key=self.identity.curve_secret,
+            curve_public_key=self.identity.curve_public,
+            curve_allow=frozenset(curve_public_key(k) for k in allowed) if allowed else None,
         )
         if self._make_transport is None:
             from fedtorrent.net.transport import ZmqTransport  # noqa: PLC0415
@@ -482,6 +528,7 @@ class Peer:
             self.transport: Transport = ZmqTransport(transport_config)
         else:
             self.transport = self._make_transport(transport_config)
+        self.transport.on_served = self._served.put
         if self._tracker is None:
             from fedtorrent.net.tracker.client import TrackerClient  # noqa: PLC0415
 
@@ -556,6 +603,9 @@ class Peer:
             self.transport.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.ledger is not None:
+            self._log_served()  # serving has stopped: nothing more can arrive
+            self.ledger.close()
         if hasattr(self, "_writer"):
             self._writer.close()
             if hasattr(self, "transport"):
@@ -584,7 +634,8 @@ class Peer:
         """
         from fedtorrent.mixing.rules import metropolis_row, mix_stack  # noqa: PLC0415
         from fedtorrent.net import wire  # noqa: PLC0415
-        from fedtorrent.state import encode_state, flatten, unflatten  # noqa: PLC0415
+        from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
+        from fedtorrent.state import encode_state, flatten, state_digest, unflatten  # noqa: PLC0415
         from fedtorrent.training import train_local  # noqa: PLC0415
 
         began = time.perf_counter()
@@ -601,6 +652,16 @@ class Peer:
         trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         shared = trained if self._send_hook is None else self._send_hook(trained, round)
         payload = encode_state(shared)
+        digest, nonce = state_digest(payload), new_nonce()
+        signature = sign_update(
+            self.identity,
+            info_hash=self.info_hash,
+            round=round,
+            sender=self.peer_id,
+            receiver=None,  # one signature for the whole cohort: the same state to everyone
+            payload_sha256=digest,
+            nonce=nonce,
+        )
         self.transport.publish(
             wire.encode_message(
                 payload,
@@ -608,6 +669,10 @@ class Peer:
                 sender=self.peer_id,
                 round=round,
                 num_examples=len(self.data.y_train),
+                sig=signature,
+                nonce=nonce,
+                pubkey=self.identity.public_key,
+                payload_sha256=digest,
             )
         )
         timings["train"] = time.perf_counter() - tick
@@ -641,6 +706,7 @@ class Peer:
         mixed = mix_stack(stack, config=self.session.mixing, weights=weights)
         self.current = unflatten(mixed, self.like)
         self.model.load_state_dict(self.current)
+        self._log_exchange(heard, exchange, weights)
         timings["mix"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -671,6 +737,7 @@ class Peer:
             "self_weight": float(weights[0]) if weights is not None else None,
             "rejected_from": exchange.rejected,
             "missing": exchange.missing,
+            "skipped": exchange.skipped,
             "rejections": dict(rejections),
             "rejected": sum(rejections.values()),
             "bytes_sent": flow.get("header_sent", 0) + flow.get("payload_sent", 0),
@@ -706,16 +773,37 @@ class Peer:
     # -- phases -----------------------------------------------------------------------------
 
     def _cohort(self, answer: TrackerAnswer | None) -> list[Endpoint]:
+        """The first ``cohort_size`` listed peers this peer may dial, each with its link key.
+
+        Peers without a usable key, or outside a closed swarm's allow-list, are skipped (and
+        remembered in ``_skipped`` for the round's record).
+        """
+        from fedtorrent.net.identity import curve_public_key  # noqa: PLC0415
+        from fedtorrent.net.torrent import is_info_hash  # noqa: PLC0415 (64 lowercase hex)
+
         if answer is None:
             return []
         cohort: list[Endpoint] = []
+        self._skipped = {}
+        allowed = self.session.allow_keys
         for peer in answer.peers:
             if peer.peer_id == self.peer_id or len(cohort) >= self.session.cohort_size:
                 continue
+            key = peer.pubkey
+            if key is None or not is_info_hash(key):  # none, or a bare Z85 CurveZMQ key
+                self._skipped[peer.peer_id] = "no_key"
+                continue
+            if allowed and key not in allowed:
+                self._skipped[peer.peer_id] = "not_allowed"
+                continue
             try:
-                cohort.append(self.addressing.endpoint(peer))
+                endpoint = self.addressing.endpoint(peer)
+                endpoint = dataclasses.replace(endpoint, public_key=curve_public_key(key))
             except (ValueError, FedTorrentError) as exc:
                 log.warning("cannot reach peer %s as listed: %s", peer.peer_id, exc)
+                continue
+            self._keys[peer.peer_id] = key
+            cohort.append(endpoint)
         self._last_cohort = [e.peer_id for e in cohort]
         return cohort
 
@@ -745,7 +833,7 @@ class Peer:
         Members never wait on each other: a silent one costs its own fetch the deadline, while
         the others are asked again (with backoff) as long as they are behind ``round``.
         """
-        outcome = Exchange()
+        outcome = Exchange(skipped=dict(self._skipped))
         executor = self._executor
         if executor is None or not cohort:
             return outcome
@@ -797,13 +885,14 @@ class Peer:
             except NetworkError as exc:  # timeout, or the transport is closing
                 return "missing", stale, getattr(exc, "kind", "unreachable")
             else:
-                if self._receive_hook is not None:
-                    try:
+                try:
+                    self.verifier.verify(reply.header, self._keys.get(endpoint.peer_id))
+                    if self._receive_hook is not None:
                         self._receive_hook(reply)
-                    except MessageError as exc:
-                        self.transport.stats.record_rejection(endpoint.peer_id, exc.reason)
-                        log.warning("rejected the state of peer %s: %s", endpoint.peer_id, exc)
-                        return "rejected", None, exc.reason
+                except MessageError as exc:
+                    self.transport.stats.record_rejection(endpoint.peer_id, exc.reason)
+                    log.warning("rejected the state of peer %s: %s", endpoint.peer_id, exc)
+                    return "rejected", None, exc.reason
                 if reply.header.round >= round:
                     return "fresh", reply, ""
                 stale = reply
@@ -866,6 +955,7 @@ class Peer:
                 accuracy=accuracy,
                 bytes_sent=totals["bytes_sent"],
                 bytes_received=totals["bytes_received"],
+                pubkey=self.identity.public_key_hex,
                 ip=self.config.advertise_ip,
             )
         except TrackerError as exc:
@@ -916,9 +1006,59 @@ class Peer:
             if requests != seen:
                 seen, quiet_since = requests, now
             behind -= {f["peer"] for f in flows if f["payload_sent"]}
+            self._log_served()
             if not behind and now - quiet_since >= QUIET_S:
                 break
             self._stop.wait(min(POLL_MAX_S / 5, max(0.0, deadline - now)))
+
+    # -- ledger ------------------------------------------------------------------------------
+
+    def _open_ledger(self) -> Ledger:
+        """This peer's ledger; a fresh run (no ``--resume``) starts a fresh one, as its records."""
+        from fedtorrent.ledger import Ledger, ledger_path  # noqa: PLC0415
+
+        path = ledger_path(self.out_dir, self.peer_id)
+        if not self.config.resume:
+            for suffix in ("", "-wal", "-shm"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+        return Ledger(path, self.identity, owner=self.peer_id, info_hash=self.info_hash).open()
+
+    def _log_served(self) -> None:
+        """Append a ``sent`` entry for every state the server thread handed out since last time."""
+        assert self.ledger is not None
+        while True:
+            try:
+                event = self._served.get_nowait()
+            except queue.Empty:
+                return
+            header = event.header
+            self.ledger.record_sent(
+                round=header.round,
+                receiver=event.requester,
+                payload_sha256=header.payload_sha256,
+                num_bytes=header.payload_len,
+                nonce=header.nonce,
+                update_signature=header.sig,
+            )
+
+    def _log_exchange(
+        self, heard: Sequence[str], exchange: Exchange, weights: torch.Tensor | None
+    ) -> None:
+        """Log what was served meanwhile, then every mixed state with the weight it got."""
+        assert self.ledger is not None
+        self._log_served()
+        values = weights.tolist() if weights is not None else None
+        for i, peer_id in enumerate(heard):
+            header = exchange.replies[peer_id].header
+            self.ledger.record_received(
+                round=header.round,
+                sender=peer_id,
+                payload_sha256=header.payload_sha256,
+                num_bytes=header.payload_len,
+                weight=float(values[1 + i]) if values is not None else None,
+                nonce=header.nonce,
+                update_signature=header.sig,
+            )
 
     # -- state, records and files -----------------------------------------------------------
 
@@ -1069,6 +1209,11 @@ class Peer:
             },
             "rejections": totals["rejections"],
             "rejections_per_peer": snapshot["rejections_per_peer"],
+            "security": {
+                "public_key": self.identity.public_key_hex,
+                "swarm": "closed" if self.session.closed else "open",
+                "ledger": self.ledger.path.name if self.ledger is not None else None,
+            },
             "exchange_rtt_s": _spread(rtts),
             "tracker": {
                 "announces": dict(self._tracker_counts),

@@ -16,7 +16,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -53,8 +53,11 @@ class TransportConfig:
     max_concurrent_fetches: int = 8
     curve_secret_key: bytes | None = None
     """CurveZMQ key pair (z85, 40 bytes each): when set, every link is encrypted and clients must
-    know this peer's public key. Who may connect (ZAP) is decided by a later layer."""
+    know this peer's public key; fetches use it as the client key too."""
     curve_public_key: bytes | None = None
+    curve_allow: frozenset[bytes] | None = None
+    """With Curve on: the client keys (z85) the server admits at the handshake (a closed swarm);
+    None admits any key (an open swarm). Refused handshakes count as ``not_allowed``."""
 
     def __post_init__(self) -> None:
         if not wire.is_info_hash(self.info_hash):
@@ -74,6 +77,11 @@ class TransportConfig:
             raise ConfigError("curve_secret_key and curve_public_key go together")
         if any(k is not None and len(k) != 40 for k in keys):
             raise ConfigError("CurveZMQ keys must be z85-encoded (40 bytes)")
+        if self.curve_allow is not None:
+            if self.curve_secret_key is None:
+                raise ConfigError("curve_allow needs curve keys")
+            if any(not isinstance(k, bytes) or len(k) != 40 for k in self.curve_allow):
+                raise ConfigError("curve_allow holds z85-encoded CurveZMQ keys (40 bytes)")
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,22 @@ class Served:
     frames: tuple[bytes, bytes]
 
 
+@dataclass(frozen=True)
+class ServedEvent:
+    """One state handed to a requester (what the sender's ledger records).
+
+    ``requester`` is the id the request declared; ``num_bytes`` counts header and payload.
+    """
+
+    requester: str
+    header: Header
+    num_bytes: int
+
+
+OnServed = Callable[[ServedEvent], None]
+"""Called from the serving thread once a state went out; must be quick and thread-safe."""
+
+
 class Transport(ABC):
     """Serve one state, fetch others; subclasses provide ``_start``, ``_close``, ``_fetch``."""
 
@@ -220,6 +244,8 @@ class Transport(ABC):
         self._executor: ThreadPoolExecutor | None = None
         self._closing = threading.Event()
         self._lifecycle = threading.Lock()
+        self.on_served: OnServed | None = None
+        """Set before ``start`` to learn of every state served (see :class:`ServedEvent`)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -303,11 +329,12 @@ class Transport(ABC):
         served = self._served
         return served.header.round if served is not None else 0
 
-    def answer(self, request: Sequence[Any]) -> tuple[Served | None, list[bytes]]:
+    def answer(self, request: Sequence[Any]) -> tuple[Served | None, list[bytes], str]:
         """Server side of one request: the state to send, or error frames; counts the traffic.
 
         Returns:
-            ``(served, [])`` to send ``served``, or ``(None, error_frames)``.
+            ``(served, [], requester)`` to send ``served`` (then call :meth:`report_served`
+            once it went out), or ``(None, error_frames, requester)``.
         """
         served = self._served
         round = served.header.round if served is not None else 0
@@ -318,13 +345,20 @@ class Transport(ABC):
             log.debug("refused a request: %s", exc)
             self.stats.record_received(UNKNOWN, round, header=request_bytes)
             self.stats.record_rejection(UNKNOWN, exc.reason)
-            return None, self._error(UNKNOWN, round, exc.reason)
+            return None, self._error(UNKNOWN, round, exc.reason), UNKNOWN
         self.stats.record_received(header.sender, round, header=request_bytes)
         if served is None:
-            return None, self._error(header.sender, round, "not_ready")
+            return None, self._error(header.sender, round, "not_ready"), header.sender
         header_raw, payload = served.frames
         self.stats.record_sent(header.sender, round, header=len(header_raw), payload=len(payload))
-        return served, []
+        return served, [], header.sender
+
+    def report_served(self, requester: str, served: Served) -> None:
+        """Tell ``on_served`` that ``served`` went out to ``requester``."""
+        hook = self.on_served
+        if hook is not None:
+            size = len(served.frames[0]) + len(served.frames[1])
+            hook(ServedEvent(requester=requester, header=served.header, num_bytes=size))
 
     def _error(self, peer: str, round: int, reason: str) -> list[bytes]:
         frames = wire.encode_error(

@@ -83,8 +83,11 @@ class MemoryTransport(Transport):
         self.network._unregister(self._address)
 
     def _respond(self, request: list[bytes]) -> list[bytes]:
-        served, error = self.answer(request)
-        return error if served is None else list(served.frames)
+        served, error, requester = self.answer(request)
+        if served is None:
+            return error
+        self.report_served(requester, served)
+        return list(served.frames)
 
     def _fetch(self, endpoint: Endpoint, round: int, deadline: float) -> Reply:
         request = wire.encode_request(

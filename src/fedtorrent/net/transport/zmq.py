@@ -11,6 +11,11 @@ Each fetch uses its own DEALER socket, closed (linger 0) when the fetch ends, so
 timed-out exchange can leak into the next one. The server thread owns the ROUTER; it never blocks
 on a peer (``ROUTER_MANDATORY`` with non-blocking sends: a reply that cannot be queued is dropped
 and counted as ``dropped``).
+
+With CurveZMQ on, the same server thread answers the context's ZAP requests (RFC 27): every
+handshake's client key is admitted when ``curve_allow`` is None (an open swarm) or holds it (a
+closed swarm), and refused otherwise, counted as a ``not_allowed`` rejection. A refused client
+never gets a byte of application data; to it the fetch looks like a silent peer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils import z85
 
 from fedtorrent.errors import NetworkError
 from fedtorrent.net import wire
@@ -42,6 +48,9 @@ MAX_PIECES = 256
 """A payload is cut into at most this many pieces (fewer, larger ones for big models)."""
 _POLL_SLICE_S = 0.1
 """Fetches wake this often to notice ``close``."""
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+"""Where libzmq asks a context's authentication handler (fixed by RFC 27)."""
+ZAP_DOMAIN = b"fedtorrent"
 
 
 class ZmqTransport(Transport):
@@ -64,12 +73,18 @@ class ZmqTransport(Transport):
 
     def _start(self) -> None:
         context: zmq.Context[Any] = zmq.Context(io_threads=1)
+        zap: zmq.Socket[Any] | None = None
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)
         router.setsockopt(zmq.SNDHWM, 4 * (MAX_PIECES + 1))
         if self.config.curve_secret_key is not None:
+            # The handler must exist before the first handshake, so before bind.
+            zap = context.socket(zmq.REP)
+            zap.setsockopt(zmq.LINGER, 0)
+            zap.bind(ZAP_ENDPOINT)
+            router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
             router.setsockopt(zmq.CURVE_SERVER, 1)
             router.setsockopt(zmq.CURVE_SECRETKEY, self.config.curve_secret_key)
             router.setsockopt(zmq.CURVE_PUBLICKEY, self.config.curve_public_key)
@@ -77,6 +92,8 @@ class ZmqTransport(Transport):
             router.bind(self.config.bind)
         except zmq.ZMQError as exc:
             router.close(linger=0)
+            if zap is not None:
+                zap.close(linger=0)
             context.term()
             raise NetworkError(f"cannot bind {self.config.bind}: {exc}") from None
         self._address = router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -88,7 +105,7 @@ class ZmqTransport(Transport):
         self._wake.connect(wake_name)
         self._context = context
         self._thread = threading.Thread(
-            target=self._serve, args=(router, wake_rx), name="fedtorrent-serve", daemon=True
+            target=self._serve, args=(router, wake_rx, zap), name="fedtorrent-serve", daemon=True
         )
         self._thread.start()
 
@@ -120,15 +137,21 @@ class ZmqTransport(Transport):
         assert cut is not None
         return cut[1]
 
-    def _serve(self, router: zmq.Socket[Any], wake: zmq.Socket[Any]) -> None:
+    def _serve(
+        self, router: zmq.Socket[Any], wake: zmq.Socket[Any], zap: zmq.Socket[Any] | None
+    ) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll())
                 if wake in events:
                     return
+                if zap is not None and zap in events:
+                    self._authenticate(zap)
                 while True:
                     try:
                         frames = router.recv_multipart(flags=zmq.NOBLOCK)
@@ -141,10 +164,29 @@ class ZmqTransport(Transport):
         finally:
             router.close(linger=0)
             wake.close(linger=0)
+            if zap is not None:
+                zap.close(linger=0)
+
+    def _authenticate(self, zap: zmq.Socket[Any]) -> None:
+        """Answer one ZAP request: admit a CurveZMQ client key that the swarm allows."""
+        frames = zap.recv_multipart()
+        request_id = frames[1] if len(frames) > 1 else b""
+        status, text, user = b"400", b"malformed ZAP request", b""
+        if len(frames) == 7 and frames[0] == b"1.0" and frames[5] == b"CURVE":
+            key = bytes(z85.encode(frames[6])) if len(frames[6]) == 32 else b""
+            allow = self.config.curve_allow
+            if key and (allow is None or key in allow):
+                status, text, user = b"200", b"OK", key
+            else:
+                status, text = b"400", b"key not allowed in this swarm"
+                label = f"curve:{key.decode('ascii')}" if key else UNKNOWN
+                self.stats.record_rejection(label, "not_allowed")
+                log.info("refused a handshake from CurveZMQ key %s", label)
+        zap.send_multipart([b"1.0", request_id, status, text, user, b""])
 
     def _handle(self, router: zmq.Socket[Any], frames: list[bytes]) -> None:
         identity, request = frames[0], frames[1:]
-        served, error = self.answer(request)
+        served, error, requester = self.answer(request)
         try:
             if served is None:
                 router.send_multipart([identity, *error], flags=zmq.NOBLOCK)
@@ -154,6 +196,8 @@ class ZmqTransport(Transport):
                 router.send_multipart([identity, piece], copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError:  # EAGAIN (queue full) or EHOSTUNREACH (peer gone)
             self.stats.record_failure(UNKNOWN, "dropped")
+            return
+        self.report_served(requester, served)
 
     # -- client ---------------------------------------------------------------------------------
 
