@@ -271,11 +271,19 @@ def reproduce(
     quick: Annotated[
         bool, typer.Option(help="A few rounds and one seed: checks the pipeline, not the paper.")
     ] = False,
+    report_only: Annotated[
+        bool, typer.Option(help="Only rewrite README.md and plots from OUT/reproduce.json.")
+    ] = False,
     data_dir: Annotated[Path | None, typer.Option(help=_DATA_DIR_HELP)] = None,
     threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 1,
     progress: Annotated[bool, typer.Option(help="Show progress on stderr.")] = True,
 ) -> None:
     """Run the seed paper's experiments (Tables 1-3, nodes and rounds sweeps) into ``out``."""
+    if report_only:
+        from fedtorrent.sim.reproduce import render  # noqa: PLC0415
+
+        print(render(out).read_text(encoding="utf-8"))
+        return
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     import torch  # noqa: PLC0415

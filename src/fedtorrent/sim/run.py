@@ -67,7 +67,9 @@ class RunOutcome:
 
 
 @dataclass
-class _Writers:
+class RunWriters:
+    """The open record files of a run folder (any may be None: that record is not written)."""
+
     rounds: RecordWriter | None = None
     final: RecordWriter | None = None
     trust: RecordWriter | None = None
@@ -86,7 +88,7 @@ def run_one(
     dataset: Dataset,
     on_round: RoundCallback | None = None,
     share: ShareFn | None = None,
-    writers: _Writers | None = None,
+    writers: RunWriters | None = None,
 ) -> RunOutcome:
     """Run one configuration (one seed) and return its final per-node scores.
 
@@ -135,7 +137,7 @@ def run_one(
     label_mix = _label_mix(dataset.y_train, [s.train for s in splits], dataset.num_classes)
     curve_x, curve_y = _curve_subset(config, data.x_test, data.y_test)
     tag = {"mixing": config.mixing.rule, "seed": config.seed}
-    writers = writers or _Writers()
+    writers = writers or RunWriters()
     weights: torch.Tensor | None = None
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
@@ -306,9 +308,9 @@ def simulate(
     dataset = dataset or load_for(configs[0])
     outcomes: list[RunOutcome] = []
     with ExitStack() as stack:
-        writers = _Writers()
+        writers = RunWriters()
         if out_dir is not None:
-            writers = _Writers(
+            writers = RunWriters(
                 rounds=stack.enter_context(
                     RecordWriter(out_dir, name="rounds", fields=ROUND_FIELDS)
                 ),
