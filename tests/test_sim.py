@@ -210,7 +210,7 @@ def test_same_seed_gives_identical_results() -> None:
 
 
 def test_learned_trust_shuns_a_node_that_shares_garbage() -> None:
-    def share(params: torch.Tensor, round_index: int) -> torch.Tensor:
+    def share(params: torch.Tensor, round_index: int, **_: torch.Tensor) -> torch.Tensor:
         out = params.clone()
         out[3] = (
             torch.randn(params.shape[1], generator=torch.Generator().manual_seed(round_index)) * 10

@@ -104,6 +104,8 @@ BASELINE_TRAIN = TrainConfig(
 """The centralized baseline (``fedtorrent train``): logreg gets ~92.8% on MNIST, ~84.8% Fashion."""
 
 
+ATTACKS = ("noise", "sign_flip", "scale", "label_flip", "free_rider", "nan")
+"""Poisoning attacks (``fedtorrent.adversary``)."""
 MIXING_RULES = ("none", "fixed", "metropolis", "learned", "median", "trimmed_mean", "krum")
 TOPOLOGIES = ("complete", "ring", "regular", "erdos_renyi", "random_cohort")
 
@@ -121,6 +123,10 @@ class MixingConfig:
     weight_floor: float = 0.0
     """Lowest weight any cohort member may get; keeps learned trust closer to uniform."""
     entropy_penalty: float = 0.0
+    trust_margin: float = 0.01
+    """Learned weights are used in a round only when, on a fresh validation batch, they lower the
+    mixed model's loss by this fraction below uniform weights' (else that round mixes uniformly;
+    the logits keep learning). 0 turns the check off: always use the learned weights."""
     trim_ratio: float = 0.2
     """For ``trimmed_mean``: fraction cut from each end per coordinate."""
     byzantine: int = 1
@@ -142,6 +148,9 @@ class MixingConfig:
         )
         _require(
             self.entropy_penalty >= 0, f"entropy_penalty must be >= 0, got {self.entropy_penalty}"
+        )
+        _require(
+            0 <= self.trust_margin < 1, f"trust_margin must be in [0, 1), got {self.trust_margin}"
         )
         _require(
             0 <= self.trim_ratio < 0.5, f"trim_ratio must be in [0, 0.5), got {self.trim_ratio}"
@@ -197,9 +206,32 @@ class SimConfig:
     """Score every node on the test set every this many rounds (and always after the last)."""
     eval_examples: int | None = None
     """Test examples used for the per-round curves (None: all); final scores use all of them."""
+    privacy: PrivacyConfig | None = None
+    """Update-level DP on what every node shares (``dp_sgd`` is not simulated)."""
+    attack: str | None = None
+    """Poisoning attack of the last ``attackers`` nodes: one of ``ATTACKS``."""
+    attackers: int = 0
+    attack_scale: float | None = None
+    """The attack's scale (default per attack; see ``fedtorrent.adversary``)."""
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
+        _require(
+            (self.attack is None) == (self.attackers == 0),
+            "an attack needs attackers >= 1, and attackers need an attack",
+        )
+        _require(
+            self.attack is None or self.attack in ATTACKS,
+            f"attack must be one of {', '.join(ATTACKS)}; got {self.attack!r}",
+        )
+        _require(
+            0 <= self.attackers < self.data.num_nodes,
+            f"attackers must be in [0, {self.data.num_nodes}), got {self.attackers}",
+        )
+        _require(
+            self.privacy is None or not self.privacy.dp_sgd,
+            "the simulator applies update-level DP only, not dp_sgd",
+        )
         _require(
             self.round_schedule in LR_SCHEDULES,
             f"round_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.round_schedule!r}",

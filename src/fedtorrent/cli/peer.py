@@ -59,6 +59,16 @@ def peer_command(
         Path | None,
         typer.Option(help="Folder of this peer's Ed25519 identity (default: <out>/keys)."),
     ] = None,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            help="Experiments only: make this peer an adversary (noise, sign_flip, scale, "
+            "label_flip, free_rider, nan; see docs/simulator.md)."
+        ),
+    ] = None,
+    attack_scale: Annotated[
+        float | None, typer.Option(help="The attack's scale (default per attack).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log to stderr.")] = False,
 ) -> None:
     """Train with the swarm: announce, exchange parameters directly with peers, mix, record.
@@ -88,6 +98,8 @@ def peer_command(
         seed=seed,
         rounds=rounds,
         key_dir=key_dir,
+        attack=attack,
+        attack_scale=attack_scale,
     )
     out.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
@@ -109,4 +121,5 @@ def peer_command(
         outcome = peer.run()
     finally:
         peer.close()
-    typer.echo(f"{peer.peer_id}: {outcome} after round {peer.round_done} of {peer.rounds}")
+    spent = f", epsilon {peer.private.epsilon:.3f}" if peer.private is not None else ""
+    typer.echo(f"{peer.peer_id}: {outcome} after round {peer.round_done} of {peer.rounds}{spent}")

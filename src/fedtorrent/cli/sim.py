@@ -16,6 +16,7 @@ from fedtorrent.config import (
     DataConfig,
     MixingConfig,
     ModelConfig,
+    PrivacyConfig,
     SimConfig,
     TopologyConfig,
     TrainConfig,
@@ -117,6 +118,25 @@ def simulate(
     threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 1,
     plots: Annotated[bool, typer.Option(help="Draw plots into the run folder.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    dp_clip: Annotated[
+        float | None,
+        typer.Option(help="DP: clip each node's update to this L2 norm (turns DP on)."),
+    ] = None,
+    dp_noise: Annotated[
+        float | None, typer.Option(help="DP noise multiplier sigma (noise std = sigma * clip).")
+    ] = None,
+    dp_epsilon: Annotated[
+        float | None, typer.Option(help="DP target epsilon after all rounds (derives sigma).")
+    ] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    attack: Annotated[
+        str | None,
+        typer.Option(help="noise, sign_flip, scale, label_flip, free_rider or nan (docs)."),
+    ] = None,
+    attackers: Annotated[int, typer.Option(help="The last K nodes attack.")] = 0,
+    attack_scale: Annotated[
+        float | None, typer.Option(help="The attack's scale (default per attack).")
+    ] = None,
 ) -> None:
     """Simulate N nodes that train locally and mix with their cohorts; write a run folder."""
     rules = mixing or [_DEFAULT.mixing.rule]
@@ -148,6 +168,10 @@ def simulate(
         round_schedule=round_schedule,
         eval_every=eval_every,
         eval_examples=eval_examples,
+        privacy=_privacy(dp_clip, dp_noise, dp_epsilon, dp_delta),
+        attack=attack,
+        attackers=attackers,
+        attack_scale=attack_scale,
     )
     configs = [
         _with_rule(
@@ -183,6 +207,16 @@ def simulate(
             configs, out_dir=folder, dataset=data, on_round=advance, plots=plots
         )
     _print_summary(summary, folder=folder, seconds=time.perf_counter() - started, split=split)
+
+
+def _privacy(
+    clip: float | None, noise: float | None, epsilon: float | None, delta: float
+) -> PrivacyConfig | None:
+    if clip is None and noise is None and epsilon is None:
+        return None
+    if clip is None:
+        raise ConfigError("--dp-noise and --dp-epsilon need --dp-clip")
+    return PrivacyConfig(clip=clip, noise_multiplier=noise, target_epsilon=epsilon, delta=delta)
 
 
 def _with_rule(config: SimConfig, mixing: MixingConfig) -> SimConfig:
@@ -258,6 +292,23 @@ def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, spl
         table.add_row(*cells)
     console = Console()
     console.print(table)
+    for rule, row in summary["by_mixing"].items():
+        security = row.get("security")
+        if security is None:
+            continue
+        parts = []
+        if security["attackers"]:
+            weight = security["weight_to_attackers"]
+            parts.append(
+                f"honest nodes {100 * security['honest_accuracy_mean']:.2f}% "
+                f"± {100 * security['honest_accuracy_std']:.2f}, weight per attacker "
+                + ("n/a" if weight is None else f"{weight:.4f}")
+            )
+        if security["rejected"]:
+            parts.append(f"rejected {security['rejected']}")
+        if security["epsilon"] is not None:
+            parts.append(f"epsilon spent {security['epsilon']:.3f}")
+        console.print(f"{rule}: " + "; ".join(parts))
     console.print(f"done in {seconds:.1f} s; records, plots and summary.json in {folder}")
 
 

@@ -63,6 +63,16 @@ def swarm_command(
         bool, typer.Option(help="Show the live table on a terminal (off: a line per change).")
     ] = True,
     plots: Annotated[bool, typer.Option(help="Draw plots into the run folder.")] = True,
+    attackers: Annotated[
+        int, typer.Option(help="Experiments: the last K peers attack (with --attack).")
+    ] = 0,
+    attack: Annotated[
+        str | None,
+        typer.Option(help="noise, sign_flip, scale, label_flip, free_rider or nan."),
+    ] = None,
+    attack_scale: Annotated[
+        float | None, typer.Option(help="The attack's scale (default per attack).")
+    ] = None,
 ) -> None:
     """Run a tracker and N peers here; Ctrl-C stops them all; ends with a summary and plots."""
     import time  # noqa: PLC0415
@@ -84,6 +94,9 @@ def swarm_command(
         peer_args=tuple(peer_arg or ()),
         stop_grace=stop_grace,
         resume=resume,
+        attackers=attackers,
+        attack=attack,
+        attack_scale=attack_scale,
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:
@@ -213,6 +226,20 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
         )
         + f"; peers sent each other {human_bytes(band['p2p_bytes_sent'])}"
     )
+    security = summary.get("security") or {}
+    if security.get("attackers"):
+        weight = security["weight_to_attackers"]
+        console.print(
+            f"attackers {', '.join(security['attackers'])} ({security['attack']}); honest peers: "
+            f"{100 * (security['honest_accuracy_mean'] or 0):.2f}% test accuracy, mean weight on "
+            f"attackers {'n/a' if weight is None else f'{weight:.4f}'}"
+        )
+    if security.get("rejected") or security.get("epsilon") is not None:
+        epsilon = security.get("epsilon")
+        console.print(
+            f"bad messages rejected: {security.get('rejected', 0)} {security.get('rejections', {})}"
+            + ("" if epsilon is None else f"; epsilon spent (most of any peer) {epsilon:.3f}")
+        )
     if summary["interrupted"]:
         console.print("[yellow]stopped before the peers finished[/yellow]")
     console.print(f"records, plots and summary.json in {folder}")

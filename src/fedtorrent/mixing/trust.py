@@ -93,6 +93,23 @@ def learn_trust(
     return current
 
 
+def prefer_learned(loss_learned: Tensor, loss_uniform: Tensor, *, margin: float) -> Tensor:
+    """Bool mask: rows whose learned weights beat uniform ones on a held-out batch.
+
+    Learned trust is used only where its validation loss is lower than uniform mixing's by the
+    relative ``margin`` (``loss_learned < (1 - margin) * loss_uniform``), both scored on the same
+    fresh batch. So trust departs from uniform only on held-out evidence: in iid swarms, where
+    uniform is optimal by symmetry, it ties ``fixed``; against attackers or under label skew,
+    where the evidence is large, it acts as before. ``margin <= 0`` disables the check (always
+    learned). A non-finite learned loss never wins; a non-finite uniform one always loses.
+    """
+    finite = torch.isfinite(loss_learned)
+    if margin <= 0:
+        return torch.ones_like(finite)
+    beats = loss_learned < (1.0 - margin) * loss_uniform
+    return finite & (beats | ~torch.isfinite(loss_uniform))
+
+
 def flat_views(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Split ``(..., P)`` into tensors shaped like ``like`` (sorted keys, as ``state.flatten``).
 
@@ -136,6 +153,8 @@ class TrustLearner:
         self.config = config
         self._self_logit = 0.0
         self._peer_logits: dict[str, float] = {}
+        self.last_check: bool | None = None
+        """Whether the last :meth:`learn` passed the held-out check (None: no check ran)."""
 
     def logits(self, cohort: Sequence[str]) -> Tensor:
         """``(1 + k,)`` logits for ``[self, *cohort]``."""
@@ -148,13 +167,24 @@ class TrustLearner:
         """Current mixing weights ``(1 + k,)`` over ``[self, *cohort]``."""
         return trust_weights(self.logits(cohort), floor=self.config.weight_floor)
 
-    def learn(self, cohort: Sequence[str], stack: Tensor, loss_fn: LossFn) -> Tensor:
-        """Fit the logits of ``[self, *cohort]`` to ``loss_fn`` and return the new weights.
+    def learn(
+        self,
+        cohort: Sequence[str],
+        stack: Tensor,
+        loss_fn: LossFn,
+        *,
+        check_loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """Fit the logits of ``[self, *cohort]`` to ``loss_fn`` and return this round's weights.
 
         Args:
             cohort: peer ids of rows ``1..k`` of ``stack``.
             stack: ``(1 + k, P)`` flat parameters, own vector first.
             loss_fn: validation loss of one flat vector, e.g. :func:`model_loss_fn`.
+            check_loss_fn: loss on a fresh validation batch (the same batch on every call). With
+                it and ``trust_margin > 0``, the learned weights are returned only when they beat
+                uniform ones by the margin (:func:`prefer_learned`), else uniform weights are;
+                the logits keep what they learned either way.
         """
         if stack.ndim != 2 or stack.shape[0] != len(cohort) + 1:
             raise ConfigError(
@@ -173,7 +203,15 @@ class TrustLearner:
         values = new.tolist()
         self._self_logit = float(values[0])
         self._peer_logits.update(zip(cohort, (float(v) for v in values[1:]), strict=True))
-        return trust_weights(new, floor=cfg.weight_floor)
+        weights = trust_weights(new, floor=cfg.weight_floor).detach()
+        self.last_check = None
+        if check_loss_fn is None or cfg.trust_margin <= 0 or not cohort:
+            return weights
+        uniform = torch.full_like(weights, 1.0 / len(weights))
+        with torch.no_grad():
+            losses = [check_loss_fn(mix(w, frozen)) for w in (weights, uniform)]
+        self.last_check = bool(prefer_learned(*losses, margin=cfg.trust_margin))
+        return weights if self.last_check else uniform
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready logits: ``{"self": float, "peers": {peer_id: float}}``."""

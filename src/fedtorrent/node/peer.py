@@ -28,8 +28,11 @@ the sender's announced key and a replay guard (``UpdateVerifier``) before anythi
 them. Every state served and every state mixed goes into the peer's signed, hash-chained ledger
 (``<out>/<peer>.ledger.sqlite``).
 
-Hooks for privacy and attacks: ``send_hook(state, round)`` returns what to share (own row 0
-always stays the true state), ``receive_hook(reply)`` raises ``MessageError`` to reject a reply
+Privacy and attacks: a session with ``privacy`` clips and noises what the peer shares
+(:class:`PrivateSender`: once per round, the same state to every receiver, epsilon recorded each
+round); ``PeerConfig.attack`` makes the peer an adversary for experiments (``adversary.py``).
+Own row 0 always stays the true state. Further hooks: ``send_hook(state, round)`` returns what to
+share (after privacy and attack), ``receive_hook(reply)`` raises ``MessageError`` to reject a reply
 after the wire and signature checks passed.
 """
 
@@ -64,6 +67,7 @@ from fedtorrent.errors import (
     FedTorrentError,
     MessageError,
     NetworkError,
+    PrivacyError,
     StateError,
     TrackerError,
 )
@@ -71,6 +75,7 @@ from fedtorrent.metrics.records import RecordWriter, read_records, write_json
 from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
+    from fedtorrent.adversary import AttackConfig
     from fedtorrent.ledger import Ledger
     from fedtorrent.mixing.trust import TrustLearner
     from fedtorrent.net.identity import PeerIdentity, UpdateVerifier
@@ -83,6 +88,7 @@ if TYPE_CHECKING:
         Transport,
         TransportConfig,
     )
+    from fedtorrent.privacy.sender import PrivateSender
     from fedtorrent.training.evaluate import Metrics
 
 log = logging.getLogger(__name__)
@@ -162,8 +168,18 @@ class PeerConfig:
     (ends early once every peer of the last cohort has fetched it)."""
     key_dir: Path | None = None
     """Where the peer's Ed25519 identity lives (created on first use); default ``<out>/keys``."""
+    attack: str | None = None
+    """Make this peer an adversary (experiments only): one of ``fedtorrent.adversary.ATTACKS``."""
+    attack_scale: float | None = None
+    """The attack's scale (default per attack, see ``fedtorrent.adversary``)."""
 
     def __post_init__(self) -> None:
+        if self.attack is not None:
+            from fedtorrent.adversary import AttackConfig  # noqa: PLC0415
+
+            AttackConfig(self.attack, self.attack_scale)  # validates both
+        elif self.attack_scale is not None:
+            raise ConfigError("an attack scale needs an attack")
         sharded = self.node_index is not None or self.num_nodes is not None
         if sharded == (self.examples is not None):
             raise ConfigError("give either --node-index with --num-nodes, or --examples")
@@ -478,9 +494,6 @@ class Peer:
                 "this peer's key %s is not in the closed swarm's allow-list: peers will refuse it",
                 self.identity.public_key_hex,
             )
-        privacy = self.session.privacy
-        if privacy is not None and privacy.enabled and self._send_hook is None:
-            raise ConfigError("this session asks for privacy; the peer needs a send hook")
         self.rounds = cfg.rounds or self.session.rounds
         self.verifier: UpdateVerifier = UpdateVerifier(
             info_hash=self.info_hash, last_round=max(self.rounds, self.session.rounds)
@@ -500,8 +513,26 @@ class Peer:
                 f"the torrent's initial state does not fit its model: {exc}"
             ) from None
         self.current: State = initial
+        self.initial: State = {k: v.clone() for k, v in initial.items()}
+        self.attack = self._make_attack()
+        self.private: PrivateSender | None = None
+        privacy = self.session.privacy
+        if privacy is not None and privacy.enabled:
+            from fedtorrent.privacy.sender import PrivateSender  # noqa: PLC0415
+
+            try:
+                self.private = PrivateSender(
+                    privacy,
+                    rounds=self.session.rounds,
+                    initial=initial,
+                    noise_seed=secrets.randbits(63),  # secret: never the session's public seed
+                )
+            except PrivacyError as exc:
+                raise ConfigError(f"cannot apply the session's privacy settings: {exc}") from None
         self.trust = _make_trust(self.session.mixing)
         checkpoint = self._restore() if cfg.resume else None
+        if self.private is not None and checkpoint is not None:
+            self.private.resume(checkpoint.round, self.current)
         self.peer_id = (
             cfg.peer_id
             or (checkpoint.peer_id if checkpoint is not None else None)
@@ -643,6 +674,7 @@ class Peer:
         timings: dict[str, float] = {}
 
         tick = time.perf_counter()
+        before = self.current
         self.model.load_state_dict(self.current)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round, self._salt))
         train_loss = train_local(
@@ -650,7 +682,7 @@ class Peer:
             generator=generator,
         )  # fmt: skip
         trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        shared = trained if self._send_hook is None else self._send_hook(trained, round)
+        shared = self._outgoing(trained, before, round)
         payload = encode_state(shared)
         digest, nonce = state_digest(payload), new_nonce()
         signature = sign_update(
@@ -705,6 +737,10 @@ class Peer:
             weights = torch.full((1 + len(heard),), 1.0 / (1 + len(heard)))
         mixed = mix_stack(stack, config=self.session.mixing, weights=weights)
         self.current = unflatten(mixed, self.like)
+        if self.private is not None and self.private.shared is not None:
+            stack[0] = flatten(self.private.shared)  # what the cohort can compute we hold
+            public = mix_stack(stack, config=self.session.mixing, weights=weights)
+            self.private.mixed(unflatten(public, self.like))
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights)
         timings["mix"] = time.perf_counter() - tick
@@ -740,6 +776,7 @@ class Peer:
             "skipped": exchange.skipped,
             "rejections": dict(rejections),
             "rejected": sum(rejections.values()),
+            "epsilon": self.private.epsilon if self.private is not None else None,
             "bytes_sent": flow.get("header_sent", 0) + flow.get("payload_sent", 0),
             "bytes_received": flow.get("header_received", 0) + flow.get("payload_received", 0),
             "header_bytes_sent": flow.get("header_sent", 0),
@@ -759,16 +796,51 @@ class Peer:
         self._checkpoint(record)
         self._write_status()
         log.info(
-            "round %d: loss %.4f, test accuracy %s, heard %d/%d, rejected %d, %.2fs",
+            "round %d: loss %.4f, test accuracy %s, heard %d/%d, rejected %d, epsilon %s, %.2fs",
             round,
             train_loss,
             f"{test.accuracy:.4f}" if test is not None else "-",
             len(heard),
             len(cohort),
             record["rejected"],
+            f"{record['epsilon']:.3f}" if record["epsilon"] is not None else "-",
             record["duration_s"],
         )
         return record
+
+    def _outgoing(self, trained: State, before: State, round: int) -> State:
+        """What this round shares: privacy noise, then an attack (experiments), then the hook."""
+        from fedtorrent.state import flatten, unflatten  # noqa: PLC0415
+
+        shared = trained if self.private is None else self.private(trained, round)
+        attack = self.attack
+        if attack is not None and not attack.poisons_data:
+            from fedtorrent.adversary import attack_params  # noqa: PLC0415
+
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, 7, round, self._salt))
+            vector = attack_params(
+                attack,
+                flatten(shared),
+                reference=flatten(before),
+                initial=flatten(self.initial),
+                generator=generator,
+            )
+            shared = unflatten(vector, self.like)
+        return shared if self._send_hook is None else self._send_hook(shared, round)
+
+    def _make_attack(self) -> AttackConfig | None:
+        """The configured attack; ``label_flip`` flips this peer's training labels here."""
+        if self.config.attack is None:
+            return None
+        from fedtorrent.adversary import AttackConfig, flip_labels  # noqa: PLC0415
+
+        attack = AttackConfig(self.config.attack, self.config.attack_scale)
+        if attack.poisons_data:
+            self.data = dataclasses.replace(
+                self.data, y_train=flip_labels(self.data.y_train, self.data.num_classes)
+            )
+        log.warning("this peer is an adversary: attack %s", attack.kind)
+        return attack
 
     # -- phases -----------------------------------------------------------------------------
 
@@ -906,7 +978,7 @@ class Peer:
 
         With nothing to fit on (no validation data, nobody heard) the current logits are used.
         """
-        from fedtorrent.mixing.trust import model_loss_fn  # noqa: PLC0415
+        from fedtorrent.mixing.trust import LossFn, model_loss_fn  # noqa: PLC0415
 
         assert self.trust is not None
         mixing = self.session.mixing
@@ -920,9 +992,20 @@ class Peer:
             pick = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
             return model_loss_fn(self.model, self.data.x_val[pick], self.data.y_val[pick])(flat)
 
+        held_out: list[LossFn] = []
+
+        def check(flat: torch.Tensor) -> torch.Tensor:
+            # One fresh batch, drawn after the trust steps, scores learned and uniform alike.
+            if not held_out:
+                pick = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
+                held_out.append(
+                    model_loss_fn(self.model, self.data.x_val[pick], self.data.y_val[pick])
+                )
+            return held_out[0](flat)
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, 4, round, self._salt))
-            return self.trust.learn(heard, stack, loss).detach()
+            return self.trust.learn(heard, stack, loss, check_loss_fn=check).detach()
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | None:
         """The current model's scores on ``(x, y)``; None when there are no examples."""
@@ -1180,6 +1263,9 @@ class Peer:
             },
         )
 
+    def _weight_given(self) -> dict[str, float]:
+        return weight_given(self.records)
+
     def _write_summary(self) -> None:
         test = getattr(self, "_last_test", None)
         if test is None and self.round_done > 0:
@@ -1213,6 +1299,13 @@ class Peer:
                 "public_key": self.identity.public_key_hex,
                 "swarm": "closed" if self.session.closed else "open",
                 "ledger": self.ledger.path.name if self.ledger is not None else None,
+                "attack": self.attack.kind if self.attack is not None else None,
+                "epsilon": self.private.epsilon if self.private is not None else None,
+                "delta": self.private.accountant.delta if self.private is not None else None,
+                "noise_multiplier": (
+                    self.private.noise_multiplier if self.private is not None else None
+                ),
+                "weight_given": self._weight_given(),
             },
             "exchange_rtt_s": _spread(rtts),
             "tracker": {
@@ -1222,6 +1315,23 @@ class Peer:
             },
         }
         write_json(self.out_dir / "summary.json", self._final)
+
+
+def weight_given(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per peer: the mean mixing weight it got over the rounds it was in the cohort.
+
+    A cohort member not mixed that round (rejected, missing) counts as weight 0. Rounds of rules
+    without weights (median, trimmed mean, Krum) are left out; empty when there are none.
+    """
+    totals: dict[str, list[float]] = {}
+    for record in records:
+        weights = record.get("trust_weights")
+        if not isinstance(weights, dict):
+            continue
+        for peer in record.get("cohort") or []:
+            value = weights.get(peer, 0.0)
+            totals.setdefault(str(peer), []).append(float(value) if value is not None else 0.0)
+    return {peer: sum(values) / len(values) for peer, values in totals.items()}
 
 
 def _make_trust(mixing: MixingConfig) -> TrustLearner | None:

@@ -98,10 +98,21 @@ class SwarmConfig:
     """Continue the peers of an earlier run in ``out`` from their checkpoints (``--resume``)."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment variables for every peer."""
+    attackers: int = 0
+    """The last ``attackers`` peers run ``--attack attack`` (experiments; see adversary.py)."""
+    attack: str | None = None
+    attack_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.peers < 1:
             raise ConfigError(f"peers must be >= 1, got {self.peers}")
+        if (self.attackers > 0) != (self.attack is not None):
+            raise ConfigError("--attackers K and --attack KIND go together")
+        if self.attack is not None:
+            from fedtorrent.adversary import AttackConfig, attacker_nodes  # noqa: PLC0415
+
+            AttackConfig(self.attack, self.attack_scale)
+            attacker_nodes(self.peers, self.attackers)
         for label, port in (("tracker_port", self.tracker_port), ("port_base", self.port_base)):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{label} must be in [0, 65535], got {port}")
@@ -300,6 +311,10 @@ class Swarm:
             command += ["--rounds", str(config.rounds)]
         if config.resume:
             command.append("--resume")
+        if config.attack is not None and index >= config.peers - config.attackers:
+            command += ["--attack", config.attack]
+            if config.attack_scale is not None:
+                command += ["--attack-scale", repr(config.attack_scale)]
         return [*command, *config.peer_args]
 
     def _environment(self) -> dict[str, str]:
@@ -590,11 +605,64 @@ def summarize_swarm(
             p2p_bytes_received=sum(p["bytes_received"] for p in peers),
         ),
         "per_peer": peers,
+        "security": swarm_security(folders, peers),
     }
     write_json(out / "summary.json", summary)
     if plots and folders:
         plot_swarm(out)
     return summary
+
+
+def swarm_security(folders: Sequence[Path], peers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The run's security metric, from each peer's ``summary.json`` (its ``security`` part).
+
+    ``weight_to_attackers``: the mean, over honest peers, of the mean mixing weight each gave an
+    attacker in its cohort (0 for a rejected one), None when no honest peer met one or the rule
+    has no weights; ``rejections``: bad messages refused, by reason, summed over peers;
+    ``epsilon``: the most any peer spent (None without DP). Attackers are peers whose summary
+    names an attack.
+    """
+    security: dict[str, dict[str, Any]] = {}
+    rejections: dict[str, int] = {}
+    for folder, peer in zip(folders, peers, strict=True):
+        try:
+            own = read_json(folder / "summary.json")
+        except DataError:
+            continue
+        if not isinstance(own, dict):
+            continue
+        part = own.get("security")
+        if isinstance(part, dict) and isinstance(peer.get("peer_id"), str):
+            security[peer["peer_id"]] = part
+        for reason, count in (own.get("rejections") or {}).items():
+            if isinstance(count, int):
+                rejections[str(reason)] = rejections.get(str(reason), 0) + count
+    attackers = sorted(p for p, part in security.items() if part.get("attack"))
+    given = []
+    for peer_id, part in security.items():
+        weights = part.get("weight_given") or {}
+        if peer_id in attackers or not isinstance(weights, dict):
+            continue
+        on_attackers = [float(w) for p, w in weights.items() if p in attackers]
+        if on_attackers:
+            given.append(sum(on_attackers) / len(on_attackers))
+    epsilons = [float(p["epsilon"]) for p in security.values() if p.get("epsilon") is not None]
+    honest = [
+        float(p["test_accuracy"])
+        for p in peers
+        if p.get("peer_id") not in attackers and p.get("test_accuracy") is not None
+    ]
+    honest_mean, honest_std = _mean_std(honest)
+    return {
+        "honest_accuracy_mean": honest_mean,
+        "honest_accuracy_std": honest_std,
+        "attackers": attackers,
+        "attack": next((security[p]["attack"] for p in attackers), None),
+        "weight_to_attackers": sum(given) / len(given) if given else None,
+        "rejections": rejections,
+        "rejected": sum(rejections.values()),
+        "epsilon": max(epsilons) if epsilons else None,
+    }
 
 
 def run_swarm(

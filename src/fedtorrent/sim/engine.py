@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -41,17 +41,31 @@ from fedtorrent.mixing.rules import (
     trimmed_mean,
     uniform_weights,
 )
-from fedtorrent.mixing.trust import flat_views, learn_trust, trust_weights
+from fedtorrent.mixing.trust import flat_views, learn_trust, prefer_learned, trust_weights
 from fedtorrent.sim.topology import Topology
 
 Tensor = torch.Tensor
 Rows = Tensor | slice | None
 """Which rows of the stacked parameters a step touches: an index tensor, a slice, or all."""
-ShareFn = Callable[[Tensor, int], Tensor]
-"""``share(params (N, P), round) -> (N, P)``: what each node sends its cohort this round.
 
-A node always mixes its own true parameters for itself; adversaries and privacy noise change only
-what the others receive."""
+
+class ShareFn(Protocol):
+    """``share(params, round, *, before, public) -> (N, P)``: what each node sends its cohort.
+
+    ``params`` are the trained ``(N, P)`` rows (never modify them); ``before`` each node's rows
+    before this round's training (what it held after its last mix); ``public`` what each node's
+    cohort can compute it held after the last mix: the mix of the shared rows with the node's
+    own *shared* row as its own (the initial parameters before the first mix). A node always mixes
+    its own true parameters for itself; adversaries and privacy noise change only what the others
+    receive. A row that is not finite is rejected by every receiver (as the wire decoder does)
+    and counted in ``Engine.rejected``.
+    """
+
+    def __call__(
+        self, params: Tensor, round_index: int, *, before: Tensor, public: Tensor
+    ) -> Tensor:
+        """The rows to share."""
+
 
 _GATHER_BUDGET = 64 * 2**20
 """Floats a gathered ``(G, M, P)`` cohort stack for the robust rules may take at once."""
@@ -544,7 +558,15 @@ class Engine:
         self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
         self.num_nodes = n
         self.params = init.detach().to(torch.float32).unsqueeze(0).repeat(n, 1)
+        self.before = self.params
+        """Rows before the current round's training (kept only with a ``share`` hook)."""
+        self.public = self.params
+        """See :class:`ShareFn` (kept only with a ``share`` hook)."""
+        self.rejected = 0
+        """Shared rows receivers dropped as not finite, counted once per receiver, all rounds."""
         self.trust_logits = torch.zeros(n, n)
+        self.trust_kept = torch.zeros(n, dtype=torch.long)
+        """Per node: rounds whose learned weights passed the held-out check (``trust_margin``)."""
         self.optimizer = RowOptimizer(train, (n, backend.num_params))
         self.timings = Timings()
         self._x_train = backend.prepare(data.x_train)
@@ -565,6 +587,8 @@ class Engine:
 
         ``lr_scale`` multiplies ``train.lr`` for this round (a schedule across rounds).
         """
+        if self.share is not None:
+            self.before = self.params.clone()  # training updates ``params`` in place
         with _timed(self.timings, "train"), _forked_rng(self.seed, 1, round_index):
             generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round_index))
             self._train(generator, self.train_config.lr * lr_scale)
@@ -685,14 +709,26 @@ class Engine:
     def mix_round(self, round_index: int) -> Tensor | None:
         """Mix every node with its cohort; return the ``(N, N)`` weights used (None for robust)."""
         adjacency = self.topology.cohorts(round_index)
-        members = adjacency | torch.eye(self.num_nodes, dtype=torch.bool)
-        shared = self.params if self.share is None else self.share(self.params, round_index)
+        eye = torch.eye(self.num_nodes, dtype=torch.bool)
+        shared = self.params
+        if self.share is not None:
+            shared = self.share(self.params, round_index, before=self.before, public=self.public)
+            bad = ~torch.isfinite(shared).all(dim=1)
+            if bool(bad.any()):
+                # Receivers reject non-finite states, as a peer's decoder does: drop the row from
+                # every other cohort; the node itself still mixes its own true row.
+                self.rejected += int((adjacency & ~eye & bad.unsqueeze(0)).sum())
+                adjacency = adjacency & ~bad.unsqueeze(0)
+                shared = torch.where(bad.unsqueeze(1), self.params, shared)
+        members = adjacency | eye
         rule = self.mixing.rule
         if rule == "none":
             return torch.eye(self.num_nodes)
         if rule not in WEIGHTED_RULES:
             with _timed(self.timings, "mix"):
-                self.params = self._robust(members, shared)
+                if shared is not self.params:
+                    self.public = self._robust(members, shared, own=shared)
+                self.params = self._robust(members, shared, own=self.params)
             return None
         if rule == "fixed":
             weights = uniform_weights(members)
@@ -721,6 +757,7 @@ class Engine:
         else:
             mixed = mix(weights, shared)
         if shared is not self.params:
+            self.public = mixed
             mixed = mixed + weights.diagonal().unsqueeze(1) * (self.params - shared)
         return mixed
 
@@ -731,20 +768,22 @@ class Engine:
         vmax = data.val_index.shape[1]
         own = self.params
 
-        def val_loss(mixed: Tensor) -> Tensor:
-            pick = (torch.rand(self.num_nodes, cfg.trust_batch_size, generator=generator)) * (
-                data.val_count.unsqueeze(1)
-            )
+        def draw(held: bool = False) -> tuple[Tensor, Tensor]:
+            half = (data.val_count.unsqueeze(1) // 2).clamp_min(1)
+            span = data.val_count.unsqueeze(1) - half if held else half
+            pick = (torch.rand(self.num_nodes, cfg.trust_batch_size, generator=generator)) * span
+            if held:
+                pick = pick + half
             index = data.val_index.gather(1, pick.long().clamp_max(vmax - 1))
             flat = index.reshape(-1)
             x = self._x_train.index_select(0, flat).view(*index.shape, *self._x_train.shape[1:])
-            return backend.losses(mixed, x, data.y_train.index_select(0, flat).view(index.shape))
+            return x, data.y_train.index_select(0, flat).view(index.shape)
 
-        def mixed_loss(weights: Tensor) -> Tensor:
+        def mixed_loss(weights: Tensor, batch: tuple[Tensor, Tensor] | None = None) -> Tensor:
             mixed = mix(weights, shared)
             if shared is not own:
                 mixed = mixed + weights.diagonal().unsqueeze(1) * (own - shared)
-            return val_loss(mixed)
+            return backend.losses(mixed, *(draw() if batch is None else batch))
 
         with _forked_rng(self.seed, 4, round_index):
             self.trust_logits = learn_trust(
@@ -756,10 +795,23 @@ class Engine:
                 floor=cfg.weight_floor,
                 entropy_penalty=cfg.entropy_penalty,
             )
-        return trust_weights(self.trust_logits, members, floor=cfg.weight_floor).detach()
+            weights = trust_weights(self.trust_logits, members, floor=cfg.weight_floor).detach()
+            if cfg.trust_margin <= 0:
+                return weights
+            # Held-out check: learned weights only where they beat uniform on a fresh batch.
+            with torch.no_grad():
+                batch, uniform = draw(True), uniform_weights(members)
+                keep = prefer_learned(
+                    mixed_loss(weights, batch), mixed_loss(uniform, batch), margin=cfg.trust_margin
+                )
+        self.trust_kept += keep.long()
+        return torch.where(keep.unsqueeze(1), weights, uniform)
 
-    def _robust(self, members: Tensor, shared: Tensor) -> Tensor:
-        """Robust rules by groups of nodes: equal-size cohorts are gathered and reduced at once."""
+    def _robust(self, members: Tensor, shared: Tensor, *, own: Tensor) -> Tensor:
+        """Robust rules by groups of nodes: equal-size cohorts are gathered and reduced at once.
+
+        Node i's own row is ``own[i]`` (its true parameters, or for ``public`` its shared ones).
+        """
         n, p = self.params.shape
         out = torch.empty_like(self.params)
         sizes = members.sum(dim=1)
@@ -775,7 +827,7 @@ class Engine:
                 group = nodes[start : start + chunk]
                 index = order[group, :size]
                 stack = shared[index.reshape(-1)].view(len(group), size, p)
-                stack[:, 0] = self.params[group]
+                stack[:, 0] = own[group]
                 out[group] = self._reduce(stack)
         return out
 

@@ -7,7 +7,8 @@ A run folder holds, for every (mixing rule, seed) pair that was run:
 - ``final.jsonl`` / ``final.csv``: per node, accuracy, macro precision / recall / F1, loss,
   own-distribution accuracy (and in JSON Lines the confusion matrix);
 - ``trust.jsonl``: mixing-weight snapshots ``W`` (``N x N``, row i = node i's weights);
-- ``summary.json``: the configs, mean and std of the scores per rule, time spent per phase;
+- ``summary.json``: the configs, mean and std of the scores per rule, time spent per phase, and
+  with privacy or attackers the security metric (``fedtorrent.sim.scenario``);
 - ``plots/``: drawn from those files by :mod:`fedtorrent.metrics.plots`.
 """
 
@@ -59,6 +60,8 @@ class RunOutcome:
     """The last round's mixing weights (None for robust rules)."""
     timings: dict[str, float]
     wall_seconds: float
+    security: dict[str, Any] | None = None
+    """With privacy or attackers: see :func:`fedtorrent.sim.scenario.security_summary`."""
 
     @property
     def accuracies(self) -> list[float]:
@@ -101,6 +104,7 @@ def run_one(
     """
     from fedtorrent.data.partition import split_nodes  # noqa: PLC0415
     from fedtorrent.models import build_model  # noqa: PLC0415
+    from fedtorrent.sim import scenario  # noqa: PLC0415
     from fedtorrent.state import flatten  # noqa: PLC0415
 
     if dataset.name != config.data.dataset:
@@ -124,13 +128,21 @@ def run_one(
             **config.model.kwargs,
         )
     n = config.data.num_nodes
+    init = flatten(model.state_dict())
+    outgoing: scenario.Outgoing | None = None
+    if config.attack is not None or config.privacy is not None:
+        if share is not None:
+            raise ConfigError("give a share hook or a config with privacy/attack, not both")
+        outgoing = share = scenario.Outgoing(config, initial=init)
+        if config.attack == "label_flip":
+            data = scenario.poison_labels(data, outgoing.attackers)
     engine = Engine(
         backend=make_backend(model, input_shape=tuple(dataset.input_shape)),
         data=data,
         train=config.train,
         mixing=config.mixing,
         topology=Topology(config.topology, num_nodes=n, seed=config.seed),
-        init=flatten(model.state_dict()),
+        init=init,
         seed=config.seed,
         share=share,
     )
@@ -139,10 +151,21 @@ def run_one(
     tag = {"mixing": config.mixing.rule, "seed": config.seed}
     writers = writers or RunWriters()
     weights: torch.Tensor | None = None
+    on_attackers: list[float] = []
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
         done = round_index + 1
+        if outgoing is not None and outgoing.attackers:
+            value = scenario.weight_on_attackers(
+                weights,
+                engine.topology.cohorts(round_index),
+                honest=outgoing.honest,
+                attackers=outgoing.attackers,
+            )
+            if value is not None:
+                on_attackers.append(value)
+        epsilon = outgoing.epsilon if outgoing is not None else None
         if done % config.eval_every == 0 or done == config.rounds:
             evaluation = engine.evaluate(curve_x, curve_y)
             accuracy = evaluation.accuracy.tolist()
@@ -160,6 +183,7 @@ def run_one(
                             "test_loss": loss[node],
                             "own_accuracy": own[node],
                             "self_weight": self_weight[node],
+                            **({} if epsilon is None else {"epsilon": epsilon}),
                         }
                     )
             if writers.trust is not None and weights is not None and _snapshot(config, done):
@@ -170,12 +194,23 @@ def run_one(
     if writers.final is not None:
         for node, record in enumerate(final):
             writers.final.write({**tag, "node": node, **record})
+    security = None
+    if outgoing is not None:
+        security = scenario.security_summary(
+            final,
+            honest=outgoing.honest,
+            attackers=outgoing.attackers,
+            weights_per_round=on_attackers,
+            rejected=engine.rejected,
+            epsilon=outgoing.epsilon,
+        )
     return RunOutcome(
         config=config,
         final=final,
         weights=None if weights is None else weights.tolist(),
         timings=engine.timings.as_dict(),
         wall_seconds=time.perf_counter() - started,
+        security=security,
     )
 
 
@@ -262,7 +297,33 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
                 phase: float(sum(r.timings[phase] for r in runs)) for phase in runs[0].timings
             },
         }
+        secured = [r.security for r in runs if r.security is not None]
+        if secured:
+            summary[rule]["security"] = _pool_security(secured)
     return summary
+
+
+def _pool_security(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Security metrics of several seeds: means (std of the honest accuracy over all seeds)."""
+
+    def mean(key: str) -> float | None:
+        values = [float(p[key]) for p in parts if p.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    rejected: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + int(count)
+    return {
+        "attackers": parts[0]["attackers"],
+        "honest_accuracy_mean": mean("honest_accuracy_mean"),
+        "honest_accuracy_std": mean("honest_accuracy_std"),
+        "honest_accuracy_std_seeds": float(np.std([p["honest_accuracy_mean"] for p in parts])),
+        "attacker_accuracy_mean": mean("attacker_accuracy_mean"),
+        "weight_to_attackers": mean("weight_to_attackers"),
+        "rejected": rejected,
+        "epsilon": mean("epsilon"),
+    }
 
 
 def config_dict(config: SimConfig) -> dict[str, Any]:

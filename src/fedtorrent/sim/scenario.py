@@ -1,0 +1,166 @@
+"""Privacy and poisoning in the simulator: what every node shares, and the run's security metric.
+
+:class:`Outgoing` is the engine's ``share`` hook for a :class:`~fedtorrent.config.SimConfig` with
+``privacy`` or an ``attack``. Honest rows are privatized like a real peer's
+(:class:`~fedtorrent.privacy.sender.PrivateSender`, vectorized with ``privatize_rows``): row i
+shares ``public_i + privatize(theta_i - public_i)``, where ``public_i`` is what i's cohort can
+compute i held after the last mix (the mix with i's shared row as its own). The attackers' rows
+are then replaced by :func:`fedtorrent.adversary.attack_params` (``label_flip`` instead poisons
+their training labels: :func:`poison_labels`). Every node still mixes its own true row.
+
+Accounting: every node releases one Gaussian mechanism per round with the same noise multiplier
+at ``sample_rate = 1``, so every node's epsilon is the same and one accountant stands for all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedtorrent.adversary import AttackConfig, attack_params, attacker_nodes, flip_labels
+from fedtorrent.config import SimConfig
+from fedtorrent.privacy.accountant import PrivacyAccountant, resolve_noise_multiplier
+from fedtorrent.privacy.mechanism import privatize_rows
+from fedtorrent.sim.engine import NodeData, derive_seed
+
+Tensor = torch.Tensor
+
+
+class Outgoing:
+    """The share hook ``(params, round, *, before, public) -> shared rows`` of a scenario.
+
+    Args:
+        config: the run (its ``privacy``, ``attack``, ``attackers``, ``seed`` and ``rounds``).
+        initial: ``(P,)`` the initial parameters (what a free rider shares).
+    """
+
+    def __init__(self, config: SimConfig, *, initial: Tensor) -> None:
+        n = config.data.num_nodes
+        self.attackers = attacker_nodes(n, config.attackers)
+        self.honest = [i for i in range(n) if i not in set(self.attackers)]
+        self.attack = (
+            AttackConfig(config.attack, config.attack_scale) if config.attack is not None else None
+        )
+        self.initial = initial.detach().clone()
+        self.seed = config.seed
+        privacy = config.privacy if config.privacy is not None and config.privacy.enabled else None
+        self.clip = privacy.clip if privacy is not None else None
+        self.noise_multiplier = (
+            resolve_noise_multiplier(privacy, config.rounds) if privacy is not None else None
+        )
+        self.accountant = (
+            PrivacyAccountant(delta=privacy.delta, mechanism=privacy.accountant)
+            if privacy is not None
+            else None
+        )
+
+    @property
+    def epsilon(self) -> float | None:
+        """Epsilon every node has spent so far (None without DP)."""
+        if self.accountant is None:
+            return None
+        return self.accountant.epsilons[-1] if self.accountant.epsilons else 0.0
+
+    def __call__(
+        self, params: Tensor, round_index: int, *, before: Tensor, public: Tensor
+    ) -> Tensor:
+        """What every node shares this round; ``params`` is never modified."""
+        shared = params
+        if self.accountant is not None:
+            assert self.clip is not None and self.noise_multiplier is not None
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, 8, round_index))
+            noised = privatize_rows(
+                params - public,
+                clip=self.clip,
+                noise_multiplier=self.noise_multiplier,
+                generator=generator,
+            )
+            shared = public + noised
+            self.accountant.record_round(noise_multiplier=self.noise_multiplier)
+        if self.attack is not None and not self.attack.poisons_data and self.attackers:
+            rows = torch.tensor(self.attackers)
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, 9, round_index))
+            shared = shared.clone() if shared is params else shared
+            shared[rows] = attack_params(
+                self.attack,
+                params[rows],
+                reference=before[rows],
+                initial=self.initial,
+                generator=generator,
+            )
+        return shared
+
+
+def poison_labels(data: NodeData, attackers: Sequence[int]) -> NodeData:
+    """``label_flip``: the attackers train on copies of their rows with labels ``C - 1 - y``.
+
+    The copies are appended to ``x_train``/``y_train`` and the attackers' training indices point
+    at them, so honest nodes and every validation split keep the true labels.
+    """
+    if not attackers:
+        return data
+    counts = data.train_count.tolist()
+    index = data.train_index.clone()
+    picked = [data.train_index[a, : counts[a]] for a in attackers]
+    rows = torch.cat(picked)
+    start = int(data.x_train.shape[0])
+    offset = start
+    for a, part in zip(attackers, picked, strict=True):
+        index[a, : len(part)] = torch.arange(offset, offset + len(part))
+        offset += len(part)
+    return dataclasses.replace(
+        data,
+        x_train=torch.cat([data.x_train, data.x_train[rows]]),
+        y_train=torch.cat([data.y_train, flip_labels(data.y_train[rows], data.num_classes)]),
+        train_index=index,
+    )
+
+
+def weight_on_attackers(
+    weights: Tensor | None, cohorts: Tensor, *, honest: Sequence[int], attackers: Sequence[int]
+) -> float | None:
+    """One round's mean weight an honest node gave each attacker in its cohort.
+
+    Averaged over honest nodes with an attacker in their cohort; None without weights (robust
+    rules) or without such nodes. ``cohorts`` is the round's ``(N, N)`` adjacency (True where i
+    mixes j).
+    """
+    if weights is None or not attackers:
+        return None
+    values = []
+    for i in honest:
+        members = [j for j in attackers if bool(cohorts[i, j])]
+        if members:
+            values.append(float(weights[i, members].mean()))
+    return sum(values) / len(values) if values else None
+
+
+def security_summary(
+    final: Sequence[dict[str, Any]],
+    *,
+    honest: Sequence[int],
+    attackers: Sequence[int],
+    weights_per_round: Sequence[float],
+    rejected: int,
+    epsilon: float | None,
+) -> dict[str, Any]:
+    """The run's security metric: accuracies, weight on attackers, rejections, epsilon.
+
+    ``weight_to_attackers`` is the mean of the per-round values (None when there were none).
+    """
+    honest_acc = torch.tensor([float(final[i]["accuracy"]) for i in honest], dtype=torch.float64)
+    attacker_acc = [float(final[i]["accuracy"]) for i in attackers]
+    return {
+        "attackers": list(attackers),
+        "honest_accuracy_mean": float(honest_acc.mean()),
+        "honest_accuracy_std": float(honest_acc.std(unbiased=False)),
+        "attacker_accuracy_mean": sum(attacker_acc) / len(attacker_acc) if attacker_acc else None,
+        "weight_to_attackers": (
+            sum(weights_per_round) / len(weights_per_round) if weights_per_round else None
+        ),
+        "rejected": {"non_finite": rejected} if rejected else {},
+        "epsilon": epsilon,
+    }
