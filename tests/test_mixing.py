@@ -30,6 +30,7 @@ from fedtorrent.mixing.trust import (
     learn_trust,
     model_loss_fn,
     negative_entropy,
+    prefer_learned,
     trust_weights,
 )
 from fedtorrent.sim.topology import complete_graph, ring_graph
@@ -183,6 +184,67 @@ def test_learned_trust_moves_weight_away_from_a_garbage_peer() -> None:
     assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-5)
     assert float(weights[2]) < 0.05, weights
     assert float(weights[[0, 1, 3]].sum()) > 0.95
+
+
+def test_prefer_learned_needs_the_margin_and_handles_non_finite_losses() -> None:
+    learned = torch.tensor([0.90, 0.995, 1.0, float("nan"), 5.0])
+    uniform = torch.tensor([1.00, 1.0, 1.0, 1.0, float("inf")])
+    assert prefer_learned(learned, uniform, margin=0.01).tolist() == [
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert prefer_learned(learned, uniform, margin=0.0).all()  # the check is off
+
+
+def test_held_out_check_keeps_uniform_unless_learned_trust_is_clearly_better() -> None:
+    stack = torch.tensor([[0.0], [1.0], [2.0]])
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:  # uniform (mean 1.0) is optimal
+        return (flat - 1.0).square().sum() + 1.0
+
+    def tilted(flat: torch.Tensor) -> torch.Tensor:  # pulls the fit off uniform
+        return (flat - 1.5).square().sum() + 1.0
+
+    learner = TrustLearner(MixingConfig(trust_lr=2.0, trust_steps=5, trust_margin=0.01))
+    weights = learner.learn(["a", "b"], stack, tilted, check_loss_fn=loss)
+    assert learner.last_check is False
+    assert torch.allclose(weights, torch.full((3,), 1 / 3))
+    assert learner.state_dict()["peers"]["b"] > 0  # the logits still learned
+    weights = learner.learn(["a", "b"], stack, tilted, check_loss_fn=tilted)
+    assert learner.last_check is True
+    assert float(weights[2]) > 0.4
+    off = TrustLearner(MixingConfig(trust_lr=2.0, trust_steps=5, trust_margin=0.0))
+    assert float(off.learn(["a", "b"], stack, tilted, check_loss_fn=loss)[2]) > 0.4
+    assert off.last_check is None
+    with pytest.raises(ConfigError):
+        MixingConfig(trust_margin=-0.1)
+
+
+def test_held_out_check_keeps_learned_trust_against_a_garbage_peer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3))
+    x, y = _blobs(200, seed=1)
+    stack = torch.stack(
+        [
+            _fitted(model, x[:100], y[:100]),
+            _fitted(model, x[100:], y[100:]),
+            torch.randn(9, generator=torch.Generator().manual_seed(2)) * 20,
+        ]
+    )
+    val_x, val_y = _blobs(100, seed=3)
+    held_x, held_y = _blobs(100, seed=4)
+    learner = TrustLearner(MixingConfig(trust_lr=5.0, trust_steps=30, trust_margin=0.01))
+    weights = learner.learn(
+        ["good", "bad"],
+        stack,
+        model_loss_fn(model, val_x, val_y),
+        check_loss_fn=model_loss_fn(model, held_x, held_y),
+    )
+    assert learner.last_check is True
+    assert float(weights[2]) < 0.05, weights
 
 
 def test_trust_persists_for_absent_peers_and_round_trips() -> None:

@@ -123,10 +123,11 @@ class MixingConfig:
     weight_floor: float = 0.0
     """Lowest weight any cohort member may get; keeps learned trust closer to uniform."""
     entropy_penalty: float = 0.0
-    trust_margin: float = 0.01
-    """Learned weights are used in a round only when, on a fresh validation batch, they lower the
-    mixed model's loss by this fraction below uniform weights' (else that round mixes uniformly;
-    the logits keep learning). 0 turns the check off: always use the learned weights."""
+    trust_margin: float = 0.0
+    """If > 0, learned weights are used in a round only when, on a fresh validation batch, they
+    lower the mixed model's loss by this fraction below uniform weights' (else that round mixes
+    uniformly; the logits keep learning). 0 (default) turns the check off: always learned. Off by
+    default: it did not lift iid accuracy and it lets harmless-looking attackers back in."""
     trim_ratio: float = 0.2
     """For ``trimmed_mean``: fraction cut from each end per coordinate."""
     byzantine: int = 1

@@ -101,7 +101,8 @@ def prefer_learned(loss_learned: Tensor, loss_uniform: Tensor, *, margin: float)
     fresh batch. So trust departs from uniform only on held-out evidence: in iid swarms, where
     uniform is optimal by symmetry, it ties ``fixed``; against attackers or under label skew,
     where the evidence is large, it acts as before. ``margin <= 0`` disables the check (always
-    learned). A non-finite learned loss never wins; a non-finite uniform one always loses.
+    learned). With the check on, a non-finite learned loss never wins, a non-finite uniform
+    one always loses.
     """
     finite = torch.isfinite(loss_learned)
     if margin <= 0:

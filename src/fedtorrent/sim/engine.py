@@ -768,12 +768,10 @@ class Engine:
         vmax = data.val_index.shape[1]
         own = self.params
 
-        def draw(held: bool = False) -> tuple[Tensor, Tensor]:
-            half = (data.val_count.unsqueeze(1) // 2).clamp_min(1)
-            span = data.val_count.unsqueeze(1) - half if held else half
-            pick = (torch.rand(self.num_nodes, cfg.trust_batch_size, generator=generator)) * span
-            if held:
-                pick = pick + half
+        def draw() -> tuple[Tensor, Tensor]:
+            pick = (torch.rand(self.num_nodes, cfg.trust_batch_size, generator=generator)) * (
+                data.val_count.unsqueeze(1)
+            )
             index = data.val_index.gather(1, pick.long().clamp_max(vmax - 1))
             flat = index.reshape(-1)
             x = self._x_train.index_select(0, flat).view(*index.shape, *self._x_train.shape[1:])
@@ -800,7 +798,7 @@ class Engine:
                 return weights
             # Held-out check: learned weights only where they beat uniform on a fresh batch.
             with torch.no_grad():
-                batch, uniform = draw(True), uniform_weights(members)
+                batch, uniform = draw(), uniform_weights(members)
                 keep = prefer_learned(
                     mixed_loss(weights, batch), mixed_loss(uniform, batch), margin=cfg.trust_margin
                 )
