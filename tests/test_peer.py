@@ -49,7 +49,13 @@ State = dict[str, torch.Tensor]
 
 
 def make_torrent(
-    folder: Path, *, rule: str = "fixed", nodes: int = 3, cohort: int = 2, rounds: int = 3
+    folder: Path,
+    *,
+    rule: str = "fixed",
+    nodes: int = 3,
+    cohort: int = 2,
+    rounds: int = 3,
+    round_schedule: str = "constant",
 ) -> Path:
     """A digits / logreg session (fast: ~200 examples per peer) and its initial state."""
     torch.manual_seed(0)
@@ -62,6 +68,7 @@ def make_torrent(
         train=TrainConfig(epochs=1, batch_size=32, lr=0.1, seed=0),
         mixing=MixingConfig(rule=rule, trust_steps=3, trust_batch_size=32),
         rounds=rounds,
+        round_schedule=round_schedule,
         cohort_size=cohort,
         state_sha256=state_digest(state),
         state_size=len(state),
@@ -257,6 +264,44 @@ def test_none_rule_keeps_its_own_model(tmp_path: Path) -> None:
     alone.run(peers)
     for peer in peers:
         assert torch.equal(flatten(peer.current), flatten(recorder.shared[(peer.peer_id, 3)]))
+
+
+def test_the_local_lr_follows_the_sessions_round_schedule_like_the_simulator(
+    tmp_path: Path,
+) -> None:
+    from fedtorrent.node.peer import derive_seed
+    from fedtorrent.training import round_lr_scale, train_local
+
+    rounds = 3
+    swarm = Swarm(
+        make_torrent(
+            tmp_path, rule="none", nodes=2, cohort=1, rounds=rounds, round_schedule="cosine"
+        ),
+        tmp_path,
+    )
+    recorder = Recorder()
+    peers = [swarm.peer(i, nodes=2, send_hook=recorder.hook(f"peer-{i}")) for i in range(2)]
+    assert swarm.run(peers) == ["done"] * 2
+    train = peers[0].session.train
+    # The simulator's round_index is 0-based; the peer's rounds count from 1.
+    expected = [train.lr * round_lr_scale("cosine", r, rounds) for r in range(rounds)]
+    assert expected[0] == train.lr > expected[1] > expected[2] > 0
+    for peer in peers:
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
+        # The rate is applied, not only recorded: replaying each round's training at that rate
+        # from the previous state gives exactly what the peer shared (rule none keeps its own).
+        state = peer.initial
+        for r, lr in enumerate(expected, start=1):
+            model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
+            model.load_state_dict(state)
+            seed = derive_seed(peer.seed, 2, r, peer._salt)
+            train_local(
+                model, peer.data.x_train, peer.data.y_train, replace(train, lr=lr),
+                generator=torch.Generator().manual_seed(seed),
+            )  # fmt: skip
+            state = recorder.shared[(peer.peer_id, r)]
+            assert torch.allclose(flatten(model.state_dict()), flatten(state), atol=1e-6)
 
 
 # -- hostile and silent neighbours ----------------------------------------------------------------

@@ -397,3 +397,21 @@ def test_row_by_row_and_vmapped_forward_agree() -> None:
     assert torch.allclose(batched.losses(params, x, y), looped.losses(params, x, y), atol=1e-5)
     shared = torch.randn(4, *SHAPE)
     assert torch.allclose(batched.logits(params, shared), looped.logits(params, shared), atol=1e-5)
+
+
+def test_round_lr_scale_is_cosine_over_the_run_and_shared_with_peers() -> None:
+    import math
+
+    from fedtorrent.errors import ConfigError
+    from fedtorrent.sim import run
+    from fedtorrent.training import round_lr_scale
+
+    assert run.round_lr_scale is round_lr_scale  # one schedule for the simulator and the peers
+    assert [round_lr_scale("constant", r, 4) for r in range(6)] == [1.0] * 6
+    cosine = [round_lr_scale("cosine", r, 4) for r in range(4)]
+    assert cosine == pytest.approx([1.0, (1 + math.sqrt(0.5)) / 2, 0.5, (1 - math.sqrt(0.5)) / 2])
+    assert round_lr_scale("cosine", 9, 4) == cosine[-1] > 0  # past the last round: held there
+    assert round_lr_scale("cosine", 0, 1) == 1.0
+    for bad in (("step", 0, 4), ("cosine", -1, 4), ("cosine", 0, 0)):
+        with pytest.raises(ConfigError):
+            round_lr_scale(*bad)

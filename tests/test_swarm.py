@@ -329,6 +329,7 @@ def test_six_peer_mnist_swarm_matches_the_simulator(tmp_path: Path) -> None:
     )
     session = load_torrent(torrent_path).session
     assert session.mixing.rule == "learned"
+    assert session.round_schedule == "cosine"  # create's default, as simulate's
     out = tmp_path / "run"
     config = SwarmConfig(torrent=torrent_path, out=out, peers=6, data_dir=DATA, exchange_timeout=30)
     summary = run_swarm(config, timeout=240)
@@ -348,8 +349,8 @@ def test_six_peer_mnist_swarm_matches_the_simulator(tmp_path: Path) -> None:
         train=session.train,
         mixing=session.mixing,
         topology=TopologyConfig(kind="random_cohort", degree=session.cohort_size),
-        rounds=MNIST_ROUNDS,
-        round_schedule="constant",  # a session has no schedule across rounds: peers keep train.lr
+        rounds=session.rounds,
+        round_schedule=session.round_schedule,  # the same lr in each round on both sides
         seed=session.train.seed,
     )
     torch.set_num_threads(1)

@@ -326,3 +326,62 @@ def test_cli_create_closes_a_swarm_with_allowed_keys(tmp_path: Path) -> None:
     assert "closed, 2 allowed keys" in shown.output and bob.public_key_hex in shown.output
     bad = runner.invoke(app, [*args, "--allow-key", "00" * 31])
     assert bad.exit_code != 0 and not bad.output.count("wrote")
+
+
+# -- the learning-rate schedule across rounds -----------------------------------------------------
+
+
+def test_a_round_schedule_round_trips_and_an_old_torrent_reads_as_constant() -> None:
+    cosine = make_torrent(round_schedule="cosine")
+    again = Torrent.from_bytes(cosine.to_bytes())
+    assert again.session.round_schedule == "cosine"
+    assert again.info_hash == cosine.info_hash != make_torrent().info_hash
+    assert raw(cosine)[b"info"][b"round_schedule"] == b"cosine"
+
+    # A torrent written before the key existed: no round_schedule in info. It reads as constant
+    # and re-encodes to the same bytes, so its info-hash is unchanged.
+    old = raw(make_torrent())
+    assert b"round_schedule" not in old[b"info"]
+    payload = encode(old)
+    session = Torrent.from_bytes(payload).session
+    assert session.round_schedule == "constant"
+    assert Torrent.from_bytes(payload).to_bytes() == payload
+
+    # One encoding per session: spelling out the default is not canonical.
+    old[b"info"][b"round_schedule"] = b"constant"
+    with pytest.raises(TorrentError, match="canonical"):
+        Torrent.from_bytes(encode(old))
+    old[b"info"][b"round_schedule"] = b"linear"
+    with pytest.raises(TorrentError, match="round_schedule"):
+        Torrent.from_bytes(encode(old))
+    old[b"info"][b"round_schedule"] = 1
+    with pytest.raises(TorrentError, match=r"info\.round_schedule"):
+        Torrent.from_bytes(encode(old))
+    with pytest.raises(ConfigError, match="round_schedule"):
+        make_session(round_schedule="step")
+
+
+def test_cli_create_defaults_match_the_simulator_and_take_a_round_schedule(
+    tmp_path: Path,
+) -> None:
+    from fedtorrent.config import SimConfig
+
+    sim = SimConfig()
+    runner = CliRunner()
+    output = tmp_path / "default.torrent"
+    result = runner.invoke(app, ["create", "--dataset", "digits", "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    session = load_torrent(output).session
+    assert session.rounds == sim.rounds
+    assert session.round_schedule == sim.round_schedule == "cosine"
+    train = (session.train.lr, session.train.epochs, session.train.batch_size)
+    assert train == (sim.train.lr, sim.train.epochs, sim.train.batch_size)
+    assert session.train.optimizer == sim.train.optimizer
+    assert "cosine lr across rounds" in runner.invoke(app, ["show", str(output)]).output
+
+    constant = tmp_path / "constant.torrent"
+    args = ["create", "--dataset", "digits", "--round-schedule", "constant", "-o", str(constant)]
+    assert runner.invoke(app, args).exit_code == 0
+    assert load_torrent(constant).session.round_schedule == "constant"
+    bad = runner.invoke(app, [*args[:3], "--round-schedule", "step", "-o", str(constant)])
+    assert bad.exit_code != 0 and isinstance(bad.exception, ConfigError)

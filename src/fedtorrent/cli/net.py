@@ -12,7 +12,11 @@ from typing import Annotated, Any
 import typer
 
 from fedtorrent.cli import app
+from fedtorrent.config import SimConfig
 from fedtorrent.errors import ConfigError
+
+_SIM = SimConfig()
+"""``create``'s training defaults are ``simulate``'s, so both describe the same run by default."""
 
 DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "mnist": ((1, 28, 28), 10),
@@ -56,19 +60,24 @@ def create(
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for skewed splits.")] = 0.5,
     classes_per_node: Annotated[int, typer.Option(help="Classes per peer for shards.")] = 2,
     val_fraction: Annotated[float, typer.Option(help="Validation share of each peer.")] = 0.2,
-    rounds: Annotated[int, typer.Option(help="Learning rounds.")] = 20,
+    rounds: Annotated[int, typer.Option(help="Learning rounds.")] = _SIM.rounds,
+    round_schedule: Annotated[
+        str, typer.Option(help="Local lr across rounds: constant, or cosine decay towards 0.")
+    ] = _SIM.round_schedule,
     cohort: Annotated[int, typer.Option(help="Peers each peer mixes with per round.")] = 3,
     mixing: Annotated[str, typer.Option(help="Mixing rule.")] = "learned",
     trust_lr: Annotated[float, typer.Option(help="Trust learning rate.")] = 5.0,
     trust_steps: Annotated[int, typer.Option(help="Trust SGD steps per round.")] = 10,
-    epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _SIM.train.epochs,
     steps: Annotated[
         int | None, typer.Option(help="Local batches per round (overrides epochs).")
     ] = (None),
-    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 64,
-    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 0.1,
-    optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = "sgd",
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = _SIM.train.batch_size,
+    lr: Annotated[
+        float, typer.Option(help="Local learning rate (of the first round with cosine).")
+    ] = _SIM.train.lr,
+    optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = _SIM.train.optimizer,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = _SIM.train.momentum,
     dp_clip: Annotated[
         float | None, typer.Option(help="Differential privacy: clip norm (turns DP on).")
     ] = None,
@@ -142,6 +151,7 @@ def create(
         ),
         mixing=config.MixingConfig(rule=mixing, trust_lr=trust_lr, trust_steps=trust_steps),
         rounds=rounds,
+        round_schedule=round_schedule,
         cohort_size=cohort,
         state_sha256=state_digest(state),
         state_size=len(state),
@@ -226,7 +236,10 @@ def show(
         typer.echo(f"  created       {created} by {torrent.created_by or '?'}")
     if torrent.comment:
         typer.echo(f"  comment       {torrent.comment}")
-    typer.echo(f"  rounds        {session.rounds}, cohort of {session.cohort_size}")
+    typer.echo(
+        f"  rounds        {session.rounds}, cohort of {session.cohort_size}, "
+        f"{session.round_schedule} lr across rounds"
+    )
     typer.echo(f"  initial state {session.state_size} bytes, sha256 {session.state_sha256}")
     access = f"closed, {len(session.allow_keys)} allowed keys" if session.closed else "open"
     typer.echo(f"  swarm         {access}")

@@ -25,7 +25,14 @@ from urllib.parse import urlsplit
 
 import fastbencode
 
-from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, PrivacyConfig, TrainConfig
+from fedtorrent.config import (
+    LR_SCHEDULES,
+    DataConfig,
+    MixingConfig,
+    ModelConfig,
+    PrivacyConfig,
+    TrainConfig,
+)
 from fedtorrent.errors import ConfigError, TorrentError
 
 if TYPE_CHECKING:
@@ -90,7 +97,10 @@ class Session:
     ``privacy`` is None when peers share updates without noise; ``compression`` is a JSON-able dict
     reserved for the issue that adds it. ``allow_keys`` makes the swarm closed: the Ed25519 public
     keys (64 lowercase hex, sorted, no repeats) of the only peers that may take part; empty means
-    open (any key) and leaves the key out of the ``info`` dict.
+    open (any key) and leaves the key out of the ``info`` dict. ``round_schedule`` moves the local
+    learning rate across rounds exactly as ``SimConfig.round_schedule`` does (``constant`` or
+    ``cosine``, see :func:`fedtorrent.training.schedule.round_lr_scale`); ``constant`` leaves the
+    key out, so torrents written before it existed keep their bytes and info-hash.
     """
 
     name: str
@@ -105,6 +115,7 @@ class Session:
     privacy: PrivacyConfig | None = None
     compression: Mapping[str, Any] | None = None
     allow_keys: tuple[str, ...] = ()
+    round_schedule: str = "constant"
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -115,6 +126,10 @@ class Session:
         _check(self.data.data_dir is None, "a session never carries a local data_dir")
         _check(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _check(self.cohort_size >= 1, f"cohort_size must be >= 1, got {self.cohort_size}")
+        _check(
+            self.round_schedule in LR_SCHEDULES,
+            f"round_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.round_schedule!r}",
+        )
         _check(
             is_info_hash(self.state_sha256),
             f"state_sha256 must be 64 lowercase hex characters, got {self.state_sha256!r}",
@@ -173,6 +188,8 @@ class Session:
             info[b"compression"] = canonical_json(self.compression).encode()
         if self.allow_keys:
             info[b"allow_keys"] = [key.encode() for key in self.allow_keys]
+        if self.round_schedule != "constant":
+            info[b"round_schedule"] = self.round_schedule.encode()
         return info
 
     @classmethod
@@ -194,7 +211,7 @@ class Session:
             )
         required = {"version", "name", "model", "data", "train", "mixing", "rounds"}
         required |= {"cohort_size", "state"}
-        optional = {"privacy", "compression", "allow_keys"}
+        optional = {"privacy", "compression", "allow_keys", "round_schedule"}
         _check_keys(raw, required=required, optional=optional, where="info")
         state = _as_dict(raw[b"state"], "info.state")
         _check_keys(state, required={"sha256", "size"}, optional=set(), where="info.state")
@@ -220,6 +237,8 @@ class Session:
             values["allow_keys"] = tuple(
                 _text(key, f"info.allow_keys[{i}]", 64) for i, key in enumerate(keys)
             )
+        if b"round_schedule" in raw:
+            values["round_schedule"] = _text(raw[b"round_schedule"], "info.round_schedule", 40)
         try:
             return cls(**values)
         except ConfigError as exc:

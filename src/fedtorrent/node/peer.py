@@ -102,6 +102,7 @@ METRIC_FIELDS = (
     "round",
     "peer_id",
     "train_loss",
+    "lr",
     "val_accuracy",
     "test_accuracy",
     "test_loss",
@@ -667,7 +668,7 @@ class Peer:
         from fedtorrent.net import wire  # noqa: PLC0415
         from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
         from fedtorrent.state import encode_state, flatten, state_digest, unflatten  # noqa: PLC0415
-        from fedtorrent.training import train_local  # noqa: PLC0415
+        from fedtorrent.training import round_lr_scale, train_local  # noqa: PLC0415
 
         began = time.perf_counter()
         rejected_before = self.transport.stats.rejections()
@@ -677,8 +678,13 @@ class Peer:
         before = self.current
         self.model.load_state_dict(self.current)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round, self._salt))
+        # Rounds count from 1 here and from 0 in the simulator; the schedule spans the session's
+        # rounds (not a --rounds override), so every peer of a session uses the same rates.
+        scale = round_lr_scale(self.session.round_schedule, round - 1, self.session.rounds)
+        train = self.session.train
+        lr = train.lr * scale
         train_loss = train_local(
-            self.model, self.data.x_train, self.data.y_train, self.session.train,
+            self.model, self.data.x_train, self.data.y_train, dataclasses.replace(train, lr=lr),
             generator=generator,
         )  # fmt: skip
         trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -757,6 +763,7 @@ class Peer:
             "round": round,
             "peer_id": self.peer_id,
             "train_loss": train_loss,
+            "lr": lr,
             "val_accuracy": val.accuracy if val is not None else None,
             "val_loss": val.loss if val is not None else None,
             "test_accuracy": test.accuracy if test is not None else None,

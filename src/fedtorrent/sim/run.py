@@ -37,6 +37,7 @@ from fedtorrent.metrics.records import (
 )
 from fedtorrent.sim.engine import Engine, ShareFn, derive_seed, make_backend, node_data
 from fedtorrent.sim.topology import Topology
+from fedtorrent.training.schedule import round_lr_scale
 
 if TYPE_CHECKING:
     from fedtorrent.data.datasets import Dataset
@@ -212,13 +213,6 @@ def run_one(
         wall_seconds=time.perf_counter() - started,
         security=security,
     )
-
-
-def round_lr_scale(schedule: str, round_index: int, rounds: int) -> float:
-    """Factor on the local learning rate in round ``round_index`` (0-based) of ``rounds``."""
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * round_index / rounds))
-    return 1.0
 
 
 def _snapshot(config: SimConfig, done: int) -> bool:

@@ -8,6 +8,7 @@ from fedtorrent.training.evaluate import (
     train_centralized,
 )
 from fedtorrent.training.local import make_optimizer, num_batches, train_local
+from fedtorrent.training.schedule import round_lr_scale
 
 __all__ = [
     "Metrics",
@@ -16,6 +17,7 @@ __all__ = [
     "make_optimizer",
     "num_batches",
     "predict",
+    "round_lr_scale",
     "train_centralized",
     "train_local",
 ]
