@@ -34,6 +34,10 @@ round); ``PeerConfig.attack`` makes the peer an adversary for experiments (``adv
 Own row 0 always stays the true state. Further hooks: ``send_hook(state, round)`` returns what to
 share (after privacy and attack), ``receive_hook(reply)`` raises ``MessageError`` to reject a reply
 after the wire and signature checks passed.
+
+This module keeps the wiring and the round; the parts live beside it: ``node.data`` (the peer's
+examples), ``node.exchange`` (cohort selection, pulls with deadlines and verification) and
+``node.report`` (records, ledger entries, status and summary files).
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ import dataclasses
 import ipaddress
 import logging
 import math
-import os
 import queue
 import secrets
 import threading
@@ -50,13 +53,12 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Self
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -64,15 +66,37 @@ from fedtorrent.config import MixingConfig
 from fedtorrent.errors import (
     ConfigError,
     DataError,
-    FedTorrentError,
-    MessageError,
-    NetworkError,
     PrivacyError,
     StateError,
     TrackerError,
 )
-from fedtorrent.metrics.records import RecordWriter, read_records, write_json
+from fedtorrent.metrics.records import write_json
 from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedtorrent.node.data import PeerData, load_peer_data, read_examples
+from fedtorrent.node.exchange import (
+    POLL_FIRST_S,
+    POLL_MAX_S,
+    Addressing,
+    Announcer,
+    Exchange,
+    Fetcher,
+    ReceiveHook,
+    TcpAddressing,
+    select_cohort,
+)
+from fedtorrent.node.report import (
+    METRIC_FIELDS,
+    last_accuracy,
+    log_mixed,
+    log_served,
+    open_ledger,
+    open_records,
+    summary,
+    traffic_totals,
+    weight_given,
+    weights_by_peer,
+    write_status,
+)
 
 if TYPE_CHECKING:
     from fedtorrent.adversary import AttackConfig
@@ -80,10 +104,9 @@ if TYPE_CHECKING:
     from fedtorrent.mixing.trust import TrustLearner
     from fedtorrent.net.identity import PeerIdentity, UpdateVerifier
     from fedtorrent.net.torrent import Session, Torrent
-    from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
+    from fedtorrent.net.tracker.client import TrackerAnswer
     from fedtorrent.net.transport import (
         Endpoint,
-        Reply,
         ServedEvent,
         Transport,
         TransportConfig,
@@ -91,42 +114,31 @@ if TYPE_CHECKING:
     from fedtorrent.privacy.sender import PrivateSender
     from fedtorrent.training.evaluate import Metrics
 
+__all__ = [
+    "METRIC_FIELDS",
+    "Addressing",
+    "Announcer",
+    "Exchange",
+    "Peer",
+    "PeerConfig",
+    "PeerData",
+    "ReceiveHook",
+    "SendHook",
+    "TcpAddressing",
+    "derive_seed",
+    "load_peer_data",
+    "read_examples",
+    "weight_given",
+]
+
 log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 SendHook = Callable[[State, int], State]
 """``(trained state, round) -> state to share``; privacy noise or signing prepare it here."""
-ReceiveHook = Callable[["Reply"], None]
-"""Called on every reply that passed the wire checks; raise ``MessageError`` to reject it."""
 
-METRIC_FIELDS = (
-    "round",
-    "peer_id",
-    "train_loss",
-    "lr",
-    "val_accuracy",
-    "test_accuracy",
-    "test_loss",
-    "test_precision",
-    "test_recall",
-    "test_f1",
-    "self_weight",
-    "heard",
-    "cohort_size",
-    "bytes_sent",
-    "bytes_received",
-    "rejected",
-    "tracker",
-    "tracker_rtt_s",
-    "duration_s",
-)
-"""Scalar columns of ``metrics.csv``; ``metrics.jsonl`` keeps every key (cohort, trust, ...)."""
 STATES = ("starting", "running", "done", "stopped", "failed")
-POLL_FIRST_S = 0.02
-POLL_MAX_S = 0.5
-"""Backoff between re-asking a neighbour that is not yet at this peer's round."""
 QUIET_S = 0.5
 """After its last round a peer keeps serving until nobody asked for this long (see _linger)."""
-_MAX_EXAMPLE_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -222,172 +234,6 @@ def _is_peer_id(text: str) -> bool:
     return PEER_ID.fullmatch(text) is not None
 
 
-@dataclass(frozen=True, eq=False)
-class PeerData:
-    """One peer's tensors: its training and validation examples and the shared test set."""
-
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """One example's shape, e.g. ``(1, 28, 28)``."""
-        return tuple(int(d) for d in self.x_train.shape[1:])
-
-
-def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
-    """This peer's shard (or own examples) and the test set; see :class:`PeerConfig`.
-
-    Raises:
-        DataError: the dataset or the example files are missing or malformed.
-        ConfigError: ``num_nodes`` is impossible for the dataset.
-    """
-    from fedtorrent.data import load_dataset, split_nodes, train_val_split  # noqa: PLC0415
-    from fedtorrent.data.datasets import CLASSES  # noqa: PLC0415
-
-    num_classes = len(CLASSES[session.data.dataset])
-    if config.examples is None:
-        assert config.num_nodes is not None and config.node_index is not None
-        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
-        data_config = dataclasses.replace(session.data, num_nodes=config.num_nodes)
-        split = split_nodes(dataset.y_train, data_config)[config.node_index]
-        return PeerData(
-            x_train=torch.from_numpy(dataset.x_train[split.train]),
-            y_train=torch.from_numpy(dataset.y_train[split.train].astype(np.int64)),
-            x_val=torch.from_numpy(dataset.x_train[split.val]),
-            y_val=torch.from_numpy(dataset.y_train[split.val].astype(np.int64)),
-            x_test=torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32)),
-            y_test=torch.from_numpy(dataset.y_test.astype(np.int64)),
-            num_classes=dataset.num_classes,
-        )
-    folder = config.examples
-    x, y = read_examples(folder / "x.npy", folder / "y.npy", num_classes=num_classes)
-    if (folder / "x_test.npy").exists() or (folder / "y_test.npy").exists():
-        x_test, y_test = read_examples(
-            folder / "x_test.npy", folder / "y_test.npy", num_classes=num_classes
-        )
-    else:
-        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
-        x_test, y_test = dataset.x_test, dataset.y_test.astype(np.int64)
-    if x_test.shape[1:] != x.shape[1:]:
-        raise DataError(f"test examples have shape {x_test.shape[1:]}, own ones {x.shape[1:]}")
-    split = train_val_split(
-        np.arange(len(y)), val_fraction=session.data.val_fraction, seed=session.data.seed
-    )
-    return PeerData(
-        x_train=torch.from_numpy(x[split.train]),
-        y_train=torch.from_numpy(y[split.train]),
-        x_val=torch.from_numpy(x[split.val]),
-        y_val=torch.from_numpy(y[split.val]),
-        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
-        y_test=torch.from_numpy(y_test),
-        num_classes=num_classes,
-    )
-
-
-def read_examples(x_path: Path, y_path: Path, *, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check ``x.npy`` (float32 or uint8, N, C, H, W) and ``y.npy`` (N integer labels).
-
-    Arrays are memory-mapped first, so a header that claims a huge shape costs nothing before it
-    is checked; never unpickles. uint8 images are scaled to [0, 1].
-
-    Returns:
-        ``x`` as float32 and ``y`` as int64, both C-contiguous copies.
-
-    Raises:
-        DataError: missing files, pickled or wrong dtypes, wrong shapes, non-finite values or
-            labels outside ``[0, num_classes)``.
-    """
-    arrays = []
-    for path in (x_path, y_path):
-        try:
-            if path.stat().st_size > _MAX_EXAMPLE_BYTES:
-                raise DataError(f"{path} is larger than {_MAX_EXAMPLE_BYTES} bytes")
-            arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read {path}: {exc}") from None
-    x, y = arrays
-    if x.dtype not in (np.float32, np.uint8) or x.ndim != 4 or x.shape[0] < 1:
-        raise DataError(f"{x_path}: need float32 or uint8 of shape (N, C, H, W), got {x.dtype} "
-                        f"{x.shape}")  # fmt: skip
-    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
-        raise DataError(f"{y_path}: need {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
-    labels = np.array(y, dtype=np.int64)
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise DataError(f"{y_path}: labels must be in [0, {num_classes})")
-    images = np.array(x, dtype=np.float32)
-    if x.dtype == np.uint8:
-        images /= 255.0
-    elif not bool(np.isfinite(images).all()):
-        raise DataError(f"{x_path}: holds NaN or infinite values")
-    return images, labels
-
-
-class Announcer(Protocol):
-    """What a peer needs from a tracker (``TrackerClient`` is one)."""
-
-    def announce(
-        self,
-        info_hash: str,
-        peer_id: str,
-        *,
-        port: int,
-        event: str = "",
-        round: int = 0,
-        numwant: int | None = None,
-        accuracy: float | None = None,
-        bytes_sent: int = 0,
-        bytes_received: int = 0,
-        pubkey: str | None = None,
-        ip: str | None = None,
-    ) -> TrackerAnswer:
-        """Announce and return a sample of other peers (raise ``TrackerError`` when down)."""
-
-
-class Addressing(Protocol):
-    """How a transport address maps to what is announced, and tracker entries to endpoints."""
-
-    def port_of(self, address: str) -> int:
-        """The port to announce for this peer's bound ``address``."""
-
-    def endpoint(self, peer: PeerAddress) -> Endpoint:
-        """Where to reach a peer the tracker listed."""
-
-
-class TcpAddressing:
-    """ZeroMQ over TCP: announce the bound port, dial ``tcp://ip:port``."""
-
-    def port_of(self, address: str) -> int:
-        """The port after the last colon of ``tcp://host:port``."""
-        return int(address.rsplit(":", 1)[1])
-
-    def endpoint(self, peer: PeerAddress) -> Endpoint:
-        """``tcp://ip:port`` (IPv6 in brackets)."""
-        from fedtorrent.net.transport import Endpoint  # noqa: PLC0415
-
-        host = f"[{peer.ip}]" if ":" in peer.ip else peer.ip
-        return Endpoint(peer_id=peer.peer_id, address=f"tcp://{host}:{peer.port}")
-
-
-@dataclass
-class Exchange:
-    """What one round's exchange produced; every cohort member is in exactly one of the dicts."""
-
-    replies: dict[str, Reply] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    """Peer id -> rejection reason (a ``wire.REASONS`` code)."""
-    missing: dict[str, str] = field(default_factory=dict)
-    """Peer id -> why nothing usable came (``timeout``, ``refused:not_ready``, ...)."""
-    skipped: dict[str, str] = field(default_factory=dict)
-    """Peers the tracker listed but this peer would not dial: ``no_key`` (announced no usable
-    Ed25519 key) or ``not_allowed`` (outside a closed swarm's allow-list). Not in the cohort."""
-
-
 def derive_seed(seed: int, *streams: int) -> int:
     """An independent 63-bit seed for one purpose of a run's seed (as the simulator derives)."""
     from fedtorrent.sim.engine import derive_seed as sim_derive_seed  # noqa: PLC0415
@@ -471,7 +317,7 @@ class Peer:
         except BaseException as exc:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
-            self._write_status()
+            write_status(self)
             raise
 
     def _start(self) -> None:
@@ -543,8 +389,16 @@ class Peer:
         self._salt = (
             cfg.node_index if cfg.node_index is not None else zlib.crc32(self.peer_id.encode())
         )
-        self._open_records()
-        self.ledger = self._open_ledger()
+        self._writer, self.records = open_records(
+            self.out_dir, resume=cfg.resume, round_done=self.round_done
+        )
+        self.ledger = open_ledger(
+            self.out_dir,
+            self.identity,
+            peer_id=self.peer_id,
+            info_hash=self.info_hash,
+            resume=cfg.resume,
+        )
         transport_config = TransportConfig(
             info_hash=self.info_hash,
             peer_id=self.peer_id,
@@ -575,6 +429,15 @@ class Peer:
         self._executor = ThreadPoolExecutor(
             max(1, min(32, self.session.cohort_size)), thread_name_prefix="fedtorrent-pull"
         )
+        self._fetcher = Fetcher(
+            transport=self.transport,
+            executor=self._executor,
+            like=self.like,
+            verifier=self.verifier,
+            keys=self._keys,
+            stop=self._stop,
+            receive_hook=self._receive_hook,
+        )
         self.address = self.transport.address
         self.port = self.addressing.port_of(self.address)
         log.info(
@@ -586,7 +449,7 @@ class Peer:
             self.round_done + 1,
             self.rounds,
         )
-        self._write_status()
+        write_status(self)
         self._announce(event="started")
 
     def run(self) -> str:
@@ -598,7 +461,7 @@ class Peer:
         if not self._started or self._closed:
             raise ConfigError("start the peer before running it")
         self.state = "running"
-        self._write_status()
+        write_status(self)
         try:
             while self.round_done < self.rounds and not self._stop.is_set():
                 self.run_round(self.round_done + 1)
@@ -613,7 +476,7 @@ class Peer:
             self.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self._write_status()
+            write_status(self)
         return self.state
 
     def request_stop(self) -> None:
@@ -642,7 +505,7 @@ class Peer:
             self._writer.close()
             if hasattr(self, "transport"):
                 self._write_summary()
-        self._write_status()
+        write_status(self)
 
     def __enter__(self) -> Self:
         self.start()
@@ -722,7 +585,9 @@ class Peer:
         if not self._formed:
             cohort = self._await_swarm(cohort, deadline)
             self._formed = True
-        exchange = self._exchange(round, cohort, deadline)
+        exchange = self._fetcher.exchange(
+            cohort, round=round, deadline=deadline, skipped=self._skipped
+        )
         timings["exchange"] = time.perf_counter() - tick
         if self._stop.is_set():
             return None
@@ -776,7 +641,7 @@ class Peer:
             "heard_from": heard,
             "heard": len(heard),
             "staleness": {p: round - exchange.replies[p].header.round for p in heard},
-            "trust_weights": _weights_by_peer(weights, heard),
+            "trust_weights": weights_by_peer(weights, heard),
             "self_weight": float(weights[0]) if weights is not None else None,
             "rejected_from": exchange.rejected,
             "missing": exchange.missing,
@@ -801,7 +666,7 @@ class Peer:
         self.records.append(record)
         self._writer.write(record)
         self._checkpoint(record)
-        self._write_status()
+        write_status(self)
         log.info(
             "round %d: loss %.4f, test accuracy %s, heard %d/%d, rejected %d, epsilon %s, %.2fs",
             round,
@@ -852,37 +717,17 @@ class Peer:
     # -- phases -----------------------------------------------------------------------------
 
     def _cohort(self, answer: TrackerAnswer | None) -> list[Endpoint]:
-        """The first ``cohort_size`` listed peers this peer may dial, each with its link key.
-
-        Peers without a usable key, or outside a closed swarm's allow-list, are skipped (and
-        remembered in ``_skipped`` for the round's record).
-        """
-        from fedtorrent.net.identity import curve_public_key  # noqa: PLC0415
-        from fedtorrent.net.torrent import is_info_hash  # noqa: PLC0415 (64 lowercase hex)
-
+        """The cohort :func:`select_cohort` picks; remembers keys, skipped peers and the cohort."""
         if answer is None:
             return []
-        cohort: list[Endpoint] = []
-        self._skipped = {}
-        allowed = self.session.allow_keys
-        for peer in answer.peers:
-            if peer.peer_id == self.peer_id or len(cohort) >= self.session.cohort_size:
-                continue
-            key = peer.pubkey
-            if key is None or not is_info_hash(key):  # none, or a bare Z85 CurveZMQ key
-                self._skipped[peer.peer_id] = "no_key"
-                continue
-            if allowed and key not in allowed:
-                self._skipped[peer.peer_id] = "not_allowed"
-                continue
-            try:
-                endpoint = self.addressing.endpoint(peer)
-                endpoint = dataclasses.replace(endpoint, public_key=curve_public_key(key))
-            except (ValueError, FedTorrentError) as exc:
-                log.warning("cannot reach peer %s as listed: %s", peer.peer_id, exc)
-                continue
-            self._keys[peer.peer_id] = key
-            cohort.append(endpoint)
+        cohort, self._skipped, keys = select_cohort(
+            answer,
+            peer_id=self.peer_id,
+            cohort_size=self.session.cohort_size,
+            allowed=self.session.allow_keys,
+            addressing=self.addressing,
+        )
+        self._keys.update(keys)
         self._last_cohort = [e.peer_id for e in cohort]
         return cohort
 
@@ -905,80 +750,6 @@ class Peer:
                 return cohort
             cohort = self._cohort(answer)
         return cohort
-
-    def _exchange(self, round: int, cohort: Sequence[Endpoint], deadline: float) -> Exchange:
-        """Pull every cohort member's state concurrently, each on its own until ``deadline``.
-
-        Members never wait on each other: a silent one costs its own fetch the deadline, while
-        the others are asked again (with backoff) as long as they are behind ``round``.
-        """
-        outcome = Exchange(skipped=dict(self._skipped))
-        executor = self._executor
-        if executor is None or not cohort:
-            return outcome
-        futures = {executor.submit(self._pull, e, round, deadline): e.peer_id for e in cohort}
-        pending = set(futures)
-        while pending and not self._stop.is_set():
-            remaining = deadline - time.monotonic() + POLL_MAX_S  # fetches end at the deadline
-            if remaining <= 0:
-                break
-            _, pending = wait(pending, timeout=min(remaining, POLL_MAX_S))
-        for future, peer_id in futures.items():
-            if not future.done():
-                outcome.missing[peer_id] = "timeout"
-                continue
-            kind, reply, reason = future.result()
-            if reply is not None:
-                outcome.replies[peer_id] = reply
-            elif kind == "rejected":
-                outcome.rejected[peer_id] = reason
-            else:
-                outcome.missing[peer_id] = reason
-        return outcome
-
-    def _pull(
-        self, endpoint: Endpoint, round: int, deadline: float
-    ) -> tuple[str, Reply | None, str]:
-        """Fetch one neighbour until it is at ``round`` or the deadline passes.
-
-        Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
-        ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
-        """
-        from fedtorrent.net.transport import PeerRefusedError  # noqa: PLC0415
-
-        stale: Reply | None = None
-        why = "timeout"
-        delay = POLL_FIRST_S
-        while not self._stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                reply = self.transport.fetch(
-                    endpoint, round=round, timeout=remaining, like_state=self.like
-                )
-            except MessageError as exc:  # the transport counted and logged it
-                return "rejected", None, exc.reason
-            except PeerRefusedError as exc:  # e.g. not_ready: it has not trained a round yet
-                why = exc.kind
-            except NetworkError as exc:  # timeout, or the transport is closing
-                return "missing", stale, getattr(exc, "kind", "unreachable")
-            else:
-                try:
-                    self.verifier.verify(reply.header, self._keys.get(endpoint.peer_id))
-                    if self._receive_hook is not None:
-                        self._receive_hook(reply)
-                except MessageError as exc:
-                    self.transport.stats.record_rejection(endpoint.peer_id, exc.reason)
-                    log.warning("rejected the state of peer %s: %s", endpoint.peer_id, exc)
-                    return "rejected", None, exc.reason
-                if reply.header.round >= round:
-                    return "fresh", reply, ""
-                stale = reply
-            if self._stop.wait(min(delay, max(0.0, deadline - time.monotonic()))):
-                break
-            delay = min(2 * delay, POLL_MAX_S)
-        return ("stale", stale, "") if stale is not None else ("missing", None, why)
 
     def _learn_trust(self, round: int, heard: list[str], stack: torch.Tensor) -> torch.Tensor:
         """Learned trust over ``[self, *heard]``, fitted on fresh validation batches.
@@ -1029,8 +800,8 @@ class Peer:
         was offline re-announces with ``started`` when the tracker is back.
         """
         assert self._tracker is not None
-        totals = self._traffic_totals()
-        accuracy = self._last_accuracy()
+        totals = traffic_totals(self)
+        accuracy = last_accuracy(self.records)
         if event == "" and self._tracker_online is False:
             event = "started"
         started = time.perf_counter()
@@ -1103,52 +874,17 @@ class Peer:
 
     # -- ledger ------------------------------------------------------------------------------
 
-    def _open_ledger(self) -> Ledger:
-        """This peer's ledger; a fresh run (no ``--resume``) starts a fresh one, as its records."""
-        from fedtorrent.ledger import Ledger, ledger_path  # noqa: PLC0415
-
-        path = ledger_path(self.out_dir, self.peer_id)
-        if not self.config.resume:
-            for suffix in ("", "-wal", "-shm"):
-                path.with_name(path.name + suffix).unlink(missing_ok=True)
-        return Ledger(path, self.identity, owner=self.peer_id, info_hash=self.info_hash).open()
-
     def _log_served(self) -> None:
-        """Append a ``sent`` entry for every state the server thread handed out since last time."""
         assert self.ledger is not None
-        while True:
-            try:
-                event = self._served.get_nowait()
-            except queue.Empty:
-                return
-            header = event.header
-            self.ledger.record_sent(
-                round=header.round,
-                receiver=event.requester,
-                payload_sha256=header.payload_sha256,
-                num_bytes=header.payload_len,
-                nonce=header.nonce,
-                update_signature=header.sig,
-            )
+        log_served(self.ledger, self._served)
 
     def _log_exchange(
         self, heard: Sequence[str], exchange: Exchange, weights: torch.Tensor | None
     ) -> None:
         """Log what was served meanwhile, then every mixed state with the weight it got."""
-        assert self.ledger is not None
         self._log_served()
-        values = weights.tolist() if weights is not None else None
-        for i, peer_id in enumerate(heard):
-            header = exchange.replies[peer_id].header
-            self.ledger.record_received(
-                round=header.round,
-                sender=peer_id,
-                payload_sha256=header.payload_sha256,
-                num_bytes=header.payload_len,
-                weight=float(values[1 + i]) if values is not None else None,
-                nonce=header.nonce,
-                update_signature=header.sig,
-            )
+        assert self.ledger is not None
+        log_mixed(self.ledger, heard, exchange, weights)
 
     # -- state, records and files -----------------------------------------------------------
 
@@ -1190,23 +926,6 @@ class Peer:
         log.info("resuming after round %d", checkpoint.round)
         return checkpoint
 
-    def _open_records(self) -> None:
-        """Open ``metrics.jsonl``; on resume drop records past the checkpoint (they are redone)."""
-        jsonl, csv_path = self.out_dir / "metrics.jsonl", self.out_dir / "metrics.csv"
-        kept: list[dict[str, Any]] = []
-        if self.config.resume and jsonl.exists():
-            kept = [
-                r
-                for r in read_records(jsonl)
-                if isinstance(r.get("round"), int) and r["round"] <= self.round_done
-            ]
-        for path in (jsonl, csv_path):
-            path.unlink(missing_ok=True)
-        self._writer = RecordWriter(self.out_dir, name="metrics", fields=METRIC_FIELDS).open()
-        for record in kept:
-            self._writer.write(record)
-        self.records = kept
-
     def _checkpoint(self, record: Mapping[str, Any]) -> None:
         save_checkpoint(
             self.out_dir,
@@ -1218,127 +937,17 @@ class Peer:
                 trust=self.trust.state_dict() if self.trust is not None else {},
                 metrics={k: v for k, v in record.items() if not isinstance(v, dict | list)},
                 seeds={"seed": self.seed, "salt": self._salt},
-                totals=self._traffic_totals(),
+                totals=traffic_totals(self),
             ),
         )
-
-    def _traffic_totals(self) -> dict[str, Any]:
-        """Bytes and rejections since round 1, across restarts (what the checkpoint carries)."""
-        if not hasattr(self, "transport"):
-            return {"bytes_sent": 0, "bytes_received": 0, "rejections": {}}
-        flow = self.transport.stats.snapshot()["totals"]
-        base = self._base_totals
-        rejections = Counter(base.get("rejections", {})) + self.transport.stats.rejections()
-        return {
-            "bytes_sent": int(base.get("bytes_sent", 0))
-            + flow["header_sent"]
-            + flow["payload_sent"],
-            "bytes_received": int(base.get("bytes_received", 0))
-            + flow["header_received"]
-            + flow["payload_received"],
-            "rejections": dict(rejections),
-        }
-
-    def _last_accuracy(self) -> float | None:
-        for record in reversed(self.records):
-            value = record.get("test_accuracy")
-            if isinstance(value, float) and math.isfinite(value):
-                return value
-        return None
-
-    def _write_status(self) -> None:
-        if not hasattr(self, "out_dir"):
-            return
-        totals = self._traffic_totals()
-        write_json(
-            self.out_dir / "status.json",
-            {
-                "peer_id": self.peer_id,
-                "pid": os.getpid(),
-                "address": getattr(self, "address", None),
-                "round": self.round_done,
-                "rounds": getattr(self, "rounds", None),
-                "accuracy": self._last_accuracy(),
-                "bytes_sent": totals["bytes_sent"],
-                "bytes_received": totals["bytes_received"],
-                "rejections": totals["rejections"],
-                "rejected": sum(totals["rejections"].values()),
-                "tracker": {True: "ok", False: "down", None: "unknown"}[self._tracker_online],
-                "state": self.state,
-                "error": self.error,
-                "updated_at": time.time(),
-            },
-        )
-
-    def _weight_given(self) -> dict[str, float]:
-        return weight_given(self.records)
 
     def _write_summary(self) -> None:
         test = getattr(self, "_last_test", None)
         if test is None and self.round_done > 0:
             self.model.load_state_dict(self.current)
             test = self._score(self.data.x_test, self.data.y_test)
-        snapshot = self.transport.stats.snapshot()
-        totals = self._traffic_totals()
-        rtts = [s for s in snapshot["rtt_s"].values() for _, s in s]
-        self._final = {
-            "peer_id": self.peer_id,
-            "info_hash": self.info_hash,
-            "session": self.session.name,
-            "state": self.state,
-            "error": self.error,
-            "rounds": self.rounds,
-            "rounds_done": self.round_done,
-            "mixing": self.session.mixing.rule,
-            "train_examples": len(self.data.y_train),
-            "test": test.to_dict() if test is not None else None,
-            "traffic": {
-                "bytes_sent": totals["bytes_sent"],
-                "bytes_received": totals["bytes_received"],
-                "this_process": snapshot["totals"],
-                "per_peer": snapshot["per_peer"],
-                "failures": snapshot["failures"],
-                "central_server_bytes": 2 * self.session.state_size * self.round_done,
-            },
-            "rejections": totals["rejections"],
-            "rejections_per_peer": snapshot["rejections_per_peer"],
-            "security": {
-                "public_key": self.identity.public_key_hex,
-                "swarm": "closed" if self.session.closed else "open",
-                "ledger": self.ledger.path.name if self.ledger is not None else None,
-                "attack": self.attack.kind if self.attack is not None else None,
-                "epsilon": self.private.epsilon if self.private is not None else None,
-                "delta": self.private.accountant.delta if self.private is not None else None,
-                "noise_multiplier": (
-                    self.private.noise_multiplier if self.private is not None else None
-                ),
-                "weight_given": self._weight_given(),
-            },
-            "exchange_rtt_s": _spread(rtts),
-            "tracker": {
-                "announces": dict(self._tracker_counts),
-                "rtt_s": _spread([s for _, s in self._tracker_rtts]),
-                "rtts": [list(x) for x in self._tracker_rtts],
-            },
-        }
+        self._final = summary(self, test=test)
         write_json(self.out_dir / "summary.json", self._final)
-
-
-def weight_given(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per peer: the mean mixing weight it got over the rounds it was in the cohort.
-
-    A cohort member not mixed that round (rejected, missing) counts as weight 0. Rounds of rules
-    without weights (median, trimmed mean, Krum) are left out; empty when there are none.
-    """
-    totals: dict[str, list[float]] = {}
-    for record in records:
-        weights = record.get("trust_weights")
-        if not isinstance(weights, dict):
-            continue
-        for peer in record.get("cohort") or []:
-            value = weights.get(peer, 0.0)
-            totals.setdefault(str(peer), []).append(float(value) if value is not None else 0.0)
-    return {peer: sum(values) / len(values) for peer, values in totals.items()}
 
 
 def _make_trust(mixing: MixingConfig) -> TrustLearner | None:
@@ -1347,25 +956,6 @@ def _make_trust(mixing: MixingConfig) -> TrustLearner | None:
     from fedtorrent.mixing.trust import TrustLearner  # noqa: PLC0415
 
     return TrustLearner(mixing)
-
-
-def _weights_by_peer(weights: torch.Tensor | None, heard: Sequence[str]) -> dict[str, float] | None:
-    if weights is None:
-        return None
-    values = weights.tolist()
-    return {"self": values[0], **dict(zip(heard, values[1:], strict=True))}
-
-
-def _spread(values: Sequence[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"count": 0, "mean": None, "p50": None, "max": None}
-    ordered = sorted(values)
-    return {
-        "count": len(ordered),
-        "mean": sum(ordered) / len(ordered),
-        "p50": ordered[len(ordered) // 2],
-        "max": ordered[-1],
-    }
 
 
 def _bracket(host: str) -> str:

@@ -1,0 +1,129 @@
+"""A peer's data: its shard of the session's dataset, or examples it brings, plus the test set.
+
+Every peer splits the dataset with the torrent's data settings, so the shards of a swarm match
+the simulator's; own examples are ``.npy`` files read without ever unpickling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fedtorrent.errors import DataError
+
+if TYPE_CHECKING:
+    from fedtorrent.net.torrent import Session
+    from fedtorrent.node.peer import PeerConfig
+
+_MAX_EXAMPLE_BYTES = 8 << 30
+
+
+@dataclass(frozen=True, eq=False)
+class PeerData:
+    """One peer's tensors: its training and validation examples and the shared test set."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape, e.g. ``(1, 28, 28)``."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
+    """This peer's shard (or own examples) and the test set; see :class:`PeerConfig`.
+
+    Raises:
+        DataError: the dataset or the example files are missing or malformed.
+        ConfigError: ``num_nodes`` is impossible for the dataset.
+    """
+    from fedtorrent.data import load_dataset, split_nodes, train_val_split  # noqa: PLC0415
+    from fedtorrent.data.datasets import CLASSES  # noqa: PLC0415
+
+    num_classes = len(CLASSES[session.data.dataset])
+    if config.examples is None:
+        assert config.num_nodes is not None and config.node_index is not None
+        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
+        data_config = dataclasses.replace(session.data, num_nodes=config.num_nodes)
+        split = split_nodes(dataset.y_train, data_config)[config.node_index]
+        return PeerData(
+            x_train=torch.from_numpy(dataset.x_train[split.train]),
+            y_train=torch.from_numpy(dataset.y_train[split.train].astype(np.int64)),
+            x_val=torch.from_numpy(dataset.x_train[split.val]),
+            y_val=torch.from_numpy(dataset.y_train[split.val].astype(np.int64)),
+            x_test=torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32)),
+            y_test=torch.from_numpy(dataset.y_test.astype(np.int64)),
+            num_classes=dataset.num_classes,
+        )
+    folder = config.examples
+    x, y = read_examples(folder / "x.npy", folder / "y.npy", num_classes=num_classes)
+    if (folder / "x_test.npy").exists() or (folder / "y_test.npy").exists():
+        x_test, y_test = read_examples(
+            folder / "x_test.npy", folder / "y_test.npy", num_classes=num_classes
+        )
+    else:
+        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
+        x_test, y_test = dataset.x_test, dataset.y_test.astype(np.int64)
+    if x_test.shape[1:] != x.shape[1:]:
+        raise DataError(f"test examples have shape {x_test.shape[1:]}, own ones {x.shape[1:]}")
+    split = train_val_split(
+        np.arange(len(y)), val_fraction=session.data.val_fraction, seed=session.data.seed
+    )
+    return PeerData(
+        x_train=torch.from_numpy(x[split.train]),
+        y_train=torch.from_numpy(y[split.train]),
+        x_val=torch.from_numpy(x[split.val]),
+        y_val=torch.from_numpy(y[split.val]),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+        y_test=torch.from_numpy(y_test),
+        num_classes=num_classes,
+    )
+
+
+def read_examples(x_path: Path, y_path: Path, *, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check ``x.npy`` (float32 or uint8, N, C, H, W) and ``y.npy`` (N integer labels).
+
+    Arrays are memory-mapped first, so a header that claims a huge shape costs nothing before it
+    is checked; never unpickles. uint8 images are scaled to [0, 1].
+
+    Returns:
+        ``x`` as float32 and ``y`` as int64, both C-contiguous copies.
+
+    Raises:
+        DataError: missing files, pickled or wrong dtypes, wrong shapes, non-finite values or
+            labels outside ``[0, num_classes)``.
+    """
+    arrays = []
+    for path in (x_path, y_path):
+        try:
+            if path.stat().st_size > _MAX_EXAMPLE_BYTES:
+                raise DataError(f"{path} is larger than {_MAX_EXAMPLE_BYTES} bytes")
+            arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+    x, y = arrays
+    if x.dtype not in (np.float32, np.uint8) or x.ndim != 4 or x.shape[0] < 1:
+        raise DataError(f"{x_path}: need float32 or uint8 of shape (N, C, H, W), got {x.dtype} "
+                        f"{x.shape}")  # fmt: skip
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+        raise DataError(f"{y_path}: need {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
+    labels = np.array(y, dtype=np.int64)
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise DataError(f"{y_path}: labels must be in [0, {num_classes})")
+    images = np.array(x, dtype=np.float32)
+    if x.dtype == np.uint8:
+        images /= 255.0
+    elif not bool(np.isfinite(images).all()):
+        raise DataError(f"{x_path}: holds NaN or infinite values")
+    return images, labels

@@ -1,0 +1,260 @@
+"""What a peer writes about itself: metric records, ledger entries, status and summary files.
+
+Kept apart from the round so that the round reads as train, exchange, mix, record. Functions
+that take the :class:`~fedtorrent.node.peer.Peer` only read it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedtorrent.metrics.records import RecordWriter, read_records, write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedtorrent.ledger import Ledger
+    from fedtorrent.net.identity import PeerIdentity
+    from fedtorrent.net.transport import ServedEvent
+    from fedtorrent.node.exchange import Exchange
+    from fedtorrent.node.peer import Peer
+    from fedtorrent.training.evaluate import Metrics
+
+METRIC_FIELDS = (
+    "round",
+    "peer_id",
+    "train_loss",
+    "lr",
+    "val_accuracy",
+    "test_accuracy",
+    "test_loss",
+    "test_precision",
+    "test_recall",
+    "test_f1",
+    "self_weight",
+    "heard",
+    "cohort_size",
+    "bytes_sent",
+    "bytes_received",
+    "rejected",
+    "tracker",
+    "tracker_rtt_s",
+    "duration_s",
+)
+"""Scalar columns of ``metrics.csv``; ``metrics.jsonl`` keeps every key (cohort, trust, ...)."""
+
+
+def open_records(
+    out_dir: Path, *, resume: bool, round_done: int
+) -> tuple[RecordWriter, list[dict[str, Any]]]:
+    """Open ``metrics.jsonl``; on resume keep records up to the checkpoint (later ones are redone).
+
+    Returns:
+        The open writer and the records kept (already written again).
+    """
+    jsonl, csv_path = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
+    kept: list[dict[str, Any]] = []
+    if resume and jsonl.exists():
+        kept = [
+            r
+            for r in read_records(jsonl)
+            if isinstance(r.get("round"), int) and r["round"] <= round_done
+        ]
+    for path in (jsonl, csv_path):
+        path.unlink(missing_ok=True)
+    writer = RecordWriter(out_dir, name="metrics", fields=METRIC_FIELDS).open()
+    for record in kept:
+        writer.write(record)
+    return writer, kept
+
+
+def open_ledger(
+    out_dir: Path, identity: PeerIdentity, *, peer_id: str, info_hash: str, resume: bool
+) -> Ledger:
+    """This peer's ledger; a fresh run (no ``--resume``) starts a fresh one, as its records."""
+    from fedtorrent.ledger import Ledger, ledger_path  # noqa: PLC0415
+
+    path = ledger_path(out_dir, peer_id)
+    if not resume:
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+    return Ledger(path, identity, owner=peer_id, info_hash=info_hash).open()
+
+
+def log_served(ledger: Ledger, served: queue.SimpleQueue[ServedEvent]) -> None:
+    """Append a ``sent`` entry for every state the server thread handed out since last time."""
+    while True:
+        try:
+            event = served.get_nowait()
+        except queue.Empty:
+            return
+        header = event.header
+        ledger.record_sent(
+            round=header.round,
+            receiver=event.requester,
+            payload_sha256=header.payload_sha256,
+            num_bytes=header.payload_len,
+            nonce=header.nonce,
+            update_signature=header.sig,
+        )
+
+
+def log_mixed(
+    ledger: Ledger, heard: Sequence[str], exchange: Exchange, weights: torch.Tensor | None
+) -> None:
+    """Append a ``received`` entry for every mixed state with the weight it got."""
+    values = weights.tolist() if weights is not None else None
+    for i, peer_id in enumerate(heard):
+        header = exchange.replies[peer_id].header
+        ledger.record_received(
+            round=header.round,
+            sender=peer_id,
+            payload_sha256=header.payload_sha256,
+            num_bytes=header.payload_len,
+            weight=float(values[1 + i]) if values is not None else None,
+            nonce=header.nonce,
+            update_signature=header.sig,
+        )
+
+
+def traffic_totals(peer: Peer) -> dict[str, Any]:
+    """Bytes and rejections since round 1, across restarts (what the checkpoint carries)."""
+    if not hasattr(peer, "transport"):
+        return {"bytes_sent": 0, "bytes_received": 0, "rejections": {}}
+    flow = peer.transport.stats.snapshot()["totals"]
+    base = peer._base_totals
+    rejections = Counter(base.get("rejections", {})) + peer.transport.stats.rejections()
+    return {
+        "bytes_sent": int(base.get("bytes_sent", 0)) + flow["header_sent"] + flow["payload_sent"],
+        "bytes_received": int(base.get("bytes_received", 0))
+        + flow["header_received"]
+        + flow["payload_received"],
+        "rejections": dict(rejections),
+    }
+
+
+def last_accuracy(records: Sequence[Mapping[str, Any]]) -> float | None:
+    """The latest finite test accuracy of ``records``; None when there is none."""
+    for record in reversed(records):
+        value = record.get("test_accuracy")
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+    return None
+
+
+def write_status(peer: Peer) -> None:
+    """Rewrite ``status.json`` (what the swarm launcher and dashboards poll); no-op before start."""
+    if not hasattr(peer, "out_dir"):
+        return
+    totals = traffic_totals(peer)
+    write_json(
+        peer.out_dir / "status.json",
+        {
+            "peer_id": peer.peer_id,
+            "pid": os.getpid(),
+            "address": getattr(peer, "address", None),
+            "round": peer.round_done,
+            "rounds": getattr(peer, "rounds", None),
+            "accuracy": last_accuracy(peer.records),
+            "bytes_sent": totals["bytes_sent"],
+            "bytes_received": totals["bytes_received"],
+            "rejections": totals["rejections"],
+            "rejected": sum(totals["rejections"].values()),
+            "tracker": {True: "ok", False: "down", None: "unknown"}[peer._tracker_online],
+            "state": peer.state,
+            "error": peer.error,
+            "updated_at": time.time(),
+        },
+    )
+
+
+def summary(peer: Peer, *, test: Metrics | None) -> dict[str, Any]:
+    """The run's ``summary.json``: final scores (``test``), traffic, security and tracker."""
+    snapshot = peer.transport.stats.snapshot()
+    totals = traffic_totals(peer)
+    rtts = [s for s in snapshot["rtt_s"].values() for _, s in s]
+    return {
+        "peer_id": peer.peer_id,
+        "info_hash": peer.info_hash,
+        "session": peer.session.name,
+        "state": peer.state,
+        "error": peer.error,
+        "rounds": peer.rounds,
+        "rounds_done": peer.round_done,
+        "mixing": peer.session.mixing.rule,
+        "train_examples": len(peer.data.y_train),
+        "test": test.to_dict() if test is not None else None,
+        "traffic": {
+            "bytes_sent": totals["bytes_sent"],
+            "bytes_received": totals["bytes_received"],
+            "this_process": snapshot["totals"],
+            "per_peer": snapshot["per_peer"],
+            "failures": snapshot["failures"],
+            "central_server_bytes": 2 * peer.session.state_size * peer.round_done,
+        },
+        "rejections": totals["rejections"],
+        "rejections_per_peer": snapshot["rejections_per_peer"],
+        "security": {
+            "public_key": peer.identity.public_key_hex,
+            "swarm": "closed" if peer.session.closed else "open",
+            "ledger": peer.ledger.path.name if peer.ledger is not None else None,
+            "attack": peer.attack.kind if peer.attack is not None else None,
+            "epsilon": peer.private.epsilon if peer.private is not None else None,
+            "delta": peer.private.accountant.delta if peer.private is not None else None,
+            "noise_multiplier": (
+                peer.private.noise_multiplier if peer.private is not None else None
+            ),
+            "weight_given": weight_given(peer.records),
+        },
+        "exchange_rtt_s": spread(rtts),
+        "tracker": {
+            "announces": dict(peer._tracker_counts),
+            "rtt_s": spread([s for _, s in peer._tracker_rtts]),
+            "rtts": [list(x) for x in peer._tracker_rtts],
+        },
+    }
+
+
+def weight_given(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Per peer: the mean mixing weight it got over the rounds it was in the cohort.
+
+    A cohort member not mixed that round (rejected, missing) counts as weight 0. Rounds of rules
+    without weights (median, trimmed mean, Krum) are left out; empty when there are none.
+    """
+    totals: dict[str, list[float]] = {}
+    for record in records:
+        weights = record.get("trust_weights")
+        if not isinstance(weights, dict):
+            continue
+        for peer in record.get("cohort") or []:
+            value = weights.get(peer, 0.0)
+            totals.setdefault(str(peer), []).append(float(value) if value is not None else 0.0)
+    return {peer: sum(values) / len(values) for peer, values in totals.items()}
+
+
+def weights_by_peer(weights: torch.Tensor | None, heard: Sequence[str]) -> dict[str, float] | None:
+    """A round's mixing weights by peer (``self`` first); None for rules without weights."""
+    if weights is None:
+        return None
+    values = weights.tolist()
+    return {"self": values[0], **dict(zip(heard, values[1:], strict=True))}
+
+
+def spread(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Count, mean, median and max of ``values`` (seconds); None entries when empty."""
+    if not values:
+        return {"count": 0, "mean": None, "p50": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "count": len(ordered),
+        "mean": sum(ordered) / len(ordered),
+        "p50": ordered[len(ordered) // 2],
+        "max": ordered[-1],
+    }
