@@ -9,7 +9,7 @@ indexing, and mixing by summing state dicts node by node.
 Also times the seed workload (MNIST, 6 nodes, logistic regression, 10 rounds of 1 local epoch,
 batch 64) and profiles where the engine's training time goes.
 
-    FEDTORRENT_DATA=/work/shared/data .venv/bin/python benchmarks/sim_speed.py [--quick]
+    FEDTORRENT_DATA=../shared/data .venv/bin/python benchmarks/sim_speed.py [--quick]
 
 Prints tables and writes ``benchmarks/results/sim_speed.json``.
 """

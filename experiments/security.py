@@ -1,6 +1,6 @@
 """Poisoning resistance and accuracy against epsilon, in the simulator; writes ``results/``.
 
-    FEDTORRENT_DATA=/work/shared/data .venv/bin/python experiments/security.py [--only attacks]
+    FEDTORRENT_DATA=../shared/data .venv/bin/python experiments/security.py [--only attacks]
 
 ``attacks``: MNIST, logistic regression, 6 iid nodes on a complete graph, 1 and 2 sign-flipping
 attackers (and, with ``--all-attacks``, every other attack with 2), 10 of 50 nodes; rules learned,
@@ -105,7 +105,7 @@ def _write_attacks(out: Path, results: dict[str, Any], *, seeds: tuple[int, ...]
     lines = [
         "# Poisoning resistance (simulator)",
         "",
-        "Produced by `FEDTORRENT_DATA=/work/shared/data .venv/bin/python experiments/security.py "
+        "Produced by `FEDTORRENT_DATA=../shared/data .venv/bin/python experiments/security.py "
         f"--only attacks{flags}`; every number below is read from the runs.",
         "",
         f"MNIST, logistic regression, iid nodes on a complete graph, {rounds} rounds (50 nodes: "
@@ -205,7 +205,7 @@ def privacy(out: Path, *, seeds: tuple[int, ...], rounds: int, clip: float,
     lines = [
         "# Accuracy against epsilon (simulator)",
         "",
-        "Produced by `FEDTORRENT_DATA=/work/shared/data .venv/bin/python experiments/security.py "
+        "Produced by `FEDTORRENT_DATA=../shared/data .venv/bin/python experiments/security.py "
         "--only privacy`; every number below is read from the runs.",
         "",
         f"6 iid nodes, logistic regression, fixed averaging, {rounds} rounds, seeds "
