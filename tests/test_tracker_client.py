@@ -14,10 +14,11 @@ import pytest
 
 from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, TrackerConfig, TrainConfig
 from fedtorrent.errors import TrackerError
-from fedtorrent.net.torrent import Session, Torrent, save_torrent, state_path_for
+from fedtorrent.net.torrent import Session, Torrent, load_torrent, save_torrent, state_path_for
 from fedtorrent.net.tracker.client import (
     TrackerClient,
     TrackerRefusedError,
+    download_session,
     download_torrent,
     parse_answer,
 )
@@ -196,6 +197,12 @@ def test_joining_a_session_from_the_tracker(tmp_path: Path) -> None:
         assert fetched == torrent
         assert client.fetch_state(fetched) == state
         assert download_torrent(f"{running.url}/torrents/{torrent.info_hash}") == torrent
+        joined = download_session(f"{running.url}/torrents/{torrent.info_hash}", tmp_path / "j")
+        assert load_torrent(joined) == torrent
+        assert state_path_for(joined).read_bytes() == state
+        with pytest.raises(TrackerRefusedError):
+            download_session(f"{running.url}/torrents/{'e' * 64}", tmp_path / "nothing")
+        assert not (tmp_path / "nothing").exists()
         with pytest.raises(TrackerRefusedError):
             client.fetch_torrent("e" * 64)
         other = Torrent(

@@ -15,7 +15,13 @@ from fedtorrent.cli import app
 
 @app.command("peer")
 def peer_command(
-    torrent: Annotated[Path, typer.Argument(help="The session torrent.")],
+    torrent: Annotated[
+        str,
+        typer.Argument(
+            help="The session torrent: a file, or the URL a tracker serves it at "
+            "(http://TRACKER/torrents/<info-hash>; it and its state are fetched into --out)."
+        ),
+    ],
     *,
     out: Annotated[
         Path, typer.Option(help="Folder for metrics, status, checkpoint, summary and log.")
@@ -80,8 +86,13 @@ def peer_command(
 
     from fedtorrent.node.peer import Peer, PeerConfig  # noqa: PLC0415
 
+    torrent_path = Path(torrent)
+    if torrent.startswith(("http://", "https://")):
+        from fedtorrent.net.tracker.client import download_session  # noqa: PLC0415
+
+        torrent_path = download_session(torrent, out)
     config = PeerConfig(
-        torrent=torrent,
+        torrent=torrent_path,
         out_dir=out,
         state_path=state,
         data_dir=data_dir,

@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from fedtorrent.errors import ConfigError, DataError
+from fedtorrent.files import write_atomic
 
 ROUND_FIELDS = (
     "mixing",
@@ -145,17 +144,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def write_json(path: Path, value: Any) -> None:
     """Write ``value`` as indented JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(clean(value), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(clean(value), indent=2, allow_nan=False) + "\n"
+    write_atomic(path, text.encode("utf-8"))
 
 
 def read_json(path: Path) -> Any:

@@ -16,9 +16,7 @@ types and ranges, the session it belongs to, then the tensors against the sessio
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from fedtorrent.errors import StateError
+from fedtorrent.files import write_atomic
 from fedtorrent.metrics.records import clean, write_json
 from fedtorrent.state.codec import MAX_STATE_BYTES, decode_state
 
@@ -82,7 +81,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(checkpoint.state.items())}
     payload = bytes(st_save(tensors, metadata={_META_KEY: text}))
     target = directory / MODEL_FILE
-    _replace_atomically(target, payload)
+    write_atomic(target, payload)
     write_json(directory / RECORD_FILE, record)
     return target
 
@@ -154,16 +153,3 @@ def _read_record(payload: bytes, path: Path) -> dict[str, Any]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in record["seeds"].values()):
         raise StateError(f"{path}: checkpoint seeds must be integers")
     return record
-
-
-def _replace_atomically(target: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -17,14 +17,17 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fedtorrent.errors import TrackerError
+from fedtorrent.files import write_atomic
 from fedtorrent.net.torrent import (
     MAX_TORRENT_BYTES,
     Torrent,
     format_float,
     is_info_hash,
+    state_path_for,
     verify_initial_state,
 )
 from fedtorrent.net.tracker.registry import PEER_ID, RequestRejected, parse_pubkey
@@ -209,6 +212,23 @@ class TrackerClient:
                 delay = self.backoff * 2**attempt * (0.5 + 0.5 * self._rng.random())
             self._sleep(min(delay, self.max_backoff))
             attempt += 1
+
+
+def download_session(url: str, folder: str | Path, *, timeout: float = 10.0) -> Path:
+    """Join a session from a URL: fetch ``url`` (``{tracker}/torrents/{info_hash}``) and its state.
+
+    The torrent is read strictly and checked against the info-hash in the URL; the state
+    (``{url}/state``) against the size and sha256 the torrent pins. Only then are both written,
+    atomically, as ``folder/session.torrent`` and ``folder/session.state``; returns the torrent
+    path.
+    """
+    torrent = download_torrent(url, timeout=timeout)
+    state_url = url.split("?", 1)[0].rstrip("/") + "/state"
+    payload = _fetch(state_url, timeout=timeout, limit=torrent.session.state_size)
+    verify_initial_state(torrent, payload)
+    path = Path(folder) / "session.torrent"
+    write_atomic(state_path_for(path), payload)
+    return write_atomic(path, torrent.to_bytes())
 
 
 def _fetch(url: str, *, timeout: float, limit: int) -> bytes:
