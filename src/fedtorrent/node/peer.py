@@ -97,6 +97,7 @@ from fedtorrent.node.report import (
     weights_by_peer,
     write_status,
 )
+from fedtorrent.training.seeds import derive_seed
 
 if TYPE_CHECKING:
     from fedtorrent.adversary import AttackConfig
@@ -232,13 +233,6 @@ def _is_peer_id(text: str) -> bool:
     from fedtorrent.net.tracker.registry import PEER_ID  # noqa: PLC0415
 
     return PEER_ID.fullmatch(text) is not None
-
-
-def derive_seed(seed: int, *streams: int) -> int:
-    """An independent 63-bit seed for one purpose of a run's seed (as the simulator derives)."""
-    from fedtorrent.sim.engine import derive_seed as sim_derive_seed  # noqa: PLC0415
-
-    return sim_derive_seed(seed, *streams)
 
 
 class Peer:

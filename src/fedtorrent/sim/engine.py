@@ -43,6 +43,7 @@ from fedtorrent.mixing.rules import (
 )
 from fedtorrent.mixing.trust import flat_views, learn_trust, prefer_learned, trust_weights
 from fedtorrent.sim.topology import Topology
+from fedtorrent.training.seeds import derive_seed
 
 Tensor = torch.Tensor
 Rows = Tensor | slice | None
@@ -75,12 +76,6 @@ _BATCH_FLOATS = 2**21
 """Input floats one training step gathers at most (8 MiB): larger groups of nodes are split so a
 batch stays in cache between the forward and backward passes."""
 """Floats of logits (or inputs, general path) one evaluation chunk may hold."""
-
-
-def derive_seed(seed: int, *streams: int) -> int:
-    """An independent 63-bit seed for one purpose (training, trust, a round) of a run's seed."""
-    state = np.random.SeedSequence([seed, *streams]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
 
 
 # --------------------------------------------------------------------------------------------

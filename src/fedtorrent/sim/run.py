@@ -35,9 +35,10 @@ from fedtorrent.metrics.records import (
     RecordWriter,
     write_json,
 )
-from fedtorrent.sim.engine import Engine, ShareFn, derive_seed, make_backend, node_data
+from fedtorrent.sim.engine import Engine, ShareFn, make_backend, node_data
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.schedule import round_lr_scale
+from fedtorrent.training.seeds import derive_seed
 
 if TYPE_CHECKING:
     from fedtorrent.data.datasets import Dataset

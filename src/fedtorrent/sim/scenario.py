@@ -24,7 +24,8 @@ from fedtorrent.adversary import AttackConfig, attack_params, attacker_nodes, fl
 from fedtorrent.config import SimConfig
 from fedtorrent.privacy.accountant import PrivacyAccountant, resolve_noise_multiplier
 from fedtorrent.privacy.mechanism import privatize_rows
-from fedtorrent.sim.engine import NodeData, derive_seed
+from fedtorrent.sim.engine import NodeData
+from fedtorrent.training.seeds import derive_seed
 
 Tensor = torch.Tensor
 
