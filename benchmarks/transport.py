@@ -12,7 +12,9 @@ For each model size, in one run and interleaved repetition by repetition:
 
 Ratios are raw time / our time (so 1.0 = as fast as bare ZeroMQ), from medians; ``best`` uses
 each side's fastest repetition, the least disturbed by other processes. ``full`` counts publish +
-fetch, as if every publish were fetched once.
+fetch, as if every publish were fetched once. ``cpu`` columns are the CPU time of the whole
+process (both ends, every thread) per exchange, median: on a machine with C free cores an
+exchange cannot take less than cpu / C.
 
 With ``--curve`` both transports run CurveZMQ (keys from ``PeerIdentity``, the server's ZAP
 handler admitting the client's key, as in a closed swarm) while raw stays plain, so ``fetch/raw``
@@ -103,6 +105,7 @@ def measure(
         peer_id="server", address=server.address, public_key=server.config.curve_public_key
     )
     times: dict[str, list[float]] = {"raw": [], "publish": [], "fetch": []}
+    cpu: dict[str, list[float]] = {"raw": [], "fetch": []}
     for rep in range(repeats + 1):  # repetition 0 warms up and is dropped
         start = time.perf_counter()
         frames = wire.encode_message(
@@ -111,10 +114,13 @@ def measure(
         server.publish(frames)
         publish_s = time.perf_counter() - start
         raw.payload = frames[1]
+        cpu_start = time.process_time()
         raw_s = raw.exchange()
-        start = time.perf_counter()
+        raw_cpu = time.process_time() - cpu_start
+        start, cpu_start = time.perf_counter(), time.process_time()
         reply = client.fetch(endpoint, round=rep, timeout=60.0, like_state=state)
         fetch_s = time.perf_counter() - start
+        fetch_cpu = time.process_time() - cpu_start
         assert reply.state is not None and torch.equal(
             reply.state["layer0.weight"], state["layer0.weight"]
         )
@@ -122,6 +128,8 @@ def measure(
             times["raw"].append(raw_s)
             times["publish"].append(publish_s)
             times["fetch"].append(fetch_s)
+            cpu["raw"].append(raw_cpu)
+            cpu["fetch"].append(fetch_cpu)
         del reply
     payload_bytes = len(frames[1])
     sha_s = min(_timed(lambda: hashlib.sha256(frames[1]).digest()) for _ in range(3))
@@ -131,6 +139,7 @@ def measure(
         "payload_bytes": payload_bytes,
         "median_s": median,
         "min_s": {k: min(v) for k, v in times.items()},
+        "cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
         "raw_mb_s": payload_bytes / MB / median["raw"],
         "fetch_mb_s": payload_bytes / MB / median["fetch"],
         "ratio_fetch": median["raw"] / median["fetch"],
@@ -179,7 +188,8 @@ def main() -> None:
 
     print(
         f"{'MB':>6} {'raw ms':>8} {'fetch ms':>9} {'publish ms':>11} {'raw MB/s':>9} "
-        f"{'ours MB/s':>10} {'fetch/raw':>10} {'best':>6} {'full/raw':>9} {'sha256 ms':>10}"
+        f"{'ours MB/s':>10} {'fetch/raw':>10} {'best':>6} {'full/raw':>9} {'sha256 ms':>10} "
+        f"{'cpu raw':>8} {'cpu fetch':>10}"
     )
     for r in rows:
         m = r["median_s"]
@@ -187,7 +197,8 @@ def main() -> None:
             f"{r['size_mb']:>6g} {m['raw'] * 1e3:>8.1f} {m['fetch'] * 1e3:>9.1f} "
             f"{m['publish'] * 1e3:>11.1f} {r['raw_mb_s']:>9.0f} {r['fetch_mb_s']:>10.0f} "
             f"{r['ratio_fetch']:>10.2f} {r['ratio_fetch_best']:>6.2f} {r['ratio_full']:>9.2f} "
-            f"{r['sha256_s'] * 1e3:>10.1f}"
+            f"{r['sha256_s'] * 1e3:>10.1f} {r['cpu_s']['raw'] * 1e3:>8.1f} "
+            f"{r['cpu_s']['fetch'] * 1e3:>10.1f}"
         )
     result = {
         "benchmark": "transport",

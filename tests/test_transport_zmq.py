@@ -20,6 +20,7 @@ from fedtorrent.net.transport import (
     TransportConfig,
     ZmqTransport,
 )
+from fedtorrent.net.transport.zmq import BufferPool
 from fedtorrent.state import encode_state
 
 INFO_HASH = "ab" * 32
@@ -74,6 +75,54 @@ def test_fetch_in_many_pieces(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
     assert reply.state is not None
     assert torch.equal(reply.state["w"], model_state(2.0, 200)["w"])
     reply.state["w"] += 1  # decoded tensors are writable and private
+
+
+def test_a_kept_state_survives_later_fetches(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+    # Decoded tensors are views into a pooled receive buffer: it must not be reused while they live.
+    server, client = pair
+    like = model_state(size=200)
+    server.publish(state_frames("server", round=1, fill=1.0, size=200))
+    first = client.fetch(endpoint(server), round=1, timeout=5.0, like_state=like)
+    assert first.finite == {"w", "b"}  # checked while the pieces arrived
+    server.publish(state_frames("server", round=2, fill=3.0, size=200))
+    second = client.fetch(endpoint(server), round=2, timeout=5.0, like_state=like)
+    assert first.state is not None and second.state is not None
+    assert torch.equal(first.state["w"], model_state(1.0, 200)["w"])
+    assert torch.equal(second.state["w"], model_state(3.0, 200)["w"])
+
+
+def test_buffer_pool_reuses_only_free_buffers() -> None:
+    pool = BufferPool(keep=2)
+    first = pool.take(1000)
+    view = memoryview(first.data)  # what a reply's payload and its tensors hold
+    second = pool.take(1000)
+    assert second is not first
+    address = second.ctypes.data
+    del second
+    third = pool.take(1000)
+    assert third.ctypes.data == address  # free again: reused
+    assert pool.take(999) is not first  # another size is never handed out for this one
+    del view
+
+
+def test_buffer_pool_hands_one_buffer_to_one_thread() -> None:
+    pool = BufferPool(keep=4)
+    taken: list[Any] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def take() -> None:
+        barrier.wait(timeout=10)
+        buffer = pool.take(4096)
+        with lock:
+            taken.append(buffer)
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len({id(b) for b in taken}) == 8
 
 
 def test_not_ready_then_ready(pair: tuple[ZmqTransport, ZmqTransport]) -> None:

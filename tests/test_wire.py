@@ -340,6 +340,62 @@ def test_non_finite(bad: float, dtype: torch.dtype) -> None:
     assert reason_of(frames_for(state), like=like) == "non_finite"
 
 
+def test_huge_finite_values_whose_sum_overflows_are_accepted() -> None:
+    # The one-pass check adds values up; an overflow must fall back to the exact check.
+    state = {"w": torch.full((1000,), 3e38, dtype=torch.float32)}
+    decoded = wire.decode_payload(encode_state(state), like_state=state)
+    assert torch.equal(decoded["w"], state["w"])
+
+
+def _mixed_state() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.f32": torch.randn(3000, generator=gen),
+        "b.i64": torch.arange(100),
+        "c.f16": torch.randn(777, generator=gen).half(),
+        "d.bf16": torch.randn(50, generator=gen).bfloat16(),
+        "e.f64": torch.randn(33, 7, generator=gen).double(),
+        "f.empty": torch.zeros(0),
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=40_000), max_size=12), bad=st.booleans())
+def test_finite_scan_clears_exactly_the_finite_float_tensors(cuts: list[int], bad: bool) -> None:
+    state = _mixed_state()
+    if bad:
+        state["c.f16"][400] = float("nan")
+    payload = memoryview(bytearray(encode_state(state)))
+    scan = wire.FiniteScan(payload)
+    for end in [*sorted({min(c, len(payload)) for c in cuts}), len(payload)]:
+        scan.feed(end)  # pieces of any size, split anywhere (inside the header, inside a float)
+    expected = {"a.f32", "c.f16", "e.f64"} - ({"c.f16"} if bad else set())
+    assert scan.cleared() == expected  # bfloat16 and empty tensors are left to decode_payload
+    if bad:  # what the scan left, decode still checks and rejects with the reason
+        with pytest.raises(MessageError) as info:
+            wire.decode_payload(payload, like_state=None, finite=scan.cleared())
+        assert info.value.reason == "non_finite"
+    else:
+        decoded = wire.decode_payload(payload, like_state=state, finite=scan.cleared())
+        assert all(torch.equal(decoded[k], state[k]) for k in state)
+
+
+def test_finite_scan_gives_up_quietly_on_a_bad_header() -> None:
+    scan = wire.FiniteScan(memoryview(bytearray(b"\xff" * 64)))
+    scan.feed(64)
+    assert scan.cleared() == frozenset()
+
+
+def test_finite_scan_clears_nothing_before_a_tensor_is_complete() -> None:
+    state = {"w": torch.ones(10_000)}
+    payload = memoryview(bytearray(encode_state(state)))
+    scan = wire.FiniteScan(payload)
+    scan.feed(len(payload) - 1)
+    assert scan.cleared() == frozenset()
+    scan.feed(len(payload))
+    assert scan.cleared() == {"w"}
+
+
 def test_every_reason_is_listed() -> None:
     assert len(set(wire.REASONS)) == len(wire.REASONS)
     assert {"oversized", "bad_header", "wrong_session", "bad_digest", "bad_shape"} <= set(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from fedtorrent.errors import ConfigError, MessageError, StateError
@@ -81,6 +82,13 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 State = dict[str, torch.Tensor]
+_Entry = tuple[int, int, str, torch.dtype, tuple[int, ...]]
+"""A tensor's (begin, end) data offsets, name, dtype and shape in a safetensors payload."""
+_NUMPY_FLOATS: dict[torch.dtype, Any] = {
+    torch.float64: np.float64,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -286,12 +294,15 @@ def decode_payload(
     payload: bytes | bytearray | memoryview,
     *,
     like_state: Mapping[str, torch.Tensor] | None,
+    finite: frozenset[str] = frozenset(),
 ) -> State:
     """Parse safetensors bytes into tensors and check them against the session's model.
 
     Tensors are views into ``payload`` when it is writable (no copy: the transport hands over a
     fresh buffer it owns) and into one private copy when it is read-only, so a decoded state never
     aliases immutable ``bytes``. With ``like_state=None`` only parsing and finiteness are checked.
+    ``finite`` names tensors this process already found finite while receiving
+    (:meth:`FiniteScan.cleared`), never names a peer sent.
 
     Raises:
         MessageError: reason ``bad_payload``, ``bad_shape`` or ``non_finite``.
@@ -306,7 +317,7 @@ def decode_payload(
         except StateError as exc:
             raise reject("bad_shape", str(exc)) from None
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and key not in finite and not _all_finite(tensor):
             raise reject("non_finite", f"tensor {key!r} holds NaN or infinite values")
     return state
 
@@ -413,11 +424,10 @@ def _check_fields(fields: dict[Any, Any]) -> None:
             raise reject("bad_header", f"field {key!r} must be 1 to {limit} bytes")
 
 
-def _parse_safetensors(view: memoryview) -> State:
-    """Zero-copy safetensors reader with the format's own rules (contiguous, non-overlapping).
+def _layout(view: memoryview) -> tuple[int, list[_Entry]]:
+    """The data's offset and the entries sorted by position, checked against the format's rules.
 
-    ``fedtorrent.state.decode_state`` copies the payload twice and checks finiteness with a
-    temporary mask; at 100 MB that costs more than the transfer itself, hence this reader.
+    Contiguous, non-overlapping, no trailing bytes: what the safetensors library enforces.
     """
     total = len(view)
     if total < 8:
@@ -443,6 +453,16 @@ def _parse_safetensors(view: memoryview) -> State:
         position = end
     if position != data_len:
         raise reject("bad_payload", "safetensors data has trailing bytes")
+    return data_start, entries
+
+
+def _parse_safetensors(view: memoryview) -> State:
+    """Zero-copy safetensors reader with the format's own rules (contiguous, non-overlapping).
+
+    ``fedtorrent.state.decode_state`` copies the payload twice and checks finiteness with a
+    temporary mask; at 100 MB that costs more than the transfer itself, hence this reader.
+    """
+    data_start, entries = _layout(view)
     everything = torch.frombuffer(view, dtype=torch.uint8)
     if everything.data_ptr() % 16:  # a view into an odd offset: align once rather than per tensor
         everything = everything.clone()
@@ -459,9 +479,7 @@ def _parse_safetensors(view: memoryview) -> State:
     return state
 
 
-def _tensor_entry(
-    name: object, info: object, data_len: int
-) -> tuple[int, int, str, torch.dtype, tuple[int, ...]]:
+def _tensor_entry(name: object, info: object, data_len: int) -> _Entry:
     if not isinstance(name, str) or not isinstance(info, dict):
         raise reject("bad_payload", "safetensors entry is not name -> object")
     if set(info) != {"dtype", "shape", "data_offsets"} or not (
@@ -486,7 +504,10 @@ def _tensor_entry(
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """Min and max propagate NaN and expose +-inf: no temporary mask, 10x faster than isfinite.
+    """One pass and no temporary mask: a sum is NaN or infinite if any term is.
+
+    A finite sum clears the tensor; only a non-finite one (or an overflow of huge finite values)
+    pays for the exact min and max, which propagate NaN and expose +-inf.
 
     numpy does it single-threaded; torch's threaded reduction pays milliseconds of thread wake-up
     per tensor on a busy machine. numpy has no bfloat16, so that one stays in torch.
@@ -497,5 +518,80 @@ def _all_finite(tensor: torch.Tensor) -> bool:
         low, high = (float(v) for v in torch.aminmax(tensor.reshape(-1)))
     else:
         values = tensor.reshape(-1).numpy()
+        if _sum_is_finite(values):
+            return True
         low, high = float(values.min()), float(values.max())
     return math.isfinite(low) and math.isfinite(high)
+
+
+def _sum_is_finite(values: np.ndarray[Any, Any]) -> bool:
+    # float16 would overflow at 65504: add it up in float32.
+    wide = np.float32 if values.dtype == np.float16 else None
+    with np.errstate(over="ignore", invalid="ignore"):  # the answer, not a warning
+        return math.isfinite(float(np.add.reduce(values, dtype=wide)))
+
+
+class FiniteScan:
+    """Checks a payload's float tensors for NaN and infinity piece by piece, as it arrives.
+
+    Called on each piece right after it was copied in and hashed, while it is still in this
+    core's cache, the check costs a fraction of a pass over the finished payload after the
+    transfer (about 6 ms at 100 MB here); :func:`decode_payload` skips the tensors it cleared.
+    It only clears, never rejects: a tensor whose sum is not finite, and a payload whose header
+    does not parse, are left to :func:`decode_payload`, which gives the reason.
+    """
+
+    def __init__(self, payload: memoryview) -> None:
+        self._payload = payload.cast("B") if payload.format != "B" else payload
+        self._ranges: list[tuple[int, int, str, Any]] | None = None
+        self._next = 0
+        """Index of the first range not yet scanned to its end."""
+        self._position = 0
+        """Bytes of that range (absolute offset) already scanned."""
+        self._failed: set[str] = set()
+        self._gave_up = False
+
+    def feed(self, received: int) -> None:
+        """Scan what ``payload[:received]`` adds since the last call."""
+        if self._gave_up:
+            return
+        if self._ranges is None and not self._read_header(received):
+            return
+        assert self._ranges is not None
+        while self._next < len(self._ranges):
+            begin, end, name, dtype = self._ranges[self._next]
+            start = max(self._position, begin)
+            stop = min(end, received)
+            stop -= (stop - begin) % dtype.itemsize  # whole elements only
+            if stop > start:
+                if not _sum_is_finite(np.frombuffer(self._payload[start:stop], dtype=dtype)):
+                    self._failed.add(name)
+                self._position = stop
+            if stop < end:
+                return
+            self._next += 1
+
+    def cleared(self) -> frozenset[str]:
+        """Float tensors scanned to their end and found finite."""
+        if self._ranges is None:
+            return frozenset()
+        done = {name for _, _, name, _ in self._ranges[: self._next]}
+        return frozenset(done - self._failed)
+
+    def _read_header(self, received: int) -> bool:
+        if received < 8:
+            return False
+        (header_len,) = struct.unpack_from("<Q", self._payload, 0)
+        if received < 8 + min(header_len, len(self._payload)):
+            return False
+        try:
+            data_start, entries = _layout(self._payload)
+        except MessageError:
+            self._gave_up = True
+            return False
+        self._ranges = [
+            (data_start + begin, data_start + end, name, np.dtype(_NUMPY_FLOATS[dtype]))
+            for begin, end, name, dtype, _ in entries
+            if dtype in _NUMPY_FLOATS and end > begin
+        ]
+        return True

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Self
 
@@ -47,7 +47,7 @@ class TransportConfig:
     bind: str = "tcp://127.0.0.1:0"
     """Where to listen; port 0 picks a free one (``Transport.address`` tells which)."""
     max_payload_bytes: int = MAX_STATE_BYTES
-    piece_bytes: int = 1 << 20
+    piece_bytes: int = 256 << 10
     """A payload travels as pieces of at least this size, at most ``MAX_PIECES`` of them, so the
     receiver hashes one piece while the next is on the wire."""
     max_concurrent_fetches: int = 8
@@ -106,6 +106,8 @@ class Reply:
     payload: memoryview = field(repr=False)
     rtt_s: float
     state: State | None = field(default=None, repr=False)
+    finite: frozenset[str] = field(default=frozenset(), repr=False)
+    """Float tensors the transport already found finite while receiving (``wire.FiniteScan``)."""
 
 
 @dataclass
@@ -442,8 +444,10 @@ class Transport(ABC):
         try:
             reply = self._fetch(endpoint, round, deadline)
             if like_state is not None:
-                state = wire.decode_payload(reply.payload, like_state=like_state)
-                reply = Reply(reply.peer_id, reply.header, reply.payload, reply.rtt_s, state)
+                state = wire.decode_payload(
+                    reply.payload, like_state=like_state, finite=reply.finite
+                )
+                reply = replace(reply, state=state)
         except MessageError as exc:
             log.warning("rejected the reply of peer %s: %s", endpoint.peer_id, exc)
             self.stats.record_rejection(endpoint.peer_id, exc.reason)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sys
 import threading
 import time
 from typing import Any
@@ -44,7 +45,7 @@ from fedtorrent.net.transport.base import (
 )
 
 log = logging.getLogger(__name__)
-MAX_PIECES = 256
+MAX_PIECES = 1024
 """A payload is cut into at most this many pieces (fewer, larger ones for big models)."""
 _POLL_SLICE_S = 0.1
 """Fetches wake this often to notice ``close``."""
@@ -63,6 +64,7 @@ class ZmqTransport(Transport):
         self._wake: zmq.Socket[Any] | None = None
         self._address = ""
         self._cut: tuple[Served, tuple[zmq.Frame, ...]] | None = None
+        self._buffers = BufferPool()
 
     @property
     def address(self) -> str:
@@ -226,9 +228,11 @@ class ZmqTransport(Transport):
                 raise wire.reject("bad_frames", "reply header came with extra frames")
             header = self.check_reply_header(endpoint, head[:header_bytes])
 
-            # Size checked by the header. np.empty, unlike bytearray, does not zero 100 MB first.
-            payload = memoryview(np.empty(header.payload_len, dtype=np.uint8).data)
-            digest = hashlib.sha256()
+            # Size checked by the header. Each piece is copied in, then hashed and scanned for
+            # NaN while it is still in this core's cache (hashing data another core just wrote
+            # runs at 60% of that speed here).
+            payload = memoryview(self._buffers.take(header.payload_len).data)
+            digest, scan = hashlib.sha256(), wire.FiniteScan(payload)
             while payload_bytes < len(payload):
                 space = len(payload) - payload_bytes
                 got = self._receive_into(sock, payload[payload_bytes:], endpoint, deadline)
@@ -236,9 +240,16 @@ class ZmqTransport(Transport):
                     raise wire.reject("bad_frames", "payload pieces do not add up to its length")
                 digest.update(payload[payload_bytes : payload_bytes + got])  # frees the GIL
                 payload_bytes += got
+                scan.feed(payload_bytes)
             rtt = time.perf_counter() - started
             wire.verify_payload(header, payload, computed_sha256=digest.hexdigest())
-            return Reply(peer_id=endpoint.peer_id, header=header, payload=payload, rtt_s=rtt)
+            return Reply(
+                peer_id=endpoint.peer_id,
+                header=header,
+                payload=payload,
+                rtt_s=rtt,
+                finite=scan.cleared(),
+            )
         except zmq.ZMQError as exc:
             raise NetworkError(f"exchange with {endpoint.peer_id} failed: {exc}") from None
         finally:
@@ -269,12 +280,49 @@ class ZmqTransport(Transport):
     def _receive_into(
         self, sock: zmq.Socket[Any], buffer: memoryview, endpoint: Endpoint, deadline: float
     ) -> int:
-        """Wait (in short slices, to notice ``close``) for the next frame and copy it in."""
+        """Copy the next frame in, waiting (in short slices, to notice ``close``) if none is here.
+
+        While a payload streams in, the next piece is usually queued already: taking it without
+        polling first saves a system call per piece.
+        """
         while True:
             if self._closing.is_set():
                 raise NetworkError("transport closed")
+            try:
+                return int(sock.recv_into(buffer, flags=zmq.NOBLOCK))
+            except zmq.Again:
+                pass
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FetchTimeoutError(f"peer {endpoint.peer_id} did not answer in time")
-            if sock.poll(math.ceil(min(remaining, _POLL_SLICE_S) * 1000), zmq.POLLIN):
-                return int(sock.recv_into(buffer, flags=zmq.NOBLOCK))
+            sock.poll(math.ceil(min(remaining, _POLL_SLICE_S) * 1000), zmq.POLLIN)
+
+
+class BufferPool:
+    """Receive buffers, handed out again once nothing refers to them any more.
+
+    A fresh 100 MB buffer costs about 10 ms of page faults and kernel zeroing on its first write,
+    a tenth of a loopback fetch. Tensors decoded from a reply are views into its buffer, so a
+    buffer is free exactly when only the pool still refers to it: CPython's reference count
+    says so without asking callers to give anything back. The pool forgets its oldest buffers
+    beyond ``keep`` (one still in use stays alive for its user and is freed with it).
+    """
+
+    _FREE_REFS = 3
+    """``sys.getrefcount`` of a buffer held only by the pool: list, loop variable, argument."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._buffers: list[np.ndarray[Any, np.dtype[np.uint8]]] = []
+
+    def take(self, size: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """A free buffer of ``size`` bytes (uninitialised), reused when one is free."""
+        with self._lock:  # under the lock no other fetch can take the buffer found free
+            for buffer in self._buffers:
+                if buffer.size == size and sys.getrefcount(buffer) == self._FREE_REFS:
+                    return buffer
+            fresh = np.empty(size, dtype=np.uint8)  # unlike bytearray, not zeroed by Python
+            self._buffers.append(fresh)
+            del self._buffers[: -self._keep]
+            return fresh
