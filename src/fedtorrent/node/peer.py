@@ -51,7 +51,6 @@ import secrets
 import threading
 import time
 import zlib
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,7 +67,6 @@ from fedtorrent.errors import (
     DataError,
     PrivacyError,
     StateError,
-    TrackerError,
 )
 from fedtorrent.metrics.records import write_json
 from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -97,6 +95,7 @@ from fedtorrent.node.report import (
     weights_by_peer,
     write_status,
 )
+from fedtorrent.node.tracking import TrackerLink
 from fedtorrent.training.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -263,7 +262,7 @@ class Peer:
     ) -> None:
         self.config = config
         self._make_transport = transport
-        self._tracker = tracker
+        self.tracker = TrackerLink(tracker)
         self.addressing: Addressing = addressing or TcpAddressing()
         self._data = data
         self._send_hook = send_hook
@@ -275,9 +274,6 @@ class Peer:
         self.round_done = 0
         self.peer_id = ""
         self.records: list[dict[str, Any]] = []
-        self._tracker_rtts: list[tuple[int, float]] = []
-        self._tracker_counts: Counter[str] = Counter()
-        self._tracker_online: bool | None = None
         self._last_cohort: list[str] = []
         self._base_totals: dict[str, Any] = {}
         self._final: dict[str, Any] = {}
@@ -409,10 +405,10 @@ class Peer:
         else:
             self.transport = self._make_transport(transport_config)
         self.transport.on_served = self._served.put
-        if self._tracker is None:
+        if self.tracker.announcer is None:
             from fedtorrent.net.tracker.client import TrackerClient  # noqa: PLC0415
 
-            self._tracker = TrackerClient(
+            self.tracker.announcer = TrackerClient(
                 cfg.tracker or self.torrent.announce,
                 timeout=cfg.tracker_timeout,
                 retries=cfg.tracker_retries,
@@ -788,51 +784,21 @@ class Peer:
         return evaluate(self.model, x, y, num_classes=self.data.num_classes)
 
     def _announce(self, *, event: str) -> tuple[TrackerAnswer | None, float | None, str]:
-        """Announce; returns the answer (None when unreachable), its RTT and a status word.
-
-        Status: ``ok``, ``cached`` (tracker down, last answer reused) or ``down``. A peer that
-        was offline re-announces with ``started`` when the tracker is back.
-        """
-        assert self._tracker is not None
+        """Announce with this peer's round and metrics (see :meth:`TrackerLink.announce`)."""
         totals = traffic_totals(self)
-        accuracy = last_accuracy(self.records)
-        if event == "" and self._tracker_online is False:
-            event = "started"
-        started = time.perf_counter()
-        try:
-            answer = self._tracker.announce(
-                self.info_hash,
-                self.peer_id,
-                port=self.port,
-                event=event,
-                round=self.round_done,
-                numwant=self.session.cohort_size,
-                accuracy=accuracy,
-                bytes_sent=totals["bytes_sent"],
-                bytes_received=totals["bytes_received"],
-                pubkey=self.identity.public_key_hex,
-                ip=self.config.advertise_ip,
-            )
-        except TrackerError as exc:
-            self._tracker_counts["failed"] += 1
-            if self._tracker_online is not False:
-                log.warning("tracker unreachable, no cached peers: %s", exc)
-            self._tracker_online = False
-            return None, None, "down"
-        rtt = time.perf_counter() - started
-        if answer.cached:
-            self._tracker_counts["cached"] += 1
-            if self._tracker_online is not False:
-                log.warning("tracker unreachable; training on with the cached cohort")
-            self._tracker_online = False
-            return answer, None, "cached"
-        if self._tracker_online is False:
-            self._tracker_counts["reconnected"] += 1
-            log.info("tracker is back; re-announced")
-        self._tracker_online = True
-        self._tracker_counts["ok"] += 1
-        self._tracker_rtts.append((self.round_done, rtt))
-        return answer, rtt, "ok"
+        return self.tracker.announce(
+            self.info_hash,
+            self.peer_id,
+            event=event,
+            round=self.round_done,
+            port=self.port,
+            numwant=self.session.cohort_size,
+            accuracy=last_accuracy(self.records),
+            bytes_sent=totals["bytes_sent"],
+            bytes_received=totals["bytes_received"],
+            pubkey=self.identity.public_key_hex,
+            ip=self.config.advertise_ip,
+        )
 
     def _linger(self) -> None:
         """Keep serving the final state a while for neighbours that are behind.

@@ -167,7 +167,7 @@ def write_status(peer: Peer) -> None:
             "bytes_received": totals["bytes_received"],
             "rejections": totals["rejections"],
             "rejected": sum(totals["rejections"].values()),
-            "tracker": {True: "ok", False: "down", None: "unknown"}[peer._tracker_online],
+            "tracker": {True: "ok", False: "down", None: "unknown"}[peer.tracker.online],
             "state": peer.state,
             "error": peer.error,
             "updated_at": time.time(),
@@ -215,9 +215,9 @@ def summary(peer: Peer, *, test: Metrics | None) -> dict[str, Any]:
         },
         "exchange_rtt_s": spread(rtts),
         "tracker": {
-            "announces": dict(peer._tracker_counts),
-            "rtt_s": spread([s for _, s in peer._tracker_rtts]),
-            "rtts": [list(x) for x in peer._tracker_rtts],
+            "announces": dict(peer.tracker.counts),
+            "rtt_s": spread([s for _, s in peer.tracker.rtts]),
+            "rtts": [list(x) for x in peer.tracker.rtts],
         },
     }
 
