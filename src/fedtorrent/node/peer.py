@@ -394,6 +394,7 @@ class Peer:
             peer_id=self.peer_id,
             bind=f"tcp://{_bracket(cfg.host)}:{cfg.port}",
             max_payload_bytes=2 * self.session.state_size + (64 << 10),
+            max_concurrent_fetches=max(1, min(32, self.session.cohort_size)),
             curve_secret_key=self.identity.curve_secret,
             curve_public_key=self.identity.curve_public,
             curve_allow=frozenset(curve_public_key(k) for k in allowed) if allowed else None,

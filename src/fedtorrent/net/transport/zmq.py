@@ -64,7 +64,7 @@ class ZmqTransport(Transport):
         self._wake: zmq.Socket[Any] | None = None
         self._address = ""
         self._cut: tuple[Served, tuple[zmq.Frame, ...]] | None = None
-        self._buffers = BufferPool()
+        self._buffers = BufferPool(keep=config.max_concurrent_fetches)
 
     @property
     def address(self) -> str:
@@ -305,7 +305,8 @@ class BufferPool:
     a tenth of a loopback fetch. Tensors decoded from a reply are views into its buffer, so a
     buffer is free exactly when only the pool still refers to it: CPython's reference count
     says so without asking callers to give anything back. The pool forgets its oldest buffers
-    beyond ``keep`` (one still in use stays alive for its user and is freed with it).
+    beyond ``keep`` (one still in use stays alive for its user and is freed with it); the
+    transport keeps as many as fetches can run at once, what one round of a cohort needs.
     """
 
     _FREE_REFS = 3
