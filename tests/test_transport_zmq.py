@@ -95,14 +95,17 @@ def test_buffer_pool_reuses_only_free_buffers() -> None:
     pool = BufferPool(keep=2)
     first = pool.take(1000)
     view = memoryview(first.data)  # what a reply's payload and its tensors hold
+    tensor = torch.frombuffer(view, dtype=torch.uint8)
+    del first, view
     second = pool.take(1000)
-    assert second is not first
+    assert second.ctypes.data != tensor.data_ptr()  # the first is still in use through the tensor
     address = second.ctypes.data
     del second
     third = pool.take(1000)
     assert third.ctypes.data == address  # free again: reused
-    assert pool.take(999) is not first  # another size is never handed out for this one
-    del view
+    assert pool.take(999).ctypes.data not in (address, tensor.data_ptr())  # sizes never mix
+    del tensor
+    assert pool.take(1000).ctypes.data != address  # the third is still held here
 
 
 def test_buffer_pool_hands_one_buffer_to_one_thread() -> None:
@@ -122,7 +125,7 @@ def test_buffer_pool_hands_one_buffer_to_one_thread() -> None:
         t.start()
     for t in threads:
         t.join(timeout=10)
-    assert len({id(b) for b in taken}) == 8
+    assert len({b.ctypes.data for b in taken}) == 8
 
 
 def test_not_ready_then_ready(pair: tuple[ZmqTransport, ZmqTransport]) -> None:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ _POLL_SLICE_S = 0.1
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 """Where libzmq asks a context's authentication handler (fixed by RFC 27)."""
 ZAP_DOMAIN = b"fedtorrent"
+_Bytes = np.ndarray[Any, np.dtype[np.uint8]]
 
 
 class ZmqTransport(Transport):
@@ -302,28 +303,29 @@ class BufferPool:
     """Receive buffers, handed out again once nothing refers to them any more.
 
     A fresh 100 MB buffer costs about 10 ms of page faults and kernel zeroing on its first write,
-    a tenth of a loopback fetch. Tensors decoded from a reply are views into its buffer, so a
-    buffer is free exactly when only the pool still refers to it: CPython's reference count
-    says so without asking callers to give anything back. The pool forgets its oldest buffers
-    beyond ``keep`` (one still in use stays alive for its user and is freed with it); the
+    a tenth of a loopback fetch. The pool hands out a fresh numpy view of a buffer it keeps and
+    holds only a weak reference to that view; everything made from a reply (its payload, the
+    tensors decoded from it) keeps the view alive, so the buffer is free exactly when the weak
+    reference is dead, without asking callers to give anything back. The pool forgets its oldest
+    buffers beyond ``keep`` (one still in use stays alive for its user and is freed with it); the
     transport keeps as many as fetches can run at once, what one round of a cohort needs.
     """
-
-    _FREE_REFS = 3
-    """``sys.getrefcount`` of a buffer held only by the pool: list, loop variable, argument."""
 
     def __init__(self, keep: int = 8) -> None:
         self._keep = keep
         self._lock = threading.Lock()
-        self._buffers: list[np.ndarray[Any, np.dtype[np.uint8]]] = []
+        self._slots: list[tuple[_Bytes, weakref.ref[_Bytes]]] = []
 
-    def take(self, size: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """A free buffer of ``size`` bytes (uninitialised), reused when one is free."""
+    def take(self, size: int) -> _Bytes:
+        """A buffer of ``size`` bytes (uninitialised), reused when one of that size is free."""
         with self._lock:  # under the lock no other fetch can take the buffer found free
-            for buffer in self._buffers:
-                if buffer.size == size and sys.getrefcount(buffer) == self._FREE_REFS:
-                    return buffer
-            fresh = np.empty(size, dtype=np.uint8)  # unlike bytearray, not zeroed by Python
-            self._buffers.append(fresh)
-            del self._buffers[: -self._keep]
-            return fresh
+            for index, (base, handed) in enumerate(self._slots):
+                if base.size == size and handed() is None:
+                    view = base[:]
+                    self._slots[index] = (base, weakref.ref(view))
+                    return view
+            base = np.empty(size, dtype=np.uint8)  # unlike bytearray, not zeroed by Python
+            view = base[:]
+            self._slots.append((base, weakref.ref(view)))
+            del self._slots[: -self._keep]
+            return view
