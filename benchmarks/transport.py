@@ -20,7 +20,7 @@ With ``--curve`` both transports run CurveZMQ (keys from ``PeerIdentity``, the s
 handler admitting the client's key, as in a closed swarm) while raw stays plain, so ``fetch/raw``
 shows what encryption costs; results go to ``results/transport_curve.json``.
 
-    .venv/bin/python benchmarks/transport.py [--sizes 1 10 100] [--repeats 11] [--curve]
+    .venv/bin/python benchmarks/transport.py [--sizes 1 10 100] [--repeats 31] [--curve]
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _timed(fn: Any) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 100])
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--curve", action="store_true", help="encrypt the transport's links")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
