@@ -14,42 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 from typing import Any
 
+from fedtorrent.metrics.compare import paired_difference
 from fedtorrent.sim.reproduce import ReproducePlan
 from fedtorrent.sim.run import load_for, simulate
 
 RULES = ("none", "fixed", "learned")
 PAIRS = (("learned", "fixed"), ("fixed", "none"), ("learned", "none"))
-# Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy dependency for this).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093,
-       24: 2.064, 29: 2.045}  # fmt: skip
-
-
-def _t95(dof: int) -> float:
-    known = [d for d in T95 if d <= dof]
-    return T95[max(known)] if known else T95[1]
-
-
-def paired(a: list[float], b: list[float]) -> dict[str, Any]:
-    """Mean of ``a - b`` seed by seed with its 95% interval and how many seeds favour ``a``."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    centre = mean(diffs)
-    half = _t95(len(diffs) - 1) * stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return {
-        "mean": centre,
-        "low": centre - half,
-        "high": centre + half,
-        "wins": sum(d > 0 for d in diffs),
-        "ties": sum(d == 0 for d in diffs),
-        "diffs": diffs,
-    }
 
 
 def run(seeds: tuple[int, ...], data_dir: Path | None) -> dict[str, Any]:
@@ -70,7 +46,7 @@ def run(seeds: tuple[int, ...], data_dir: Path | None) -> dict[str, Any]:
         "seeds": list(seeds),
         "seconds": time.perf_counter() - started,
         "per_seed": per_seed,
-        "pairs": {f"{a}-{b}": paired(per_seed[a], per_seed[b]) for a, b in PAIRS},
+        "pairs": {f"{a}-{b}": paired_difference(per_seed[a], per_seed[b]) for a, b in PAIRS},
     }
 
 

@@ -359,6 +359,13 @@ def test_reproduce_pipeline_on_digits(tmp_path: Path) -> None:
     assert "-7.00 ✗" in rendered  # MNIST 85.0 vs 92.0
     assert "+0.10 ✓" in rendered  # learned 84.3 vs 84.2
     assert "**holds**" in rendered
+    assert "Seed by seed" not in rendered  # no per-seed values: no paired line
+    iid = record["tables"]["fashion-mnist"]["iid"]
+    for rule, values in (("fixed", [0.842, 0.840, 0.844]), ("learned", [0.843, 0.841, 0.845])):
+        iid[rule] |= {"seeds": [0, 1, 2], "accuracy_per_seed": values}
+    rendered = render_report(record)
+    assert "learned - fixed is +0.100 points, 95% interval [+0.100, +0.100]" in rendered
+    assert "it is not 0" in rendered
 
 
 @pytest.mark.parametrize("counts", [[8, 8, 8, 8, 8], [3, 12, 7, 9, 5]])

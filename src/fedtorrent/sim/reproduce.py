@@ -29,6 +29,7 @@ from fedtorrent.config import (
     TopologyConfig,
     TrainConfig,
 )
+from fedtorrent.metrics.compare import paired_difference
 from fedtorrent.metrics.records import read_json, write_json
 from fedtorrent.sim.run import simulate
 
@@ -372,7 +373,30 @@ def _table3(by_rule: dict[str, Any]) -> list[str]:
             f"({100 * learned:.2f} / {100 * fixed:.2f} / {100 * none:.2f}); the std of the "
             f"node mean across seeds is {spread} (none / fixed / learned)."
         )
+        lines += _paired_line(by_rule)
     return [*lines, ""]
+
+
+def _paired_line(by_rule: dict[str, Any]) -> list[str]:
+    """Learned minus fixed seed by seed (same split, model and batches), when there are seeds."""
+    learned, fixed = by_rule["learned"], by_rule["fixed"]
+    if (
+        "accuracy_per_seed" not in learned
+        or learned.get("seeds") != fixed.get("seeds")
+        or len(learned["seeds"]) < 2
+    ):
+        return []
+    pair = paired_difference(
+        [100 * v for v in learned["accuracy_per_seed"]],
+        [100 * v for v in fixed["accuracy_per_seed"]],
+    )
+    told = "cannot be told apart from 0" if pair["low"] <= 0 <= pair["high"] else "is not 0"
+    return [
+        f"Seed by seed, learned - fixed is {pair['mean']:+.3f} points, 95% interval "
+        f"[{pair['low']:+.3f}, {pair['high']:+.3f}] over {len(learned['seeds'])} seeds: it "
+        f"{told}. [table3_seeds.md](table3_seeds.md) (`python experiments/table3_seeds.py`) "
+        "repeats this on 12 seeds."
+    ]
 
 
 def _sweep_section(sweep: dict[str, Any]) -> list[str]:

@@ -267,7 +267,8 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
     """Mean and std of final scores per mixing rule, over nodes and seeds.
 
     ``accuracy_std`` pools every (seed, node) pair; ``accuracy_std_nodes`` is the mean over seeds
-    of the std across nodes; ``accuracy_std_seeds`` the std over seeds of the node mean.
+    of the std across nodes; ``accuracy_std_seeds`` the std over seeds of the node mean, and
+    ``accuracy_per_seed`` that node mean run by run (``seeds`` says which), for paired comparisons.
     """
     by_rule: dict[str, list[RunOutcome]] = {}
     for outcome in outcomes:
@@ -284,6 +285,7 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
             "accuracy_std": float(acc.std()),
             "accuracy_std_nodes": float(acc.std(axis=1).mean()),
             "accuracy_std_seeds": float(acc.mean(axis=1).std()),
+            "accuracy_per_seed": [float(v) for v in acc.mean(axis=1)],
             "own_accuracy_mean": float(own.mean()),
             "own_accuracy_std": float(own.std()),
             "f1_mean": float(f1.mean()),
