@@ -299,10 +299,10 @@ def decode_payload(
     """Parse safetensors bytes into tensors and check them against the session's model.
 
     Tensors are views into ``payload`` when it is writable (no copy: the transport hands over a
-    fresh buffer it owns) and into one private copy when it is read-only, so a decoded state never
-    aliases immutable ``bytes``. With ``like_state=None`` only parsing and finiteness are checked.
-    ``finite`` names tensors this process already found finite while receiving
-    (:meth:`FiniteScan.cleared`), never names a peer sent.
+    buffer it owns, reused only once nothing refers to it) and into one private copy when it is
+    read-only, so a decoded state never aliases immutable ``bytes``. With ``like_state=None``
+    only parsing and finiteness are checked. ``finite`` names tensors this process already found
+    finite while receiving (:meth:`FiniteScan.cleared`), never names a peer sent.
 
     Raises:
         MessageError: reason ``bad_payload``, ``bad_shape`` or ``non_finite``.
