@@ -89,7 +89,12 @@ def open_ledger(
 
 
 def log_served(ledger: Ledger, served: queue.SimpleQueue[ServedEvent]) -> None:
-    """Append a ``sent`` entry for every state the server thread handed out since last time."""
+    """Append a ``sent`` entry for every hand-out the transport reported since last time.
+
+    The transport reports each state once per requester (and past ``MAX_LOGGED_REQUESTERS``
+    of them once with requester None, logged as sent to everyone), so this adds at most a few
+    rows per round however often peers ask.
+    """
     while True:
         try:
             event = served.get_nowait()

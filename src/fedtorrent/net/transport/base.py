@@ -6,16 +6,24 @@ what it allocates and when, and a server never waits on a slow client. Lifecycle
 the constructor only stores settings, ``start`` binds, ``close`` (or leaving a ``with`` block)
 stops everything without waiting on peers.
 
+Serving is bounded against floods: each requester (its CurveZMQ key when the link has one, else
+the id its request declares) and each connection gets a token bucket (``request_rate``,
+``request_burst``); a request past it is answered ``error: rate_limited`` and counted, nothing
+more. ``on_served`` hears of each state once per requester, and of at most
+``MAX_LOGGED_REQUESTERS`` requesters per state (the rest as one event with requester None), so
+a ledger fed from it grows with rounds, not with requests.
+
 Thread safety: ``publish``, ``fetch``, ``fetch_many`` and ``stats`` may be used from any thread.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -35,6 +43,9 @@ _MAX_TRACKED_PEERS = 4096
 """Past this many distinct remote ids, traffic is pooled under ``OTHER`` (ids are self-declared)."""
 OTHER = "<other>"
 UNKNOWN = "<unknown>"
+MAX_LOGGED_REQUESTERS = 256
+"""Per served state, ``on_served`` names at most this many requesters; one event with requester
+None stands for all the others (a ledger row "sent to everyone")."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,15 @@ class TransportConfig:
     curve_allow: frozenset[bytes] | None = None
     """With Curve on: the client keys (z85) the server admits at the handshake (a closed swarm);
     None admits any key (an open swarm). Refused handshakes count as ``not_allowed``."""
+    request_rate: float = 20.0
+    """Requests per second one requester (and one connection) may make, sustained. An honest
+    fetcher asks once per round, and while a neighbour is behind at most 7 times in the first
+    second (backoff from 0.02 s) and twice a second after (backoff capped at 0.5 s)."""
+    request_burst: int = 40
+    """Requests one requester may make back to back before ``request_rate`` applies."""
+    max_requesters: int = 1024
+    """Distinct requesters and connections whose buckets are kept; the least recently seen is
+    forgotten first (and starts with a full bucket again), so memory stays bounded."""
 
     def __post_init__(self) -> None:
         if not wire.is_info_hash(self.info_hash):
@@ -82,6 +102,12 @@ class TransportConfig:
                 raise ConfigError("curve_allow needs curve keys")
             if any(not isinstance(k, bytes) or len(k) != 40 for k in self.curve_allow):
                 raise ConfigError("curve_allow holds z85-encoded CurveZMQ keys (40 bytes)")
+        if not (math.isfinite(self.request_rate) and self.request_rate > 0):
+            raise ConfigError(f"request_rate must be a number > 0, got {self.request_rate}")
+        if self.request_burst < 1:
+            raise ConfigError(f"request_burst must be >= 1, got {self.request_burst}")
+        if self.max_requesters < 16:
+            raise ConfigError(f"max_requesters must be >= 16, got {self.max_requesters}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,7 @@ class TrafficStats:
         self._rtts: dict[str, list[tuple[int, float]]] = {}
         self._rejections: dict[str, Counter[str]] = {}
         self._failures: dict[str, Counter[str]] = {}
+        self._serving: Counter[str] = Counter()
         self._known: set[str] = set()
 
     def _peer(self, peer: str) -> str:
@@ -185,13 +212,22 @@ class TrafficStats:
         with self._lock:
             self._failures.setdefault(self._peer(peer), Counter())[kind] += 1
 
+    def record_serving(self, kind: str) -> None:
+        """One state handed out: ``served``, plus ``repeat`` (not reported again) or ``pooled``."""
+        with self._lock:
+            self._serving[kind] += 1
+
     def rejections(self) -> Counter[str]:
         """Rejected messages by reason, all peers together."""
         with self._lock:
             return sum(self._rejections.values(), Counter())
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-ready copy: totals, per peer, per round, round trips, rejections, failures."""
+        """A JSON-ready copy: totals, per peer, per round, round trips, rejections, failures.
+
+        ``serving`` counts states handed out (``served``), those not reported to ``on_served``
+        again (``repeat``) and those reported under requester None (``pooled``).
+        """
         with self._lock:
             total, per_peer, per_round = _Flow(), dict[str, _Flow](), dict[int, _Flow]()
             for (peer, round), flow in self._flows.items():
@@ -209,6 +245,7 @@ class TrafficStats:
                 "rejections": dict(sum(self._rejections.values(), Counter())),
                 "rejections_per_peer": {p: dict(c) for p, c in sorted(self._rejections.items())},
                 "failures": {p: dict(c) for p, c in sorted(self._failures.items())},
+                "serving": {k: self._serving[k] for k in ("served", "repeat", "pooled")},
             }
 
 
@@ -224,16 +261,88 @@ class Served:
 class ServedEvent:
     """One state handed to a requester (what the sender's ledger records).
 
-    ``requester`` is the id the request declared; ``num_bytes`` counts header and payload.
+    ``requester`` is the id the request declared, or None for every requester of this state past
+    the first ``MAX_LOGGED_REQUESTERS``; ``num_bytes`` counts header and payload.
     """
 
-    requester: str
+    requester: str | None
     header: Header
     num_bytes: int
 
 
 OnServed = Callable[[ServedEvent], None]
-"""Called from the serving thread once a state went out; must be quick and thread-safe."""
+"""Called from the serving thread once per state and requester; must be quick and thread-safe."""
+
+
+class RateLimiter:
+    """Token buckets by key: ``rate`` requests a second after bursts of up to ``burst``.
+
+    At most ``max_keys`` buckets are kept; the least recently used one is forgotten first and
+    starts full if its key comes back. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        burst: int,
+        max_keys: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate, self._burst, self._max_keys, self._clock = rate, float(burst), max_keys, clock
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        """Key -> [tokens, time of the last refill], least recently used first."""
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, keys: Sequence[str]) -> bool:
+        """Take a token from the bucket of every key; take none and return False if one is empty."""
+        now = self._clock()
+        with self._lock:
+            buckets = [self._refilled(key, now) for key in keys]
+            if any(bucket[0] < 1.0 for bucket in buckets):
+                return False
+            for bucket in buckets:
+                bucket[0] -= 1.0
+            return True
+
+    def _refilled(self, key: str, now: float) -> list[float]:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [self._burst, now]
+            if len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+            return bucket
+        self._buckets.move_to_end(key)
+        bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
+        return bucket
+
+
+class _ReportedOnce:
+    """Which requesters ``on_served`` heard of for the state being served (round and digest)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state: tuple[int, str] | None = None
+        self._named: set[str] = set()
+        self._pooled = False
+
+    def requester(self, requester: str, header: Header) -> tuple[bool, str | None]:
+        """``(report, as_whom)``: report this hand-out, and under which requester (None: pooled)."""
+        with self._lock:
+            state = (header.round, header.payload_sha256)
+            if state != self._state:  # a newer state: nobody has had it yet
+                self._state, self._named, self._pooled = state, set(), False
+            if requester in self._named:
+                return False, requester
+            if len(self._named) < MAX_LOGGED_REQUESTERS:
+                self._named.add(requester)
+                return True, requester
+            first_pooled, self._pooled = not self._pooled, True
+            return first_pooled, None
 
 
 class Transport(ABC):
@@ -246,8 +355,12 @@ class Transport(ABC):
         self._executor: ThreadPoolExecutor | None = None
         self._closing = threading.Event()
         self._lifecycle = threading.Lock()
+        self._limiter = RateLimiter(
+            rate=config.request_rate, burst=config.request_burst, max_keys=config.max_requesters
+        )
+        self._reported = _ReportedOnce()
         self.on_served: OnServed | None = None
-        """Set before ``start`` to learn of every state served (see :class:`ServedEvent`)."""
+        """Set before ``start`` to learn of the states served (see :class:`ServedEvent`)."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -331,12 +444,25 @@ class Transport(ABC):
         served = self._served
         return served.header.round if served is not None else 0
 
-    def answer(self, request: Sequence[Any]) -> tuple[Served | None, list[bytes], str]:
+    def answer(
+        self,
+        request: Sequence[Any],
+        *,
+        client_key: str | None = None,
+        connection: str | None = None,
+    ) -> tuple[Served | None, list[bytes], str]:
         """Server side of one request: the state to send, or error frames; counts the traffic.
+
+        Args:
+            request: the request's frames.
+            client_key: the CurveZMQ key the link authenticated, if any; it names the requester
+                for rate limiting (else the id the request declares does).
+            connection: what tells this request's connection apart, if anything; limited too.
 
         Returns:
             ``(served, [], requester)`` to send ``served`` (then call :meth:`report_served`
-            once it went out), or ``(None, error_frames, requester)``.
+            once it went out), or ``(None, error_frames, requester)``; a requester over its
+            rate gets ``error: rate_limited`` (a ``rate_limited`` rejection in ``stats``).
         """
         served = self._served
         round = served.header.round if served is not None else 0
@@ -349,6 +475,12 @@ class Transport(ABC):
             self.stats.record_rejection(UNKNOWN, exc.reason)
             return None, self._error(UNKNOWN, round, exc.reason), UNKNOWN
         self.stats.record_received(header.sender, round, header=request_bytes)
+        keys = [f"curve:{client_key}" if client_key else f"id:{header.sender}"]
+        if connection:
+            keys.append(f"conn:{connection}")
+        if not self._limiter.allow(keys):
+            self.stats.record_rejection(header.sender, "rate_limited")
+            return None, self._error(header.sender, round, "rate_limited"), header.sender
         if served is None:
             return None, self._error(header.sender, round, "not_ready"), header.sender
         header_raw, payload = served.frames
@@ -356,11 +488,21 @@ class Transport(ABC):
         return served, [], header.sender
 
     def report_served(self, requester: str, served: Served) -> None:
-        """Tell ``on_served`` that ``served`` went out to ``requester``."""
+        """Count that ``served`` went out to ``requester``; tell ``on_served`` if it is news.
+
+        ``on_served`` hears of each (state, requester) once, and of at most
+        ``MAX_LOGGED_REQUESTERS`` requesters per state, then once more with requester None.
+        """
+        self.stats.record_serving("served")
+        report, as_whom = self._reported.requester(requester, served.header)
+        if as_whom is None:
+            self.stats.record_serving("pooled")
+        elif not report:
+            self.stats.record_serving("repeat")
         hook = self.on_served
-        if hook is not None:
+        if report and hook is not None:
             size = len(served.frames[0]) + len(served.frames[1])
-            hook(ServedEvent(requester=requester, header=served.header, num_bytes=size))
+            hook(ServedEvent(requester=as_whom, header=served.header, num_bytes=size))
 
     def _error(self, peer: str, round: int, reason: str) -> list[bytes]:
         frames = wire.encode_error(

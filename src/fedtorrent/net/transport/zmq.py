@@ -8,14 +8,16 @@ serving many peers costs no memory per peer. Requests and headers are capped at 
 (``MAXMSGSIZE``) as well as in ``wire``.
 
 Each fetch uses its own DEALER socket, closed (linger 0) when the fetch ends, so nothing from a
-timed-out exchange can leak into the next one. The server thread owns the ROUTER; it never blocks
-on a peer (``ROUTER_MANDATORY`` with non-blocking sends: a reply that cannot be queued is dropped
-and counted as ``dropped``).
+timed-out exchange can leak into the next one. A transport without keys of its own fetches from
+CurveZMQ servers with one ephemeral key pair, made at its first such fetch. The server thread
+owns the ROUTER; it never blocks on a peer (``ROUTER_MANDATORY`` with non-blocking sends: a reply
+that cannot be queued is dropped and counted as ``dropped``).
 
 With CurveZMQ on, the same server thread answers the context's ZAP requests (RFC 27): every
 handshake's client key is admitted when ``curve_allow`` is None (an open swarm) or holds it (a
 closed swarm), and refused otherwise, counted as a ``not_allowed`` rejection. A refused client
-never gets a byte of application data; to it the fetch looks like a silent peer.
+never gets a byte of application data; to it the fetch looks like a silent peer. The admitted key
+(ZeroMQ's ``User-Id``) and the connection's ROUTER id are what requests are rate-limited by.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class ZmqTransport(Transport):
         self._address = ""
         self._cut: tuple[Served, tuple[zmq.Frame, ...]] | None = None
         self._buffers = BufferPool(keep=config.max_concurrent_fetches)
+        self._keys_lock = threading.Lock()
+        self._ephemeral: tuple[bytes, bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -157,11 +161,11 @@ class ZmqTransport(Transport):
                     self._authenticate(zap)
                 while True:
                     try:
-                        frames = router.recv_multipart(flags=zmq.NOBLOCK)
+                        frames = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     try:
-                        self._handle(router, frames)
+                        self._handle(router, frames, curve=zap is not None)
                     except Exception:  # one bad exchange must not stop this peer serving
                         log.exception("serving a request failed")
         finally:
@@ -187,9 +191,15 @@ class ZmqTransport(Transport):
                 log.info("refused a handshake from CurveZMQ key %s", label)
         zap.send_multipart([b"1.0", request_id, status, text, user, b""])
 
-    def _handle(self, router: zmq.Socket[Any], frames: list[bytes]) -> None:
-        identity, request = frames[0], frames[1:]
-        served, error, requester = self.answer(request)
+    def _handle(self, router: zmq.Socket[Any], frames: list[zmq.Frame], *, curve: bool) -> None:
+        """Answer one request; the link's CurveZMQ key and its ROUTER id name it for limits."""
+        identity, request = frames[0].bytes, [f.bytes for f in frames[1:]]
+        client_key = None
+        if curve and len(frames) > 1:
+            client_key = str(frames[1].get("User-Id"))  # what _authenticate admitted
+        served, error, requester = self.answer(
+            request, client_key=client_key, connection=identity.hex()
+        )
         try:
             if served is None:
                 router.send_multipart([identity, *error], flags=zmq.NOBLOCK)
@@ -269,7 +279,7 @@ class ZmqTransport(Transport):
         if endpoint.public_key is not None:
             public, secret = self.config.curve_public_key, self.config.curve_secret_key
             if public is None or secret is None:
-                public, secret = zmq.curve_keypair()
+                public, secret = self._client_keys()
             sock.setsockopt(zmq.CURVE_SERVERKEY, endpoint.public_key)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
@@ -277,6 +287,13 @@ class ZmqTransport(Transport):
             sock.connect(endpoint.address)
         except zmq.ZMQError as exc:
             raise NetworkError(f"bad address {endpoint.address!r}: {exc}") from None
+
+    def _client_keys(self) -> tuple[bytes, bytes]:
+        """One ephemeral CurveZMQ key pair for all of this transport's fetches (made once)."""
+        with self._keys_lock:
+            if self._ephemeral is None:
+                self._ephemeral = zmq.curve_keypair()
+            return self._ephemeral
 
     def _receive_into(
         self, sock: zmq.Socket[Any], buffer: memoryview, endpoint: Endpoint, deadline: float
