@@ -8,10 +8,10 @@ stops everything without waiting on peers.
 
 Serving is bounded against floods: each requester (its CurveZMQ key when the link has one, else
 the id its request declares) and each connection gets a token bucket (``request_rate``,
-``request_burst``); a request past it is answered ``error: rate_limited`` and counted, nothing
-more. ``on_served`` hears of each state once per requester, and of at most
-``MAX_LOGGED_REQUESTERS`` requesters per state (the rest as one event with requester None), so
-a ledger fed from it grows with rounds, not with requests.
+``request_burst``; see :class:`RateLimiter`); a request past it is answered
+``error: rate_limited`` and counted, nothing more. ``on_served`` hears of each state once per
+requester, and of at most ``MAX_LOGGED_REQUESTERS`` requesters per state (the rest as one event
+with requester None), so a ledger fed from it grows with rounds, not with requests.
 
 Thread safety: ``publish``, ``fetch``, ``fetch_many`` and ``stats`` may be used from any thread.
 """
@@ -69,12 +69,15 @@ class TransportConfig:
     curve_allow: frozenset[bytes] | None = None
     """With Curve on: the client keys (z85) the server admits at the handshake (a closed swarm);
     None admits any key (an open swarm). Refused handshakes count as ``not_allowed``."""
-    request_rate: float = 20.0
-    """Requests per second one requester (and one connection) may make, sustained. An honest
-    fetcher asks once per round, and while a neighbour is behind at most 7 times in the first
-    second (backoff from 0.02 s) and twice a second after (backoff capped at 0.5 s)."""
-    request_burst: int = 40
-    """Requests one requester may make back to back before ``request_rate`` applies."""
+    request_rate: float = 50.0
+    """Repeated requests per second one requester may make, sustained: asking again for the
+    state it was already handed, or before anything is published (a new state is never
+    limited). Also the rate of each connection's requests. An honest puller sleeps at least
+    ``node.exchange.POLL_FIRST_S`` (0.02 s) after each stale or refused answer, so it never
+    repeats faster than this, and one request per connection is all it makes."""
+    request_burst: int = 100
+    """Requests one requester (or connection) may repeat back to back before ``request_rate``
+    applies."""
     max_requesters: int = 1024
     """Distinct requesters and connections whose buckets are kept; the least recently seen is
     forgotten first (and starts with a full bucket again), so memory stays bounded."""
@@ -213,7 +216,7 @@ class TrafficStats:
             self._failures.setdefault(self._peer(peer), Counter())[kind] += 1
 
     def record_serving(self, kind: str) -> None:
-        """One state handed out: ``served``, plus ``repeat`` (not reported again) or ``pooled``."""
+        """Count one hand-out under ``kind`` (``served``, ``repeat`` or ``pooled``)."""
         with self._lock:
             self._serving[kind] += 1
 
@@ -225,8 +228,9 @@ class TrafficStats:
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy: totals, per peer, per round, round trips, rejections, failures.
 
-        ``serving`` counts states handed out (``served``), those not reported to ``on_served``
-        again (``repeat``) and those reported under requester None (``pooled``).
+        ``serving`` counts states handed out (``served``), and of those the ones to a requester
+        that had it already (``repeat``) or to requesters past ``MAX_LOGGED_REQUESTERS``
+        (``pooled``), which ``on_served`` hears of at most once per state.
         """
         with self._lock:
             total, per_peer, per_round = _Flow(), dict[str, _Flow](), dict[int, _Flow]()
@@ -274,11 +278,20 @@ OnServed = Callable[[ServedEvent], None]
 """Called from the serving thread once per state and requester; must be quick and thread-safe."""
 
 
-class RateLimiter:
-    """Token buckets by key: ``rate`` requests a second after bursts of up to ``burst``.
+@dataclass
+class _Bucket:
+    tokens: float
+    refilled_at: float
+    last_state: tuple[int, str] | None = None
 
-    At most ``max_keys`` buckets are kept; the least recently used one is forgotten first and
-    starts full if its key comes back. Thread-safe.
+
+class RateLimiter:
+    """Token buckets for requesters and connections: ``rate`` a second, bursts of ``burst``.
+
+    A requester's first request for a state it was not handed yet is free; asking again for the
+    state it has (or before anything is published) takes a token from its bucket. Every request
+    takes one from its connection's bucket. At most ``max_keys`` buckets are kept; the least
+    recently used is forgotten first and starts full if its key comes back. Thread-safe.
     """
 
     def __init__(
@@ -291,33 +304,42 @@ class RateLimiter:
     ) -> None:
         self._rate, self._burst, self._max_keys, self._clock = rate, float(burst), max_keys, clock
         self._lock = threading.Lock()
-        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
-        """Key -> [tokens, time of the last refill], least recently used first."""
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        """Key -> its bucket, least recently used first."""
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, keys: Sequence[str]) -> bool:
-        """Take a token from the bucket of every key; take none and return False if one is empty."""
+    def allow(
+        self, requester: str, *, connection: str | None = None, state: tuple[int, str] | None
+    ) -> bool:
+        """Admit one request for ``state`` (round, digest; None: nothing to serve) or refuse it.
+
+        A refused request takes no token.
+        """
         now = self._clock()
         with self._lock:
-            buckets = [self._refilled(key, now) for key in keys]
-            if any(bucket[0] < 1.0 for bucket in buckets):
+            own = self._refilled(f"requester:{requester}", now)
+            cost = [(own, 0.0 if state is not None and own.last_state != state else 1.0)]
+            if connection is not None:
+                cost.append((self._refilled(f"connection:{connection}", now), 1.0))
+            if any(bucket.tokens < need for bucket, need in cost):
                 return False
-            for bucket in buckets:
-                bucket[0] -= 1.0
+            for bucket, need in cost:
+                bucket.tokens -= need
+            own.last_state = state if state is not None else own.last_state
             return True
 
-    def _refilled(self, key: str, now: float) -> list[float]:
+    def _refilled(self, key: str, now: float) -> _Bucket:
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = [self._burst, now]
+            bucket = self._buckets[key] = _Bucket(self._burst, now)
             if len(self._buckets) > self._max_keys:
                 self._buckets.popitem(last=False)
             return bucket
         self._buckets.move_to_end(key)
-        bucket[0] = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
-        bucket[1] = now
+        bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.refilled_at) * self._rate)
+        bucket.refilled_at = now
         return bucket
 
 
@@ -475,10 +497,9 @@ class Transport(ABC):
             self.stats.record_rejection(UNKNOWN, exc.reason)
             return None, self._error(UNKNOWN, round, exc.reason), UNKNOWN
         self.stats.record_received(header.sender, round, header=request_bytes)
-        keys = [f"curve:{client_key}" if client_key else f"id:{header.sender}"]
-        if connection:
-            keys.append(f"conn:{connection}")
-        if not self._limiter.allow(keys):
+        state = (served.header.round, served.header.payload_sha256) if served else None
+        requester = f"curve:{client_key}" if client_key else f"id:{header.sender}"
+        if not self._limiter.allow(requester, connection=connection, state=state):
             self.stats.record_rejection(header.sender, "rate_limited")
             return None, self._error(header.sender, round, "rate_limited"), header.sender
         if served is None:
