@@ -20,6 +20,7 @@ from fedtorrent.ledger import (
     verify_ledgers,
 )
 from fedtorrent.net.identity import PeerIdentity, new_nonce, sign_update
+from fedtorrent.net.transport import TransportConfig
 
 INFO_HASH = "ab" * 32
 PEERS = ("a", "b", "c")
@@ -328,3 +329,51 @@ def test_cli_strict_fails_on_warnings(tmp_path: Path) -> None:
     assert runner.invoke(app, ["ledger", "verify", str(tmp_path)]).exit_code == 0
     strict = runner.invoke(app, ["ledger", "verify", "--strict", str(tmp_path)])
     assert strict.exit_code == 1 and "undelivered" in strict.output
+
+
+def test_a_flood_of_requests_adds_one_row_per_state_and_requester(tmp_path: Path) -> None:
+    """The serving path as a peer wires it: transport -> ``on_served`` queue -> ``log_served``."""
+    import queue
+
+    from fedtorrent.net import wire
+    from fedtorrent.net.transport import MemoryNetwork, MemoryTransport, ServedEvent
+    from fedtorrent.net.transport.base import MAX_LOGGED_REQUESTERS
+    from fedtorrent.node.report import log_served
+
+    served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
+    config = TransportConfig(info_hash=INFO_HASH, peer_id="a", request_rate=1e-3)  # no refill
+    server = MemoryTransport(MemoryNetwork(), config)
+    server.on_served = served.put
+
+    def state(rnd: int) -> list[bytes]:
+        return wire.encode_message(
+            rnd.to_bytes(4, "big"), info_hash=INFO_HASH, sender="a", round=rnd, num_examples=1
+        )
+
+    def ask(sender: str, rnd: int) -> None:
+        server._respond(wire.encode_request(info_hash=INFO_HASH, sender=sender, round=rnd))
+
+    requesters = MAX_LOGGED_REQUESTERS + 10
+    with server, open_ledger(tmp_path, "a") as ledger:
+        for rnd in (1, 2):
+            server.publish(state(rnd))
+            for _ in range(2000):  # one client asking again and again
+                ask("b", rnd)
+            for i in range(requesters):  # and many that ask once
+                ask(f"x{i}", rnd)
+            log_served(ledger, served)
+        entries = ledger.entries()
+    assert len(entries) == 2 * (MAX_LOGGED_REQUESTERS + 1)  # "b", 255 others, one pooled row
+    assert server.stats.rejections()["rate_limited"] == 2000 - 1 - config.request_burst + 2000 - 1
+    pooled = [e for e in entries if e.receiver is None]
+    assert [e.round for e in pooled] == [1, 2]
+    # A requester past the cap that logs what it got is covered by the pooled row.
+    with open_ledger(tmp_path, "c") as late:
+        late.record_received(
+            round=2,
+            sender="a",
+            payload_sha256=pooled[1].payload_sha256,
+            num_bytes=pooled[1].num_bytes,
+        )
+    report = verify_ledgers([tmp_path])
+    assert report.ok, report.problems

@@ -12,7 +12,8 @@ import json
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ from typer.testing import CliRunner
 
 from fedtorrent.cli import app
 from fedtorrent.config import TrackerConfig
+from fedtorrent.errors import NetworkError
 from fedtorrent.ledger import Ledger, ledger_path, verify_ledgers
 from fedtorrent.metrics.records import read_records
 from fedtorrent.net.identity import load_or_create_identity, new_nonce, sign_update
 from fedtorrent.net.tracker.server import BackgroundTracker
+from fedtorrent.net.transport import Endpoint, PeerRefusedError, TransportConfig, ZmqTransport
 from fedtorrent.node.peer import Peer, PeerConfig
 
 pytestmark = [
@@ -75,8 +78,13 @@ def peer_config(torrent: Path, root: Path, index: int, *, nodes: int, **kw: Any)
     )
 
 
-def run_peers(configs: Sequence[PeerConfig]) -> list[Peer]:
-    """Start every peer, run them all in threads, close them; fails on any peer's error."""
+def run_peers(
+    configs: Sequence[PeerConfig], alongside: Callable[[Sequence[Peer]], None] | None = None
+) -> list[Peer]:
+    """Start every peer, run them all in threads, close them; fails on any peer's error.
+
+    ``alongside`` runs in this thread while the peers run (before they are joined).
+    """
     torch.manual_seed(0)
     peers = [Peer(config) for config in configs]
     errors: list[BaseException] = []
@@ -93,6 +101,8 @@ def run_peers(configs: Sequence[PeerConfig]) -> list[Peer]:
         threads = [threading.Thread(target=go, args=(peer,)) for peer in peers]
         for thread in threads:
             thread.start()
+        if alongside is not None:
+            alongside(peers)
         for thread in threads:
             thread.join(60)
     finally:
@@ -237,3 +247,60 @@ def test_a_key_outside_a_closed_swarm_is_refused_at_the_handshake(
         assert ledger.entries() == []
     result = verify_command(*(str(p.out_dir) for p in honest))
     assert result.exit_code == 0, result.output
+
+
+def test_a_flooding_client_is_refused_and_costs_a_ledger_row_per_state(
+    tmp_path: Path, tracker: BackgroundTracker
+) -> None:
+    """2,000 valid requests to a serving peer while the swarm runs: the peer answers most with
+    ``rate_limited`` and logs one ``sent`` row per state the flooder got; honest peers go on."""
+    rounds = 3
+    torrent = make_torrent(tmp_path, tracker.url, nodes=3, rounds=rounds)
+    outcomes: Counter[str] = Counter()
+
+    def flood(peers: Sequence[Peer]) -> None:
+        target = peers[0]
+        waited = threading.Event()
+        for _ in range(1000):  # until it serves its first state, at most 10 s
+            if target.transport.serving_round >= 1:
+                break
+            waited.wait(0.01)
+        public, secret = zmq.curve_keypair()
+        config = TransportConfig(
+            info_hash=target.info_hash,
+            peer_id="flooder",
+            curve_public_key=public,
+            curve_secret_key=secret,
+        )
+        to = Endpoint(target.peer_id, target.address, public_key=target.identity.curve_public)
+        with ZmqTransport(config) as flooder:
+            for _ in range(2000):
+                try:
+                    flooder.fetch(to, round=1, timeout=5.0)
+                    outcomes["ok"] += 1
+                except PeerRefusedError as exc:
+                    outcomes[exc.kind] += 1
+                except NetworkError:  # the peer is gone
+                    outcomes["gone"] += 1
+                    break
+
+    # The flooded peer lingers while requests keep coming, so the whole flood reaches it.
+    configs = [peer_config(torrent, tmp_path, 0, nodes=3, linger=30.0)]
+    configs += [peer_config(torrent, tmp_path, i, nodes=3) for i in (1, 2)]
+    peers = run_peers(configs, alongside=flood)
+
+    refused = outcomes["refused:rate_limited"]
+    assert outcomes["ok"] + refused == 2000 and refused >= 1000
+    for peer in peers:
+        assert peer.state == "done"
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        assert records[-1]["heard"] == 2  # honest peers still got every state
+    summary = json.loads((peers[0].out_dir / "summary.json").read_text())
+    assert summary["rejections"]["rate_limited"] == refused
+    with Ledger(ledger_path(peers[0].out_dir, "peer-0"), peers[0].identity, owner="peer-0") as led:
+        sent = [e for e in led.entries() if e.direction == "sent"]
+    flooded = [e for e in sent if e.receiver == "flooder"]
+    assert 1 <= len(flooded) <= rounds  # one row per state it got, not one per request
+    assert len(sent) <= rounds * 3  # three requesters at most, one row per round each
+    report = verify_ledgers([p.out_dir for p in peers])
+    assert report.ok, report.problems

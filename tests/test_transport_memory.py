@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -18,10 +19,12 @@ from fedtorrent.net.transport import (
     MemoryNetwork,
     MemoryTransport,
     PeerRefusedError,
+    ServedEvent,
     TrafficStats,
     TransportConfig,
 )
 from fedtorrent.net.transport import base as transport_base
+from fedtorrent.net.transport.base import MAX_LOGGED_REQUESTERS, RateLimiter
 from fedtorrent.state import encode_state
 
 INFO_HASH = "ab" * 32
@@ -312,6 +315,10 @@ def test_stats_pool_peers_past_the_limit(monkeypatch: pytest.MonkeyPatch) -> Non
         {"info_hash": INFO_HASH, "peer_id": ""},
         {"info_hash": INFO_HASH, "peer_id": "p", "piece_bytes": 10},
         {"info_hash": INFO_HASH, "peer_id": "p", "max_concurrent_fetches": 0},
+        {"info_hash": INFO_HASH, "peer_id": "p", "request_rate": 0.0},
+        {"info_hash": INFO_HASH, "peer_id": "p", "request_rate": float("nan")},
+        {"info_hash": INFO_HASH, "peer_id": "p", "request_burst": 0},
+        {"info_hash": INFO_HASH, "peer_id": "p", "max_requesters": 2},
         {"info_hash": INFO_HASH, "peer_id": "p", "curve_secret_key": b"x" * 40},
         {
             "info_hash": INFO_HASH,
@@ -324,3 +331,121 @@ def test_stats_pool_peers_past_the_limit(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_config_is_validated(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         TransportConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# -- flood limits ---------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limiter_spends_tokens_on_repeats_only() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=10.0, burst=5, max_keys=16, clock=clock)
+    # A new state each time is never limited.
+    assert all(limiter.allow("a", state=(r, "d")) for r in range(1000))
+    # Asking again for the state it has: a burst of 5, then one per 1/rate seconds.
+    assert [limiter.allow("a", state=(999, "d")) for _ in range(7)] == [True] * 5 + [False] * 2
+    clock.now += 0.1
+    assert [limiter.allow("a", state=(999, "d")) for _ in range(2)] == [True, False]
+    # Before anything is published every request is a repeat; another requester is apart.
+    assert [limiter.allow("b", state=None) for _ in range(6)] == [True] * 5 + [False]
+    # A connection pays for every request; a refusal by one bucket takes no token from another.
+    assert all(limiter.allow(f"c{i}", connection="x", state=(0, "d")) for i in range(5))
+    assert not limiter.allow("c5", connection="x", state=(0, "d"))
+    assert not limiter.allow("a", connection="y", state=(999, "d"))  # "a" is empty
+    assert all(limiter.allow(f"d{i}", connection="y", state=(0, "d")) for i in range(5))
+
+
+def test_rate_limiter_memory_is_bounded_and_forgotten_keys_start_full() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=2, max_keys=16, clock=clock)
+    assert [limiter.allow("first", state=None) for _ in range(3)] == [True, True, False]
+    for i in range(1000):
+        limiter.allow(f"sybil{i}", connection=f"conn{i}", state=None)
+    assert len(limiter) == 16
+    assert limiter.allow("first", state=None)  # forgotten, so full again
+
+
+def test_honest_pulling_never_reaches_the_default_limit() -> None:
+    """The pull loop's backoff, as ``node.exchange`` runs it, against the default buckets."""
+    from fedtorrent.node.exchange import POLL_FIRST_S, POLL_MAX_S
+
+    defaults = TransportConfig(info_hash=INFO_HASH, peer_id="p")
+    clock = FakeClock()
+    limiter = RateLimiter(
+        rate=defaults.request_rate, burst=defaults.request_burst, max_keys=16, clock=clock
+    )
+    # Worst case: every answer is stale and each round is over after its first backoff step,
+    # so the puller repeats every POLL_FIRST_S, for a minute.
+    for step in range(int(60 / POLL_FIRST_S)):
+        clock.now = step * POLL_FIRST_S
+        assert limiter.allow("worst", state=(0, "stale")), f"refused at {clock.now:.2f} s"
+    # A neighbour behind for a whole 10 s exchange, round after round: backoff to POLL_MAX_S.
+    clock.now = 0.0
+    for round in range(1, 20):
+        delay, end = POLL_FIRST_S, clock.now + 10.0
+        while clock.now < end:
+            assert limiter.allow("behind", state=(round - 1, "old"))
+            clock.now += delay
+            delay = min(2 * delay, POLL_MAX_S)
+        assert limiter.allow("behind", state=(round, "new"))
+
+
+def test_each_state_is_reported_once_per_requester_and_to_a_bounded_number(
+    network: MemoryNetwork,
+) -> None:
+    server = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="p0"))
+    events: list[ServedEvent] = []
+    server.on_served = events.append
+    requesters = MAX_LOGGED_REQUESTERS + 44
+    with server:
+        server.publish(state_frames("p0", round=1))
+        for _ in range(2):
+            for i in range(requesters):
+                request = wire.encode_request(info_hash=INFO_HASH, sender=f"c{i}", round=1)
+                assert len(server._respond(request)) == 2  # the state, not a refusal
+        assert [e.requester for e in events] == [f"c{i}" for i in range(MAX_LOGGED_REQUESTERS)] + [
+            None
+        ]
+        assert server.stats.snapshot()["serving"] == {
+            "served": 2 * requesters,
+            "repeat": MAX_LOGGED_REQUESTERS,
+            "pooled": 2 * 44,
+        }
+        server.publish(state_frames("p0", round=2))  # a new state: everyone is news again
+        server._respond(wire.encode_request(info_hash=INFO_HASH, sender="c0", round=2))
+    assert [(e.requester, e.header.round) for e in events[-1:]] == [("c0", 2)]
+    assert len(events) == MAX_LOGGED_REQUESTERS + 2
+
+
+def test_a_flooding_requester_is_refused_and_an_honest_one_still_served(
+    peers: list[MemoryTransport],
+) -> None:
+    server, flooder, honest = peers[0], peers[1], peers[2]
+    server.publish(state_frames("p0", round=1))
+    outcomes: Counter[str] = Counter()
+    for _ in range(2000):
+        try:
+            flooder.fetch(endpoint(server), round=1, timeout=1.0)
+            outcomes["ok"] += 1
+        except PeerRefusedError as exc:
+            outcomes[exc.kind] += 1
+    burst = server.config.request_burst
+    assert outcomes["ok"] >= 1 + burst
+    assert outcomes["refused:rate_limited"] >= 1000  # 2,000 back to back take far under 10 s
+    assert server.stats.rejections() == {"rate_limited": outcomes["refused:rate_limited"]}
+    assert server.stats.snapshot()["rejections_per_peer"] == {
+        "p1": {"rate_limited": outcomes["refused:rate_limited"]}
+    }
+    assert flooder.stats.snapshot()["failures"] == {
+        "p0": {"refused:rate_limited": outcomes["refused:rate_limited"]}
+    }
+    assert honest.fetch(endpoint(server), round=1, timeout=1.0).header.round == 1
+    server.publish(state_frames("p0", round=2))  # its next state it may have at once
+    assert flooder.fetch(endpoint(server), round=2, timeout=1.0).header.round == 2

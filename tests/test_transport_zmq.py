@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,9 +18,12 @@ from fedtorrent.net import wire
 from fedtorrent.net.transport import (
     Endpoint,
     FetchTimeoutError,
+    PeerRefusedError,
+    ServedEvent,
     TransportConfig,
     ZmqTransport,
 )
+from fedtorrent.net.transport.base import MAX_LOGGED_REQUESTERS
 from fedtorrent.net.transport.zmq import BufferPool
 from fedtorrent.state import encode_state
 
@@ -423,3 +427,82 @@ def test_client_refuses_a_payload_over_its_limit_before_allocating(
             small.fetch(endpoint(server), round=1, timeout=5.0)
         assert info.value.reason == "oversized"
         assert small.stats.snapshot()["per_peer"]["server"]["payload_received"] == 0
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CurveZMQ")
+def test_a_flood_of_valid_requests_is_refused_counted_and_reported_once() -> None:
+    """2,000 fetches from one CurveZMQ key, each on a new connection, as a fetcher makes them."""
+    server_public, server_secret = zmq.curve_keypair()
+    flood_public, flood_secret = zmq.curve_keypair()
+    server = ZmqTransport(
+        config("server", curve_secret_key=server_secret, curve_public_key=server_public)
+    )
+    events: list[ServedEvent] = []
+    server.on_served = events.append
+    flooder = ZmqTransport(
+        config("flooder", curve_secret_key=flood_secret, curve_public_key=flood_public)
+    )
+    with server, flooder, ZmqTransport(config("honest")) as honest:
+        server.publish(state_frames("server", round=1, size=4))
+        target = endpoint(server, public_key=server_public)
+        outcomes: Counter[str] = Counter()
+        started = time.monotonic()
+        for _ in range(2000):
+            try:
+                flooder.fetch(target, round=1, timeout=5.0)
+                outcomes["ok"] += 1
+            except PeerRefusedError as exc:
+                outcomes[exc.kind] += 1
+        elapsed = time.monotonic() - started
+        refused = outcomes["refused:rate_limited"]
+        assert outcomes["ok"] + refused == 2000
+        # The first is free (a new state), then the burst, then request_rate a second.
+        limit = server.config
+        assert 1 + limit.request_burst <= outcomes["ok"]
+        assert outcomes["ok"] <= 1 + limit.request_burst + limit.request_rate * elapsed + 1
+        assert server.stats.rejections() == {"rate_limited": refused}
+        assert flooder.stats.snapshot()["failures"] == {"server": {"refused:rate_limited": refused}}
+        assert server.stats.snapshot()["serving"] == {
+            "served": outcomes["ok"],
+            "repeat": outcomes["ok"] - 1,
+            "pooled": 0,
+        }
+        # An honest fetcher still gets the state; the flooder gets the next one at once.
+        assert honest.fetch(target, round=1, timeout=5.0).header.sender == "server"
+        server.publish(state_frames("server", round=2, size=4))
+        assert flooder.fetch(target, round=2, timeout=5.0).header.round == 2
+    assert [(e.requester, e.header.round) for e in events] == [
+        ("flooder", 1),
+        ("honest", 1),
+        ("flooder", 2),
+    ]
+
+
+def test_one_connection_cycling_ids_is_limited_per_connection(
+    pair: tuple[ZmqTransport, ZmqTransport],
+) -> None:
+    """Without Curve, a new declared id per request gets around the requester's bucket, not the
+    connection's."""
+    server, client = pair
+    events: list[ServedEvent] = []
+    server.on_served = events.append
+    server.publish(state_frames("server", round=1, size=4))  # one piece: header + 1 message
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(server.address)
+    answers: Counter[str] = Counter()
+    try:
+        for i in range(2000):
+            sock.send_multipart(wire.encode_request(info_hash=INFO_HASH, sender=f"s{i}", round=1))
+            assert sock.poll(5000), "server did not answer"
+            header = wire.decode_header(sock.recv(), info_hash=INFO_HASH)
+            if header.kind == "state":
+                assert sock.poll(5000)
+                sock.recv()
+            answers[header.kind if header.kind == "state" else header.reason] += 1
+    finally:
+        sock.close()
+    assert answers["rate_limited"] >= 1000
+    assert answers["state"] + answers["rate_limited"] == 2000
+    assert len(events) == answers["state"] <= MAX_LOGGED_REQUESTERS
+    assert client.fetch(endpoint(server), round=1, timeout=5.0).header.sender == "server"
