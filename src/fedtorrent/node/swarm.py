@@ -704,6 +704,8 @@ def plot_swarm(out: Path) -> list[Path]:
     from matplotlib.figure import Figure  # noqa: PLC0415
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
+    from fedtorrent.metrics.plots import clamp_ylim, clipped_band  # noqa: PLC0415
+
     out = Path(out)
     summary = read_json(out / "summary.json")
     plots = out / "plots"
@@ -727,14 +729,9 @@ def plot_swarm(out: Path) -> list[Path]:
         mean = [100 * (m or 0.0) for m, _ in stats]
         std = [100 * (s or 0.0) for _, s in stats]
         axes.plot(all_rounds, mean, color="black", linewidth=2, label="mean")
-        axes.fill_between(
-            all_rounds,
-            [m - s for m, s in zip(mean, std, strict=True)],
-            [m + s for m, s in zip(mean, std, strict=True)],
-            color="black",
-            alpha=0.15,
-            label="± std",
-        )
+        lower, upper = clipped_band(mean, std)
+        axes.fill_between(all_rounds, lower, upper, color="black", alpha=0.15, label="± std")
+    clamp_ylim(axes)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
     axes.set_ylabel("test accuracy (%)")

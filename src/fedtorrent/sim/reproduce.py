@@ -252,6 +252,7 @@ def _plot_sweep(out: Path) -> None:
                 f"({sweep['topology']['kind']}, {sweep['topology']['degree']} peers)"
             ),
             logx=True,
+            limits=(0.0, 100.0),
         )
 
 
