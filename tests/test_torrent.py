@@ -267,13 +267,19 @@ def test_cli_create_writes_a_torrent_whose_state_verifies(tmp_path: Path) -> Non
 
 
 def test_cli_show_prints_the_info_hash_and_settings(tmp_path: Path) -> None:
-    torrent = make_torrent(privacy=PrivacyConfig(clip=2.0, noise_multiplier=1.0))
+    parameters = 4 * ((784 + 1) * 32 + (32 + 1) * 10)  # mlp 784 -> 32 -> 10, float32
+    torrent = make_torrent(
+        privacy=PrivacyConfig(clip=2.0, noise_multiplier=1.0),
+        model=ModelConfig("mlp", {"hidden": 32}),
+        state_size=parameters + 200,
+    )
     path = save_torrent(torrent, tmp_path / "s.torrent")
     runner = CliRunner()
     result = runner.invoke(app, ["show", str(path)])
     assert result.exit_code == 0, result.output
     assert torrent.info_hash in result.output
     assert "mnist-mlp" in result.output and "noise_multiplier" in result.output
+    assert f"model size    {parameters} bytes" in result.output
     result = runner.invoke(app, ["show", str(path), "--json"])
     document = json.loads(result.output)
     assert document["info_hash"] == torrent.info_hash

@@ -117,6 +117,14 @@ MIRRORS: dict[str, tuple[str, ...]] = {
 }
 """Base URLs tried in order; a file's URL is the base plus its canonical file name."""
 
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "digits": (1, 8, 8),
+}
+"""One example's shape per dataset, known without loading it (``create`` and size checks)."""
+
 _DIGIT_NAMES = tuple(str(d) for d in range(10))
 CLASSES: dict[str, tuple[str, ...]] = {
     "mnist": _DIGIT_NAMES,

@@ -51,6 +51,8 @@ MAX_URL_CHARS = 2048
 MAX_JSON_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 16
 """Nesting of ``[``/``{`` a JSON text in a torrent may have; checked before ``json.loads``."""
+MAX_STATE_OVERHEAD = 1 << 20
+"""Bytes a state file may hold beyond its model's parameters (the safetensors header)."""
 MAX_COUNT = 1_000_000
 """The largest integer a torrent field may hold (rounds, nodes, batch sizes...), except seeds
 (below 2**63), ``info.state.size`` (its own limit) and ``creation date``."""
@@ -395,9 +397,67 @@ def save_torrent(torrent: Torrent, path: str | Path) -> Path:
     return write_atomic(path, payload)
 
 
+def save_session(torrent: Torrent, path: str | Path, state: bytes) -> tuple[Path, Path]:
+    """Write a torrent and its initial state (beside it, see :func:`state_path_for`) together.
+
+    Both are checked first (the torrent reads back, the state matches its size and sha256),
+    then the state is written atomically and the torrent after it, so a torrent is never left
+    without its state; if the torrent cannot be written the new state is removed again.
+    Returns ``(torrent_path, state_path)``.
+
+    Raises:
+        TorrentError: the torrent would not read back or the state does not match it.
+        OSError: a file cannot be written (folders are made when missing).
+    """
+    verify_initial_state(torrent, state)
+    Torrent.from_bytes(torrent.to_bytes())
+    state_path = write_atomic(state_path_for(path), state)
+    try:
+        return save_torrent(torrent, path), state_path
+    except BaseException:
+        state_path.unlink(missing_ok=True)
+        raise
+
+
 def state_path_for(torrent_path: str | Path) -> Path:
     """Where ``fedtorrent create`` puts the initial state: beside the torrent, suffix ``.state``."""
     return Path(torrent_path).with_suffix(".state")
+
+
+def check_model_size(session: Session) -> int | None:
+    """Bytes of parameters the session's model would hold, checked against its pinned state.
+
+    Computed from the model's size formula and the dataset's input shape, without building it
+    (nor importing torch), so a torrent whose model arguments describe a huge model is refused
+    before anything is allocated. The state file holds those bytes plus a header, so its size
+    must lie in ``[bytes, bytes + MAX_STATE_OVERHEAD]``. Returns None when the size cannot be
+    known this way (a dataset without a known shape, a model without a formula);
+    ``build_model`` still checks it on the meta device.
+
+    Raises:
+        TorrentError: naming ``info.model``: the arguments are refused, or the size is wrong.
+    """
+    from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
+    from fedtorrent.models import state_bytes  # noqa: PLC0415
+
+    dataset, model = session.data.dataset, session.model
+    if dataset not in INPUT_SHAPES:
+        return None
+    try:
+        size = state_bytes(
+            model.name,
+            input_shape=INPUT_SHAPES[dataset],
+            num_classes=len(CLASSES[dataset]),
+            **model.kwargs,
+        )
+    except ConfigError as exc:
+        raise TorrentError(f"info.model: {exc}") from None
+    if size is not None and not size <= session.state_size <= size + MAX_STATE_OVERHEAD:
+        raise TorrentError(
+            f"info.model: {model.name!r} on {dataset} holds {size} bytes of parameters, which "
+            f"a state of {session.state_size} bytes (info.state.size) cannot be"
+        )
+    return size
 
 
 def verify_initial_state(torrent: Torrent, payload: bytes) -> None:

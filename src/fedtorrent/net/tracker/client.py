@@ -28,6 +28,7 @@ from fedtorrent.net.torrent import (
     MAX_TORRENT_BYTES,
     Torrent,
     check_initial_state,
+    check_model_size,
     format_float,
     is_info_hash,
     state_path_for,
@@ -227,7 +228,8 @@ def download_session(url: str, folder: str | Path, *, timeout: float = DOWNLOAD_
     """Join a session from a URL: fetch ``url`` (``{tracker}/torrents/{info_hash}``) and its state.
 
     Both downloads together must end within ``timeout`` seconds (connect, headers and every byte).
-    The torrent is read strictly and checked against the info-hash in the URL; the state
+    The torrent is read strictly and checked against the info-hash in the URL, and its model
+    against the state it pins (:func:`~fedtorrent.net.torrent.check_model_size`); the state
     (``{url}/state``) is streamed to a temporary file (never more than the size the torrent pins)
     and checked against that size and sha256. Only then is it renamed to ``folder/session.state``
     and the torrent written, atomically, as ``folder/session.torrent``; returns the torrent path.
@@ -238,6 +240,7 @@ def download_session(url: str, folder: str | Path, *, timeout: float = DOWNLOAD_
     """
     deadline = time.monotonic() + timeout
     torrent = _download_torrent(url, deadline)
+    check_model_size(torrent.session)  # before a byte of a state sized for a huge model
     state_url = url.split("?", 1)[0].rstrip("/") + "/state"
     path = Path(folder) / "session.torrent"
 
