@@ -104,6 +104,7 @@ def create(
     Missing folders are made; both files are written atomically, the state first, so an
     interrupted run leaves no half-written file and no torrent without its state.
     """
+    output.parent.mkdir(parents=True, exist_ok=True)  # a first mistake fails before any work
     import torch  # noqa: PLC0415 (lazy: keep --help fast)
 
     from fedtorrent import config  # noqa: PLC0415

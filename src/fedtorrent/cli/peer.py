@@ -92,8 +92,9 @@ def peer_command(
 
     from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
 
-    # The torrent is fetched and checked before torch is imported: a hostile one is refused in
-    # a few megabytes.
+    # The output folder is made, and the torrent fetched and checked, before torch is imported:
+    # a first mistake or a hostile torrent is refused at once and in a few megabytes.
+    out.mkdir(parents=True, exist_ok=True)
     torrent_path = Path(torrent)
     if torrent.startswith(("http://", "https://")):
         from fedtorrent.net.tracker.client import download_session  # noqa: PLC0415
@@ -124,7 +125,6 @@ def peer_command(
         attack=attack,
         attack_scale=attack_scale,
     )
-    out.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
     if verbose:
         handlers.append(logging.StreamHandler(sys.stderr))

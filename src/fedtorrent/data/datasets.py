@@ -362,7 +362,9 @@ def download_file(
         except ChecksumError as error:
             checksum_error = error
             failures.append(f"{url}: {error}")
-        except (NetworkError, OSError, DataError) as error:
+        except NetworkError as error:
+            failures.append(str(error))  # it names the URL
+        except (OSError, DataError) as error:
             failures.append(f"{url}: {error}")
     if checksum_error is not None and len(urls) == 1:
         raise checksum_error

@@ -122,31 +122,35 @@ def _body(
                     lengths.append(response.length)
                 yield from _read_body(url, response, limit)
                 return
-        raise NetworkError(f"{_short(url)}: more than {MAX_REDIRECTS} redirects")
+        raise NetworkError(f"cannot download {_short(url)}: more than {MAX_REDIRECTS} redirects")
     except TimeoutError:
         waited = time.monotonic() - start
         raise NetworkError(
-            f"{_short(url)}: no complete answer within the deadline ({waited:.1f} s)"
+            f"cannot download {_short(url)}: no complete answer in time ({waited:.1f} s)"
         ) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         # OSError covers refused, reset, unreachable and ssl.SSLError; HTTPException covers
         # BadStatusLine, LineTooLong, too many headers, IncompleteRead and RemoteDisconnected;
         # ValueError covers bad URLs, ports and host names.
-        raise NetworkError(f"{_short(url)}: {_describe(exc)}") from None
+        raise NetworkError(f"cannot download {_short(url)}: {_describe(exc)}") from None
 
 
 def _read_body(url: str, response: http.client.HTTPResponse, limit: int) -> Iterator[bytes]:
     declared = response.length  # None when chunked or unknown; http.client drops bad values
     if declared is not None and declared > limit:
-        raise NetworkError(f"{_short(url)}: announces {declared} bytes, over the {limit} limit")
+        raise NetworkError(
+            f"cannot download {_short(url)}: announces {declared} bytes, over the {limit} limit"
+        )
     received = 0
     while chunk := response.read(CHUNK_BYTES):
         received += len(chunk)
         if received > limit:
-            raise NetworkError(f"{_short(url)}: sent more than {limit} bytes")
+            raise NetworkError(f"cannot download {_short(url)}: sent more than {limit} bytes")
         yield chunk
     if declared is not None and received != declared:
-        raise NetworkError(f"{_short(url)}: ended after {received} of {declared} bytes")
+        raise NetworkError(
+            f"cannot download {_short(url)}: ended after {received} of {declared} bytes"
+        )
 
 
 @contextmanager
@@ -155,7 +159,7 @@ def _response(
 ) -> Iterator[http.client.HTTPResponse]:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise NetworkError(f"{_short(url)}: not an http(s) URL")
+        raise NetworkError(f"cannot download {_short(url)}: not an http(s) URL")
     host = parts.hostname
     port = parts.port or (443 if parts.scheme == "https" else 80)
     sock = _connect(host, port, deadline)
