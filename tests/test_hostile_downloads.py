@@ -170,6 +170,10 @@ class Run:
     stdout: str
     stderr: str
     seconds: float
+    """From the interpreter's start to its exit (imports included, its own start-up not)."""
+    wall: float
+    """From spawning the process to its end, as seen by the test (printed, not asserted: on a
+    loaded machine it mostly measures the scheduler)."""
     max_rss_mb: float
 
 
@@ -177,10 +181,13 @@ ROWS: list[str] = []
 
 
 _CHILD = """
+import time
+start = time.monotonic()
 import atexit, os, sys
 def peak():
     with open("/proc/self/status") as status, open(os.environ["PEAK_FILE"], "w") as out:
-        out.write(next(line for line in status if line.startswith("VmHWM:")))
+        hwm = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+        out.write(f"{hwm} {time.monotonic() - start}")
 atexit.register(peak)
 from fedtorrent.cli import main
 sys.argv[0] = "fedtorrent"
@@ -202,22 +209,24 @@ def run_cli(*args: str, cwd: Path, limit: float = 60.0) -> Run:
             timeout=limit,
             check=False,
         )
-        seconds = time.monotonic() - start
-        peak_kb = int(peak_file.read_text().split()[1])
+        wall = time.monotonic() - start
+        peak_kb, seconds = peak_file.read_text().split()
     finally:
         peak_file.unlink(missing_ok=True)
     return Run(
         done.returncode,
         done.stdout.decode(errors="replace"),
         done.stderr.decode(errors="replace"),
-        seconds,
-        peak_kb / 1024,
+        float(seconds),
+        wall,
+        int(peak_kb) / 1024,
     )
 
 
 def assert_one_line_error(run: Run, label: str, *, within: float) -> None:
     ROWS.append(
-        f"{label:<48} exit {run.returncode}  {run.seconds:5.2f} s  {run.max_rss_mb:6.1f} MB  "
+        f"{label:<42} exit {run.returncode} {run.seconds:5.2f} s (wall {run.wall:5.2f}) "
+        f"{run.max_rss_mb:6.1f} MB  "
         f"{run.stderr.strip()[:90]}"
     )
     print(ROWS[-1])
@@ -272,14 +281,6 @@ def hostile_torrents() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def startup(tmp_path_factory: pytest.TempPathFactory) -> float:
-    """Seconds the command takes to start and fail at once: what a deadline comes on top of."""
-    run = run_cli("show", "missing.torrent", cwd=tmp_path_factory.mktemp("startup"))
-    assert run.returncode == 2
-    return run.seconds
-
-
-@pytest.fixture(scope="module")
 def server() -> Iterator[HostileServer]:
     with HostileServer(hostile_torrents()) as running:
         yield running
@@ -293,19 +294,15 @@ SERVER_CASES = sorted(BEHAVIOURS)
 @pytest.mark.network
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", SERVER_CASES)
-def test_show_url_from_a_hostile_server(
-    case: str, server: HostileServer, startup: float, tmp_path: Path
-) -> None:
+def test_show_url_from_a_hostile_server(case: str, server: HostileServer, tmp_path: Path) -> None:
     run = run_cli("show", f"{server.url}/{case}", "--timeout", str(DEADLINE_S), cwd=tmp_path)
-    assert_one_line_error(run, f"show URL  {case}", within=startup + DEADLINE_S + SLACK_S)
+    assert_one_line_error(run, f"show URL  {case}", within=DEADLINE_S + SLACK_S)
 
 
 @pytest.mark.network
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", ["https-to-plain-server", *SERVER_CASES])
-def test_peer_url_from_a_hostile_server(
-    case: str, server: HostileServer, startup: float, tmp_path: Path
-) -> None:
+def test_peer_url_from_a_hostile_server(case: str, server: HostileServer, tmp_path: Path) -> None:
     url = f"{server.url}/{case}"
     if case == "https-to-plain-server":
         url = url.replace("http://", "https://")
@@ -313,7 +310,7 @@ def test_peer_url_from_a_hostile_server(
     run = run_cli(
         "peer", url, "--out", str(out), "--download-timeout", str(DEADLINE_S), cwd=tmp_path
     )
-    assert_one_line_error(run, f"peer URL  {case}", within=startup + DEADLINE_S + SLACK_S)
+    assert_one_line_error(run, f"peer URL  {case}", within=DEADLINE_S + SLACK_S)
     assert not any(p.name.startswith(".") for p in out.rglob("*")), "a temporary file was left"
 
 
