@@ -174,7 +174,7 @@ def test_digits_load_offline_with_a_deterministic_stratified_split(
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("digits must not touch the network")
 
-    monkeypatch.setattr(datasets.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(datasets, "fetch_to_file", no_network)
     ds = load_dataset("digits")
     assert ds.x_train.shape == (1437, 1, 8, 8) and ds.x_test.shape == (360, 1, 8, 8)
     assert ds.x_train.dtype == np.float32 and ds.y_test.dtype == np.int64

@@ -262,3 +262,35 @@ def test_fuzz_signed_headers(changes: dict[str, Any], key: Any) -> None:
     assert key in (ALICE.public_key_hex, ALICE.public_key)
     assert (header.round, header.sender, header.payload_sha256) == (2, "alice", "9f" * 32)
     assert header.pubkey in (None, ALICE.public_key)
+
+
+json_texts = st.recursive(
+    st.integers(-(2**200), 2**200) | st.text(max_size=8) | st.booleans() | st.none(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_torrent_model_kwargs_any_json_any_depth(data: st.DataObject) -> None:
+    """Deep, wide or huge JSON in the model's kwargs: a TorrentError, never RecursionError."""
+    import json
+
+    meta = fastbencode.bdecode(VALID_TORRENT)
+    depth = data.draw(st.sampled_from([0, 1, 15, 17, 1000, 30_000]))
+    inner = json.dumps(data.draw(json_texts), separators=(",", ":"), sort_keys=True)
+    text = '{"k":' + "[" * depth + inner + "]" * depth + "}"
+    meta[b"info"][b"model"][b"kwargs"] = text.encode()
+    only_torrent_errors(fastbencode.bencode(meta))
+
+
+@FUZZ
+@given(st.integers(-(2**300), 2**300), st.sampled_from(["rounds", "cohort_size", "date"]))
+def test_fuzz_torrent_integers_of_any_size(value: int, field: str) -> None:
+    meta = fastbencode.bdecode(VALID_TORRENT)
+    if field == "date":
+        meta[b"creation date"] = value
+    else:
+        meta[b"info"][field.encode()] = value
+    only_torrent_errors(fastbencode.bencode(meta))

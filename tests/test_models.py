@@ -110,3 +110,56 @@ def test_register_model_adds_a_name_and_refuses_duplicates(monkeypatch: pytest.M
     assert isinstance(build_model("tiny", input_shape=(3,), num_classes=2), nn.Linear)
     with pytest.raises(ConfigError, match="already registered"):
         register_model("logreg")(tiny)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "kwargs"),
+    [
+        ("logreg", (1, 28, 28), {}),
+        ("logreg", (3, 5, 7), {}),
+        ("mlp", (1, 8, 8), {}),
+        ("mlp", (1, 28, 28), {"hidden": 17}),
+        ("mlp", (2, 3, 4), {"hidden": [5, 9, 2]}),
+        ("mlp", (1, 8, 8), {"hidden": []}),
+        ("cnn", (1, 28, 28), {}),
+        ("cnn", (3, 9, 13), {"hidden": 7}),
+        ("cnn32", (3, 32, 32), {}),
+        ("cnn32", (1, 17, 8), {"hidden": 3}),
+    ],
+)
+def test_each_size_formula_equals_the_built_models_state(
+    name: str, shape: tuple[int, ...], kwargs: dict[str, object]
+) -> None:
+    from fedtorrent.models import state_bytes
+
+    net = build_model(name, input_shape=shape, num_classes=6, **kwargs)
+    real = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    assert state_bytes(name, input_shape=shape, num_classes=6, **kwargs) == real
+
+
+def test_a_huge_model_is_refused_before_it_is_allocated() -> None:
+    import resource
+
+    from fedtorrent.errors import ConfigError
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for kwargs in ({"hidden": [3_300_000]}, {"hidden": 10**12}, {"hidden": [1] * 65}):
+        with pytest.raises(ConfigError):
+            build_model("mlp", input_shape=(1, 28, 28), num_classes=10, **kwargs)
+    with pytest.raises(ConfigError, match="more than the 1000 allowed"):
+        build_model("logreg", input_shape=(1, 28, 28), num_classes=10, max_state_bytes=1000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024  # KiB
+
+
+def test_a_registered_name_without_a_formula_is_measured_on_the_meta_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch import nn
+
+    from fedtorrent import models
+    from fedtorrent.errors import ConfigError
+
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    register_model("wide")(lambda *, input_shape, num_classes: nn.Linear(10**6, 10**4))
+    with pytest.raises(ConfigError, match="40000040000 bytes"):
+        build_model("wide", input_shape=(1,), num_classes=2)

@@ -267,13 +267,19 @@ def test_cli_create_writes_a_torrent_whose_state_verifies(tmp_path: Path) -> Non
 
 
 def test_cli_show_prints_the_info_hash_and_settings(tmp_path: Path) -> None:
-    torrent = make_torrent(privacy=PrivacyConfig(clip=2.0, noise_multiplier=1.0))
+    parameters = 4 * ((784 + 1) * 32 + (32 + 1) * 10)  # mlp 784 -> 32 -> 10, float32
+    torrent = make_torrent(
+        privacy=PrivacyConfig(clip=2.0, noise_multiplier=1.0),
+        model=ModelConfig("mlp", {"hidden": 32}),
+        state_size=parameters + 200,
+    )
     path = save_torrent(torrent, tmp_path / "s.torrent")
     runner = CliRunner()
     result = runner.invoke(app, ["show", str(path)])
     assert result.exit_code == 0, result.output
     assert torrent.info_hash in result.output
     assert "mnist-mlp" in result.output and "noise_multiplier" in result.output
+    assert f"model size    {parameters} bytes" in result.output
     result = runner.invoke(app, ["show", str(path), "--json"])
     document = json.loads(result.output)
     assert document["info_hash"] == torrent.info_hash
@@ -385,3 +391,87 @@ def test_cli_create_defaults_match_the_simulator_and_take_a_round_schedule(
     assert load_torrent(constant).session.round_schedule == "constant"
     bad = runner.invoke(app, [*args[:3], "--round-schedule", "step", "-o", str(constant)])
     assert bad.exit_code != 0 and isinstance(bad.exception, ConfigError)
+
+
+# -- hostile fields: every number, depth and size is bounded before use --------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [("{}", 1), ('{"a":[1,{"b":[]}]}', 4), ('{"a":"[[[[{{{{"}', 1), ('{"a":"\\"[["}', 1)],
+)
+def test_json_depth_ignores_brackets_inside_strings(text: str, depth: int) -> None:
+    from fedtorrent.net.torrent import json_depth
+
+    assert json_depth(text) == depth
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ((b"creation date",), 10**30, "creation date: an integer of 100 bits"),
+        ((b"info", b"rounds"), 10**7, "info.rounds: 10000000 is not in [0, 1000000]"),
+        ((b"info", b"data", b"num_nodes"), 2**62, "info.data.num_nodes"),
+        ((b"info", b"train", b"seed"), 2**63, "info.train.seed"),
+        ((b"info", b"train", b"seed"), -1, "info.train.seed: -1 is not in"),
+        ((b"info", b"model", b"kwargs"), b'{"a":' + b"[" * 30_000 + b"]" * 30_000 + b"}", "16"),
+    ],
+)
+def test_hostile_numbers_and_depths_are_torrent_errors(
+    where: tuple[bytes, ...], value: object, message: str
+) -> None:
+    meta = raw(make_torrent())
+    target = meta
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(TorrentError) as info:
+        Torrent.from_bytes(encode(meta))
+    assert message in str(info.value)
+
+
+def test_a_seed_up_to_2_63_round_trips() -> None:
+    torrent = make_torrent(train=TrainConfig(seed=2**63 - 1))
+    assert Torrent.from_bytes(torrent.to_bytes()) == torrent
+
+
+def test_the_model_must_fit_its_pinned_state_before_anything_is_built() -> None:
+    from fedtorrent.net.torrent import check_model_size
+
+    exact = 4 * ((784 + 1) * 32 + (32 + 1) * 10)
+    fits = make_session(model=ModelConfig("mlp", {"hidden": 32}), state_size=exact + 100)
+    assert check_model_size(fits) == exact
+    for session in (
+        make_session(model=ModelConfig("mlp", {"hidden": [3_300_000]}), state_size=exact),
+        make_session(model=ModelConfig("mlp", {"hidden": 32}), state_size=exact - 1),
+        make_session(model=ModelConfig("mlp", {"hidden": 32}), state_size=exact + 2**21),
+        make_session(model=ModelConfig("mlp", {"hidden": [1] * 65}), state_size=exact),
+        make_session(model=ModelConfig("mlp", {"width": 3}), state_size=exact),
+    ):
+        with pytest.raises(TorrentError, match=r"^info\.model: "):
+            check_model_size(session)
+    unknown = make_session(data=DataConfig(dataset="somewhere-else"))
+    assert check_model_size(unknown) is None
+
+
+def test_save_session_writes_the_state_first_and_never_leaves_half(tmp_path: Path) -> None:
+    from fedtorrent.net.torrent import save_session
+
+    state = encode_state(build_model("logreg", input_shape=(1, 8, 8), num_classes=10).state_dict())
+    torrent = make_torrent(
+        model=ModelConfig("logreg", {}),
+        data=DataConfig(dataset="digits"),
+        state_sha256=hashlib.sha256(state).hexdigest(),
+        state_size=len(state),
+    )
+    paths = save_session(torrent, tmp_path / "new" / "deep" / "s.torrent", state)
+    assert paths == (tmp_path / "new/deep/s.torrent", tmp_path / "new/deep/s.state")
+    assert load_torrent(paths[0]) == torrent and paths[1].read_bytes() == state
+    with pytest.raises(TorrentError, match=r"info\.state\.size"):
+        save_session(torrent, tmp_path / "bad" / "s.torrent", state + b"x")
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "s.torrent").mkdir()  # the torrent cannot be renamed onto a folder
+    with pytest.raises(OSError):
+        save_session(torrent, tmp_path / "blocked" / "s.torrent", state)
+    assert sorted(p.name for p in (tmp_path / "blocked").iterdir()) == ["s.torrent"]

@@ -176,7 +176,10 @@ def test_malformed_answers_are_rejected(document: object) -> None:
 
 
 def test_joining_a_session_from_the_tracker(tmp_path: Path) -> None:
-    state = bytes(range(256)) * 4
+    from fedtorrent.models import build_model
+    from fedtorrent.state import encode_state
+
+    state = encode_state(build_model("logreg", input_shape=(1, 8, 8), num_classes=10).state_dict())
     session = Session(
         name="joinable",
         model=ModelConfig("logreg"),

@@ -16,6 +16,7 @@ from rich.table import Table
 from fedtorrent.cli import app
 from fedtorrent.config import BASELINE_TRAIN, SPLITS, DataConfig, ModelConfig, TrainConfig
 from fedtorrent.errors import ConfigError, UnknownNameError
+from fedtorrent.files import write_atomic
 
 if TYPE_CHECKING:
     from fedtorrent.training.evaluate import Metrics
@@ -69,8 +70,11 @@ def train(
     )
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
-    if json_path is not None and not json_path.parent.is_dir():
-        raise ConfigError(f"cannot write {json_path}: folder {json_path.parent} does not exist")
+    if json_path is not None:  # its folder is made now, so a mistake fails before training
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot write {json_path}: {error.strerror or error}") from error
 
     import torch  # noqa: PLC0415 (lazy: keep --help fast)
 
@@ -100,7 +104,7 @@ def train(
             "metrics": metrics.to_dict(),
         }
         try:
-            json_path.write_text(json.dumps(record, indent=2) + "\n")
+            write_atomic(json_path, (json.dumps(record, indent=2) + "\n").encode())
         except OSError as error:
             raise ConfigError(f"cannot write {json_path}: {error.strerror}") from error
 

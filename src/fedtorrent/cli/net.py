@@ -11,20 +11,12 @@ from typing import Annotated, Any
 
 import typer
 
-from fedtorrent.cli import app
+from fedtorrent.cli import app, printable
 from fedtorrent.config import SimConfig
 from fedtorrent.errors import ConfigError
 
 _SIM = SimConfig()
 """``create``'s training defaults are ``simulate``'s, so both describe the same run by default."""
-
-DATASET_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
-    "mnist": ((1, 28, 28), 10),
-    "fashion-mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "digits": ((1, 8, 8), 10),
-}
-"""Input shape and class count per dataset, so ``create`` can build the model without the data."""
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -107,18 +99,24 @@ def create(
         ),
     ] = None,
 ) -> None:
-    """Write a session torrent and its initial state (``<output>.state``) beside it."""
+    """Write a session torrent and its initial state (``<output>.state``) beside it.
+
+    Missing folders are made; both files are written atomically, the state first, so an
+    interrupted run leaves no half-written file and no torrent without its state.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)  # a first mistake fails before any work
     import torch  # noqa: PLC0415 (lazy: keep --help fast)
 
     from fedtorrent import config  # noqa: PLC0415
+    from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
     from fedtorrent.models import build_model  # noqa: PLC0415
-    from fedtorrent.net.torrent import Session, Torrent, save_torrent, state_path_for  # noqa: PLC0415
+    from fedtorrent.net.torrent import Session, Torrent, save_session  # noqa: PLC0415
     from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
 
-    if dataset not in DATASET_SHAPES:
-        raise ConfigError(f"dataset must be one of {', '.join(DATASET_SHAPES)}; got {dataset!r}")
+    if dataset not in INPUT_SHAPES:
+        raise ConfigError(f"dataset must be one of {', '.join(INPUT_SHAPES)}; got {dataset!r}")
     allow_keys = _allow_keys(allow_key or [], allow_keys_file or [])
-    input_shape, num_classes = DATASET_SHAPES[dataset]
+    input_shape, num_classes = INPUT_SHAPES[dataset], len(CLASSES[dataset])
     kwargs = _model_kwargs(model_arg or [])
     torch.manual_seed(seed)
     net = build_model(model, input_shape=input_shape, num_classes=num_classes, **kwargs)
@@ -165,9 +163,7 @@ def create(
         created_by="fedtorrent",
         comment=comment,
     )
-    state_path = state_path_for(output)
-    state_path.write_bytes(state)
-    save_torrent(torrent, output)
+    _, state_path = save_session(torrent, output, state)
     typer.echo(f"wrote {output} and {state_path} ({len(state)} bytes)")
     typer.echo(f"info-hash {torrent.info_hash}")
     if allow_keys:
@@ -207,14 +203,23 @@ def _describe(value: Any) -> Any:
 def show(
     source: Annotated[str, typer.Argument(help="Torrent file, or an http(s) URL serving one.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds the whole download of a URL may take (connect to last byte)."),
+    ] = 10.0,
 ) -> None:
-    """Print a torrent's session settings and its info-hash."""
-    from fedtorrent.net.torrent import load_torrent  # noqa: PLC0415
+    r"""Print a torrent's session settings and its info-hash.
+
+    The torrent is checked as a peer would check it (its model must fit its pinned state);
+    text from the torrent is printed with control characters escaped (``\x1b``, ``\u202e``).
+    """
+    from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
     from fedtorrent.net.tracker.client import download_torrent  # noqa: PLC0415
 
     is_url = source.startswith(("http://", "https://"))
-    torrent = download_torrent(source) if is_url else load_torrent(source)
+    torrent = download_torrent(source, timeout=timeout) if is_url else load_torrent(source)
     session = torrent.session
+    model_bytes = check_model_size(session)
     document = {
         "info_hash": torrent.info_hash,
         "announce": torrent.announce,
@@ -226,32 +231,37 @@ def show(
     }
     document["session"]["data"].pop("data_dir")  # never part of a torrent
     if as_json:
-        typer.echo(json.dumps(document, indent=2))
+        typer.echo(json.dumps(document, indent=2))  # ensure_ascii escapes every control character
         return
-    typer.echo(f"{session.name}")
-    typer.echo(f"  info-hash     {torrent.info_hash}")
-    typer.echo(f"  announce      {torrent.announce}")
+    lines = [
+        f"{session.name}",
+        f"  info-hash     {torrent.info_hash}",
+        f"  announce      {torrent.announce}",
+        *(f"  also announce {url}" for tier in torrent.announce_list for url in tier),
+    ]
     if torrent.creation_date is not None:
         created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(torrent.creation_date))
-        typer.echo(f"  created       {created} by {torrent.created_by or '?'}")
+        lines.append(f"  created       {created} by {torrent.created_by or '?'}")
     if torrent.comment:
-        typer.echo(f"  comment       {torrent.comment}")
-    typer.echo(
+        lines.append(f"  comment       {torrent.comment}")
+    lines.append(
         f"  rounds        {session.rounds}, cohort of {session.cohort_size}, "
         f"{session.round_schedule} lr across rounds"
     )
-    typer.echo(f"  initial state {session.state_size} bytes, sha256 {session.state_sha256}")
+    lines.append(f"  initial state {session.state_size} bytes, sha256 {session.state_sha256}")
+    if model_bytes is not None:
+        lines.append(f"  model size    {model_bytes} bytes of parameters")
     access = f"closed, {len(session.allow_keys)} allowed keys" if session.closed else "open"
-    typer.echo(f"  swarm         {access}")
-    for key in session.allow_keys:
-        typer.echo(f"    {key}")
+    lines.append(f"  swarm         {access}")
+    lines += [f"    {key}" for key in session.allow_keys]
     for label in ("model", "data", "train", "mixing", "privacy", "compression"):
         section = document["session"].get(label)
         if section is None:
             continue
-        typer.echo(f"  {label}")
-        for key, value in section.items():
-            typer.echo(f"    {key:<17} {value}")
+        lines.append(f"  {label}")
+        lines += [f"    {key:<17} {value}" for key, value in section.items()]
+    for line in lines:
+        typer.echo(printable(line))
 
 
 @app.command("tracker")

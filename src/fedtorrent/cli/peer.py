@@ -54,6 +54,12 @@ def peer_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
     ] = False,
+    download_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the download of a torrent URL and its state may take, all told."
+        ),
+    ] = 60.0,
     exchange_timeout: Annotated[
         float, typer.Option(help="Seconds a round waits for its cohort at most.")
     ] = 10.0,
@@ -84,13 +90,20 @@ def peer_command(
     """
     import logging  # noqa: PLC0415
 
-    from fedtorrent.node.peer import Peer, PeerConfig  # noqa: PLC0415
+    from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
 
+    # The output folder is made, and the torrent fetched and checked, before torch is imported:
+    # a first mistake or a hostile torrent is refused at once and in a few megabytes.
+    out.mkdir(parents=True, exist_ok=True)
     torrent_path = Path(torrent)
     if torrent.startswith(("http://", "https://")):
         from fedtorrent.net.tracker.client import download_session  # noqa: PLC0415
 
-        torrent_path = download_session(torrent, out)
+        torrent_path = download_session(torrent, out, timeout=download_timeout)
+    check_model_size(load_torrent(torrent_path).session)
+
+    from fedtorrent.node.peer import Peer, PeerConfig  # noqa: PLC0415
+
     config = PeerConfig(
         torrent=torrent_path,
         out_dir=out,
@@ -112,7 +125,6 @@ def peer_command(
         attack=attack,
         attack_scale=attack_scale,
     )
-    out.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
     if verbose:
         handlers.append(logging.StreamHandler(sys.stderr))

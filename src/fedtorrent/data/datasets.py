@@ -19,25 +19,27 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.client
 import math
 import os
 import tarfile
-import tempfile
-import urllib.request
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO
 
 import numpy as np
 
-from fedtorrent.errors import ChecksumError, DataError, UnknownNameError
+from fedtorrent.errors import ChecksumError, DataError, NetworkError, UnknownNameError
+from fedtorrent.files import atomic_writer
+from fedtorrent.net.download import fetch_to_file
 
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "digits")
 ENV_VAR = "FEDTORRENT_DATA"
-DOWNLOAD_TIMEOUT_S = 30.0
+DOWNLOAD_TIMEOUT_S = 900.0
+"""Seconds one mirror gets for one whole file (CIFAR-10's 163 MB at 200 kB/s) before the next."""
+DOWNLOAD_IDLE_S = 30.0
 """Seconds a mirror may stay silent (connect or read) before the next one is tried."""
 
 _IDX_FILES = (
@@ -114,6 +116,14 @@ MIRRORS: dict[str, tuple[str, ...]] = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
 }
 """Base URLs tried in order; a file's URL is the base plus its canonical file name."""
+
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "digits": (1, 8, 8),
+}
+"""One example's shape per dataset, known without loading it (``create`` and size checks)."""
 
 _DIGIT_NAMES = tuple(str(d) for d in range(10))
 CLASSES: dict[str, tuple[str, ...]] = {
@@ -327,11 +337,14 @@ def download_file(
     sha256: str,
     progress: bool = True,
     timeout: float = DOWNLOAD_TIMEOUT_S,
+    idle: float = DOWNLOAD_IDLE_S,
 ) -> None:
     """Fetch ``dest`` from the first URL that yields bytes with the given sha256.
 
-    Bytes go to a temporary file beside ``dest``, which is renamed onto ``dest`` only once verified;
-    on any failure it is removed, so ``dest`` is either absent or complete.
+    Each mirror gets ``timeout`` seconds for the whole download (connect, headers, every byte)
+    and is dropped after ``idle`` seconds of silence; at most 512 MiB are read from any. Bytes go
+    to a temporary file beside ``dest``, which is renamed onto ``dest`` only once verified; on
+    any failure it is removed, so ``dest`` is either absent or complete.
 
     Raises:
         ChecksumError: no URL worked and at least one served bytes with the wrong sha256.
@@ -344,12 +357,14 @@ def download_file(
     checksum_error: ChecksumError | None = None
     for url in urls:
         try:
-            _download_one(url, dest, sha256=sha256, progress=progress, timeout=timeout)
+            _download_one(url, dest, sha256=sha256, progress=progress, timeout=timeout, idle=idle)
             return
         except ChecksumError as error:
             checksum_error = error
             failures.append(f"{url}: {error}")
-        except (OSError, http.client.HTTPException, ValueError, DataError) as error:
+        except NetworkError as error:
+            failures.append(str(error))  # it names the URL
+        except (OSError, DataError) as error:
             failures.append(f"{url}: {error}")
     if checksum_error is not None and len(urls) == 1:
         raise checksum_error
@@ -357,50 +372,29 @@ def download_file(
     raise ChecksumError(message) if checksum_error is not None else DataError(message)
 
 
-def _download_one(url: str, dest: Path, *, sha256: str, progress: bool, timeout: float) -> None:
-    with _temp_beside(dest) as (tmp, tmp_path):
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            declared = response.headers.get("Content-Length")
-            total = int(declared) if declared and declared.isdigit() else None
-            if total is not None and total > _MAX_DOWNLOAD:
-                raise DataError(f"{url} announces {total} bytes, over the {_MAX_DOWNLOAD} limit")
-            received = 0
-            with _progress_bar(dest.name, total, enabled=progress) as advance:
-                while chunk := response.read(_CHUNK):
-                    received += len(chunk)
-                    if received > _MAX_DOWNLOAD:
-                        raise DataError(f"{url} sent more than {_MAX_DOWNLOAD} bytes")
-                    digest.update(chunk)
-                    tmp.write(chunk)
-                    advance(len(chunk))
-        if total is not None and received != total:
-            raise DataError(f"{url} ended after {received} of {total} bytes")
-        _check_digest(dest, sha256, digest.hexdigest(), hint=f"as downloaded from {url}")
-        tmp.flush()
-        os.fsync(tmp.fileno())
-        tmp.close()
-        os.replace(tmp_path, dest)
+def _download_one(
+    url: str, dest: Path, *, sha256: str, progress: bool, timeout: float, idle: float
+) -> None:
+    def check(size: int, digest: str) -> None:
+        _check_digest(dest, sha256, digest, hint=f"as downloaded from {url}")
+
+    with _progress_bar(dest.name, enabled=progress) as advance:
+        fetch_to_file(
+            url,
+            dest,
+            deadline=time.monotonic() + timeout,
+            idle=idle,
+            limit=_MAX_DOWNLOAD,
+            check=check,
+            progress=advance,
+        )
 
 
 @contextmanager
-def _temp_beside(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
-    """A temporary file in ``dest``'s folder (so the final rename is atomic), removed on exit."""
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    path = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            yield tmp, path
-    finally:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def _progress_bar(
-    label: str, total: int | None, *, enabled: bool
-) -> Iterator[Callable[[int], None]]:
+def _progress_bar(label: str, *, enabled: bool) -> Iterator[Callable[[int | None, int], None]]:
+    """``advance(total, n)``: ``n`` more bytes of ``total`` (None while unknown)."""
     if not enabled:
-        yield lambda _n: None
+        yield lambda _total, _n: None
         return
     # rich and sklearn load lazily: importing fedtorrent must stay fast (STYLE principle 12).
     from rich import console, progress  # noqa: PLC0415
@@ -412,8 +406,12 @@ def _progress_bar(
         progress.TransferSpeedColumn(),
     )
     with progress.Progress(*columns, console=console.Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+        task = bar.add_task(label, total=None)
+
+        def advance(total: int | None, n: int) -> None:
+            bar.update(task, total=total, advance=n)
+
+        yield advance
 
 
 # --- MNIST and Fashion-MNIST -----------------------------------------------------------------
@@ -533,14 +531,12 @@ def extract_cifar_archive(archive: Path, dest: Path) -> None:
 
 
 def _write_verified(source: IO[bytes], dest: Path, sha256: str) -> None:
-    with _temp_beside(dest) as (tmp, tmp_path):
+    with atomic_writer(dest) as tmp:
         digest = hashlib.sha256()
         while chunk := source.read(_CHUNK):
             digest.update(chunk)
             tmp.write(chunk)
         _check_digest(dest, sha256, digest.hexdigest(), hint="as extracted from its archive")
-        tmp.close()
-        os.replace(tmp_path, dest)
 
 
 def read_cifar_batches(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:

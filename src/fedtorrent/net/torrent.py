@@ -34,6 +34,7 @@ from fedtorrent.config import (
     TrainConfig,
 )
 from fedtorrent.errors import ConfigError, TorrentError
+from fedtorrent.files import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,16 @@ MAX_NAME_CHARS = 200
 MAX_TEXT_CHARS = 4096
 MAX_URL_CHARS = 2048
 MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 16
+"""Nesting of ``[``/``{`` a JSON text in a torrent may have; checked before ``json.loads``."""
+MAX_STATE_OVERHEAD = 1 << 20
+"""Bytes a state file may hold beyond its model's parameters (the safetensors header)."""
+MAX_COUNT = 1_000_000
+"""The largest integer a torrent field may hold (rounds, nodes, batch sizes...), except seeds
+(below 2**63), ``info.state.size`` (its own limit) and ``creation date``."""
+MAX_SEED = 2**63 - 1
+MAX_CREATION_DATE = 253_402_300_799
+"""9999-12-31 23:59:59 UTC, the last second ``time.gmtime`` can show everywhere."""
 MAX_ALLOW_KEYS = 10_000
 """Public keys a closed swarm's allow-list may hold (10k keys is 650 kB of the 1 MiB file)."""
 _HEX = frozenset("0123456789abcdef")
@@ -203,7 +214,7 @@ class Session:
         raw = _as_dict(info, "info")
         if b"version" not in raw:
             raise TorrentError("info.version: missing key")
-        version = _int(raw[b"version"], "info.version")
+        version = _int(raw[b"version"], "info.version", high=MAX_SEED)
         if version != FORMAT_VERSION:
             raise TorrentError(
                 f"info.version: unsupported format version {version} (this fedtorrent reads "
@@ -224,7 +235,7 @@ class Session:
             "rounds": _int(raw[b"rounds"], "info.rounds"),
             "cohort_size": _int(raw[b"cohort_size"], "info.cohort_size"),
             "state_sha256": _text(state[b"sha256"], "info.state.sha256", 64),
-            "state_size": _int(state[b"size"], "info.state.size"),
+            "state_size": _int(state[b"size"], "info.state.size", high=MAX_INITIAL_STATE_BYTES),
         }
         if b"privacy" in raw:
             values["privacy"] = _decode_fields(PrivacyConfig, raw[b"privacy"], "info.privacy")
@@ -267,8 +278,9 @@ class Torrent:
             _check_url(url)
         _check(all(self.announce_list), "announce_list tiers must not be empty")
         _check(
-            self.creation_date is None or self.creation_date >= 0,
-            f"creation_date must be >= 0, got {self.creation_date}",
+            self.creation_date is None or 0 <= self.creation_date <= MAX_CREATION_DATE,
+            f"creation_date must be in [0, {MAX_CREATION_DATE}] (Unix seconds), "
+            f"got {_clip_number(self.creation_date)}",
         )
         for label, text in (("created_by", self.created_by), ("comment", self.comment)):
             _check(
@@ -344,7 +356,9 @@ class Torrent:
                 announce=_text(top[b"announce"], "announce", MAX_URL_CHARS),
                 session=session,
                 announce_list=tiers,
-                creation_date=None if date is None else _int(date, "creation date"),
+                creation_date=None
+                if date is None
+                else _int(date, "creation date", high=MAX_CREATION_DATE),
                 created_by=optional_text["created by"],
                 comment=optional_text["comment"],
             )
@@ -372,15 +386,78 @@ def load_torrent(source: str | Path | bytes) -> Torrent:
 
 
 def save_torrent(torrent: Torrent, path: str | Path) -> Path:
-    """Write the bencoded torrent to ``path`` and return the path."""
-    target = Path(path)
-    target.write_bytes(torrent.to_bytes())
-    return target
+    """Write the bencoded torrent to ``path`` atomically (folders made) and return the path.
+
+    Raises:
+        TorrentError: the torrent would not read back (a value beyond what a reader accepts).
+        OSError: the file cannot be written.
+    """
+    payload = torrent.to_bytes()
+    Torrent.from_bytes(payload)  # what a peer would refuse is never written
+    return write_atomic(path, payload)
+
+
+def save_session(torrent: Torrent, path: str | Path, state: bytes) -> tuple[Path, Path]:
+    """Write a torrent and its initial state (beside it, see :func:`state_path_for`) together.
+
+    Both are checked first (the torrent reads back, the state matches its size and sha256),
+    then the state is written atomically and the torrent after it, so a torrent is never left
+    without its state; if the torrent cannot be written the new state is removed again.
+    Returns ``(torrent_path, state_path)``.
+
+    Raises:
+        TorrentError: the torrent would not read back or the state does not match it.
+        OSError: a file cannot be written (folders are made when missing).
+    """
+    verify_initial_state(torrent, state)
+    Torrent.from_bytes(torrent.to_bytes())
+    state_path = write_atomic(state_path_for(path), state)
+    try:
+        return save_torrent(torrent, path), state_path
+    except BaseException:
+        state_path.unlink(missing_ok=True)
+        raise
 
 
 def state_path_for(torrent_path: str | Path) -> Path:
     """Where ``fedtorrent create`` puts the initial state: beside the torrent, suffix ``.state``."""
     return Path(torrent_path).with_suffix(".state")
+
+
+def check_model_size(session: Session) -> int | None:
+    """Bytes of parameters the session's model would hold, checked against its pinned state.
+
+    Computed from the model's size formula and the dataset's input shape, without building it
+    (nor importing torch), so a torrent whose model arguments describe a huge model is refused
+    before anything is allocated. The state file holds those bytes plus a header, so its size
+    must lie in ``[bytes, bytes + MAX_STATE_OVERHEAD]``. Returns None when the size cannot be
+    known this way (a dataset without a known shape, a model without a formula);
+    ``build_model`` still checks it on the meta device.
+
+    Raises:
+        TorrentError: naming ``info.model``: the arguments are refused, or the size is wrong.
+    """
+    from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
+    from fedtorrent.models import state_bytes  # noqa: PLC0415
+
+    dataset, model = session.data.dataset, session.model
+    if dataset not in INPUT_SHAPES:
+        return None
+    try:
+        size = state_bytes(
+            model.name,
+            input_shape=INPUT_SHAPES[dataset],
+            num_classes=len(CLASSES[dataset]),
+            **model.kwargs,
+        )
+    except ConfigError as exc:
+        raise TorrentError(f"info.model: {exc}") from None
+    if size is not None and not size <= session.state_size <= size + MAX_STATE_OVERHEAD:
+        raise TorrentError(
+            f"info.model: {model.name!r} on {dataset} holds {size} bytes of parameters, which "
+            f"a state of {session.state_size} bytes (info.state.size) cannot be"
+        )
+    return size
 
 
 def verify_initial_state(torrent: Torrent, payload: bytes) -> None:
@@ -389,16 +466,23 @@ def verify_initial_state(torrent: Torrent, payload: bytes) -> None:
     Raises:
         TorrentError: naming ``info.state.size`` or ``info.state.sha256``.
     """
+    check_initial_state(torrent, size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+
+
+def check_initial_state(torrent: Torrent, *, size: int, sha256: str) -> None:
+    """Check a state's size and sha256 hex (e.g. counted while streaming it) against the torrent.
+
+    Raises:
+        TorrentError: naming ``info.state.size`` or ``info.state.sha256``.
+    """
     session = torrent.session
-    if len(payload) != session.state_size:
+    if size != session.state_size:
         raise TorrentError(
-            f"info.state.size: state has {len(payload)} bytes, the torrent says "
-            f"{session.state_size}"
+            f"info.state.size: state has {size} bytes, the torrent says {session.state_size}"
         )
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != session.state_sha256:
+    if sha256 != session.state_sha256:
         raise TorrentError(
-            f"info.state.sha256: state hashes to {digest}, the torrent says {session.state_sha256}"
+            f"info.state.sha256: state hashes to {sha256}, the torrent says {session.state_sha256}"
         )
 
 
@@ -476,10 +560,20 @@ def _check_keys(
         raise TorrentError(f"{where}.{missing[0]}: missing key")
 
 
-def _int(value: object, where: str) -> int:
+def _int(value: object, where: str, *, high: int = MAX_COUNT) -> int:
+    """An integer in ``[0, high]``: no torrent field is negative, none unbounded."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TorrentError(f"{where}: expected an integer, got {_kind(value)}")
+    if not 0 <= value <= high:
+        raise TorrentError(f"{where}: {_clip_number(value)} is not in [0, {high}]")
     return value
+
+
+def _clip_number(value: object) -> str:
+    """An integer for a message: a hostile one may have a million digits."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return str(value)
 
 
 def _text(value: object, where: str, limit: int) -> str:
@@ -511,6 +605,8 @@ def _float(value: object, where: str) -> float:
 
 def _json(value: object, where: str) -> dict[str, Any]:
     text = _text(value, where, MAX_JSON_BYTES)
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise TorrentError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
 
     def no_constants(name: str) -> None:
         raise ValueError(f"{name} is not allowed")
@@ -524,6 +620,32 @@ def _json(value: object, where: str) -> dict[str, Any]:
     if canonical_json(parsed) != text:
         raise TorrentError(f"{where}: JSON is not canonical (sorted keys, no spaces)")
     return parsed
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` in a JSON text, brackets inside strings ignored.
+
+    A linear scan that needs no recursion, so it can run before ``json.loads`` (which recurses
+    once per level and fails with RecursionError past about a thousand).
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def _kind(value: object) -> str:
@@ -602,7 +724,7 @@ def _decode_value(value: object, kind: Any, where: str) -> Any:
             raise TorrentError(f"{where}: expected 0 or 1, got {number}")
         return bool(number)
     if kind is int:
-        return _int(value, where)
+        return _int(value, where, high=MAX_SEED if where.endswith(".seed") else MAX_COUNT)
     if kind is float:
         return _float(value, where)
     if kind is str:

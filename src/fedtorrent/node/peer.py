@@ -857,6 +857,7 @@ class Peer:
                 self.session.model.name,
                 input_shape=self.data.input_shape,
                 num_classes=self.data.num_classes,
+                max_state_bytes=self.session.state_size,  # refused before it is allocated
                 **self.session.model.kwargs,
             )
             with torch.no_grad():

@@ -15,16 +15,20 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedtorrent.errors import TrackerError
+from fedtorrent.errors import NetworkError, TrackerError
 from fedtorrent.files import write_atomic
+from fedtorrent.net.download import HTTPStatusError, fetch_bytes, fetch_to_file
 from fedtorrent.net.torrent import (
     MAX_TORRENT_BYTES,
     Torrent,
+    check_initial_state,
+    check_model_size,
     format_float,
     is_info_hash,
     state_path_for,
@@ -214,21 +218,57 @@ class TrackerClient:
             attempt += 1
 
 
-def download_session(url: str, folder: str | Path, *, timeout: float = 10.0) -> Path:
+DOWNLOAD_TIMEOUT_S = 60.0
+"""Default seconds for :func:`download_session` (torrent and state together)."""
+SHOW_TIMEOUT_S = 10.0
+"""Default seconds for :func:`download_torrent`."""
+
+
+def download_session(url: str, folder: str | Path, *, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """Join a session from a URL: fetch ``url`` (``{tracker}/torrents/{info_hash}``) and its state.
 
-    The torrent is read strictly and checked against the info-hash in the URL; the state
-    (``{url}/state``) against the size and sha256 the torrent pins. Only then are both written,
-    atomically, as ``folder/session.torrent`` and ``folder/session.state``; returns the torrent
-    path.
+    Both downloads together must end within ``timeout`` seconds (connect, headers and every byte).
+    The torrent is read strictly and checked against the info-hash in the URL, and its model
+    against the state it pins (:func:`~fedtorrent.net.torrent.check_model_size`); the state
+    (``{url}/state``) is streamed to a temporary file (never more than the size the torrent pins)
+    and checked against that size and sha256. Only then is it renamed to ``folder/session.state``
+    and the torrent written, atomically, as ``folder/session.torrent``; returns the torrent path.
+
+    Raises:
+        TrackerRefusedError: an error status. TrackerError: unreachable, too slow, malformed.
+        TorrentError: the torrent or the state does not verify.
     """
-    torrent = download_torrent(url, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    torrent = _download_torrent(url, deadline)
+    check_model_size(torrent.session)  # before a byte of a state sized for a huge model
     state_url = url.split("?", 1)[0].rstrip("/") + "/state"
-    payload = _fetch(state_url, timeout=timeout, limit=torrent.session.state_size)
-    verify_initial_state(torrent, payload)
     path = Path(folder) / "session.torrent"
-    write_atomic(state_path_for(path), payload)
+
+    def check(size: int, sha256: str) -> None:
+        check_initial_state(torrent, size=size, sha256=sha256)
+
+    with _as_tracker_error():
+        fetch_to_file(
+            state_url,
+            state_path_for(path),
+            deadline=deadline,
+            limit=torrent.session.state_size,
+            check=check,
+        )
     return write_atomic(path, torrent.to_bytes())
+
+
+@contextmanager
+def _as_tracker_error() -> Iterator[None]:
+    """Downloads from a tracker fail as TrackerRefusedError (a status) or TrackerError."""
+    try:
+        yield
+    except HTTPStatusError as exc:
+        raise TrackerRefusedError(exc.status, exc.reason, retry_after=exc.retry_after) from None
+    except NetworkError as exc:
+        if isinstance(exc, TrackerError):
+            raise
+        raise TrackerError(str(exc)) from None
 
 
 def _fetch(url: str, *, timeout: float, limit: int) -> bytes:
@@ -318,12 +358,22 @@ def parse_answer(body: bytes) -> TrackerAnswer:
     )
 
 
-def download_torrent(url: str, *, timeout: float = 10.0) -> Torrent:
+def download_torrent(url: str, *, timeout: float = SHOW_TIMEOUT_S) -> Torrent:
     """Fetch a torrent from any http(s) URL (e.g. ``{tracker}/torrents/{info_hash}``) and parse it.
 
-    The info-hash in the URL, when the last path segment is one, must match the torrent's.
+    The whole download must end within ``timeout`` seconds; the info-hash in the URL, when the
+    last path segment is one, must match the torrent's.
+
+    Raises:
+        TrackerRefusedError, TrackerError, TorrentError: as :func:`download_session`.
     """
-    torrent = Torrent.from_bytes(_fetch(url, timeout=timeout, limit=MAX_TORRENT_BYTES))
+    return _download_torrent(url, time.monotonic() + timeout)
+
+
+def _download_torrent(url: str, deadline: float) -> Torrent:
+    with _as_tracker_error():
+        payload = fetch_bytes(url, deadline=deadline, limit=MAX_TORRENT_BYTES)
+    torrent = Torrent.from_bytes(payload)
     last = urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
     if is_info_hash(last) and last != torrent.info_hash:
         raise TrackerError(f"{url} served torrent {torrent.info_hash}")
