@@ -495,3 +495,13 @@ class FetchTimeoutError(NetworkError):
     """No complete reply before the deadline."""
 
     kind = "timeout"
+
+
+class PeerUnreachableError(NetworkError):
+    """The link itself failed before a reply: the connection was refused (nothing listens at the
+    address) or the CurveZMQ handshake failed (``kind`` ``unreachable`` or ``handshake_failed``).
+    """
+
+    def __init__(self, peer_id: str, kind: str) -> None:
+        super().__init__(f"peer {peer_id} is unreachable ({kind})")
+        self.kind = kind
