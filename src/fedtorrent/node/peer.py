@@ -51,6 +51,7 @@ import secrets
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,9 +80,11 @@ from fedtorrent.node.exchange import (
     Exchange,
     Fetcher,
     ReceiveHook,
+    Selection,
     TcpAddressing,
     select_cohort,
 )
+from fedtorrent.node.neighbours import NeighbourBook
 from fedtorrent.node.report import (
     METRIC_FIELDS,
     last_accuracy,
@@ -283,7 +286,9 @@ class Peer:
         self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
         self._keys: dict[str, str] = {}
         """Peer id -> the Ed25519 key (hex) it announced, as the tracker last listed it."""
-        self._skipped: dict[str, str] = {}
+        self._selection = Selection.empty()
+        self.book = NeighbourBook()
+        """Who answered, failed or lied before; picks each round's cohort (``node.neighbours``)."""
         self.ledger: Ledger | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -576,16 +581,30 @@ class Peer:
         if not self._formed:
             cohort = self._await_swarm(cohort, deadline)
             self._formed = True
+        selection = self._selection
         exchange = self._fetcher.exchange(
-            cohort, round=round, deadline=deadline, skipped=self._skipped
+            cohort,
+            round=round,
+            deadline=deadline,
+            skipped=selection.skipped,
+            reserve=selection.reserve,
+            first_contact=selection.first_contact,
+            first_contact_s=self.book.first_contact_s(),
         )
         timings["exchange"] = time.perf_counter() - tick
         if self._stop.is_set():
             return None
         self._final_exchange = exchange
+        self._last_cohort = exchange.dialled
+        self.book.record(
+            round,
+            exchange.outcomes(round),
+            [selection.candidates[p] for p in exchange.dialled if p in selection.candidates],
+            rtts={p: r.rtt_s for p, r in exchange.replies.items() if r.header.round >= round},
+        )
 
         tick = time.perf_counter()
-        heard = [e.peer_id for e in cohort if e.peer_id in exchange.replies]
+        heard = [p for p in exchange.dialled if p in exchange.replies]
         states = [exchange.replies[p].state for p in heard]
         stack = torch.stack([flatten(trained), *(flatten(s) for s in states if s is not None)])
         rule = self.session.mixing.rule
@@ -627,8 +646,8 @@ class Peer:
             "test_precision": test.precision if test is not None else None,
             "test_recall": test.recall if test is not None else None,
             "test_f1": test.f1 if test is not None else None,
-            "cohort": [e.peer_id for e in cohort],
-            "cohort_size": len(cohort),
+            "cohort": exchange.dialled,
+            "cohort_size": len(exchange.dialled),
             "heard_from": heard,
             "heard": len(heard),
             "staleness": {p: round - exchange.replies[p].header.round for p in heard},
@@ -637,6 +656,14 @@ class Peer:
             "rejected_from": exchange.rejected,
             "missing": exchange.missing,
             "skipped": exchange.skipped,
+            "neighbours": {
+                "listed": selection.listed,
+                "dialled": len(exchange.dialled),
+                "replaced": len(exchange.dialled) - len(cohort),
+                "skipped": dict(Counter(exchange.skipped.values())),
+                "known": len(self.book.entries),
+                "heard_ever": self.book.heard(),
+            },
             "rejections": dict(rejections),
             "rejected": sum(rejections.values()),
             "epsilon": self.private.epsilon if self.private is not None else None,
@@ -708,19 +735,24 @@ class Peer:
     # -- phases -----------------------------------------------------------------------------
 
     def _cohort(self, answer: TrackerAnswer | None) -> list[Endpoint]:
-        """The cohort :func:`select_cohort` picks; remembers keys, skipped peers and the cohort."""
+        """The cohort :func:`select_cohort` picks for the next round; remembers the selection.
+
+        Without an answer (the tracker is down, nothing cached) the cohort is empty.
+        """
         if answer is None:
+            self._selection = Selection.empty()
             return []
-        cohort, self._skipped, keys = select_cohort(
-            answer,
+        self._selection = select_cohort(
+            answer.peers,
             peer_id=self.peer_id,
             cohort_size=self.session.cohort_size,
             allowed=self.session.allow_keys,
             addressing=self.addressing,
+            book=self.book,
+            round=self.round_done + 1,
         )
-        self._keys.update(keys)
-        self._last_cohort = [e.peer_id for e in cohort]
-        return cohort
+        self._keys.update(self._selection.keys)
+        return self._selection.cohort
 
     def _await_swarm(self, cohort: list[Endpoint], deadline: float) -> list[Endpoint]:
         """In this process's first round, re-announce until the tracker lists a full cohort.
@@ -793,7 +825,7 @@ class Peer:
             event=event,
             round=self.round_done,
             port=self.port,
-            numwant=self.session.cohort_size,
+            numwant=self.book.numwant(self.session.cohort_size),
             accuracy=last_accuracy(self.records),
             bytes_sent=totals["bytes_sent"],
             bytes_received=totals["bytes_received"],
@@ -813,7 +845,7 @@ class Peer:
         exchange = getattr(self, "_final_exchange", Exchange())
         behind = {
             p for p in self._last_cohort
-            if p not in exchange.rejected
+            if self.book.alive(p) and p not in exchange.rejected
             and (p not in exchange.replies or exchange.replies[p].header.round < final)
         }  # fmt: skip
         start = time.monotonic()
@@ -883,6 +915,7 @@ class Peer:
         self.round_done = checkpoint.round
         if self.trust is not None and checkpoint.trust:
             self.trust.load_state_dict(checkpoint.trust)
+        self.book.load_state_dict(checkpoint.neighbours)
         self._base_totals = dict(checkpoint.totals)
         log.info("resuming after round %d", checkpoint.round)
         return checkpoint
@@ -899,6 +932,7 @@ class Peer:
                 metrics={k: v for k, v in record.items() if not isinstance(v, dict | list)},
                 seeds={"seed": self.seed, "salt": self._salt},
                 totals=traffic_totals(self),
+                neighbours=self.book.state_dict(),
             ),
         )
 

@@ -498,8 +498,10 @@ class FetchTimeoutError(NetworkError):
 
 
 class PeerUnreachableError(NetworkError):
-    """The link itself failed before a reply: the connection was refused (nothing listens at the
-    address) or the CurveZMQ handshake failed (``kind`` ``unreachable`` or ``handshake_failed``).
+    """The link failed before a reply: ``kind`` ``unreachable`` or ``handshake_failed``.
+
+    ``unreachable``: the connection was refused (nothing listens at the address);
+    ``handshake_failed``: the CurveZMQ handshake failed (a wrong key, or not CurveZMQ at all).
     """
 
     def __init__(self, peer_id: str, kind: str) -> None:

@@ -57,7 +57,7 @@ _POLL_SLICE_S = 0.1
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 """Where libzmq asks a context's authentication handler (fixed by RFC 27)."""
 ZAP_DOMAIN = b"fedtorrent"
-_LINK_EVENTS = {
+_LINK_EVENTS: dict[int, str] = {
     zmq.EVENT_CONNECT_RETRIED: "unreachable",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
@@ -340,7 +340,7 @@ def _raise_on_link_failure(monitor: zmq.Socket[Any], endpoint: Endpoint) -> None
             frames = monitor.recv_multipart(flags=zmq.NOBLOCK)
         except zmq.Again:
             return
-        kind = _LINK_EVENTS.get(parse_monitor_message(frames)["event"])
+        kind = _LINK_EVENTS.get(int(parse_monitor_message(frames)["event"]))
         if kind is not None:
             raise PeerUnreachableError(endpoint.peer_id, kind)
 
