@@ -1,13 +1,14 @@
 """A sybil flood for experiments and tests: many fake peer ids announced to a live tracker.
 
-Each fake announces ``event=started`` with a fresh Ed25519 key (so it passes every check a peer
-makes before dialling) and a port where nothing listens, from one of several loopback source
-addresses (the HTTP client binds them; Linux routes all of ``127.0.0.0/8`` to loopback). Only
-loopback sources are accepted: this is a test harness, not a tool.
+Each fake announces with its own Ed25519 key (derived from its id, so a re-announce keeps it; a
+real key passes every check a peer makes before dialling) and a port where nothing listens, from
+one of several loopback source addresses (the HTTP client binds them; Linux routes all of
+``127.0.0.0/8`` to loopback). Only loopback sources are accepted: a test harness, not a tool.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import ipaddress
 import socket
@@ -48,9 +49,14 @@ def announce_fakes(
     count: int,
     sources: Sequence[str],
     prefix: str = "fake",
+    port: int | None = None,
+    event: str = "started",
     timeout: float = 5.0,
 ) -> FloodResult:
     """Announce ``count`` fake peers (``<prefix>-<i>``) round-robin over ``sources``.
+
+    ``port`` is where the fakes claim to listen (default: one where nothing listens now); call
+    again with ``event=""`` to keep them listed past the tracker's expiry.
 
     Raises:
         ConfigError: a source is not a loopback address, or the URL is not ``http://``.
@@ -62,7 +68,7 @@ def announce_fakes(
         raise ConfigError(f"an http:// announce URL, got {announce_url!r}")
     if not sources or not all(ipaddress.ip_address(s).is_loopback for s in sources):
         raise ConfigError("fakes announce from loopback addresses only")
-    port = closed_port()
+    port = closed_port() if port is None else port
     result = FloodResult()
     for i in range(count):
         source = sources[i % len(sources)]
@@ -71,9 +77,9 @@ def announce_fakes(
                 "info_hash": info_hash,
                 "peer_id": f"{prefix}-{i}",
                 "port": str(port),
-                "event": "started",
-                "pubkey": PeerIdentity.generate().public_key_hex,
+                "pubkey": PeerIdentity.from_seed(_seed(f"{prefix}-{i}")).public_key_hex,
                 "numwant": "0",
+                **({"event": event} if event else {}),
             }
         )
         connection = http.client.HTTPConnection(
@@ -91,3 +97,7 @@ def announce_fakes(
         finally:
             connection.close()
     return result
+
+
+def _seed(name: str) -> bytes:
+    return hashlib.sha256(f"fedtorrent-sybil:{name}".encode()).digest()
