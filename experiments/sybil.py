@@ -10,7 +10,8 @@ session into which ``--fakes`` fake peer ids were announced from ``--sources`` l
 while the peers run so that none expires. Reported per run: how many fakes the tracker accepted,
 the honest peers' average number of honest neighbours heard per round (of 2), rounds with none,
 final test accuracy, candidates skipped by reason, and the wall time. Every number in the files
-comes from the runs.
+comes from the runs. The peers' folders (keys, ledgers, checkpoints) go to ``--work``
+(``runs/sybil``, not tracked).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _session(folder: Path, name: str, url: str, rounds: int) -> Path:
     torrent = folder / f"{name}.torrent"
     create(
         output=torrent, tracker=url, dataset="mnist", model="logreg", nodes=PEERS,
-        rounds=rounds, cohort=COHORT, mixing="learned",
+        rounds=rounds, cohort=COHORT, mixing="learned", name=f"sybil-{name}",
     )  # fmt: skip
     return torrent
 
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--exchange-timeout", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--work", type=Path, default=Path("results/runs/sybil"))
+    parser.add_argument("--work", type=Path, default=Path("runs/sybil"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     config = TrackerConfig(port=closed_port(), db_path=args.work / "tracker.sqlite")

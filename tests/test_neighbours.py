@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from fedtorrent.net.transport import (
     MemoryTransport,
     TransportConfig,
 )
+from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtorrent.node.exchange import Fetcher
 from fedtorrent.node.neighbours import (
     MAX_NUMWANT,
@@ -147,7 +149,11 @@ def test_a_new_key_makes_a_stranger_and_a_new_address_earns_one_retry() -> None:
 
 def test_numwant_first_contact_and_settings() -> None:
     book = NeighbourBook()
-    assert book.numwant(20) == 80 and book.numwant(2) == 8 and book.numwant(100) == MAX_NUMWANT
+    assert book.numwant(2) == MAX_NUMWANT  # no good neighbour known: as many as the tracker gives
+    good = [cand(f"g{i}") for i in range(20)]
+    book.record(1, {c.peer_id: "fresh" for c in good}, good)
+    assert book.numwant(20) == 80 and book.numwant(2) == 8 and book.numwant(21) == MAX_NUMWANT
+    book.entries.clear()
     assert book.first_contact_s() is None  # nothing measured: the whole deadline
     book.record(1, {}, [], rtts={"a": 0.01, "b": 0.02})
     assert book.first_contact_s() == 1.0  # the floor
@@ -268,3 +274,19 @@ def test_members_that_fail_fast_are_replaced_from_the_reserve_a_silent_one_is_cu
     assert elapsed < 2.0
     for transport, _ in servers:
         transport.close()
+
+
+def test_the_checkpoint_carries_the_book(tmp_path: Path) -> None:
+    book = NeighbourBook()
+    book.record(3, {"a": "fresh", "b": "unreachable"}, [cand("a"), cand("b")], rtts={"a": 0.2})
+    state = {"w": torch.ones(2)}
+    save_checkpoint(
+        tmp_path,
+        Checkpoint(info_hash=INFO_HASH, peer_id="me", round=3, state=state,
+                   neighbours=book.state_dict()),
+    )  # fmt: skip
+    loaded = load_checkpoint(tmp_path, info_hash=INFO_HASH, like=state)
+    again = NeighbourBook()
+    again.load_state_dict(loaded.neighbours)
+    assert again.state_dict() == book.state_dict()
+    assert again.plan([cand("b")], round=4, cohort_size=1).skipped == {"b": "backed_off"}

@@ -39,6 +39,7 @@ def session(tmp_path: Path, name: str, url: str) -> Path:
     create(
         output=torrent, tracker=url, dataset="digits", model="logreg", nodes=PEERS,
         rounds=ROUNDS, cohort=20, mixing="learned", trust_steps=3, batch_size=32,
+        name=f"sybil-{name}",
     )  # fmt: skip
     return torrent
 

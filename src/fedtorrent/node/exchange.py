@@ -35,6 +35,10 @@ ReceiveHook = Callable[["Reply"], None]
 POLL_FIRST_S = 0.02
 POLL_MAX_S = 0.5
 """Backoff between re-asking a neighbour that is not yet at this peer's round."""
+MAX_REFILLS = 4
+"""Times a round may ask the tracker for more candidates when every one tried failed fast."""
+Refill = Callable[[set[str]], tuple[list["Endpoint"], frozenset[str]]]
+"""``(ids dialled so far) -> (more endpoints, those of them never heard from)``."""
 
 
 class Announcer(Protocol):
@@ -223,6 +227,8 @@ class Fetcher:
         reserve: Sequence[Endpoint] = (),
         first_contact: Collection[str] = frozenset(),
         first_contact_s: float | None = None,
+        refill: Refill | None = None,
+        max_refills: int = MAX_REFILLS,
     ) -> Exchange:
         """Pull every cohort member's state concurrently, each on its own until ``deadline``.
 
@@ -231,16 +237,20 @@ class Fetcher:
         that fails fast (unreachable, refused, rejected: anything but a timeout) is replaced by
         the next ``reserve`` peer while time is left, so at most ``len(cohort)`` peers answer.
         Peers in ``first_contact`` (never answered before) get ``first_contact_s`` seconds, when
-        given, for their first answer of any kind.
+        given, for their first answer of any kind. When the reserve runs dry while a slot is
+        free, ``refill`` (given the ids dialled so far) is asked for more, at most
+        ``max_refills`` times a round and never again after it found nothing new.
         """
         outcome = Exchange(skipped=dict(skipped))
         if not cohort:
             return outcome
         spare = deque(reserve)
+        fresh = set(first_contact)
         futures: dict[Future[tuple[str, Reply | None, str]], str] = {}
+        refills = 0
 
         def dial(endpoint: Endpoint) -> Future[tuple[str, Reply | None, str]]:
-            first = first_contact_s if endpoint.peer_id in first_contact else None
+            first = first_contact_s if endpoint.peer_id in fresh else None
             future = self.executor.submit(self.pull, endpoint, round, deadline, first)
             futures[future] = endpoint.peer_id
             return future
@@ -255,8 +265,16 @@ class Fetcher:
             )
             for future in done:
                 kind, reply, reason = future.result()
-                failed_fast = reply is None and reason != "timeout"
-                if failed_fast and spare and deadline > time.monotonic():
+                if reply is not None or reason == "timeout" or deadline <= time.monotonic():
+                    continue
+                if not spare and refill is not None and refills < max_refills:
+                    refills += 1
+                    more, unknown = refill(set(futures.values()))
+                    spare.extend(e for e in more if e.peer_id not in futures.values())
+                    fresh.update(unknown)
+                    if not spare:
+                        refills = max_refills  # the tracker has nothing new this round
+                if spare:
                     pending.add(dial(spare.popleft()))
         for future, peer_id in futures.items():
             outcome.dialled.append(peer_id)

@@ -64,7 +64,8 @@ class BookSettings:
     explore_share: float = 0.25
     """Share of the cohort kept for never-dialled candidates while good ones would fill it."""
     numwant_factor: int = 4
-    """Ask the tracker for this many times the cohort (at most ``MAX_NUMWANT``)..."""
+    """Ask the tracker for this many times the cohort (at most ``MAX_NUMWANT``) once the book
+    knows enough good neighbours to fill the cohort; ``MAX_NUMWANT`` until then."""
     max_entries: int = 4096
     """Neighbours remembered at most; the least recently dialled failures are forgotten first."""
     first_contact_rtts: float = 4.0
@@ -187,7 +188,13 @@ class NeighbourBook:
         self._rtts: deque[float] = deque(maxlen=32)
 
     def numwant(self, cohort_size: int) -> int:
-        """How many candidates to ask the tracker for: a multiple of the cohort, capped."""
+        """How many candidates to ask the tracker for.
+
+        ``numwant_factor`` times the cohort (capped at ``MAX_NUMWANT``), or ``MAX_NUMWANT`` while
+        the book knows fewer good neighbours than the cohort holds.
+        """
+        if sum(n.good for n in self.entries.values()) < cohort_size:
+            return MAX_NUMWANT
         return max(1, min(MAX_NUMWANT, self.settings.numwant_factor * cohort_size))
 
     def backed_off(self, round: int) -> int:

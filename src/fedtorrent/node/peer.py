@@ -5,8 +5,10 @@ A round ``r`` (1-based) is:
 1. **train** the current model on the local shard (``train_local``);
 2. **publish** the trained state (through the send hook) with header round ``r``, so peers that
    ask get what the simulator would hand them: the round's trained parameters, before mixing;
-3. **announce** to the tracker (round done so far, accuracy, bytes) and take its sample as the
-   cohort; when the tracker is down the client's cached answer keeps the peer going;
+3. **announce** to the tracker (round done so far, accuracy, bytes), asking for several times
+   the cohort; the neighbour book (``node.neighbours``) picks the cohort and a reserve from its
+   sample, preferring neighbours that answered before and skipping backed-off ones; when the
+   tracker is down the client's cached answer keeps the peer going;
 4. **exchange**: pull the cohort's states concurrently until the exchange deadline, waiting (by
    polling with backoff) for neighbours still behind round ``r``; a stale state is used when the
    fresh one does not come in time, a bad one is rejected and counted (no barrier anywhere);
@@ -84,7 +86,7 @@ from fedtorrent.node.exchange import (
     TcpAddressing,
     select_cohort,
 )
-from fedtorrent.node.neighbours import NeighbourBook
+from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
     METRIC_FIELDS,
     last_accuracy,
@@ -288,6 +290,7 @@ class Peer:
         """Peer id -> the Ed25519 key (hex) it announced, as the tracker last listed it."""
         self._selection = Selection.empty()
         self.book = NeighbourBook()
+        self._candidates: dict[str, Candidate] = {}
         """Who answered, failed or lied before; picks each round's cohort (``node.neighbours``)."""
         self.ledger: Ledger | None = None
 
@@ -590,6 +593,7 @@ class Peer:
             reserve=selection.reserve,
             first_contact=selection.first_contact,
             first_contact_s=self.book.first_contact_s(),
+            refill=self._more_candidates,
         )
         timings["exchange"] = time.perf_counter() - tick
         if self._stop.is_set():
@@ -599,7 +603,7 @@ class Peer:
         self.book.record(
             round,
             exchange.outcomes(round),
-            [selection.candidates[p] for p in exchange.dialled if p in selection.candidates],
+            [self._candidates[p] for p in exchange.dialled if p in self._candidates],
             rtts={p: r.rtt_s for p, r in exchange.replies.items() if r.header.round >= round},
         )
 
@@ -740,7 +744,7 @@ class Peer:
         Without an answer (the tracker is down, nothing cached) the cohort is empty.
         """
         if answer is None:
-            self._selection = Selection.empty()
+            self._selection, self._candidates = Selection.empty(), {}
             return []
         self._selection = select_cohort(
             answer.peers,
@@ -752,7 +756,28 @@ class Peer:
             round=self.round_done + 1,
         )
         self._keys.update(self._selection.keys)
+        self._candidates = dict(self._selection.candidates)
         return self._selection.cohort
+
+    def _more_candidates(self, dialled: set[str]) -> tuple[list[Endpoint], frozenset[str]]:
+        """Announce again for a fresh sample: the candidates in it not dialled yet this round."""
+        answer, _, _ = self._announce(event="")
+        if answer is None:
+            return [], frozenset()
+        more = select_cohort(
+            answer.peers,
+            peer_id=self.peer_id,
+            cohort_size=self.session.cohort_size,
+            allowed=self.session.allow_keys,
+            addressing=self.addressing,
+            book=self.book,
+            round=self.round_done + 1,
+        )
+        self._keys.update(more.keys)
+        self._candidates.update(more.candidates)
+        return [e for e in more.cohort + more.reserve if e.peer_id not in dialled], (
+            more.first_contact
+        )
 
     def _await_swarm(self, cohort: list[Endpoint], deadline: float) -> list[Endpoint]:
         """In this process's first round, re-announce until the tracker lists a full cohort.
