@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--work", type=Path, default=Path("runs/sybil"))
     args = parser.parse_args()
+    for name in ("clean", "flooded"):  # this script's own earlier runs
+        shutil.rmtree(args.work / name, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     config = TrackerConfig(port=closed_port(), db_path=args.work / "tracker.sqlite")
     results: dict[str, Any] = {"fakes": args.fakes, "sources": args.sources, "rounds": args.rounds}

@@ -290,3 +290,44 @@ def test_the_checkpoint_carries_the_book(tmp_path: Path) -> None:
     again.load_state_dict(loaded.neighbours)
     assert again.state_dict() == book.state_dict()
     assert again.plan([cand("b")], round=4, cohort_size=1).skipped == {"b": "backed_off"}
+
+
+def test_a_dry_reserve_is_refilled_from_the_tracker_a_bounded_number_of_times(
+    network: MemoryNetwork,
+) -> None:
+    server, identity = serving(network, "good")
+
+    def garbage(request: list[bytes]) -> list[bytes]:
+        return [b"\xc1 not msgpack"]
+
+    for i in range(3):
+        network.add_raw_peer(f"mem://liar-{i}", garbage)
+    asked: list[set[str]] = []
+
+    def refill(dialled: set[str]) -> tuple[list[Endpoint], frozenset[str]]:
+        asked.append(set(dialled))
+        if len(asked) == 1:  # the first new sample: one more liar and the honest peer
+            return [
+                Endpoint("liar-2", "mem://liar-2"),
+                Endpoint("good", server.address),
+            ], frozenset()
+        return [], frozenset()
+
+    client = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="me"))
+    with client, ThreadPoolExecutor(2) as executor:
+        fetcher = Fetcher(
+            transport=client, executor=executor, like=LIKE,
+            verifier=UpdateVerifier(info_hash=INFO_HASH, last_round=5),
+            keys={"good": identity.public_key_hex}, stop=threading.Event(),
+        )  # fmt: skip
+        exchange = fetcher.exchange(
+            [Endpoint(f"liar-{i}", f"mem://liar-{i}") for i in range(2)],
+            round=1,
+            deadline=time.monotonic() + 5.0,
+            skipped={},
+            refill=refill,
+        )
+    assert list(exchange.replies) == ["good"]
+    assert exchange.dialled == ["liar-0", "liar-1", "liar-2", "good"]
+    assert asked[0] <= {"liar-0", "liar-1"} and len(asked) <= 2  # stops once nothing is new
+    server.close()
