@@ -307,12 +307,17 @@ def test_the_local_lr_follows_the_sessions_round_schedule_like_the_simulator(
 # -- hostile and silent neighbours ----------------------------------------------------------------
 
 
-def bad_replies(session: Session, info_hash: str) -> list[Callable[[list[bytes]], list[bytes]]]:
-    """Responders that answer with NaN, wrong shapes, another session, garbage, a huge size."""
+def bad_replies(
+    session: Session, info_hash: str, senders: Sequence[str] = ("evil",) * 5
+) -> list[Callable[[list[bytes]], list[bytes]]]:
+    """Responders that answer with NaN, wrong shapes, another session, garbage, a huge size.
 
-    def state_reply(state: State, *, session_hash: str = info_hash) -> list[bytes]:
+    ``senders`` names the sender of each reply, in that order.
+    """
+
+    def state_reply(state: State, sender: str, *, session_hash: str = info_hash) -> list[bytes]:
         return wire.encode_message(
-            encode_state(state), info_hash=session_hash, sender="evil", round=99, num_examples=1
+            encode_state(state), info_hash=session_hash, sender=sender, round=99, num_examples=1
         )
 
     good = {"1.bias": torch.zeros(10), "1.weight": torch.zeros(10, 64)}
@@ -321,56 +326,58 @@ def bad_replies(session: Session, info_hash: str) -> list[Callable[[list[bytes]]
     huge = wire.Header(
         kind="state",
         info_hash=info_hash,
-        sender="evil",
+        sender=senders[4],
         round=99,
         num_examples=1,
         payload_len=1 << 40,
         payload_sha256="0" * 64,
     )
     replies = [
-        state_reply(nan),
-        state_reply(wrong_shape),
-        state_reply(good, session_hash="cd" * 32),
+        state_reply(nan, senders[0]),
+        state_reply(wrong_shape, senders[1]),
+        state_reply(good, senders[2], session_hash="cd" * 32),
         [b"\xc1 not msgpack at all"],
         [wire.encode_header(huge), b"x"],
     ]
     return [lambda request, frames=frames: frames for frames in replies]
 
 
-def test_a_hostile_peer_is_rejected_counted_and_the_peer_keeps_going(tmp_path: Path) -> None:
-    swarm = Swarm(make_torrent(tmp_path, rounds=5, cohort=2, nodes=3), tmp_path)
+def test_hostile_peers_are_rejected_counted_backed_off_and_the_peer_keeps_going(
+    tmp_path: Path,
+) -> None:
+    swarm = Swarm(make_torrent(tmp_path, rounds=5, cohort=6, nodes=3), tmp_path)
     honest = [swarm.peer(i) for i in range(2)]
-    # The hostile peer announces itself like any other and answers every request badly.
-    state: dict[str, int] = {"next": 0}
+    # Five hostile peers announce themselves like any other; each answers every request badly.
     loaded = load_torrent(swarm.torrent)
-    responders = bad_replies(loaded.session, loaded.info_hash)
-
-    def respond(request: list[bytes]) -> list[bytes]:
-        frames = responders[state["next"] % len(responders)](request)
-        state["next"] += 1
-        return list(frames)
-
-    swarm.network.add_raw_peer("mem://1000", respond)
-    evil_key = PeerIdentity.generate().public_key_hex  # a key: it is dialled, then rejected
-    swarm.tracker.announce(loaded.info_hash, "evil", port=1001, event="started", pubkey=evil_key)
+    evil = [f"evil-{i}" for i in range(5)]
+    for i, respond in enumerate(bad_replies(loaded.session, loaded.info_hash, evil)):
+        swarm.network.add_raw_peer(f"mem://{1000 + 10 * i}", respond)
+        key = PeerIdentity.generate().public_key_hex  # a key: it is dialled, then rejected
+        swarm.tracker.announce(
+            loaded.info_hash, evil[i], port=1001 + 10 * i, event="started", pubkey=key
+        )
     assert swarm.run(honest) == ["done", "done"]
     expected = {"non_finite", "bad_shape", "wrong_session", "bad_header", "oversized"}
-    seen: set[str] = set()
     for peer in honest:
         records = read_records(peer.out_dir / "metrics.jsonl")
         assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+        assert set(records[0]["rejected_from"]) == set(evil)
         for record in records:
-            assert "evil" not in record["heard_from"]
-            assert "evil" in record["rejected_from"]
             assert record["heard"] == 1  # the honest neighbour, every round
+            assert not set(evil) & set(record["heard_from"])
+        for record in records[1:]:  # a rejection backs off for 4 rounds: never dialled again
+            assert record["rejected_from"] == {}
+            assert {p: record["skipped"][p] for p in evil} == dict.fromkeys(evil, "backed_off")
+            assert record["neighbours"]["skipped"] == {"backed_off": 5}
         status = json.loads((peer.out_dir / "status.json").read_text())
         summary = json.loads((peer.out_dir / "summary.json").read_text())
         assert status["state"] == "done"
         assert status["rejected"] == 5
         assert summary["rejections"] == status["rejections"]
-        assert set(summary["rejections_per_peer"]) == {"evil"}
-        seen |= set(status["rejections"])
-    assert seen == expected
+        assert set(summary["rejections_per_peer"]) == set(evil)
+        assert set(status["rejections"]) == expected
+        assert summary["neighbours"]["candidates_skipped"] == {"backed_off": 4 * 5}
+        assert summary["neighbours"]["heard_distinct"] == 1
 
 
 def test_a_receive_hook_can_reject_a_valid_state(swarm: Swarm) -> None:
@@ -380,12 +387,15 @@ def test_a_receive_hook_can_reject_a_valid_state(swarm: Swarm) -> None:
 
     peers = [swarm.peer(0, receive_hook=refuse_peer_1), swarm.peer(1), swarm.peer(2)]
     swarm.run(peers)
-    last = read_records(peers[0].out_dir / "metrics.jsonl")[-1]
-    assert last["heard_from"] == ["peer-2"]
-    assert last["rejected_from"] == {"peer-1": "bad_header"}
+    first, *later = read_records(peers[0].out_dir / "metrics.jsonl")
+    assert first["heard_from"] == ["peer-2"]
+    assert first["rejected_from"] == {"peer-1": "bad_header"}
+    for record in later:  # rejected: backed off for the next rounds
+        assert record["heard_from"] == ["peer-2"]
+        assert record["skipped"] == {"peer-1": "backed_off"}
 
 
-def test_a_silent_peer_costs_at_most_the_deadline(tmp_path: Path) -> None:
+def test_a_silent_peer_costs_at_most_the_deadline_then_is_backed_off(tmp_path: Path) -> None:
     swarm = Swarm(make_torrent(tmp_path, rounds=2, cohort=2, nodes=3), tmp_path)
     swarm.tracker.announce("0" * 64, "x", port=1)  # an unrelated swarm is ignored
     loaded = load_torrent(swarm.torrent)
@@ -397,10 +407,14 @@ def test_a_silent_peer_costs_at_most_the_deadline(tmp_path: Path) -> None:
     assert swarm.run(peers) == ["done", "done"]
     elapsed = time.monotonic() - started
     for peer in peers:
-        for record in read_records(peer.out_dir / "metrics.jsonl"):
-            assert record["missing"] == {"ghost": "timeout"}
-            assert record["heard"] == 1
-            assert 0.9 <= record["timings"]["exchange"] <= 1.0 + 0.5
+        first, second = read_records(peer.out_dir / "metrics.jsonl")
+        assert first["missing"] == {"ghost": "timeout"}
+        assert 0.9 <= first["timings"]["exchange"] <= 1.0 + 0.5
+        # Then it is backed off: not dialled, so it costs the next round nothing.
+        assert second["missing"] == {}
+        assert second["skipped"] == {"ghost": "backed_off"}
+        assert second["timings"]["exchange"] < 0.9
+        assert first["heard"] == second["heard"] == 1
     assert elapsed < 2 * 1.0 + 10  # two rounds, each at most one deadline (plus training)
 
 

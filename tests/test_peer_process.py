@@ -218,9 +218,13 @@ def test_peers_train_through_a_tracker_outage_and_reannounce(tmp_path: Path) -> 
 
 
 class HostilePeer:
-    """A ROUTER that answers every request with the next bad reply, on its own thread."""
+    """A ROUTER that answers every request with a bad reply, on its own thread.
 
-    def __init__(self, info_hash: str, state_size: int) -> None:
+    Bad reply ``kind`` of the five (NaN, wrong shape, another session, garbage, huge), signed as
+    ``sender``; one hostile peer per kind, since a peer backs off from one that lied.
+    """
+
+    def __init__(self, info_hash: str, state_size: int, *, kind: int, sender: str) -> None:
         good = {"1.bias": torch.zeros(10), "1.weight": torch.zeros(10, 64)}
         nan = {**good, "1.weight": torch.full((10, 64), float("nan"))}
         wrong = {**good, "1.weight": torch.zeros(10, 65)}
@@ -228,25 +232,25 @@ class HostilePeer:
         def state(tensors: dict[str, torch.Tensor], session: str = info_hash) -> list[bytes]:
             payload = encode_state(tensors)
             return wire.encode_message(
-                payload, info_hash=session, sender="evil", round=10**6, num_examples=1
+                payload, info_hash=session, sender=sender, round=10**6, num_examples=1
             )
 
         huge = wire.Header(
             kind="state",
             info_hash=info_hash,
-            sender="evil",
+            sender=sender,
             round=10**6,
             num_examples=1,
             payload_len=100 * state_size,
             payload_sha256="0" * 64,
         )
-        self.replies = [
+        self.reply = [
             state(nan),
             state(wrong),
             state(good, "cd" * 32),
             [b"\xc1 this is not msgpack"],
             [wire.encode_header(huge)],
-        ]
+        ][kind]
         self.identity = PeerIdentity.generate()  # announced, so honest peers dial it
         self.context: zmq.Context[Any] = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
@@ -264,8 +268,7 @@ class HostilePeer:
             if not self.router.poll(100):
                 continue
             identity, *_ = self.router.recv_multipart()
-            reply = self.replies[self.answered % len(self.replies)]
-            for frame in reply:  # header, then payload: separate messages, as peers send them
+            for frame in self.reply:  # header, then payload: separate messages, as peers send them
                 self.router.send_multipart([identity, frame])
             self.answered += 1
 
@@ -302,22 +305,25 @@ def test_bad_messages_to_a_live_peer_are_rejected_counted_and_it_keeps_training(
 ) -> None:
     port = free_port()
     with running_tracker(port, tmp_path / "tracker.db", interval=30) as tracker:
-        torrent_path = create_torrent(tmp_path, tracker.url, nodes=2, cohort=1, rounds=100_000)
+        torrent_path = create_torrent(tmp_path, tracker.url, nodes=2, cohort=5, rounds=100_000)
         torrent = load_torrent(torrent_path)
         info_hash = torrent.info_hash
-        hostile = HostilePeer(info_hash, torrent.session.state_size)
-        hostile.thread.start()
-        TrackerClient(tracker.url, retries=0).announce(
-            info_hash,
-            "evil",
-            port=hostile.port,
-            event="started",
-            pubkey=hostile.identity.public_key_hex,
-        )
+        evil = [f"evil-{i}" for i in range(5)]
+        hostile = [HostilePeer(info_hash, torrent.session.state_size, kind=i, sender=name)
+                   for i, name in enumerate(evil)]  # fmt: skip
+        for name, server in zip(evil, hostile, strict=True):
+            server.thread.start()
+            TrackerClient(tracker.url, retries=0).announce(
+                info_hash,
+                name,
+                port=server.port,
+                event="started",
+                pubkey=server.identity.public_key_hex,
+            )
         peers = Peers(torrent_path, tmp_path, nodes=2, timeout=1.0)
         try:
             peers.start(0)
-            # Its only neighbour is the hostile one, whose every reply is bad in another way.
+            # Its only neighbours are the hostile ones, each bad in another way.
             reasons = {"non_finite", "bad_shape", "wrong_session", "bad_header", "oversized"}
             wait_for(
                 lambda: reasons <= set(status(peers.folder(0)).get("rejections", {})),
@@ -357,14 +363,19 @@ def test_bad_messages_to_a_live_peer_are_rejected_counted_and_it_keeps_training(
             codes = peers.wait_all(timeout=30)
         finally:
             peers.kill_all()
-            hostile.close()
+            for server in hostile:
+                server.close()
     assert codes == {0: 0}
     summary = json.loads((peers.folder(0) / "summary.json").read_text())
     rejections = summary["rejections"]
     assert reasons | {"bad_frames"} <= set(rejections)
     assert rejections["wrong_session"] >= 2  # one reply, one request
-    assert set(summary["rejections_per_peer"]) >= {"evil", "<unknown>"}
+    assert set(summary["rejections_per_peer"]) >= {*evil, "<unknown>"}
     assert status(peers.folder(0))["state"] == "stopped"
     records = read_records(peers.folder(0) / "metrics.jsonl")
-    assert all(r["heard"] == 0 and "evil" in r["rejected_from"] for r in records)
+    assert all(r["heard"] == 0 for r in records)
+    assert set(records[0]["rejected_from"]) == set(evil)
+    for record in records[1:]:  # each liar is rejected, then backed off: never heard
+        assert all(record["skipped"].get(p) == "backed_off" or p in record["rejected_from"]
+                   for p in evil)  # fmt: skip
     assert records[-1]["round"] >= reached + 3

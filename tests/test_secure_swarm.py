@@ -224,9 +224,13 @@ def test_a_key_outside_a_closed_swarm_is_refused_at_the_handshake(
     *honest, outsider = run_peers(configs)
 
     assert outsider.state == "done"
-    for record in read_records(outsider.out_dir / "metrics.jsonl"):
-        assert record["heard"] == 0  # it dialled both members, and neither let it in
-        assert set(record["missing"]) == {"peer-0", "peer-1"}
+    first, *later = read_records(outsider.out_dir / "metrics.jsonl")
+    # It dialled both members and neither let it in: the handshake failed at once.
+    assert first["missing"] == {"peer-0": "handshake_failed", "peer-1": "handshake_failed"}
+    assert first["timings"]["exchange"] < 1.5  # not the deadline
+    for record in later:  # then it backs off from them
+        assert record["heard"] == 0
+        assert record["skipped"] == {"peer-0": "backed_off", "peer-1": "backed_off"}
     outsider_summary = json.loads((outsider.out_dir / "summary.json").read_text())
     assert outsider_summary["traffic"]["this_process"]["payload_sent"] == 0  # nobody fetched
     assert outsider_summary["traffic"]["this_process"]["payload_received"] == 0

@@ -140,31 +140,37 @@ def test_not_ready_then_ready(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
     assert client.fetch(endpoint(server), round=0, timeout=5.0).header.round == 1
 
 
-def test_dead_peer_costs_at_most_the_deadline(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+def test_a_silent_peer_costs_at_most_the_deadline_and_a_dead_one_nothing(
+    pair: tuple[ZmqTransport, ZmqTransport],
+) -> None:
     server, client = pair
     server.publish(state_frames("server", round=1))
-    with ZmqTransport(config("other")) as other:
+    with ZmqTransport(config("other")) as other, socket.socket() as listener:
         other.publish(state_frames("other", round=1))
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts the TCP connection, never speaks ZMTP
         cohort = [
             endpoint(server),
             endpoint(other),
+            Endpoint("silent", f"tcp://127.0.0.1:{listener.getsockname()[1]}"),
             Endpoint("dead", f"tcp://127.0.0.1:{free_port()}"),
         ]
         start = time.monotonic()
         result = client.fetch_many(cohort, round=1, timeout=0.5, like_state=model_state())
         elapsed = time.monotonic() - start
     assert set(result.replies) == {"server", "other"}
-    assert isinstance(result.failures["dead"], NetworkError)
+    assert isinstance(result.failures["silent"], FetchTimeoutError)
+    assert getattr(result.failures["dead"], "kind", None) == "unreachable"
     assert 0.4 <= elapsed < 1.5
 
 
-def test_single_fetch_from_dead_peer_times_out(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
+def test_a_refused_connection_fails_at_once(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
     _, client = pair
     start = time.monotonic()
-    with pytest.raises(FetchTimeoutError):
-        client.fetch(Endpoint("dead", f"tcp://127.0.0.1:{free_port()}"), round=0, timeout=0.3)
-    assert time.monotonic() - start < 1.0
-    assert client.stats.snapshot()["failures"] == {"dead": {"timeout": 1}}
+    with pytest.raises(NetworkError, match="unreachable"):
+        client.fetch(Endpoint("dead", f"tcp://127.0.0.1:{free_port()}"), round=0, timeout=5.0)
+    assert time.monotonic() - start < 1.0  # not the 5 s deadline: ZeroMQ would retry quietly
+    assert client.stats.snapshot()["failures"] == {"dead": {"unreachable": 1}}
 
 
 def test_concurrent_clients(pair: tuple[ZmqTransport, ZmqTransport]) -> None:
@@ -411,9 +417,13 @@ def test_curve_encrypted_link() -> None:
         server.publish(state_frames("server", round=1))
         reply = client.fetch(endpoint(server, public_key=public), round=1, timeout=5.0)
         assert reply.header.sender == "server"
-        # Without the server's key the handshake never completes: nothing is exchanged.
-        with pytest.raises(FetchTimeoutError):
-            client.fetch(endpoint(server), round=1, timeout=0.3)
+        # Without the server's key, or with a wrong one, the handshake fails: nothing is
+        # exchanged, and the fetch ends at once instead of at its deadline.
+        for key in (None, zmq.curve_keypair()[0]):
+            start = time.monotonic()
+            with pytest.raises(NetworkError, match="handshake_failed"):
+                client.fetch(endpoint(server, public_key=key), round=1, timeout=5.0)
+            assert time.monotonic() - start < 2.0
 
 
 def test_client_refuses_a_payload_over_its_limit_before_allocating(

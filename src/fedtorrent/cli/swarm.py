@@ -240,6 +240,13 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
             f"bad messages rejected: {security.get('rejected', 0)} {security.get('rejections', {})}"
             + ("" if epsilon is None else f"; epsilon spent (most of any peer) {epsilon:.3f}")
         )
+    neighbours = summary.get("neighbours") or {}
+    if neighbours.get("heard_distinct"):
+        heard = neighbours["heard_distinct"].values()
+        console.print(
+            f"distinct neighbours heard per peer: {min(heard)} to {max(heard)}; candidate peers "
+            f"skipped: {neighbours.get('skipped', 0)} {neighbours.get('candidates_skipped', {})}"
+        )
     if summary["interrupted"]:
         console.print("[yellow]stopped before the peers finished[/yellow]")
     console.print(f"records, plots and summary.json in {folder}")

@@ -4,9 +4,9 @@ Two files in the peer's folder, each written to a temporary file and moved into 
 ``os.replace``, so a crash leaves either the old or the new version, never half of one:
 
 - ``checkpoint.safetensors``: the model tensors, with the whole record (round, trust logits, last
-  metrics, seeds, traffic totals) as JSON in the safetensors metadata under ``fedtorrent``. This
-  file alone is the commit point, so a crash between the two renames cannot pair the model of one
-  round with the trust state of another.
+  metrics, seeds, traffic totals, the neighbour book) as JSON in the safetensors metadata under
+  ``fedtorrent``. This file alone is the commit point, so a crash between the two renames
+  cannot pair the model of one round with the trust state of another.
 - ``checkpoint.json``: the same record for people and scripts (``jq``, the swarm launcher).
 
 Loading reads only the safetensors file and trusts nothing in it: size first, the metadata's
@@ -57,6 +57,8 @@ class Checkpoint:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     seeds: Mapping[str, int] = field(default_factory=dict)
     totals: Mapping[str, Any] = field(default_factory=dict)
+    neighbours: Mapping[str, Any] = field(default_factory=dict)
+    """``NeighbourBook.state_dict()``: who answered, who is backed off (``node.neighbours``)."""
 
     def record(self) -> dict[str, Any]:
         """The JSON record (everything but the tensors)."""
@@ -69,6 +71,7 @@ class Checkpoint:
             "metrics": dict(self.metrics),
             "seeds": dict(self.seeds),
             "totals": dict(self.totals),
+            "neighbours": dict(self.neighbours),
         }
 
 
@@ -116,6 +119,7 @@ def load_checkpoint(
         metrics=record["metrics"],
         seeds=record["seeds"],
         totals=record["totals"],
+        neighbours=record["neighbours"],
     )
 
 
@@ -143,6 +147,8 @@ def _read_record(payload: bytes, path: Path) -> dict[str, Any]:
     }
     if not isinstance(record, dict):
         raise StateError(f"{path}: checkpoint record is not an object")
+    record.setdefault("neighbours", {})  # checkpoints written before the neighbour book
+    expected["neighbours"] = dict
     for key, kind in expected.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             raise StateError(f"{path}: checkpoint field {key!r} is missing or of the wrong type")

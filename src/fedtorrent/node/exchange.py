@@ -1,8 +1,10 @@
 """How a peer finds and fetches its cohort: tracker and address contracts, cohort selection, pulls.
 
-Each neighbour is pulled on its own thread until the round's deadline, re-asked with backoff
-while it is behind, and every reply is verified (signature, replay guard, receive hook) before
-anything else looks at it; nobody waits on anybody else (no barrier).
+The tracker's list goes through the key and allow-list checks, then the peer's neighbour book
+(``node.neighbours``) picks the cohort and a reserve. Each neighbour is pulled on its own thread
+until the round's deadline, re-asked with backoff while it is behind, and every reply is verified
+(signature, replay guard, receive hook) before anything else looks at it; nobody waits on anybody
+else (no barrier). A member that fails fast is replaced from the reserve.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from fedtorrent.errors import FedTorrentError, MessageError, NetworkError
+from fedtorrent.node.neighbours import Candidate, NeighbourBook
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +35,10 @@ ReceiveHook = Callable[["Reply"], None]
 POLL_FIRST_S = 0.02
 POLL_MAX_S = 0.5
 """Backoff between re-asking a neighbour that is not yet at this peer's round."""
+MAX_REFILLS = 4
+"""Times a round may ask the tracker for more candidates when every one tried failed fast."""
+Refill = Callable[[set[str]], tuple[list["Endpoint"], frozenset[str]]]
+"""``(ids dialled so far) -> (more endpoints, those of them never heard from)``."""
 
 
 class Announcer(Protocol):
@@ -81,44 +89,80 @@ class TcpAddressing:
 
 @dataclass
 class Exchange:
-    """What one round's exchange produced; every cohort member is in exactly one of the dicts."""
+    """What one round's exchange produced; every dialled peer is in exactly one of the dicts."""
 
     replies: dict[str, Reply] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     """Peer id -> rejection reason (a ``wire.REASONS`` code)."""
     missing: dict[str, str] = field(default_factory=dict)
-    """Peer id -> why nothing usable came (``timeout``, ``refused:not_ready``, ...)."""
+    """Peer id -> why nothing usable came (``timeout``, ``unreachable``, ``refused:not_ready``)."""
     skipped: dict[str, str] = field(default_factory=dict)
-    """Peers the tracker listed but this peer would not dial: ``no_key`` (announced no usable
-    Ed25519 key) or ``not_allowed`` (outside a closed swarm's allow-list). Not in the cohort."""
+    """Peers the tracker listed (or the book remembered) that this peer did not dial:
+    ``no_key`` (announced no usable Ed25519 key), ``not_allowed`` (outside a closed swarm's
+    allow-list), ``bad_address`` (cannot be reached as listed) or ``backed_off`` (failed
+    recently, see ``node.neighbours``). Not dialled, so in none of the other dicts."""
+    dialled: list[str] = field(default_factory=list)
+    """Everyone asked this round, in order: the cohort, then reserve peers that replaced members
+    that failed fast (so it may be longer than the cohort; at most ``cohort_size`` answer)."""
+
+    def outcomes(self, round: int) -> dict[str, str]:
+        """Peer id -> ``fresh``, ``stale``, ``rejected:<reason>`` or the missing reason."""
+        words = {p: f"rejected:{r}" for p, r in self.rejected.items()}
+        words.update(self.missing)
+        words.update(
+            {p: "fresh" if r.header.round >= round else "stale" for p, r in self.replies.items()}
+        )
+        return words
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A round's cohort as endpoints (see :class:`~fedtorrent.node.neighbours.Plan`).
+
+    ``keys`` maps every peer in ``cohort`` and ``reserve`` to the Ed25519 key (hex) it announced;
+    ``candidates`` the same peers to what the neighbour book records them as.
+    """
+
+    cohort: list[Endpoint]
+    reserve: list[Endpoint]
+    skipped: dict[str, str]
+    keys: dict[str, str]
+    candidates: dict[str, Candidate]
+    first_contact: frozenset[str]
+    listed: int
+    """How many peers (other than this one) the tracker listed."""
+
+    @classmethod
+    def empty(cls) -> Selection:
+        """No cohort (nothing listed)."""
+        return cls([], [], {}, {}, {}, frozenset(), 0)
 
 
 def select_cohort(
-    answer: TrackerAnswer,
+    listed: Sequence[PeerAddress],
     *,
     peer_id: str,
     cohort_size: int,
     allowed: Sequence[str],
     addressing: Addressing,
-) -> tuple[list[Endpoint], dict[str, str], dict[str, str]]:
-    """The first ``cohort_size`` listed peers this peer may dial, each with its link key.
+    book: NeighbourBook,
+    round: int,
+) -> Selection:
+    """The round's cohort: peers the tracker ``listed`` that this peer may dial, chosen by ``book``.
 
-    Peers without a usable key, or outside a closed swarm's allow-list (when ``allowed`` is not
-    empty), are skipped.
-
-    Returns:
-        The cohort's endpoints; peer id -> why it was skipped (``no_key``, ``not_allowed``); and
-        peer id -> the Ed25519 key (hex) each cohort member announced.
+    Peers without a usable key (``no_key``), outside a closed swarm's allow-list when ``allowed``
+    is not empty (``not_allowed``) or with an address that makes no endpoint (``bad_address``)
+    are skipped; the book then prefers neighbours that answered before, skips backed-off ones
+    (``backed_off``) and keeps room for exploration (``NeighbourBook.plan``).
     """
     from fedtorrent.net.identity import curve_public_key  # noqa: PLC0415
     from fedtorrent.net.torrent import is_info_hash  # noqa: PLC0415 (64 lowercase hex)
 
-    cohort: list[Endpoint] = []
     skipped: dict[str, str] = {}
-    keys: dict[str, str] = {}
-    for peer in answer.peers:
-        if peer.peer_id == peer_id or len(cohort) >= cohort_size:
-            continue
+    candidates: list[Candidate] = []
+    endpoints: dict[str, Endpoint] = {}
+    others = [p for p in listed if p.peer_id != peer_id]
+    for peer in others:
         key = peer.pubkey
         if key is None or not is_info_hash(key):  # none, or a bare Z85 CurveZMQ key
             skipped[peer.peer_id] = "no_key"
@@ -130,11 +174,33 @@ def select_cohort(
             endpoint = addressing.endpoint(peer)
             endpoint = dataclasses.replace(endpoint, public_key=curve_public_key(key))
         except (ValueError, FedTorrentError) as exc:
-            log.warning("cannot reach peer %s as listed: %s", peer.peer_id, exc)
+            log.debug("cannot reach peer %s as listed: %s", peer.peer_id, exc)
+            skipped[peer.peer_id] = "bad_address"
             continue
-        keys[peer.peer_id] = key
-        cohort.append(endpoint)
-    return cohort, skipped, keys
+        endpoints[peer.peer_id] = endpoint
+        candidates.append(Candidate(peer.peer_id, endpoint.address, key))
+    plan = book.plan(candidates, round=round, cohort_size=cohort_size)
+    skipped.update(plan.skipped)
+
+    def endpoint_of(candidate: Candidate) -> Endpoint:
+        known = endpoints.get(candidate.peer_id)
+        if known is not None:
+            return known
+        from fedtorrent.net.transport import Endpoint  # noqa: PLC0415
+
+        public = curve_public_key(candidate.pubkey)  # checked when it was listed
+        return Endpoint(candidate.peer_id, candidate.address, public_key=public)
+
+    chosen = plan.cohort + plan.reserve
+    return Selection(
+        cohort=[endpoint_of(c) for c in plan.cohort],
+        reserve=[endpoint_of(c) for c in plan.reserve],
+        skipped=skipped,
+        keys={c.peer_id: c.pubkey for c in chosen},
+        candidates={c.peer_id: c for c in chosen},
+        first_contact=plan.first_contact,
+        listed=len(others),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,23 +224,60 @@ class Fetcher:
         round: int,
         deadline: float,
         skipped: Mapping[str, str],
+        reserve: Sequence[Endpoint] = (),
+        first_contact: Collection[str] = frozenset(),
+        first_contact_s: float | None = None,
+        refill: Refill | None = None,
+        max_refills: int = MAX_REFILLS,
     ) -> Exchange:
         """Pull every cohort member's state concurrently, each on its own until ``deadline``.
 
         Members never wait on each other: a silent one costs its own fetch the deadline, while
-        the others are asked again (with backoff) as long as they are behind ``round``.
+        the others are asked again (with backoff) as long as they are behind ``round``. A member
+        that fails fast (unreachable, refused, rejected: anything but a timeout) is replaced by
+        the next ``reserve`` peer while time is left, so at most ``len(cohort)`` peers answer.
+        Peers in ``first_contact`` (never answered before) get ``first_contact_s`` seconds, when
+        given, for their first answer of any kind. When the reserve runs dry while a slot is
+        free, ``refill`` (given the ids dialled so far) is asked for more, at most
+        ``max_refills`` times a round and never again after it found nothing new.
         """
         outcome = Exchange(skipped=dict(skipped))
         if not cohort:
             return outcome
-        futures = {self.executor.submit(self.pull, e, round, deadline): e.peer_id for e in cohort}
-        pending = set(futures)
+        spare = deque(reserve)
+        fresh = set(first_contact)
+        futures: dict[Future[tuple[str, Reply | None, str]], str] = {}
+        refills = 0
+
+        def dial(endpoint: Endpoint) -> Future[tuple[str, Reply | None, str]]:
+            first = first_contact_s if endpoint.peer_id in fresh else None
+            future = self.executor.submit(self.pull, endpoint, round, deadline, first)
+            futures[future] = endpoint.peer_id
+            return future
+
+        pending = {dial(e) for e in cohort}
         while pending and not self.stop.is_set():
             remaining = deadline - time.monotonic() + POLL_MAX_S  # fetches end at the deadline
             if remaining <= 0:
                 break
-            _, pending = wait(pending, timeout=min(remaining, POLL_MAX_S))
+            done, pending = wait(
+                pending, timeout=min(remaining, POLL_MAX_S), return_when=FIRST_COMPLETED
+            )
+            for future in done:
+                kind, reply, reason = future.result()
+                if reply is not None or reason == "timeout" or deadline <= time.monotonic():
+                    continue
+                if not spare and refill is not None and refills < max_refills:
+                    refills += 1
+                    more, unknown = refill(set(futures.values()))
+                    spare.extend(e for e in more if e.peer_id not in futures.values())
+                    fresh.update(unknown)
+                    if not spare:
+                        refills = max_refills  # the tracker has nothing new this round
+                if spare:
+                    pending.add(dial(spare.popleft()))
         for future, peer_id in futures.items():
+            outcome.dialled.append(peer_id)
             if not future.done():
                 outcome.missing[peer_id] = "timeout"
                 continue
@@ -188,9 +291,12 @@ class Fetcher:
         return outcome
 
     def pull(
-        self, endpoint: Endpoint, round: int, deadline: float
+        self, endpoint: Endpoint, round: int, deadline: float, first_contact_s: float | None = None
     ) -> tuple[str, Reply | None, str]:
         """Fetch one neighbour until it is at ``round`` or the deadline passes.
+
+        With ``first_contact_s``, the neighbour must give a first answer (a state or a refusal)
+        within that many seconds, else the pull ends then as a ``timeout``.
 
         Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
         ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
@@ -200,8 +306,11 @@ class Fetcher:
         stale: Reply | None = None
         why = "timeout"
         delay = POLL_FIRST_S
+        until = deadline
+        if first_contact_s is not None:
+            until = min(deadline, time.monotonic() + first_contact_s)
         while not self.stop.is_set():
-            remaining = deadline - time.monotonic()
+            remaining = until - time.monotonic()
             if remaining <= 0:
                 break
             try:
@@ -211,7 +320,7 @@ class Fetcher:
             except MessageError as exc:  # the transport counted and logged it
                 return "rejected", None, exc.reason
             except PeerRefusedError as exc:  # e.g. not_ready: it has not trained a round yet
-                why = exc.kind
+                why, until = exc.kind, deadline
             except NetworkError as exc:  # timeout, or the transport is closing
                 return "missing", stale, getattr(exc, "kind", "unreachable")
             else:
@@ -225,8 +334,8 @@ class Fetcher:
                     return "rejected", None, exc.reason
                 if reply.header.round >= round:
                     return "fresh", reply, ""
-                stale = reply
-            if self.stop.wait(min(delay, max(0.0, deadline - time.monotonic()))):
+                stale, until = reply, deadline
+            if self.stop.wait(min(delay, max(0.0, until - time.monotonic()))):
                 break
             delay = min(2 * delay, POLL_MAX_S)
         return ("stale", stale, "") if stale is not None else ("missing", None, why)

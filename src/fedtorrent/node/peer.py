@@ -5,8 +5,10 @@ A round ``r`` (1-based) is:
 1. **train** the current model on the local shard (``train_local``);
 2. **publish** the trained state (through the send hook) with header round ``r``, so peers that
    ask get what the simulator would hand them: the round's trained parameters, before mixing;
-3. **announce** to the tracker (round done so far, accuracy, bytes) and take its sample as the
-   cohort; when the tracker is down the client's cached answer keeps the peer going;
+3. **announce** to the tracker (round done so far, accuracy, bytes), asking for several times
+   the cohort; the neighbour book (``node.neighbours``) picks the cohort and a reserve from its
+   sample, preferring neighbours that answered before and skipping backed-off ones; when the
+   tracker is down the client's cached answer keeps the peer going;
 4. **exchange**: pull the cohort's states concurrently until the exchange deadline, waiting (by
    polling with backoff) for neighbours still behind round ``r``; a stale state is used when the
    fresh one does not come in time, a bad one is rejected and counted (no barrier anywhere);
@@ -51,6 +53,7 @@ import secrets
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,9 +82,11 @@ from fedtorrent.node.exchange import (
     Exchange,
     Fetcher,
     ReceiveHook,
+    Selection,
     TcpAddressing,
     select_cohort,
 )
+from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
     METRIC_FIELDS,
     last_accuracy,
@@ -283,7 +288,10 @@ class Peer:
         self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
         self._keys: dict[str, str] = {}
         """Peer id -> the Ed25519 key (hex) it announced, as the tracker last listed it."""
-        self._skipped: dict[str, str] = {}
+        self._selection = Selection.empty()
+        self.book = NeighbourBook()
+        self._candidates: dict[str, Candidate] = {}
+        """Who answered, failed or lied before; picks each round's cohort (``node.neighbours``)."""
         self.ledger: Ledger | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -576,16 +584,31 @@ class Peer:
         if not self._formed:
             cohort = self._await_swarm(cohort, deadline)
             self._formed = True
+        selection = self._selection
         exchange = self._fetcher.exchange(
-            cohort, round=round, deadline=deadline, skipped=self._skipped
+            cohort,
+            round=round,
+            deadline=deadline,
+            skipped=selection.skipped,
+            reserve=selection.reserve,
+            first_contact=selection.first_contact,
+            first_contact_s=self.book.first_contact_s(),
+            refill=self._more_candidates,
         )
         timings["exchange"] = time.perf_counter() - tick
         if self._stop.is_set():
             return None
         self._final_exchange = exchange
+        self._last_cohort = exchange.dialled
+        self.book.record(
+            round,
+            exchange.outcomes(round),
+            [self._candidates[p] for p in exchange.dialled if p in self._candidates],
+            rtts={p: r.rtt_s for p, r in exchange.replies.items() if r.header.round >= round},
+        )
 
         tick = time.perf_counter()
-        heard = [e.peer_id for e in cohort if e.peer_id in exchange.replies]
+        heard = [p for p in exchange.dialled if p in exchange.replies]
         states = [exchange.replies[p].state for p in heard]
         stack = torch.stack([flatten(trained), *(flatten(s) for s in states if s is not None)])
         rule = self.session.mixing.rule
@@ -627,8 +650,8 @@ class Peer:
             "test_precision": test.precision if test is not None else None,
             "test_recall": test.recall if test is not None else None,
             "test_f1": test.f1 if test is not None else None,
-            "cohort": [e.peer_id for e in cohort],
-            "cohort_size": len(cohort),
+            "cohort": exchange.dialled,
+            "cohort_size": len(exchange.dialled),
             "heard_from": heard,
             "heard": len(heard),
             "staleness": {p: round - exchange.replies[p].header.round for p in heard},
@@ -637,6 +660,14 @@ class Peer:
             "rejected_from": exchange.rejected,
             "missing": exchange.missing,
             "skipped": exchange.skipped,
+            "neighbours": {
+                "listed": selection.listed,
+                "dialled": len(exchange.dialled),
+                "replaced": len(exchange.dialled) - len(cohort),
+                "skipped": dict(Counter(exchange.skipped.values())),
+                "known": len(self.book.entries),
+                "heard_ever": self.book.heard(),
+            },
             "rejections": dict(rejections),
             "rejected": sum(rejections.values()),
             "epsilon": self.private.epsilon if self.private is not None else None,
@@ -708,19 +739,45 @@ class Peer:
     # -- phases -----------------------------------------------------------------------------
 
     def _cohort(self, answer: TrackerAnswer | None) -> list[Endpoint]:
-        """The cohort :func:`select_cohort` picks; remembers keys, skipped peers and the cohort."""
+        """The cohort :func:`select_cohort` picks for the next round; remembers the selection.
+
+        Without an answer (the tracker is down, nothing cached) the cohort is empty.
+        """
         if answer is None:
+            self._selection, self._candidates = Selection.empty(), {}
             return []
-        cohort, self._skipped, keys = select_cohort(
-            answer,
+        self._selection = select_cohort(
+            answer.peers,
             peer_id=self.peer_id,
             cohort_size=self.session.cohort_size,
             allowed=self.session.allow_keys,
             addressing=self.addressing,
+            book=self.book,
+            round=self.round_done + 1,
         )
-        self._keys.update(keys)
-        self._last_cohort = [e.peer_id for e in cohort]
-        return cohort
+        self._keys.update(self._selection.keys)
+        self._candidates = dict(self._selection.candidates)
+        return self._selection.cohort
+
+    def _more_candidates(self, dialled: set[str]) -> tuple[list[Endpoint], frozenset[str]]:
+        """Announce again for a fresh sample: the candidates in it not dialled yet this round."""
+        answer, _, _ = self._announce(event="")
+        if answer is None:
+            return [], frozenset()
+        more = select_cohort(
+            answer.peers,
+            peer_id=self.peer_id,
+            cohort_size=self.session.cohort_size,
+            allowed=self.session.allow_keys,
+            addressing=self.addressing,
+            book=self.book,
+            round=self.round_done + 1,
+        )
+        self._keys.update(more.keys)
+        self._candidates.update(more.candidates)
+        return [e for e in more.cohort + more.reserve if e.peer_id not in dialled], (
+            more.first_contact
+        )
 
     def _await_swarm(self, cohort: list[Endpoint], deadline: float) -> list[Endpoint]:
         """In this process's first round, re-announce until the tracker lists a full cohort.
@@ -793,7 +850,7 @@ class Peer:
             event=event,
             round=self.round_done,
             port=self.port,
-            numwant=self.session.cohort_size,
+            numwant=self.book.numwant(self.session.cohort_size),
             accuracy=last_accuracy(self.records),
             bytes_sent=totals["bytes_sent"],
             bytes_received=totals["bytes_received"],
@@ -813,7 +870,7 @@ class Peer:
         exchange = getattr(self, "_final_exchange", Exchange())
         behind = {
             p for p in self._last_cohort
-            if p not in exchange.rejected
+            if self.book.alive(p) and p not in exchange.rejected
             and (p not in exchange.replies or exchange.replies[p].header.round < final)
         }  # fmt: skip
         start = time.monotonic()
@@ -884,6 +941,7 @@ class Peer:
         self.round_done = checkpoint.round
         if self.trust is not None and checkpoint.trust:
             self.trust.load_state_dict(checkpoint.trust)
+        self.book.load_state_dict(checkpoint.neighbours)
         self._base_totals = dict(checkpoint.totals)
         log.info("resuming after round %d", checkpoint.round)
         return checkpoint
@@ -900,6 +958,7 @@ class Peer:
                 metrics={k: v for k, v in record.items() if not isinstance(v, dict | list)},
                 seeds={"seed": self.seed, "salt": self._salt},
                 totals=traffic_totals(self),
+                neighbours=self.book.state_dict(),
             ),
         )
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from fedtorrent.net.identity import PeerIdentity
     from fedtorrent.net.transport import ServedEvent
     from fedtorrent.node.exchange import Exchange
+    from fedtorrent.node.neighbours import NeighbourBook
     from fedtorrent.node.peer import Peer
     from fedtorrent.training.evaluate import Metrics
 
@@ -218,12 +219,43 @@ def summary(peer: Peer, *, test: Metrics | None) -> dict[str, Any]:
             ),
             "weight_given": weight_given(peer.records),
         },
+        "neighbours": neighbour_totals(peer.records, peer.book, next_round=peer.round_done + 1),
         "exchange_rtt_s": spread(rtts),
         "tracker": {
             "announces": dict(peer.tracker.counts),
             "rtt_s": spread([s for _, s in peer.tracker.rtts]),
             "rtts": [list(x) for x in peer.tracker.rtts],
         },
+    }
+
+
+def neighbour_totals(
+    records: Sequence[Mapping[str, Any]], book: NeighbourBook, *, next_round: int
+) -> dict[str, Any]:
+    """Candidates skipped by reason and dials over the rounds of ``records``, and the book now.
+
+    ``candidates_skipped``: per reason (``backed_off``, ``no_key``, ``not_allowed``,
+    ``bad_address``), summed over rounds (a peer skipped in 5 rounds counts 5);
+    ``heard_distinct``: neighbours that ever brought a verified state; ``known``: neighbours in
+    the book; ``backed_off``: how many of them the next round would skip.
+    """
+    skipped: Counter[str] = Counter()
+    dialled = replaced = 0
+    for record in records:
+        part = record.get("neighbours")
+        if not isinstance(part, dict):
+            continue
+        skipped.update({str(k): int(v) for k, v in (part.get("skipped") or {}).items()})
+        dialled += int(part.get("dialled") or 0)
+        replaced += int(part.get("replaced") or 0)
+    return {
+        "candidates_skipped": dict(skipped),
+        "skipped": sum(skipped.values()),
+        "dialled": dialled,
+        "replaced": replaced,
+        "heard_distinct": book.heard(),
+        "known": len(book.entries),
+        "backed_off": book.backed_off(next_round),
     }
 
 

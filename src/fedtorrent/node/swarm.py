@@ -606,6 +606,7 @@ def summarize_swarm(
         ),
         "per_peer": peers,
         "security": swarm_security(folders, peers),
+        "neighbours": swarm_neighbours(folders),
     }
     write_json(out / "summary.json", summary)
     if plots and folders:
@@ -662,6 +663,39 @@ def swarm_security(folders: Sequence[Path], peers: Sequence[Mapping[str, Any]]) 
         "rejections": rejections,
         "rejected": sum(rejections.values()),
         "epsilon": max(epsilons) if epsilons else None,
+    }
+
+
+def swarm_neighbours(folders: Sequence[Path]) -> dict[str, Any]:
+    """Candidate peers skipped and neighbours heard, from each peer's ``summary.json``.
+
+    ``candidates_skipped``: per reason, summed over peers and rounds; ``heard_distinct``: per
+    peer id, how many distinct neighbours ever brought it a verified state; ``replaced``: cohort
+    members that failed fast and were replaced from the reserve, summed over peers.
+    """
+    skipped: dict[str, int] = {}
+    heard: dict[str, int] = {}
+    replaced = 0
+    for folder in folders:
+        try:
+            own = read_json(folder / "summary.json")
+        except DataError:
+            continue
+        part = own.get("neighbours") if isinstance(own, dict) else None
+        if not isinstance(part, dict):
+            continue
+        for reason, count in (part.get("candidates_skipped") or {}).items():
+            if isinstance(count, int):
+                skipped[str(reason)] = skipped.get(str(reason), 0) + count
+        if isinstance(part.get("heard_distinct"), int):
+            heard[str(own.get("peer_id"))] = part["heard_distinct"]
+        if isinstance(part.get("replaced"), int):
+            replaced += part["replaced"]
+    return {
+        "candidates_skipped": skipped,
+        "skipped": sum(skipped.values()),
+        "heard_distinct": heard,
+        "replaced": replaced,
     }
 
 

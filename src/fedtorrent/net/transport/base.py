@@ -658,3 +658,15 @@ class FetchTimeoutError(NetworkError):
     """No complete reply before the deadline."""
 
     kind = "timeout"
+
+
+class PeerUnreachableError(NetworkError):
+    """The link failed before a reply: ``kind`` ``unreachable`` or ``handshake_failed``.
+
+    ``unreachable``: the connection was refused (nothing listens at the address);
+    ``handshake_failed``: the CurveZMQ handshake failed (a wrong key, or not CurveZMQ at all).
+    """
+
+    def __init__(self, peer_id: str, kind: str) -> None:
+        super().__init__(f"peer {peer_id} is unreachable ({kind})")
+        self.kind = kind
