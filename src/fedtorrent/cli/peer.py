@@ -92,6 +92,11 @@ def peer_command(
 
     from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
 
+    from fedtorrent.config import ATTACKS  # noqa: PLC0415
+    from fedtorrent.errors import UnknownNameError  # noqa: PLC0415
+
+    if attack is not None and attack not in ATTACKS:  # a flag's mistake before any file or URL
+        raise UnknownNameError("attack", attack, ATTACKS)
     # The output folder is made, and the torrent fetched and checked, before torch is imported:
     # a first mistake or a hostile torrent is refused at once and in a few megabytes.
     out.mkdir(parents=True, exist_ok=True)
