@@ -90,10 +90,9 @@ def peer_command(
     """
     import logging  # noqa: PLC0415
 
-    from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
-
     from fedtorrent.config import ATTACKS  # noqa: PLC0415
     from fedtorrent.errors import UnknownNameError  # noqa: PLC0415
+    from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
 
     if attack is not None and attack not in ATTACKS:  # a flag's mistake before any file or URL
         raise UnknownNameError("attack", attack, ATTACKS)
