@@ -49,6 +49,7 @@ REASONS = (
     "bad_signature",  # the signature does not verify with the sender's announced key
     "replay",  # an old round, a reused nonce, or a round past the end of the session
     "not_allowed",  # (a handshake) a CurveZMQ key outside the closed swarm's allow-list
+    "implausible",  # (after decoding) too far from the receiver's own model (mixing.screen)
 )
 
 _MAX_INT = 2**53
