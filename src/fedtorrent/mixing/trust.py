@@ -10,7 +10,8 @@ model ``sum_j W_ij theta_j``; the gradient flows through the mixture into ``a_i`
 so when the gradient is noise (iid data) the row stays near uniform and still reads as trust.
 
 Numerical safety (whatever passes the plausibility screen): a row whose mixed loss or logit
-gradient is not finite drops its most suspicious member (the farthest from its own vector, from
+gradient is not finite (or the gradient is beyond ``GRADIENT_LIMIT``) drops its most suspicious
+member (the farthest from its own vector, from
 ``suspicion``) and is recomputed, until it is finite or only the node itself is left (then that
 row's logits hold still). Dropped members are excluded for the round (weight exactly 0) and their
 logit falls ``EXCLUDED_DROP`` below the lowest kept logit of the row. Logits are clamped to
@@ -42,6 +43,12 @@ _MASKED = -1e9
 """Logit of non-members: finite, so their weight is exactly 0 and their gradient 0, not NaN."""
 LOGIT_BOUND = 1e4
 """Trust logits stay in ``[-LOGIT_BOUND, LOGIT_BOUND]`` (softmax is one-hot long before)."""
+GRADIENT_LIMIT = 1e3
+"""A row whose logit gradient is larger than this is treated like one that is not finite. The
+gradient is a member's weight times the inner product of the loss gradient with its deviation
+from the mix: on MNIST (6 nodes, 10 rounds) honest rows stayed below 0.14 (iid and Dirichlet
+0.5), rows facing sign-flip, noise or scale attackers below 5; a state 1e10 times too large gives
+1e20, and one step of that would fling every logit of the row to the bound."""
 EXCLUDED_DROP = 10.0
 """An excluded member's logit falls this far below its row's lowest kept logit (weight ratio
 ``e^-10``, about 4.5e-5, when it next takes part)."""
@@ -63,8 +70,10 @@ def trust_weights(logits: Tensor, members: Tensor | None = None, *, floor: float
     if floor > 0:
         count = members.sum(dim=-1, keepdim=True).to(logits.dtype)
         low = torch.clamp(floor * torch.ones_like(count), max=1.0 / count)
-        weights = (low + (1.0 - count * low) * weights) * members
-    return weights
+        weights = low + (1.0 - count * low) * weights
+    # ``where``, not a product: a non-member's gradient (it may be inf: its vector can be huge
+    # though its weight is 0) is dropped here instead of turning the row's gradient into NaN.
+    return torch.where(members, weights, 0.0)
 
 
 def negative_entropy(weights: Tensor) -> Tensor:
@@ -111,8 +120,9 @@ def learn_trust(
         entropy_penalty: adds ``entropy_penalty * sum_j W_j log W_j`` to each row's loss, which
             pulls the row towards uniform.
         suspicion: ``(..., M)`` the order in which a row whose loss or gradient is not finite
-            drops members, largest first (e.g. the distance from the row's own vector); ``-inf``
-            marks entries never dropped (the row's own). None: such a row only holds still.
+            (or the gradient beyond ``GRADIENT_LIMIT``) drops members, largest first (e.g. the
+            distance from the row's own vector); ``-inf`` marks entries never dropped (the row's
+            own). None: such a row only holds still.
 
     Returns:
         The new logits (excluded members' fallen, see the module docstring), the members kept
@@ -131,7 +141,7 @@ def learn_trust(
                 objective = objective + entropy_penalty * negative_entropy(weights).sum()
             (grad,) = torch.autograd.grad(objective, leaf)
             current = current.detach()
-            bad = ~torch.isfinite(losses) | ~torch.isfinite(grad).all(dim=-1)
+            bad = ~torch.isfinite(losses) | ~(grad.abs().amax(dim=-1) <= GRADIENT_LIMIT)
             if not bool(bad.any()):
                 break
             drop = _most_suspicious(kept, bad, suspicion)
@@ -151,7 +161,9 @@ def _most_suspicious(kept: Tensor, bad: Tensor, suspicion: Tensor | None) -> Ten
     """One member per bad row to drop: its kept member of highest suspicion (never ``-inf``)."""
     if suspicion is None:
         return torch.zeros_like(kept)
-    score = torch.nan_to_num(suspicion.to(torch.float64), nan=torch.inf, posinf=torch.inf)
+    score = torch.nan_to_num(
+        suspicion.to(torch.float64), nan=torch.inf, posinf=torch.inf, neginf=-torch.inf
+    )
     candidates = kept & bad.unsqueeze(-1) & (score > -torch.inf)
     score = torch.where(candidates, score, -torch.inf)
     pick = torch.zeros_like(kept).scatter_(-1, score.argmax(dim=-1, keepdim=True), True)
