@@ -49,6 +49,11 @@ def test_each_attack_on_tiny_tensors() -> None:
     assert torch.equal(_attack("free_rider"), torch.tensor([[9.0, 8.0], [9.0, 8.0]]))
     assert bool(torch.isnan(_attack("nan")).all())
     assert torch.equal(_attack("label_flip"), torch.tensor([[1.0, 2.0], [3.0, 5.0]]))
+    assert torch.equal(_attack("extreme"), torch.full((2, 2), 1e10))  # the default scale
+    assert torch.equal(_attack("extreme", 3e38), torch.full((2, 2), 3e38))
+    mixed = _attack("extreme_mixed", 3e38)
+    assert torch.equal(mixed.abs(), torch.full((2, 2), 3e38)) and bool(torch.isfinite(mixed).all())
+    assert torch.equal(mixed, _attack("extreme_mixed", 3e38))  # seeded signs
     noise = _attack("noise", 0.5)
     assert noise.shape == (2, 2) and not torch.equal(noise, _attack("noise", 0.1))
     assert torch.equal(noise, _attack("noise", 0.5))  # seeded
@@ -56,13 +61,18 @@ def test_each_attack_on_tiny_tensors() -> None:
 
 
 def test_attack_config_and_attackers_are_validated() -> None:
-    assert set(ATTACKS) == {"noise", "sign_flip", "scale", "label_flip", "free_rider", "nan"}
+    assert set(ATTACKS) == {
+        "noise", "sign_flip", "scale", "label_flip", "free_rider", "nan", "extreme", "extreme_mixed"
+    }  # fmt: skip
     with pytest.raises(ConfigError, match="unknown attack"):
         AttackConfig("evil")
     with pytest.raises(ConfigError, match="takes no scale"):
         AttackConfig("nan", 2.0)
     with pytest.raises(ConfigError):
         AttackConfig("scale", math.inf)
+    AttackConfig("extreme", 3.4e38)  # the largest finite float32 scale is allowed
+    with pytest.raises(ConfigError, match="finite in float32"):
+        AttackConfig("extreme_mixed", 3.5e38)
     assert attacker_nodes(6, 2) == [4, 5]
     with pytest.raises(ConfigError):
         attacker_nodes(3, 3)

@@ -3,7 +3,9 @@
 The simulator and the in-memory twin test the attacks in detail; this runs the launcher's
 ``--attackers K --attack KIND`` path end to end (real processes, tracker and ZeroMQ links) and reads
 the swarm's ``security`` summary. The same attack under fixed averaging is the control: it wrecks
-the honest peers, so the learned-trust run's accuracy is measured against a visible failure.
+the honest peers, so the learned-trust run's accuracy is measured against a visible failure. The
+plausibility screen is off in both, so that trust (not the screen) is what is tested; with it on,
+these sign flips are rejected as ``implausible`` (``tests/test_extreme.py`` tests the screen).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def _attacked_swarm(tmp_path: Path, *, mixing: str) -> dict[str, Any]:
         rounds=ROUNDS,
         cohort=PEERS - 1,
         mixing=mixing,
+        plausibility=0.0,  # trust alone: the screen would reject 4x sign flips outright
     )
     config = SwarmConfig(
         torrent=torrent,

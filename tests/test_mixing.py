@@ -145,8 +145,10 @@ def test_weight_floor_and_entropy_penalty_keep_trust_near_uniform() -> None:
         return (mix(weights, target) - 3.0).square().sum(dim=-1)
 
     start = torch.zeros(3)
-    free = trust_weights(learn_trust(start, mixed_loss=loss, lr=1.0, steps=50))
-    held = trust_weights(learn_trust(start, mixed_loss=loss, lr=1.0, steps=50, entropy_penalty=5.0))
+    free = trust_weights(learn_trust(start, mixed_loss=loss, lr=1.0, steps=50).logits)
+    held = trust_weights(
+        learn_trust(start, mixed_loss=loss, lr=1.0, steps=50, entropy_penalty=5.0).logits
+    )
     assert float(free[0]) > float(held[0]) > 1 / 3
 
 
@@ -284,12 +286,12 @@ def test_learn_trust_leaves_non_members_and_input_alone() -> None:
         members=members,
         lr=1.0,
         steps=5,
-    )
+    ).logits
     assert float(new[0, 2]) == -1.0
     assert not torch.equal(new, logits)
     assert torch.equal(logits, torch.tensor([[0.5, 2.0, -1.0]]))
     assert torch.equal(
-        learn_trust(logits, mixed_loss=lambda w: w.sum(dim=-1), lr=1.0, steps=0), logits
+        learn_trust(logits, mixed_loss=lambda w: w.sum(dim=-1), lr=1.0, steps=0).logits, logits
     )
 
 

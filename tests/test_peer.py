@@ -56,6 +56,7 @@ def make_torrent(
     cohort: int = 2,
     rounds: int = 3,
     round_schedule: str = "constant",
+    plausibility: float = MixingConfig.plausibility,
 ) -> Path:
     """A digits / logreg session (fast: ~200 examples per peer) and its initial state."""
     torch.manual_seed(0)
@@ -66,7 +67,9 @@ def make_torrent(
         model=ModelConfig("logreg", {}),
         data=DataConfig(dataset="digits", num_nodes=nodes, seed=0),
         train=TrainConfig(epochs=1, batch_size=32, lr=0.1, seed=0),
-        mixing=MixingConfig(rule=rule, trust_steps=3, trust_batch_size=32),
+        mixing=MixingConfig(
+            rule=rule, trust_steps=3, trust_batch_size=32, plausibility=plausibility
+        ),
         rounds=rounds,
         round_schedule=round_schedule,
         cohort_size=cohort,

@@ -15,6 +15,14 @@ With ``theta`` the attacker's trained parameters this round, ``ref`` what it hel
 | ``label_flip`` | ``theta``, trained on labels ``C - 1 - y`` | (none) |
 | ``free_rider`` | ``theta0``: contributes nothing, gets the swarm's model | (none) |
 | ``nan`` | NaN everywhere: the decoder rejects it (the simulator drops and counts it) | (none) |
+| ``extreme`` | ``s`` in every coordinate: finite, so it passes the decoder | 1e10 |
+| ``extreme_mixed`` | ``+s`` or ``-s`` per coordinate, the sign drawn at random (seeded) | 1e10 |
+
+The two ``extreme`` attacks take any finite float32 scale (up to ``3.4e38``); they are what the
+plausibility screen (``mixing.screen``) and the numerically safe trust objective are for. A
+constant vector is the nastier of the two for learned trust: for a linear model it shifts every
+class's logit alike, so the validation loss barely sees it while its magnitude wipes out the
+honest part of any mix in float32.
 
 With ``fixed`` averaging over M members, K sign-flippers move an honest node by about
 ``((M - K) - K s) / M`` times an honest update: at ``s = 4``, 2 of 6 move it backwards (the model
@@ -34,8 +42,16 @@ from fedtorrent.config import ATTACKS
 from fedtorrent.errors import ConfigError, UnknownNameError
 
 Tensor = torch.Tensor
-DEFAULT_SCALE = {"noise": 1.0, "sign_flip": 4.0, "scale": 20.0}
+DEFAULT_SCALE = {
+    "noise": 1.0,
+    "sign_flip": 4.0,
+    "scale": 20.0,
+    "extreme": 1e10,
+    "extreme_mixed": 1e10,
+}
 """Scale used when none is given; the other attacks take none."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest scale an ``extreme`` attack takes: its values stay finite in float32."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,11 @@ class AttackConfig:
                 raise ConfigError(f"attack {self.kind!r} takes no scale")
             if not (math.isfinite(self.scale) and self.scale > 0):
                 raise ConfigError(f"attack scale must be a finite number > 0, got {self.scale}")
+            if self.kind.startswith("extreme") and self.scale > FLOAT32_MAX:
+                raise ConfigError(
+                    f"attack {self.kind!r} takes a scale up to {FLOAT32_MAX:.6g} (finite in "
+                    f"float32), got {self.scale}"
+                )
 
     @property
     def strength(self) -> float:
@@ -82,7 +103,7 @@ def attack_params(
         params: ``(..., P)`` trained parameters (one row per attacker).
         reference: same shape: what each attacker held before this round's training.
         initial: ``(P,)`` or same shape: the session's initial parameters.
-        generator: draws the ``noise`` attack's values (CPU).
+        generator: draws the ``noise`` attack's values and ``extreme_mixed``'s signs (CPU).
 
     Returns:
         A new tensor shaped like ``params`` (``params`` itself is never modified).
@@ -103,6 +124,11 @@ def attack_params(
         return initial.expand_as(params).clone()
     if kind == "nan":
         return torch.full_like(params, math.nan)
+    if kind == "extreme":
+        return torch.full_like(params, s)
+    if kind == "extreme_mixed":
+        signs = torch.randint(0, 2, params.shape, generator=generator, dtype=torch.int8)
+        return (signs.to(params.dtype) * 2 - 1) * s
     return params.clone()  # label_flip: the poison is in the training data
 
 

@@ -104,7 +104,16 @@ BASELINE_TRAIN = TrainConfig(
 """The centralized baseline (``fedtorrent train``): logreg gets ~92.8% on MNIST, ~84.8% Fashion."""
 
 
-ATTACKS = ("noise", "sign_flip", "scale", "label_flip", "free_rider", "nan")
+ATTACKS = (
+    "noise",
+    "sign_flip",
+    "scale",
+    "label_flip",
+    "free_rider",
+    "nan",
+    "extreme",
+    "extreme_mixed",
+)
 """Poisoning attacks (``fedtorrent.adversary``)."""
 MIXING_RULES = ("none", "fixed", "metropolis", "learned", "median", "trimmed_mean", "krum")
 TOPOLOGIES = ("complete", "ring", "regular", "erdos_renyi", "random_cohort")
@@ -132,6 +141,10 @@ class MixingConfig:
     """For ``trimmed_mean``: fraction cut from each end per coordinate."""
     byzantine: int = 1
     """For ``krum``: how many attackers to tolerate."""
+    plausibility: float = 10.0
+    """Plausibility screen (``mixing.screen``), before any rule mixes: a received state farther
+    from the node's own trained vector than this multiple of the lower median of ``[own norm,
+    every received distance]`` is rejected as ``implausible``. 0 turns the screen off."""
 
     def __post_init__(self) -> None:
         _require(
@@ -157,6 +170,10 @@ class MixingConfig:
             0 <= self.trim_ratio < 0.5, f"trim_ratio must be in [0, 0.5), got {self.trim_ratio}"
         )
         _require(self.byzantine >= 0, f"byzantine must be >= 0, got {self.byzantine}")
+        _require(
+            self.plausibility == 0 or 1 < self.plausibility < float("inf"),
+            f"plausibility must be 0 (off) or a finite multiple > 1, got {self.plausibility}",
+        )
 
 
 @dataclass(frozen=True)

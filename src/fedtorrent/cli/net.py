@@ -60,6 +60,13 @@ def create(
     mixing: Annotated[str, typer.Option(help="Mixing rule.")] = "learned",
     trust_lr: Annotated[float, typer.Option(help="Trust learning rate.")] = 5.0,
     trust_steps: Annotated[int, typer.Option(help="Trust SGD steps per round.")] = 10,
+    plausibility: Annotated[
+        float,
+        typer.Option(
+            help="Plausibility screen: a peer rejects a received state farther from its own than "
+            "this multiple of the median distance (own norm included); 0 turns it off."
+        ),
+    ] = _SIM.mixing.plausibility,
     epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _SIM.train.epochs,
     steps: Annotated[
         int | None, typer.Option(help="Local batches per round (overrides epochs).")
@@ -147,7 +154,9 @@ def create(
             momentum=momentum,
             seed=seed,
         ),
-        mixing=config.MixingConfig(rule=mixing, trust_lr=trust_lr, trust_steps=trust_steps),
+        mixing=config.MixingConfig(
+            rule=mixing, trust_lr=trust_lr, trust_steps=trust_steps, plausibility=plausibility
+        ),
         rounds=rounds,
         round_schedule=round_schedule,
         cohort_size=cohort,

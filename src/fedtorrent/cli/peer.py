@@ -75,7 +75,7 @@ def peer_command(
         str | None,
         typer.Option(
             help="Experiments only: make this peer an adversary (noise, sign_flip, scale, "
-            "label_flip, free_rider, nan; see docs/simulator.md)."
+            "label_flip, free_rider, nan, extreme, extreme_mixed; see docs/simulator.md)."
         ),
     ] = None,
     attack_scale: Annotated[

@@ -86,6 +86,13 @@ def simulate(
     byzantine: Annotated[
         int, typer.Option(help="Attackers Krum tolerates.")
     ] = _DEFAULT.mixing.byzantine,
+    plausibility: Annotated[
+        float,
+        typer.Option(
+            help="Plausibility screen: reject a received state farther from the node's own than "
+            "this multiple of the median distance (own norm included); 0 turns it off."
+        ),
+    ] = _DEFAULT.mixing.plausibility,
     rounds: Annotated[int, typer.Option(help="Communication rounds.")] = _DEFAULT.rounds,
     round_schedule: Annotated[
         str, typer.Option(help="Local lr across rounds: constant, or cosine decay towards 0.")
@@ -131,7 +138,10 @@ def simulate(
     dp_delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
     attack: Annotated[
         str | None,
-        typer.Option(help="noise, sign_flip, scale, label_flip, free_rider or nan (docs)."),
+        typer.Option(
+            help="noise, sign_flip, scale, label_flip, free_rider, nan, extreme or "
+            "extreme_mixed (docs)."
+        ),
     ] = None,
     attackers: Annotated[int, typer.Option(help="The last K nodes attack.")] = 0,
     attack_scale: Annotated[
@@ -185,6 +195,7 @@ def simulate(
                 entropy_penalty=entropy_penalty,
                 trim_ratio=trim_ratio,
                 byzantine=byzantine,
+                plausibility=plausibility,
             ),
         )
         for rule in rules
@@ -294,7 +305,10 @@ def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, spl
     console.print(table)
     for rule, row in summary["by_mixing"].items():
         security = row.get("security")
+        rejected = row.get("rejected") or {}
         if security is None:
+            if rejected:
+                console.print(f"{rule}: left out of mixes {_counts(rejected)}")
             continue
         parts = []
         if security["attackers"]:
@@ -304,12 +318,16 @@ def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, spl
                 f"± {100 * security['honest_accuracy_std']:.2f}, weight per attacker "
                 + ("n/a" if weight is None else f"{weight:.4f}")
             )
-        if security["rejected"]:
-            parts.append(f"rejected {security['rejected']}")
+        if rejected:
+            parts.append(f"left out of mixes {_counts(rejected)}")
         if security["epsilon"] is not None:
             parts.append(f"epsilon spent {security['epsilon']:.3f}")
         console.print(f"{rule}: " + "; ".join(parts))
     console.print(f"done in {seconds:.1f} s; records, plots and summary.json in {folder}")
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
 
 
 @app.command()

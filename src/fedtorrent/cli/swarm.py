@@ -68,7 +68,9 @@ def swarm_command(
     ] = 0,
     attack: Annotated[
         str | None,
-        typer.Option(help="noise, sign_flip, scale, label_flip, free_rider or nan."),
+        typer.Option(
+            help="noise, sign_flip, scale, label_flip, free_rider, nan, extreme or extreme_mixed."
+        ),
     ] = None,
     attack_scale: Annotated[
         float | None, typer.Option(help="The attack's scale (default per attack).")

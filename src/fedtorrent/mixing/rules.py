@@ -9,6 +9,9 @@ One code path serves a single peer and the whole simulator:
   ``(N, N)`` row-stochastic matrix, dense or sparse, zero outside each node's cohort plus itself.
 
 Robust rules (median, trimmed mean, Krum) reduce over the second-to-last axis of a per-node stack.
+None of them overflows on finite input, however large (up to float32's 3.4e38): the median halves
+before it adds, and a trimmed mean or Krum distance that is not finite in float32 is recomputed in
+float64 (only then, so ordinary inputs give exactly the float32 results).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def coordinate_median(stack: Tensor) -> Tensor:
     m = stack.shape[-2]
     ordered = stack.sort(dim=-2).values
     lo, hi = (m - 1) // 2, m // 2
-    return 0.5 * (ordered[..., lo, :] + ordered[..., hi, :])
+    # Halving first cannot overflow, and gives exactly 0.5 * (a + b) in binary floating point.
+    return 0.5 * ordered[..., lo, :] + 0.5 * ordered[..., hi, :]
 
 
 def trimmed_mean(stack: Tensor, *, trim_ratio: float) -> Tensor:
@@ -97,8 +101,12 @@ def trimmed_mean(stack: Tensor, *, trim_ratio: float) -> Tensor:
         raise ConfigError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
     m = stack.shape[-2]
     cut = int(trim_ratio * m)
-    ordered = stack.sort(dim=-2).values
-    return ordered[..., cut : m - cut, :].mean(dim=-2)
+    kept = stack.sort(dim=-2).values[..., cut : m - cut, :]
+    out = kept.mean(dim=-2)
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):  # the float32 sum overflowed: the mean itself is within range
+        out = torch.where(bad, kept.to(torch.float64).mean(dim=-2).to(out.dtype), out)
+    return out
 
 
 def krum_scores(stack: Tensor, *, byzantine: int) -> Tensor:
@@ -116,6 +124,10 @@ def krum_scores(stack: Tensor, *, byzantine: int) -> Tensor:
     if m == 1:
         return torch.zeros(stack.shape[:-1])
     distances = torch.cdist(stack, stack).square()
+    if not bool(torch.isfinite(distances).all()):
+        # float32 overflowed (or cancelled to NaN); float64 holds (2 * 3.4e38)^2 * P exactly enough.
+        wide = stack.to(torch.float64)
+        distances = torch.cdist(wide, wide).square()
     nearest = max(1, min(m - 1, m - byzantine - 2))
     # Each row's zero distance to itself sorts first; skip it.
     ordered = distances.sort(dim=-1).values[..., 1 : 1 + nearest]

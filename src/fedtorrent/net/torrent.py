@@ -64,6 +64,9 @@ MAX_ALLOW_KEYS = 10_000
 _HEX = frozenset("0123456789abcdef")
 _LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
 """Fields that describe one machine, never the session: a peer fills them in itself."""
+_ADDED_LATER = {MixingConfig: frozenset({"plausibility"})}
+"""Fields added after format version 1: written only when they differ from their default and
+read as the default when absent, so older torrents keep their bytes and their info-hash."""
 _TOP_KEYS = frozenset(
     {"announce", "announce-list", "comment", "created by", "creation date", "info"}
 )
@@ -667,11 +670,12 @@ def _field_type(hint: Any, where: str) -> tuple[Any, bool]:
 def _encode_fields(obj: Any) -> dict[bytes, Any]:
     """A config dataclass as a bencodable dict; ``None`` fields are left out."""
     skip = _LOCAL_ONLY.get(type(obj), frozenset())
+    later = _ADDED_LATER.get(type(obj), frozenset())
     hints = typing.get_type_hints(type(obj))
     out: dict[bytes, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name in skip or value is None:
+        if f.name in skip or value is None or (f.name in later and value == f.default):
             continue
         kind, _ = _field_type(hints[f.name], f.name)
         out[f.name.encode()] = _encode_value(value, kind, f"{type(obj).__name__}.{f.name}")
@@ -703,7 +707,8 @@ def _decode_fields(cls: type[Any], raw: object, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
     typed = {f.name: _field_type(hints[f.name], f"{where}.{f.name}") for f in fields}
-    required = {name for name, (_, optional) in typed.items() if not optional}
+    later = _ADDED_LATER.get(cls, frozenset())
+    required = {name for name, (_, optional) in typed.items() if not optional} - later
     _check_keys(data, required=required, optional=set(typed) - required, where=where)
     values = {
         name: _decode_value(data[name.encode()], kind, f"{where}.{name}")

@@ -50,6 +50,7 @@ REASONS = (
     "replay",  # an old round, a reused nonce, or a round past the end of the session
     "not_allowed",  # (a handshake) a CurveZMQ key outside the closed swarm's allow-list
     "rate_limited",  # (sent by a server) this requester asked too often; ask again later
+    "implausible",  # (after decoding) too far from the receiver's own model (mixing.screen)
 )
 
 _MAX_INT = 2**53

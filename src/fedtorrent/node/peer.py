@@ -112,6 +112,7 @@ if TYPE_CHECKING:
     from fedtorrent.net.tracker.client import TrackerAnswer
     from fedtorrent.net.transport import (
         Endpoint,
+        Reply,
         ServedEvent,
         Transport,
         TransportConfig,
@@ -527,6 +528,7 @@ class Peer:
         round is then abandoned and redone after ``--resume``).
         """
         from fedtorrent.mixing.rules import metropolis_row, mix_stack  # noqa: PLC0415
+        from fedtorrent.mixing.screen import finite_or_own  # noqa: PLC0415
         from fedtorrent.net import wire  # noqa: PLC0415
         from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
         from fedtorrent.state import encode_state, flatten, state_digest, unflatten  # noqa: PLC0415
@@ -611,23 +613,31 @@ class Peer:
         heard = [p for p in exchange.dialled if p in exchange.replies]
         states = [exchange.replies[p].state for p in heard]
         stack = torch.stack([flatten(trained), *(flatten(s) for s in states if s is not None)])
+        heard, stack, screened = self._screen(heard, stack, exchange)
         rule = self.session.mixing.rule
         weights: torch.Tensor | None = None
+        excluded: list[str] = []
         if rule == "learned":
-            weights = self._learn_trust(round, heard, stack)
+            weights, excluded = self._learn_trust(round, heard, stack)
         elif rule == "metropolis":
             degrees = torch.full((len(heard),), float(self.session.cohort_size))
             weights = metropolis_row(len(heard), degrees)
         elif rule == "fixed":
             weights = torch.full((1 + len(heard),), 1.0 / (1 + len(heard)))
-        mixed = mix_stack(stack, config=self.session.mixing, weights=weights)
+        mixed, unmixed = finite_or_own(
+            mix_stack(stack, config=self.session.mixing, weights=weights), stack[0]
+        )
+        if bool(unmixed):
+            log.warning("round %d: the mix was not finite; keeping this peer's own state", round)
         self.current = unflatten(mixed, self.like)
         if self.private is not None and self.private.shared is not None:
             stack[0] = flatten(self.private.shared)  # what the cohort can compute we hold
-            public = mix_stack(stack, config=self.session.mixing, weights=weights)
+            public, _ = finite_or_own(
+                mix_stack(stack, config=self.session.mixing, weights=weights), stack[0]
+            )
             self.private.mixed(unflatten(public, self.like))
         self.model.load_state_dict(self.current)
-        self._log_exchange(heard, exchange, weights)
+        self._log_exchange(heard, exchange, weights, screened)
         timings["mix"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -658,6 +668,8 @@ class Peer:
             "trust_weights": weights_by_peer(weights, heard),
             "self_weight": float(weights[0]) if weights is not None else None,
             "rejected_from": exchange.rejected,
+            "excluded": excluded,
+            "unmixed": bool(unmixed),
             "missing": exchange.missing,
             "skipped": exchange.skipped,
             "neighbours": {
@@ -799,10 +811,44 @@ class Peer:
             cohort = self._cohort(answer)
         return cohort
 
-    def _learn_trust(self, round: int, heard: list[str], stack: torch.Tensor) -> torch.Tensor:
+    def _screen(
+        self, heard: list[str], stack: torch.Tensor, exchange: Exchange
+    ) -> tuple[list[str], torch.Tensor, dict[str, Reply]]:
+        """The plausibility screen (``mixing.screen``) on ``[self, *heard]``, before any rule.
+
+        A rejected state leaves ``heard``, the stack and ``exchange.replies``; it is recorded in
+        ``exchange.rejected`` and the transport's rejections as ``implausible``.
+
+        Returns:
+            The heard peers kept, their stack (own row first) and the rejected replies by peer.
+        """
+        from fedtorrent.mixing.screen import screen_stack  # noqa: PLC0415
+
+        mixing = self.session.mixing
+        if mixing.plausibility <= 0 or mixing.rule == "none" or not heard:
+            return heard, stack, {}
+        rejected, distances = screen_stack(stack, multiple=mixing.plausibility)
+        screened: dict[str, Reply] = {}
+        verdicts = zip(heard, rejected.tolist(), distances.tolist(), strict=True)
+        for peer_id, out, distance in verdicts:
+            if out:
+                screened[peer_id] = exchange.replies.pop(peer_id)
+                exchange.rejected[peer_id] = "implausible"
+                self.transport.stats.record_rejection(peer_id, "implausible")
+                log.warning("rejected the state of peer %s: implausible (distance %.3g)",
+                            peer_id, distance)  # fmt: skip
+        keep = [0, *(1 + i for i, out in enumerate(rejected.tolist()) if not out)]
+        return [p for p in heard if p not in screened], stack[keep], screened
+
+    def _learn_trust(
+        self, round: int, heard: list[str], stack: torch.Tensor
+    ) -> tuple[torch.Tensor, list[str]]:
         """Learned trust over ``[self, *heard]``, fitted on fresh validation batches.
 
         With nothing to fit on (no validation data, nobody heard) the current logits are used.
+
+        Returns:
+            The weights and the peers trust excluded this round (weight 0, ``mixing.trust``).
         """
         from fedtorrent.mixing.trust import LossFn, model_loss_fn  # noqa: PLC0415
 
@@ -810,7 +856,7 @@ class Peer:
         mixing = self.session.mixing
         count = len(self.data.y_val)
         if not heard or count == 0 or mixing.trust_steps == 0:
-            return self.trust.weights(heard)
+            return self.trust.weights(heard), []
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round, self._salt))
         self.model.eval()
 
@@ -831,7 +877,8 @@ class Peer:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, 4, round, self._salt))
-            return self.trust.learn(heard, stack, loss, check_loss_fn=check).detach()
+            weights = self.trust.learn(heard, stack, loss, check_loss_fn=check).detach()
+        return weights, list(self.trust.last_excluded)
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | None:
         """The current model's scores on ``(x, y)``; None when there are no examples."""
@@ -897,12 +944,16 @@ class Peer:
         log_served(self.ledger, self._served)
 
     def _log_exchange(
-        self, heard: Sequence[str], exchange: Exchange, weights: torch.Tensor | None
+        self,
+        heard: Sequence[str],
+        exchange: Exchange,
+        weights: torch.Tensor | None,
+        screened: Mapping[str, Reply],
     ) -> None:
-        """Log what was served meanwhile, then every mixed state with the weight it got."""
+        """Log what was served meanwhile, then every state mixed or screened out."""
         self._log_served()
         assert self.ledger is not None
-        log_mixed(self.ledger, heard, exchange, weights)
+        log_mixed(self.ledger, heard, exchange, weights, screened=screened)
 
     # -- state, records and files -----------------------------------------------------------
 

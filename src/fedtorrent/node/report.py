@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from fedtorrent.ledger import Ledger
     from fedtorrent.net.identity import PeerIdentity
-    from fedtorrent.net.transport import ServedEvent
+    from fedtorrent.net.transport import Reply, ServedEvent
     from fedtorrent.node.exchange import Exchange
     from fedtorrent.node.neighbours import NeighbourBook
     from fedtorrent.node.peer import Peer
@@ -113,18 +113,32 @@ def log_served(ledger: Ledger, served: queue.SimpleQueue[ServedEvent]) -> None:
 
 
 def log_mixed(
-    ledger: Ledger, heard: Sequence[str], exchange: Exchange, weights: torch.Tensor | None
+    ledger: Ledger,
+    heard: Sequence[str],
+    exchange: Exchange,
+    weights: torch.Tensor | None,
+    *,
+    screened: Mapping[str, Reply] | None = None,
 ) -> None:
-    """Append a ``received`` entry for every mixed state with the weight it got."""
+    """Append a ``received`` entry for every mixed state with the weight it got.
+
+    States the plausibility screen rejected (``screened``) are logged too, with weight 0.0: the
+    entry keeps the sender's signed digest as proof of what it sent. A weight that is not a
+    finite number (which the mixing code never produces) is logged as None, never refused.
+    """
     values = weights.tolist() if weights is not None else None
-    for i, peer_id in enumerate(heard):
-        header = exchange.replies[peer_id].header
+    entries = [
+        (p, exchange.replies[p].header, float(values[1 + i]) if values is not None else None)
+        for i, p in enumerate(heard)
+    ]
+    entries += [(p, reply.header, 0.0) for p, reply in (screened or {}).items()]
+    for peer_id, header, weight in entries:
         ledger.record_received(
             round=header.round,
             sender=peer_id,
             payload_sha256=header.payload_sha256,
             num_bytes=header.payload_len,
-            weight=float(values[1 + i]) if values is not None else None,
+            weight=weight if weight is not None and math.isfinite(weight) else None,
             nonce=header.nonce,
             update_signature=header.sig,
         )

@@ -41,6 +41,7 @@ from fedtorrent.mixing.rules import (
     trimmed_mean,
     uniform_weights,
 )
+from fedtorrent.mixing.screen import finite_or_own, implausible_pairs, pair_distances
 from fedtorrent.mixing.trust import flat_views, learn_trust, prefer_learned, trust_weights
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.seeds import derive_seed
@@ -559,6 +560,12 @@ class Engine:
         """See :class:`ShareFn` (kept only with a ``share`` hook)."""
         self.rejected = 0
         """Shared rows receivers dropped as not finite, counted once per receiver, all rounds."""
+        self.implausible = 0
+        """Shared rows receivers dropped by the plausibility screen, once per receiver."""
+        self.trust_excluded = 0
+        """Cohort members learned trust excluded (non-finite mixed loss or gradient), per row."""
+        self.unmixed = 0
+        """Rows whose mix was not finite and which kept their own parameters instead."""
         self.trust_logits = torch.zeros(n, n)
         self.trust_kept = torch.zeros(n, dtype=torch.long)
         """Per node: rounds whose learned weights passed the held-out check (``trust_margin``)."""
@@ -702,7 +709,13 @@ class Engine:
     # ---- mixing ---------------------------------------------------------------------------
 
     def mix_round(self, round_index: int) -> Tensor | None:
-        """Mix every node with its cohort; return the ``(N, N)`` weights used (None for robust)."""
+        """Mix every node with its cohort; return the ``(N, N)`` weights used (None for robust).
+
+        Received rows that are not finite, then rows the plausibility screen rejects
+        (``mixing.screen``), are left out of the receiver's cohort (and counted in ``rejected``
+        and ``implausible``) before the rule mixes; a row whose mix is still not finite keeps
+        its own parameters (``unmixed``).
+        """
         adjacency = self.topology.cohorts(round_index)
         eye = torch.eye(self.num_nodes, dtype=torch.bool)
         shared = self.params
@@ -715,15 +728,17 @@ class Engine:
                 self.rejected += int((adjacency & ~eye & bad.unsqueeze(0)).sum())
                 adjacency = adjacency & ~bad.unsqueeze(0)
                 shared = torch.where(bad.unsqueeze(1), self.params, shared)
-        members = adjacency | eye
         rule = self.mixing.rule
         if rule == "none":
             return torch.eye(self.num_nodes)
+        adjacency, suspicion = self._screen(adjacency, shared)
+        members = adjacency | eye
+        own = self.params
         if rule not in WEIGHTED_RULES:
             with _timed(self.timings, "mix"):
                 if shared is not self.params:
                     self.public = self._robust(members, shared, own=shared)
-                self.params = self._robust(members, shared, own=self.params)
+                self.params = self._guard(self._robust(members, shared, own=self.params), own)
             return None
         if rule == "fixed":
             weights = uniform_weights(members)
@@ -731,10 +746,44 @@ class Engine:
             weights = metropolis_weights(adjacency)
         else:
             with _timed(self.timings, "trust"):
-                weights = self._learn_trust(members, shared, round_index)
+                weights = self._learn_trust(members, shared, round_index, suspicion)
         with _timed(self.timings, "mix"):
-            self.params = self._weighted_mix(weights, shared)
+            self.params = self._guard(self._weighted_mix(weights, shared), own)
         return weights
+
+    def _screen(self, adjacency: Tensor, shared: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Drop implausible received rows from each cohort (``mixing.screen``).
+
+        Returns:
+            The screened adjacency, and for learned trust the ``(N, N)`` distances from each
+            node's own row to each member's shared row (``-inf`` on the diagonal), else None.
+        """
+        multiple = self.mixing.plausibility
+        learned = self.mixing.rule == "learned"
+        if multiple <= 0 and not learned:
+            return adjacency, None
+        n = self.num_nodes
+        edges = adjacency & ~torch.eye(n, dtype=torch.bool)
+        rows, cols = edges.nonzero().unbind(1)
+        distances = pair_distances(self.params, shared, rows, cols)
+        if multiple > 0:
+            own_norm = self.params.to(torch.float64).norm(dim=1)
+            out = implausible_pairs(rows, distances, own_norm, multiple=multiple)
+            if bool(out.any()):
+                self.implausible += int(out.sum())
+                adjacency = adjacency.clone()
+                adjacency[rows[out], cols[out]] = False
+        if not learned:
+            return adjacency, None
+        suspicion = torch.zeros(n, n, dtype=torch.float64)
+        suspicion[rows, cols] = distances
+        suspicion.fill_diagonal_(-torch.inf)
+        return adjacency, suspicion
+
+    def _guard(self, mixed: Tensor, own: Tensor) -> Tensor:
+        guarded, kept = finite_or_own(mixed, own)
+        self.unmixed += int(kept.sum())
+        return guarded
 
     def _weighted_mix(self, weights: Tensor, shared: Tensor) -> Tensor:
         n = self.num_nodes
@@ -756,7 +805,9 @@ class Engine:
             mixed = mixed + weights.diagonal().unsqueeze(1) * (self.params - shared)
         return mixed
 
-    def _learn_trust(self, members: Tensor, shared: Tensor, round_index: int) -> Tensor:
+    def _learn_trust(
+        self, members: Tensor, shared: Tensor, round_index: int, suspicion: Tensor | None
+    ) -> Tensor:
         cfg = self.mixing
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round_index))
         data, backend = self.data, self.backend
@@ -779,7 +830,7 @@ class Engine:
             return backend.losses(mixed, *(draw() if batch is None else batch))
 
         with _forked_rng(self.seed, 4, round_index):
-            self.trust_logits = learn_trust(
+            fit = learn_trust(
                 self.trust_logits,
                 mixed_loss=mixed_loss,
                 members=members,
@@ -787,7 +838,10 @@ class Engine:
                 steps=cfg.trust_steps,
                 floor=cfg.weight_floor,
                 entropy_penalty=cfg.entropy_penalty,
+                suspicion=suspicion,
             )
+            self.trust_logits, members = fit.logits, fit.members
+            self.trust_excluded += int(fit.excluded.sum())
             weights = trust_weights(self.trust_logits, members, floor=cfg.weight_floor).detach()
             if cfg.trust_margin <= 0:
                 return weights

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,8 @@ class RunOutcome:
     wall_seconds: float
     security: dict[str, Any] | None = None
     """With privacy or attackers: see :func:`fedtorrent.sim.scenario.security_summary`."""
+    rejected: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Received rows left out of mixes, by reason (:func:`engine_rejections`); empty when none."""
 
     @property
     def accuracies(self) -> list[float]:
@@ -203,7 +205,7 @@ def run_one(
             honest=outgoing.honest,
             attackers=outgoing.attackers,
             weights_per_round=on_attackers,
-            rejected=engine.rejected,
+            rejected=engine_rejections(engine),
             epsilon=outgoing.epsilon,
         )
     return RunOutcome(
@@ -213,7 +215,24 @@ def run_one(
         timings=engine.timings.as_dict(),
         wall_seconds=time.perf_counter() - started,
         security=security,
+        rejected=engine_rejections(engine),
     )
+
+
+def engine_rejections(engine: Engine) -> dict[str, int]:
+    """What the engine left out of mixes, by reason, nonzero counts only.
+
+    ``non_finite`` and ``implausible`` count received rows per receiver (``Engine.rejected``,
+    ``Engine.implausible``); ``trust_excluded`` cohort members learned trust excluded for a round;
+    ``unmixed`` rows whose mix was not finite and kept their own parameters.
+    """
+    counts = {
+        "non_finite": engine.rejected,
+        "implausible": engine.implausible,
+        "trust_excluded": engine.trust_excluded,
+        "unmixed": engine.unmixed,
+    }
+    return {reason: count for reason, count in counts.items() if count}
 
 
 def _snapshot(config: SimConfig, done: int) -> bool:
@@ -289,6 +308,7 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
             "own_accuracy_mean": float(own.mean()),
             "own_accuracy_std": float(own.std()),
             "f1_mean": float(f1.mean()),
+            "rejected": _sum_counts(r.rejected for r in runs),
             "wall_seconds": float(sum(r.wall_seconds for r in runs)),
             "timings": {
                 phase: float(sum(r.timings[phase] for r in runs)) for phase in runs[0].timings
@@ -307,10 +327,7 @@ def _pool_security(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [float(p[key]) for p in parts if p.get(key) is not None]
         return sum(values) / len(values) if values else None
 
-    rejected: dict[str, int] = {}
-    for part in parts:
-        for reason, count in part["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + int(count)
+    rejected = _sum_counts(p["rejected"] for p in parts)
     return {
         "attackers": parts[0]["attackers"],
         "honest_accuracy_mean": mean("honest_accuracy_mean"),
@@ -321,6 +338,14 @@ def _pool_security(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "rejected": rejected,
         "epsilon": mean("epsilon"),
     }
+
+
+def _sum_counts(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for part in parts:
+        for reason, count in part.items():
+            total[reason] = total.get(reason, 0) + int(count)
+    return total
 
 
 def config_dict(config: SimConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ at ``sample_rate = 1``, so every node's epsilon is the same and one accountant s
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -145,12 +145,14 @@ def security_summary(
     honest: Sequence[int],
     attackers: Sequence[int],
     weights_per_round: Sequence[float],
-    rejected: int,
+    rejected: Mapping[str, int],
     epsilon: float | None,
 ) -> dict[str, Any]:
     """The run's security metric: accuracies, weight on attackers, rejections, epsilon.
 
-    ``weight_to_attackers`` is the mean of the per-round values (None when there were none).
+    ``weight_to_attackers`` is the mean of the per-round values (None when there were none);
+    ``rejected`` counts dropped received rows by reason (``non_finite``, ``implausible``, see
+    :func:`fedtorrent.sim.run.engine_rejections`).
     """
     honest_acc = torch.tensor([float(final[i]["accuracy"]) for i in honest], dtype=torch.float64)
     attacker_acc = [float(final[i]["accuracy"]) for i in attackers]
@@ -162,6 +164,6 @@ def security_summary(
         "weight_to_attackers": (
             sum(weights_per_round) / len(weights_per_round) if weights_per_round else None
         ),
-        "rejected": {"non_finite": rejected} if rejected else {},
+        "rejected": {reason: count for reason, count in rejected.items() if count},
         "epsilon": epsilon,
     }
