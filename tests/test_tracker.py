@@ -75,7 +75,7 @@ class Tracker:
 
 @asynccontextmanager
 async def running(config: TrackerConfig | None = None, **kwargs: Any) -> AsyncIterator[Tracker]:
-    config = config or TrackerConfig(port=0, rate_limit=0)
+    config = config or TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0)
     kwargs.setdefault("rng", random.Random(7))
     server = TrackerServer(config, **kwargs)
     await server.start()
@@ -154,7 +154,7 @@ def test_stopped_peers_leave_and_completed_peers_are_counted() -> None:
 def test_silent_peers_expire_after_two_intervals() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        config = TrackerConfig(port=0, rate_limit=0, interval=10)
+        config = TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0, interval=10)
         async with running(config, clock=clock) as t:
             await t.announce("early")
             await t.announce("steady")
@@ -177,7 +177,7 @@ def test_silent_peers_expire_after_two_intervals() -> None:
 def test_a_restarted_tracker_remembers_its_swarms(tmp_path: Path) -> None:
     db = tmp_path / "tracker.sqlite"
     clock = FakeClock()
-    config = TrackerConfig(port=0, rate_limit=0, interval=10, db_path=db)
+    config = TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0, interval=10, db_path=db)
 
     async def first() -> int:
         async with running(config, clock=clock) as t:
@@ -221,7 +221,9 @@ def test_write_behind_reaches_sqlite_without_a_restart(tmp_path: Path) -> None:
     db = tmp_path / "tracker.sqlite"
 
     async def scenario() -> None:
-        config = TrackerConfig(port=0, rate_limit=0, db_path=db, flush_interval=60)
+        config = TrackerConfig(
+            port=0, rate_limit=0, max_peers_per_address=0, db_path=db, flush_interval=60
+        )
         async with running(config) as t:
             for i in range(7):
                 await t.announce(f"peer-{i}")
@@ -317,7 +319,9 @@ def test_closed_tracker_admits_only_allowed_and_served_swarms(tmp_path: Path) ->
     served = write_session(tmp_path)
 
     async def scenario() -> None:
-        config = TrackerConfig(port=0, rate_limit=0, allow=frozenset({SWARM}))
+        config = TrackerConfig(
+            port=0, rate_limit=0, max_peers_per_address=0, allow=frozenset({SWARM})
+        )
         async with running(config, torrents=[served.path]) as t:
             await t.announce("p", info_hash=SWARM)
             await t.announce("p", info_hash=served.info_hash)
@@ -365,7 +369,9 @@ def test_limiter_forgets_idle_clients() -> None:
 
 def test_swarm_and_tracker_caps() -> None:
     async def scenario() -> None:
-        config = TrackerConfig(port=0, rate_limit=0, max_peers_per_swarm=3, max_swarms=2)
+        config = TrackerConfig(
+            port=0, rate_limit=0, max_peers_per_address=0, max_peers_per_swarm=3, max_swarms=2
+        )
         async with running(config) as t:
             for i in range(3):
                 await t.announce(f"p{i}")
@@ -401,7 +407,11 @@ def test_keys_and_address_overrides() -> None:
             status, body = await t.get(
                 "/announce", info_hash=SWARM, peer_id="hex", port=1, pubkey="1" * 64
             )
-            assert status == 409
+            assert status == 403 and "signed" in body["failure reason"]  # a bound Ed25519 key
+            status, body = await t.get(
+                "/announce", info_hash=SWARM, peer_id="z85", port=4000, pubkey="1" * 40
+            )
+            assert status == 409  # a Z85 key cannot sign: listed, not bound
             answer = await t.get(
                 "/announce", info_hash=SWARM, peer_id="bare", port=1, format="bencode"
             )
@@ -411,7 +421,7 @@ def test_keys_and_address_overrides() -> None:
             assert by_id[b"z85"][b"pubkey"] == Z85_KEY.encode()
             assert b"pubkey" not in by_id.get(b"bare", {b"": b""})
 
-        config = TrackerConfig(port=0, rate_limit=0, ip_override="never")
+        config = TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0, ip_override="never")
         async with running(config) as t:
             status, body = await t.get(
                 "/announce", info_hash=SWARM, peer_id="p", port=1, ip="10.0.0.1"
