@@ -653,6 +653,10 @@ class SwarmRegistry:
                 tracker_bytes_out=bytes_out,
                 announces=announces,
             )
+        for info_hash, peer_id, pubkey, last_ts in keys:
+            swarm = self._swarms.get(info_hash)
+            if swarm is not None:
+                swarm.keys[peer_id] = KeyBinding(pubkey, last_ts)
         rows = sorted(peers, key=lambda row: row[-1])  # oldest first: the expiry order
         for row in rows:
             info_hash, peer_id, ip, port, source, pubkey, round_, accuracy = row[:8]
@@ -679,10 +683,6 @@ class SwarmRegistry:
             if pubkey is not None and len(pubkey) == 64 and peer_id not in swarm.keys:
                 key = swarm.keys[peer_id] = KeyBinding(pubkey)
                 self._dirty_keys[(info_hash, peer_id)] = key
-        for info_hash, peer_id, pubkey, last_ts in keys:
-            swarm = self._swarms.get(info_hash)
-            if swarm is not None:
-                swarm.keys[peer_id] = KeyBinding(pubkey, last_ts)
         self.expire()
 
 
