@@ -269,6 +269,14 @@ class Answer:
         return head + b"".join(p.bencode_fragment() for p in self.peers) + b"ee"
 
 
+@dataclass(slots=True)
+class _Series:
+    """One peer's recorded points and when it last announced (the registry clock's seconds)."""
+
+    points: deque[tuple[Any, ...]]
+    seen: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Changes:
     """Rows to write since the last drain: upserted peers, deleted peers, upserted/deleted swarms.
@@ -316,7 +324,7 @@ class SwarmRegistry:
         self._dirty_peers: dict[tuple[str, str], Peer | None] = {}
         self._dirty_swarms: dict[str, Swarm | None] = {}
         self._dirty_keys: dict[tuple[str, str], KeyBinding | None] = {}
-        self._history: OrderedDict[tuple[str, str], deque[tuple[Any, ...]]] = OrderedDict()
+        self._history: OrderedDict[tuple[str, str], _Series] = OrderedDict()
         """(info_hash, peer_id) -> its last ``history_rounds`` points, least recent first."""
 
     def allow_served(self, info_hashes: Iterable[str]) -> None:
@@ -497,19 +505,28 @@ class SwarmRegistry:
         """Append (round, accuracy, bytes_sent, bytes_received) to the peer's bounded history.
 
         A round at or below the last recorded one replaces the points from it on (a re-announce
-        of the same round, or a peer restarted from an earlier checkpoint).
+        of the same round, or a peer restarted from an earlier checkpoint). When ``history_peers``
+        series exist, a new peer takes the least recently announced one's place only if that one
+        has been silent for a ``ttl``: series that are still growing are never pushed out (by a
+        flood of new ids, say), and a swarm larger than the cap costs no churn per announce.
         """
         series_id = (info_hash, peer.peer_id)
-        series = self._history.get(series_id)
+        history = self._history
+        series = history.get(series_id)
         if series is None:
-            if len(self._history) >= self.config.history_peers:
-                self._history.popitem(last=False)
-            series = self._history[series_id] = deque(maxlen=self.config.history_rounds)
+            if len(history) >= self.config.history_peers:
+                stalest = next(iter(history.values()))
+                if stalest.seen >= peer.last_seen - self.ttl:
+                    return  # every kept series is live: this peer is not plotted
+                history.popitem(last=False)
+            series = history[series_id] = _Series(deque(maxlen=self.config.history_rounds))
         else:
-            self._history.move_to_end(series_id)
-        while series and series[-1][0] >= peer.round:
-            series.pop()
-        series.append((peer.round, peer.accuracy, peer.bytes_sent, peer.bytes_received))
+            history.move_to_end(series_id)
+        series.seen = peer.last_seen
+        points = series.points
+        while points and points[-1][0] >= peer.round:
+            points.pop()
+        points.append((peer.round, peer.accuracy, peer.bytes_sent, peer.bytes_received))
 
     def history(self, info_hash: str) -> dict[str, list[tuple[Any, ...]]]:
         """Peer id -> its recorded ``(round, accuracy, bytes_sent, bytes_received)`` points.
@@ -518,7 +535,7 @@ class SwarmRegistry:
         swarm nobody announced to (or whose history was evicted).
         """
         return {
-            peer_id: list(series)
+            peer_id: list(series.points)
             for (swarm_hash, peer_id), series in self._history.items()
             if swarm_hash == info_hash
         }
