@@ -459,6 +459,12 @@ def test_tracker_config_is_validated() -> None:
         TrackerConfig(allow=frozenset({"XYZ"}))
     with pytest.raises(ConfigError, match="numwant"):
         TrackerConfig(numwant=500)
+    with pytest.raises(ConfigError, match="header_timeout"):
+        TrackerConfig(header_timeout=0)
+    with pytest.raises(ConfigError, match="max_peers_per_address"):
+        TrackerConfig(max_peers_per_address=-1)
+    with pytest.raises(ConfigError, match="history_rounds"):
+        TrackerConfig(history_rounds=0)
 
 
 async def raw_exchange(host: str, port: int, request: bytes) -> bytes:
