@@ -82,3 +82,63 @@ def test_dashboard_lists_swarms_and_peers_and_refreshes(tracker: BackgroundTrack
             assert errors == []
         finally:
             browser.close()
+
+
+def test_dashboard_plots_accuracy_and_bytes_per_round_for_every_peer(
+    tracker: BackgroundTracker, tmp_path: Path
+) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    client = TrackerClient(tracker.url, retries=0)
+    peers = ["peer-a", "peer-b", "peer-c"]
+    for r in range(1, 6):
+        for i, peer_id in enumerate(peers):
+            client.announce(
+                SWARM,
+                peer_id,
+                port=7000 + i,
+                round=r,
+                accuracy=min(1.0, 0.1 * r + 0.05 * i),
+                bytes_sent=1000 * r * (i + 1),
+                bytes_received=500 * r,
+            )
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(tracker.url + "/")
+            accuracy = page.locator('[data-plot="accuracy"] polyline')
+            accuracy.first.wait_for(timeout=20_000)
+            assert accuracy.count() == len(peers)  # one line per peer
+            lines = {
+                accuracy.nth(i).get_attribute("data-peer-id"): accuracy.nth(i)
+                for i in range(len(peers))
+            }
+            assert set(lines) == set(peers)
+            for peer_id, line in lines.items():
+                assert line.get_attribute("data-rounds") == "1,2,3,4,5"
+                points = (line.get_attribute("points") or "").split()
+                heights = [float(p.split(",")[1]) for p in points]
+                assert len(heights) == 5 and heights == sorted(heights, reverse=True)  # rising
+                dots = page.locator(f'[data-plot="accuracy"] g[data-peer-id="{peer_id}"] circle')
+                assert [dots.nth(k).get_attribute("data-round") for k in range(5)] == [
+                    "1", "2", "3", "4", "5"
+                ]  # fmt: skip
+            traffic = page.locator('[data-plot="bytes"] polyline')
+            assert traffic.count() == len(peers)
+            for i in range(len(peers)):
+                assert traffic.nth(i).get_attribute("data-rounds") == "2,3,4,5"  # per-round deltas
+            assert page.locator('[data-plot="accuracy"] .legend li').count() == len(peers)
+
+            # A new round shows up without reloading the page.
+            client.announce(SWARM, "peer-a", port=7000, round=6, accuracy=0.9, bytes_sent=7000)
+            page.wait_for_selector(
+                '[data-plot="accuracy"] polyline[data-peer-id="peer-a"][data-rounds="1,2,3,4,5,6"]',
+                timeout=20_000,
+            )
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            assert errors == []
+        finally:
+            browser.close()

@@ -6,12 +6,14 @@ Time is a fake clock handed to the tracker, so expiry and rate limits are exact 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ import pytest
 
 from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, TrackerConfig, TrainConfig
 from fedtorrent.errors import ConfigError
+from fedtorrent.net.identity import PeerIdentity, announce_message
 from fedtorrent.net.torrent import Session, Torrent, save_torrent, state_path_for
 from fedtorrent.net.tracker.client import TrackerClient
 from fedtorrent.net.tracker.registry import (
@@ -32,7 +35,7 @@ from fedtorrent.net.tracker.registry import (
     SwarmRegistry,
     parse_pubkey,
 )
-from fedtorrent.net.tracker.server import TrackerServer
+from fedtorrent.net.tracker.server import BackgroundTracker, TrackerServer
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 
@@ -75,7 +78,7 @@ class Tracker:
 
 @asynccontextmanager
 async def running(config: TrackerConfig | None = None, **kwargs: Any) -> AsyncIterator[Tracker]:
-    config = config or TrackerConfig(port=0, rate_limit=0)
+    config = config or TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0)
     kwargs.setdefault("rng", random.Random(7))
     server = TrackerServer(config, **kwargs)
     await server.start()
@@ -154,7 +157,7 @@ def test_stopped_peers_leave_and_completed_peers_are_counted() -> None:
 def test_silent_peers_expire_after_two_intervals() -> None:
     async def scenario() -> None:
         clock = FakeClock()
-        config = TrackerConfig(port=0, rate_limit=0, interval=10)
+        config = TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0, interval=10)
         async with running(config, clock=clock) as t:
             await t.announce("early")
             await t.announce("steady")
@@ -177,7 +180,7 @@ def test_silent_peers_expire_after_two_intervals() -> None:
 def test_a_restarted_tracker_remembers_its_swarms(tmp_path: Path) -> None:
     db = tmp_path / "tracker.sqlite"
     clock = FakeClock()
-    config = TrackerConfig(port=0, rate_limit=0, interval=10, db_path=db)
+    config = TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0, interval=10, db_path=db)
 
     async def first() -> int:
         async with running(config, clock=clock) as t:
@@ -221,7 +224,9 @@ def test_write_behind_reaches_sqlite_without_a_restart(tmp_path: Path) -> None:
     db = tmp_path / "tracker.sqlite"
 
     async def scenario() -> None:
-        config = TrackerConfig(port=0, rate_limit=0, db_path=db, flush_interval=60)
+        config = TrackerConfig(
+            port=0, rate_limit=0, max_peers_per_address=0, db_path=db, flush_interval=60
+        )
         async with running(config) as t:
             for i in range(7):
                 await t.announce(f"peer-{i}")
@@ -317,7 +322,9 @@ def test_closed_tracker_admits_only_allowed_and_served_swarms(tmp_path: Path) ->
     served = write_session(tmp_path)
 
     async def scenario() -> None:
-        config = TrackerConfig(port=0, rate_limit=0, allow=frozenset({SWARM}))
+        config = TrackerConfig(
+            port=0, rate_limit=0, max_peers_per_address=0, allow=frozenset({SWARM})
+        )
         async with running(config, torrents=[served.path]) as t:
             await t.announce("p", info_hash=SWARM)
             await t.announce("p", info_hash=served.info_hash)
@@ -365,7 +372,9 @@ def test_limiter_forgets_idle_clients() -> None:
 
 def test_swarm_and_tracker_caps() -> None:
     async def scenario() -> None:
-        config = TrackerConfig(port=0, rate_limit=0, max_peers_per_swarm=3, max_swarms=2)
+        config = TrackerConfig(
+            port=0, rate_limit=0, max_peers_per_address=0, max_peers_per_swarm=3, max_swarms=2
+        )
         async with running(config) as t:
             for i in range(3):
                 await t.announce(f"p{i}")
@@ -401,7 +410,11 @@ def test_keys_and_address_overrides() -> None:
             status, body = await t.get(
                 "/announce", info_hash=SWARM, peer_id="hex", port=1, pubkey="1" * 64
             )
-            assert status == 409
+            assert status == 403 and "signed" in body["failure reason"]  # a bound Ed25519 key
+            status, body = await t.get(
+                "/announce", info_hash=SWARM, peer_id="z85", port=4000, pubkey="1" * 40
+            )
+            assert status == 409  # a Z85 key cannot sign: listed, not bound
             answer = await t.get(
                 "/announce", info_hash=SWARM, peer_id="bare", port=1, format="bencode"
             )
@@ -411,7 +424,7 @@ def test_keys_and_address_overrides() -> None:
             assert by_id[b"z85"][b"pubkey"] == Z85_KEY.encode()
             assert b"pubkey" not in by_id.get(b"bare", {b"": b""})
 
-        config = TrackerConfig(port=0, rate_limit=0, ip_override="never")
+        config = TrackerConfig(port=0, rate_limit=0, max_peers_per_address=0, ip_override="never")
         async with running(config) as t:
             status, body = await t.get(
                 "/announce", info_hash=SWARM, peer_id="p", port=1, ip="10.0.0.1"
@@ -446,6 +459,12 @@ def test_tracker_config_is_validated() -> None:
         TrackerConfig(allow=frozenset({"XYZ"}))
     with pytest.raises(ConfigError, match="numwant"):
         TrackerConfig(numwant=500)
+    with pytest.raises(ConfigError, match="header_timeout"):
+        TrackerConfig(header_timeout=0)
+    with pytest.raises(ConfigError, match="max_peers_per_address"):
+        TrackerConfig(max_peers_per_address=-1)
+    with pytest.raises(ConfigError, match="history_rounds"):
+        TrackerConfig(history_rounds=0)
 
 
 async def raw_exchange(host: str, port: int, request: bytes) -> bytes:
@@ -587,3 +606,377 @@ def test_the_http_parser_refuses_huge_lines_and_header_floods() -> None:
             assert status == 200
 
     run(scenario)
+
+
+# --- key-bound listings, sybil caps, rate limits, connection hygiene ------------------------------
+
+
+def sign_params(identity: PeerIdentity, ts: int, **params: Any) -> dict[str, Any]:
+    """Announce parameters plus ``ts`` and ``sig`` as a signing client sends them."""
+    message = announce_message(
+        info_hash=params["info_hash"],
+        peer_id=params["peer_id"],
+        event=params.get("event", ""),
+        ip=params.get("ip", ""),
+        port=int(params["port"]),
+        pubkey=params.get("pubkey", ""),
+        ts=ts,
+    )
+    return {**params, "ts": ts, "sig": identity.sign(message).hex()}
+
+
+@asynccontextmanager
+async def http_from(source: str) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session whose sockets are bound to ``source`` (any 127/8 address is loopback)."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        yield http
+
+
+async def get_from(http: aiohttp.ClientSession, url: str, **params: Any) -> tuple[int, Any]:
+    async with http.get(url, params={k: str(v) for k, v in params.items()}) as response:
+        return response.status, await response.json()
+
+
+def listing(t: Tracker, peer_id: str) -> dict[str, Any] | None:
+    swarm = t.server.registry.swarm(SWARM)
+    peer = swarm.by_age.get(peer_id) if swarm is not None else None
+    return None if peer is None else {"ip": peer.ip, "port": peer.port, "pubkey": peer.pubkey}
+
+
+def test_a_key_bound_peer_id_changes_its_listing_only_with_a_fresh_signature() -> None:
+    honest, thief = PeerIdentity.generate(), PeerIdentity.generate()
+    key = honest.public_key_hex
+    base = {"info_hash": SWARM, "peer_id": "peer-1"}
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        ts = int(clock.now * 1e6)
+        async with running(clock=clock) as t:
+            await t.announce("peer-1", port=7001, pubkey=key, event="started")
+            before = listing(t, "peer-1")
+            assert before == {"ip": "127.0.0.1", "port": 7001, "pubkey": key}
+            await t.announce("peer-1", port=7001, round=3)  # changes nothing: needs no signature
+
+            refused = [
+                ({**base, "port": 7001, "event": "stopped"}, "unsigned"),
+                ({**base, "port": 9999}, "unsigned"),
+                ({**base, "port": 7001, "ip": "10.9.9.9"}, "unsigned"),
+                ({**base, "port": 7001, "pubkey": thief.public_key_hex}, "unsigned"),
+                (sign_params(thief, ts + 1, **base, port=9999), "bad_signature"),
+                (sign_params(honest, ts - 301 * 10**6, **base, port=9999), "stale"),
+            ]
+            for params, kind in refused:
+                count = t.server.refused[kind]
+                status, body = await t.get("/announce", **params)
+                assert status == 403, (params, body)
+                assert t.server.refused[kind] == count + 1, (params, body)
+                assert listing(t, "peer-1") == before, params  # the listing is intact
+            assert t.server.refused == {"unsigned": 4, "bad_signature": 1, "stale": 1}
+
+            moved = sign_params(honest, ts + 10, **base, port=7002)
+            status, _ = await t.get("/announce", **moved)
+            assert status == 200 and listing(t, "peer-1") == {**before, "port": 7002}
+            status, _ = await t.get("/announce", **moved)  # changes nothing now: a re-announce
+            assert status == 200
+            onward = sign_params(honest, ts + 12, **base, port=7003)
+            status, _ = await t.get("/announce", **onward)
+            assert status == 200 and listing(t, "peer-1") == {**before, "port": 7003}
+            status, body = await t.get("/announce", **moved)  # replayed to move it back
+            assert status == 403 and "replay" in body["failure reason"]
+            assert listing(t, "peer-1") == {**before, "port": 7003}
+
+            async with http_from("127.0.0.2") as other:  # a signed move to another address
+                url = t.server.url + "/announce"
+                status, _ = await get_from(other, url, **base, port=7003)
+                assert status == 403  # unsigned, from the new address
+                params = sign_params(honest, ts + 20, **base, port=7003)
+                status, _ = await get_from(other, url, **params)
+                assert status == 200
+                assert listing(t, "peer-1") == {**before, "ip": "127.0.0.2", "port": 7003}
+                stop = sign_params(honest, ts + 30, **base, port=7003, event="stopped")
+                status, _ = await get_from(other, url, **stop)
+                assert status == 200 and listing(t, "peer-1") is None
+
+            # Gone, but still bound: nobody else may list it, its owner may.
+            status, _ = await t.get("/announce", **base, port=6666, pubkey=thief.public_key_hex)
+            assert status == 403 and listing(t, "peer-1") is None
+            again = sign_params(honest, ts + 40, **base, port=7001, pubkey=key, event="started")
+            status, _ = await t.get("/announce", **again)
+            assert status == 200 and listing(t, "peer-1") == before
+            rotated = sign_params(honest, ts + 50, **base, port=7001, pubkey=thief.public_key_hex)
+            status, _ = await t.get("/announce", **rotated)  # the old key signs the new one in
+            assert status == 200 and listing(t, "peer-1") == {**before, "pubkey": rotated["pubkey"]}
+            status, text = await t.get("/metrics")
+            assert 'fedtorrent_tracker_refused_total{reason="replay"} 1' in text.decode()
+
+            # Ids that never announced a key keep the old rules.
+            await t.announce("bare", port=5000)
+            await t.announce("bare", port=5001)
+            await t.announce("bare", port=5001, event="stopped")
+            assert listing(t, "bare") is None
+            status, _ = await t.get("/announce", **base, port=7001, sig="ab" * 64)
+            assert status == 400  # sig without ts
+
+    run(scenario)
+
+
+def test_key_bindings_and_their_last_signature_survive_a_restart(tmp_path: Path) -> None:
+    honest = PeerIdentity.generate()
+    key = honest.public_key_hex
+    clock = FakeClock()
+    ts = int(clock.now * 1e6)
+    config = TrackerConfig(port=0, rate_limit=0, db_path=tmp_path / "t.sqlite", interval=10)
+    moved = sign_params(honest, ts + 1, info_hash=SWARM, peer_id="p", port=2)
+
+    async def first() -> None:
+        async with running(config, clock=clock) as t:
+            await t.announce("p", port=1, pubkey=key)
+            status, _ = await t.get("/announce", **moved)
+            assert status == 200
+            onward = sign_params(honest, ts + 2, info_hash=SWARM, peer_id="p", port=3)
+            status, _ = await t.get("/announce", **onward)
+            assert status == 200
+
+    async def second() -> None:
+        async with running(config, clock=clock) as t:
+            assert listing(t, "p") == {"ip": "127.0.0.1", "port": 3, "pubkey": key}
+            status, _ = await t.get(
+                "/announce", info_hash=SWARM, peer_id="p", port=3, event="stopped"
+            )
+            assert status == 403
+            status, body = await t.get("/announce", **moved)  # replayed after the restart
+            assert status == 403 and "replay" in body["failure reason"]
+            clock.advance(25)  # the listing expires; the binding stays
+            assert listing(t, "p") is None
+            status, _ = await t.get("/announce", info_hash=SWARM, peer_id="p", port=3)
+            assert status == 403  # listing it again is a change
+
+    asyncio.run(first())
+    asyncio.run(second())
+    with sqlite3.connect(tmp_path / "t.sqlite") as conn:
+        assert conn.execute("SELECT pubkey, last_ts FROM keys").fetchall() == [(key, ts + 2)]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_sybils_from_15_addresses_list_at_most_the_cap_each() -> None:
+    sources = [f"127.0.0.{i}" for i in range(2, 17)]
+
+    async def flood(url: str, source: str, first: int) -> list[int]:
+        statuses = []
+        async with http_from(source) as http:
+            for i in range(first, first + 100):
+                status, _ = await get_from(http, url, info_hash=SWARM, peer_id=f"s{i}", port=1)
+                statuses.append(status)
+        return statuses
+
+    async def scenario() -> None:
+        config = TrackerConfig(port=0)  # the defaults: cap 8 ids per address
+        async with running(config) as t:
+            cap = config.max_peers_per_address
+            url = t.server.url + "/announce"
+            results = await asyncio.gather(*(flood(url, s, 100 * n) for n, s in enumerate(sources)))
+            statuses = [status for batch in results for status in batch]
+            assert len(statuses) == 1500
+            swarm = t.server.registry.swarm(SWARM)
+            assert swarm is not None and len(swarm.members) <= cap * len(sources)
+            assert statuses.count(200) == len(swarm.members)
+            assert t.server.refused["address_cap"] == statuses.count(403) >= 1500 - 15 * cap - 15
+            assert swarm.per_source == {s: cap for s in sources}
+            answer = await t.announce("honest", port=4242)  # another address is not affected
+            assert answer["incomplete"] == len(swarm.members)
+
+    run(scenario)
+
+
+def test_a_flood_from_one_address_gets_429_with_retry_after_others_do_not() -> None:
+    async def scenario() -> None:
+        config = TrackerConfig(port=0)  # default rate limit
+        async with running(config) as t:
+            url = t.server.url + "/announce"
+            statuses, retry_after = [], set()
+            async with http_from("127.0.0.3") as http:
+                started = time.monotonic()
+                for i in range(300):
+                    params = {"info_hash": SWARM, "peer_id": f"f{i % 5}", "port": "1"}
+                    async with http.get(url, params=params) as response:
+                        statuses.append(response.status)
+                        if response.status == 429:
+                            retry_after.add(response.headers["Retry-After"])
+                elapsed = time.monotonic() - started
+            admitted = config.rate_burst + config.rate_limit * elapsed + 1
+            assert statuses.count(429) >= 300 - admitted, (elapsed, statuses.count(429))
+            assert set(statuses) == {200, 429} and retry_after == {"1"}
+            answer = await t.announce("honest", port=4242)  # 127.0.0.1 has its own bucket
+            assert answer["interval"] == config.interval
+
+    run(scenario)
+
+
+def test_a_signing_client_honours_retry_after_from_the_default_limit() -> None:
+    identity = PeerIdentity.generate()
+    config = TrackerConfig(port=0, rate_burst=2)
+    with BackgroundTracker(config) as tracker:
+        delays: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            delays.append(seconds)
+            time.sleep(seconds)
+
+        client = TrackerClient(tracker.url, retries=2, sleep=sleep, identity=identity)
+        for port in (1, 2, 3):  # the third announce finds the bucket empty
+            client.announce(SWARM, "p", port=port, pubkey=identity.public_key_hex)
+        assert delays == [1.0]  # Retry-After, not the 0.5 s backoff
+        assert tracker.call(lambda s: s.registry.swarm(SWARM).by_age["p"].port) == 3
+
+
+async def slowloris(host: str, port: int, source: str, *, limit: float) -> float:
+    """Send a request head at one byte a second until the tracker hangs up; seconds it took."""
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+    started = time.monotonic()
+    try:
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n":
+            writer.write(bytes([byte]))
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1), 1.0) == b"":
+                    break
+            if time.monotonic() - started > limit:
+                break
+    except OSError:
+        pass  # reset by the tracker
+    finally:
+        writer.close()
+    return time.monotonic() - started
+
+
+async def idler(host: str, port: int, source: str, *, limit: float) -> float:
+    """Connect and send nothing; seconds until the tracker hangs up (or ``limit``)."""
+    reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError, OSError):
+        await asyncio.wait_for(reader.read(), limit)
+    writer.close()
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_slow_and_idle_connections_are_cut_and_counted_while_announces_stay_fast() -> None:
+    async def scenario() -> None:
+        config = TrackerConfig(
+            port=0, rate_limit=0, max_peers_per_address=0, header_timeout=2.0, idle_timeout=3.0
+        )
+        async with running(config) as t:
+            port = t.server.port or 0
+            sources = [f"127.0.0.{2 + i % 10}" for i in range(150)]  # 15 per address, cap 32
+            await t.announce("warm", port=1)
+            quiet = []
+            for i in range(20):
+                began = time.monotonic()
+                await t.announce("honest", port=4242, round=i)
+                quiet.append(time.monotonic() - began)
+            attack = [
+                asyncio.create_task(
+                    slowloris("127.0.0.1", port, s, limit=10.0)
+                    if n < 100
+                    else idler("127.0.0.1", port, s, limit=10.0)
+                )
+                for n, s in enumerate(sources)
+            ]
+            while t.server.guard.open < 150:
+                await asyncio.sleep(0.05)  # polls the tracker's own count (bounded by the timeout)
+            loaded = []
+            for i in range(20):
+                began = time.monotonic()
+                await t.announce("honest", port=4242, round=100 + i)
+                loaded.append(time.monotonic() - began)
+            durations = await asyncio.gather(*attack)
+            slow, idle = durations[:100], durations[100:]
+            tick = t.server.guard.tick
+            assert max(slow) < config.header_timeout + tick + 1.0, max(slow)
+            assert max(idle) < config.idle_timeout + tick + 1.0, max(idle)
+            assert min(idle) > config.idle_timeout - 0.1
+            counts = t.server.guard.counts
+            assert counts["header_timeout"] == 100
+            assert counts["idle_timeout"] >= 50  # the test's own keep-alive session may idle too
+            assert sorted(loaded)[10] < max(0.05, 5 * sorted(quiet)[10]), (quiet, loaded)
+            assert max(loaded) < 1.0, loaded
+            _status, health = await t.get("/healthz")
+            assert health["connections"]["cut_header_timeout"] == 100
+            assert health["connections"]["cut_idle_timeout"] >= 50
+            _status, text = await t.get("/metrics")
+            assert (
+                'fedtorrent_tracker_connections_closed_total{reason="header_timeout"} 100'
+                in text.decode()
+            )
+
+    run(scenario)
+
+
+def test_each_address_may_hold_only_so_many_connections() -> None:
+    async def scenario() -> None:
+        config = TrackerConfig(port=0, rate_limit=0, max_connections_per_address=4)
+        async with running(config) as t:
+            port = t.server.port or 0
+            held = [
+                await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.5", 0))
+                for _ in range(4)
+            ]
+            while t.server.guard.per_address.get("127.0.0.5", 0) < 4:
+                await asyncio.sleep(0.01)
+            request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=("127.0.0.5", 0)
+            )
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer
+            assert t.server.guard.counts["address_cap"] == 1
+            status, _ = await t.get("/healthz")  # 127.0.0.1 is another address
+            assert status == 200
+            held[0][1].close()
+            while t.server.guard.per_address.get("127.0.0.5", 0) > 3:
+                await asyncio.sleep(0.01)
+            response = await raw_exchange_from("127.0.0.5", port, request)
+            assert response.startswith(b"HTTP/1.1 200 OK")
+            for _, other in held[1:]:
+                other.close()
+
+    run(scenario)
+
+
+async def raw_exchange_from(source: str, port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(request)
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return response
+
+
+def test_history_keeps_bounded_rounds_per_peer_and_bounded_peers() -> None:
+    config = TrackerConfig(history_rounds=3, history_peers=2)
+    clock = FakeClock()
+    registry = SwarmRegistry(config, clock=clock, rng=random.Random(0))
+
+    def announce(peer_id: str, round_: int, accuracy: float | None = None) -> None:
+        registry.announce(
+            Announce(
+                info_hash=SWARM, peer_id=peer_id, ip="10.0.0.1", port=1, source="10.0.0.1",
+                round=round_, accuracy=accuracy, bytes_sent=10 * round_,
+            )
+        )  # fmt: skip
+
+    for r in range(5):
+        announce("a", r, 0.1 * r)
+    assert [p[0] for p in registry.history(SWARM)["a"]] == [2, 3, 4]
+    announce("a", 4, 0.9)  # the same round again replaces it
+    announce("a", 3)  # a restart from an earlier round drops what came after
+    assert registry.history(SWARM)["a"] == [(2, 0.2, 20, 0), (3, None, 30, 0)]
+    announce("b", 1)
+    announce("c", 1)  # two series at most, and both are live: c is not kept
+    assert set(registry.history(SWARM)) == {"a", "b"}
+    clock.advance(registry.ttl / 2)
+    announce("b", 2)
+    clock.advance(registry.ttl / 2 + 1)  # a has been silent for longer than a ttl, b has not
+    announce("c", 1)
+    assert set(registry.history(SWARM)) == {"b", "c"}
+    assert registry.history(OTHER) == {}

@@ -14,6 +14,7 @@ import pytest
 
 from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, TrackerConfig, TrainConfig
 from fedtorrent.errors import TrackerError
+from fedtorrent.net.identity import PeerIdentity
 from fedtorrent.net.torrent import Session, Torrent, load_torrent, save_torrent, state_path_for
 from fedtorrent.net.tracker.client import (
     TrackerClient,
@@ -214,3 +215,30 @@ def test_joining_a_session_from_the_tracker(tmp_path: Path) -> None:
         )
         with pytest.raises(TrackerRefusedError):
             client.fetch_state(other)  # not served under that info-hash
+
+
+def test_a_signing_client_stops_and_moves_its_peer_and_nobody_else_can(
+    tracker: BackgroundTracker,
+) -> None:
+    identity = PeerIdentity.generate()
+    key = identity.public_key_hex
+    mine = TrackerClient(tracker.url, retries=0, identity=identity)
+    other = TrackerClient(tracker.url, retries=0)  # same address, no key: an impostor
+
+    def listed() -> tuple[int, str | None] | None:
+        peer = tracker.call(lambda s: s.registry.swarm(SWARM).by_age.get("peer-1"))
+        return None if peer is None else (peer.port, peer.pubkey)
+
+    mine.announce(SWARM, "peer-1", port=7001, event="started", pubkey=key.upper())
+    assert listed() == (7001, key)
+    for change in ({"port": 7999}, {"port": 7001, "event": "stopped"}):
+        with pytest.raises(TrackerRefusedError) as caught:
+            other.announce(SWARM, "peer-1", **change)  # type: ignore[arg-type]
+        assert caught.value.status == 403 and "signed" in caught.value.reason
+        assert listed() == (7001, key)
+    mine.announce(SWARM, "peer-1", port=7002, round=1)
+    assert listed() == (7002, key)
+    mine.announce(SWARM, "peer-1", port=7002, event="stopped")
+    assert listed() is None
+    mine.announce(SWARM, "peer-1", port=7003, event="started", pubkey=key)
+    assert listed() == (7003, key)

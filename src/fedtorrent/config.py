@@ -292,9 +292,30 @@ class TrackerConfig:
     max_swarms: int = 1_000
     allow: frozenset[str] | None = None
     """Closed tracker: only these info-hashes (64 hex); None is open to any well-formed one."""
-    rate_limit: float = 100.0
-    """Requests per second per client address (token bucket); 0 turns the limit off."""
-    rate_burst: int = 200
+    rate_limit: float = 20.0
+    """Requests per second per client address (token bucket); 0 turns the limit off. A peer
+    announces a few times per round, so 20/s is far above what a handful of peers behind one
+    address need, and far below a flood (which then gets 429 with ``Retry-After``)."""
+    rate_burst: int = 100
+    """Tokens a quiet address starts with: what it may send back-to-back before 429s."""
+    max_peers_per_address: int = 8
+    """Distinct live peer ids one source address may list in one swarm (0: no cap). Keeps one
+    host from filling every cohort with sybils; a launcher that runs N peers on one address
+    (``fedtorrent swarm``) sets it to N."""
+    signature_window: float = 300.0
+    """Seconds a signed announce's ``ts`` may differ from the tracker's clock (clock skew)."""
+    header_timeout: float = 10.0
+    """Seconds from a request's first byte until its head (request line and headers) must be
+    complete; a slower client is cut off and counted."""
+    idle_timeout: float = 15.0
+    """Seconds a connection may sit without a request (after opening, or after an answer)."""
+    max_connections_per_address: int = 32
+    """Open connections one source address may hold (0: no cap); more are answered 503."""
+    history_rounds: int = 500
+    """Rounds of accuracy and traffic the dashboard's plots keep per peer."""
+    history_peers: int = 256
+    """Peers, over all swarms, whose history is kept: the most recently announced ones (so the
+    plots cost at most ``history_peers * history_rounds`` points of memory)."""
     flush_interval: float = 0.5
     """Seconds between write-behind flushes to SQLite: the most announce state a crash loses."""
     ip_override: str = "private"
@@ -315,6 +336,14 @@ class TrackerConfig:
         _require(self.rate_limit >= 0, f"rate_limit must be >= 0, got {self.rate_limit}")
         _require(self.rate_burst >= 1, f"rate_burst must be >= 1, got {self.rate_burst}")
         _require(self.flush_interval > 0, f"flush_interval must be > 0, got {self.flush_interval}")
+        for name in ("max_peers_per_address", "max_connections_per_address"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("signature_window", "header_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            _require(0 < value <= 86_400, f"{name} must be in (0, 86400] seconds, got {value}")
+        for name in ("history_rounds", "history_peers"):
+            value = getattr(self, name)
+            _require(1 <= value <= 100_000, f"{name} must be in [1, 100000], got {value}")
         _require(
             self.ip_override in IP_OVERRIDES,
             f"ip_override must be one of {', '.join(IP_OVERRIDES)}; got {self.ip_override!r}",

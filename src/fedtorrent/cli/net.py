@@ -12,11 +12,13 @@ from typing import Annotated, Any
 import typer
 
 from fedtorrent.cli import app, printable
-from fedtorrent.config import SimConfig
+from fedtorrent.config import SimConfig, TrackerConfig
 from fedtorrent.errors import ConfigError
 
 _SIM = SimConfig()
 """``create``'s training defaults are ``simulate``'s, so both describe the same run by default."""
+_TRACKER = TrackerConfig()
+"""``tracker``'s defaults are the library's."""
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -298,9 +300,30 @@ def tracker_command(
     max_peers: Annotated[int, typer.Option(help="Peers per swarm at most.")] = 50_000,
     max_swarms: Annotated[int, typer.Option(help="Swarms at most.")] = 1_000,
     rate_limit: Annotated[
-        float, typer.Option(help="Requests per second per address (0: no limit).")
-    ] = 100.0,
-    rate_burst: Annotated[int, typer.Option(help="Token bucket size per address.")] = 200,
+        float,
+        typer.Option(help="Requests per second per address (0: no limit); more get 429."),
+    ] = _TRACKER.rate_limit,
+    rate_burst: Annotated[
+        int, typer.Option(help="Requests one address may send back-to-back.")
+    ] = _TRACKER.rate_burst,
+    max_peers_per_address: Annotated[
+        int,
+        typer.Option(
+            help="Peer ids one source address may list per swarm (0: no cap; sybil defence)."
+        ),
+    ] = _TRACKER.max_peers_per_address,
+    max_connections_per_address: Annotated[
+        int, typer.Option(help="Open connections per source address (0: no cap).")
+    ] = _TRACKER.max_connections_per_address,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a client has to send a request's head.")
+    ] = _TRACKER.header_timeout,
+    idle_timeout: Annotated[
+        float, typer.Option(help="Seconds an idle connection is kept open.")
+    ] = _TRACKER.idle_timeout,
+    signature_window: Annotated[
+        float, typer.Option(help="Seconds a signed announce's ts may be off the tracker's clock.")
+    ] = _TRACKER.signature_window,
     flush_interval: Annotated[
         float, typer.Option(help="Seconds between SQLite write-behind flushes.")
     ] = 0.5,
@@ -326,6 +349,11 @@ def tracker_command(
         allow=frozenset(h.lower() for h in allow or ()) if closed or allow else None,
         rate_limit=rate_limit,
         rate_burst=rate_burst,
+        max_peers_per_address=max_peers_per_address,
+        max_connections_per_address=max_connections_per_address,
+        header_timeout=header_timeout,
+        idle_timeout=idle_timeout,
+        signature_window=signature_window,
         flush_interval=flush_interval,
         ip_override=ip_override,
     )

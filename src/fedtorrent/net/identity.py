@@ -11,6 +11,7 @@ halves are written beside it for people to copy into allow-lists.
 Signed updates cover a canonical byte string of every field a receiver acts on (see
 :func:`update_message`). Check the signature first, then the :class:`ReplayGuard`, so unsigned
 traffic can never fill the guard's memory; :class:`UpdateVerifier` does both for a peer.
+The same key signs the tracker announces that change a peer's listing (:func:`announce_message`).
 """
 
 from __future__ import annotations
@@ -227,6 +228,44 @@ def verify_update(
         verify_key.verify(message, signature)
     except nacl.exceptions.BadSignatureError as exc:
         raise SignatureError(f"update from {sender!r} for round {round} does not verify") from exc
+
+
+ANNOUNCE_DOMAIN = "fedtorrent/announce/v1"
+"""First line of every signed tracker announce (see :func:`announce_message`)."""
+
+
+def announce_message(
+    *, info_hash: str, peer_id: str, event: str, ip: str, port: int, pubkey: str, ts: int
+) -> bytes:
+    """The canonical bytes a tracker announce signature covers (docs/protocol.md, 2.6).
+
+    The lines ``fedtorrent/announce/v1``, info-hash (lowercase hex), peer id, event (``""``,
+    ``started``, ``stopped`` or ``completed``), the ``ip`` parameter in canonical form (``""`` when
+    not sent), port, pubkey (lowercase hex, ``""`` when not sent) and ``ts`` (microseconds since
+    the Unix epoch), joined by newlines and UTF-8 encoded.
+
+    Raises:
+        MessageError: a field holds a newline.
+    """
+    fields = (ANNOUNCE_DOMAIN, info_hash, peer_id, event, ip, str(port), pubkey, str(ts))
+    if any("\n" in text for text in fields):
+        raise MessageError("announce fields must not hold newlines")
+    return "\n".join(fields).encode()
+
+
+def verify_announce(public_key: bytes | str, signature: bytes, message: bytes) -> None:
+    """Check an announce signature (``message`` from :func:`announce_message`).
+
+    Raises:
+        SignatureError: a bad key, a malformed signature, or one that does not verify.
+    """
+    verify_key = _verify_key(public_key, error=SignatureError)
+    if len(signature) != SIGNATURE_BYTES:
+        raise SignatureError(f"a signature is {SIGNATURE_BYTES} bytes")
+    try:
+        verify_key.verify(message, signature)
+    except nacl.exceptions.BadSignatureError as exc:
+        raise SignatureError("announce signature does not verify") from exc
 
 
 class ReplayGuard:

@@ -424,6 +424,7 @@ class Peer:
                 retries=cfg.tracker_retries,
                 backoff=0.2,
                 max_backoff=1.0,
+                identity=self.identity,  # signs announces, so only this peer can stop or move
             )
         self.transport.start()
         self._executor = ThreadPoolExecutor(

@@ -273,9 +273,18 @@ class Swarm:
 
         # Serving the torrent lets peers on other machines fetch it and its initial state.
         served = [self.config.torrent] if state_path_for(self.config.torrent).exists() else []
-        tracker = BackgroundTracker(
-            TrackerConfig(host=self.config.host, port=self.config.tracker_port), torrents=served
+        # Every peer runs from this one address: raise the per-address limits by the peer count.
+        peers = self.config.peers
+        limits = TrackerConfig()
+        tracker_config = TrackerConfig(
+            host=self.config.host,
+            port=self.config.tracker_port,
+            max_peers_per_address=peers,
+            rate_limit=limits.rate_limit * peers,
+            rate_burst=limits.rate_burst * peers,
+            max_connections_per_address=limits.max_connections_per_address + 2 * peers,
         )
+        tracker = BackgroundTracker(tracker_config, torrents=served)
         tracker.start()
         self._tracker = tracker
         return tracker.server.announce_url

@@ -2,7 +2,9 @@
 
 When the tracker cannot be reached after all retries, ``announce`` hands back the last peer list it
 got for that swarm (marked ``cached``), so a peer keeps training with the cohort it knows instead of
-stopping. Answers are checked like any bytes from outside: size first, then every field.
+stopping. Answers are checked like any bytes from outside: size first, then every field. A client
+given the peer's identity signs every announce (fresh ``ts`` on every attempt), so the tracker lets
+the peer stop, move or change key while nobody else can.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtorrent.errors import NetworkError, TrackerError
 from fedtorrent.files import write_atomic
 from fedtorrent.net.download import HTTPStatusError, fetch_bytes, fetch_to_file
+from fedtorrent.net.identity import announce_message
 from fedtorrent.net.torrent import (
     MAX_TORRENT_BYTES,
     Torrent,
@@ -34,7 +37,15 @@ from fedtorrent.net.torrent import (
     state_path_for,
     verify_initial_state,
 )
-from fedtorrent.net.tracker.registry import PEER_ID, RequestRejected, parse_pubkey
+from fedtorrent.net.tracker.registry import (
+    PEER_ID,
+    RequestRejected,
+    normalize_address,
+    parse_pubkey,
+)
+
+if TYPE_CHECKING:
+    from fedtorrent.net.identity import PeerIdentity
 
 MAX_ANSWER_BYTES = 1 << 20
 MAX_PEERS_IN_ANSWER = 10_000
@@ -82,6 +93,7 @@ class TrackerClient:
         backoff: first retry delay in seconds; doubles each retry (jittered to 50-100 %), capped
             by ``max_backoff``. A ``Retry-After`` header from the tracker takes precedence.
         sleep: how to wait between attempts (tests pass a fake).
+        identity: the peer's key; when given, every announce carries ``sig`` and ``ts``.
     """
 
     def __init__(
@@ -94,6 +106,7 @@ class TrackerClient:
         max_backoff: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        identity: PeerIdentity | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -111,6 +124,8 @@ class TrackerClient:
         self._rng = rng if rng is not None else random.Random()
         self._lock = threading.Lock()
         self._cache: dict[str, TrackerAnswer] = {}
+        self.identity = identity
+        self._last_ts = 0
 
     def announce(
         self,
@@ -142,12 +157,23 @@ class TrackerClient:
             "bytes_sent": str(bytes_sent),
             "bytes_received": str(bytes_received),
         }
+        if pubkey is not None:
+            try:
+                pubkey = parse_pubkey(pubkey)  # the canonical spelling, as the tracker signs it
+            except RequestRejected as exc:
+                raise TrackerError(exc.reason) from None
+        if ip is not None:
+            try:
+                ip = normalize_address(ip)
+            except ValueError:
+                raise TrackerError(f"ip must be an IP literal, got {ip[:40]!r}") from None
         optional = {"event": event or None, "pubkey": pubkey, "ip": ip}
         optional["numwant"] = None if numwant is None else str(numwant)
         optional["accuracy"] = None if accuracy is None else format_float(accuracy)
         params.update({k: v for k, v in optional.items() if v is not None})
+        sign = None if self.identity is None else self._signer(params)
         try:
-            body = self._get("/announce", params, MAX_ANSWER_BYTES)
+            body = self._get("/announce", params, MAX_ANSWER_BYTES, sign=sign)
         except TrackerError as exc:
             if isinstance(exc, TrackerRefusedError) and exc.status not in _RETRYABLE:
                 raise
@@ -160,6 +186,28 @@ class TrackerClient:
         with self._lock:
             self._cache[info_hash] = answer
         return answer
+
+    def _signer(self, params: dict[str, str]) -> Callable[[], dict[str, str]]:
+        """Params plus ``sig`` and a ``ts`` newer than any before (called once per attempt)."""
+        identity = self.identity
+        assert identity is not None
+        event = params.get("event", "")
+
+        def signed() -> dict[str, str]:
+            with self._lock:
+                ts = self._last_ts = max(time.time_ns() // 1000, self._last_ts + 1)
+            message = announce_message(
+                info_hash=params["info_hash"].lower(),
+                peer_id=params["peer_id"],
+                event="" if event == "empty" else event,
+                ip=params.get("ip", ""),
+                port=int(params["port"]),
+                pubkey=params.get("pubkey", ""),
+                ts=ts,
+            )
+            return {**params, "ts": str(ts), "sig": identity.sign(message).hex()}
+
+        return signed
 
     def last_answer(self, info_hash: str) -> TrackerAnswer | None:
         """The last answer the tracker gave for ``info_hash``, if any."""
@@ -197,11 +245,18 @@ class TrackerClient:
         verify_initial_state(torrent, payload)
         return payload
 
-    def _get(self, path: str, params: dict[str, str] | list[tuple[str, str]], limit: int) -> bytes:
-        query = urllib.parse.urlencode(params)
-        url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
+    def _get(
+        self,
+        path: str,
+        params: dict[str, str] | list[tuple[str, str]],
+        limit: int,
+        *,
+        sign: Callable[[], dict[str, str]] | None = None,
+    ) -> bytes:
         attempt = 0
         while True:
+            query = urllib.parse.urlencode(params if sign is None else sign())
+            url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
             try:
                 return _fetch(url, timeout=self.timeout, limit=limit)
             except TrackerRefusedError as exc:

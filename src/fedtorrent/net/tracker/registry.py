@@ -6,6 +6,14 @@ each, and in a list, so a random sample of ``numwant`` costs O(numwant) (``rando
 index positions), never a scan of all peers. Answers are assembled from per-peer pre-encoded JSON
 and bencode fragments, so the hot path does little more than validate, update and join bytes.
 
+A peer id that announced an Ed25519 key (64 hex) is bound to it for as long as the swarm exists
+(``Swarm.keys``): a later announce that changes its listing (``stopped``, another address, port or
+key, or listing it again after it left) must be signed by that key (``sig`` over
+``identity.announce_message`` with a fresh ``ts``), else it is refused with 403. Announces that
+change nothing need no signature, so the hot path verifies nothing. Each source address may list
+at most ``max_peers_per_address`` peer ids per swarm. A bounded per-peer history of (round,
+accuracy, bytes) feeds the dashboard's plots.
+
 Changes since the last ``drain_changes`` are remembered so the server can write them behind, in one
 SQLite transaction, without the registry knowing about storage.
 """
@@ -16,13 +24,14 @@ import ipaddress
 import json
 import random
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedtorrent.config import TrackerConfig
-from fedtorrent.errors import TrackerError
+from fedtorrent.errors import MessageError, SignatureError, TrackerError
+from fedtorrent.net.identity import announce_message, verify_announce
 from fedtorrent.net.torrent import bencode
 
 PEER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -30,6 +39,7 @@ EVENTS = {"": "", "empty": "", "started": "started", "stopped": "stopped", "comp
 _INT = re.compile(r"[0-9]{1,19}")
 _FLOAT = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_HEX128 = re.compile(r"[0-9a-fA-F]{128}")
 Z85_ALPHABET = (
     "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 )
@@ -39,17 +49,28 @@ MAX_BYTES_COUNT = 2**63 - 1
 ANNOUNCE_PARAMS = frozenset(
     {
         "info_hash", "peer_id", "port", "event", "round", "numwant", "accuracy", "bytes_sent",
-        "bytes_received", "pubkey", "ip", "compact", "format",
+        "bytes_received", "pubkey", "ip", "compact", "format", "sig", "ts",
     }
 )  # fmt: skip
 
 
 class RequestRejected(TrackerError):  # noqa: N818  (reads better at raise sites)
-    """A request the tracker refuses; ``status`` is the HTTP status it answers with."""
+    """A request the tracker refuses; ``status`` is the HTTP status it answers with.
 
-    def __init__(self, status: int, reason: str, *, retry_after: float | None = None) -> None:
+    ``kind`` names refusals the tracker counts separately in ``/metrics`` (``unsigned``,
+    ``bad_signature``, ``stale``, ``replay``, ``address_cap``); None counts by status only.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        kind: str | None = None,
+    ) -> None:
         super().__init__(reason)
-        self.status, self.reason, self.retry_after = status, reason, retry_after
+        self.status, self.reason, self.retry_after, self.kind = status, reason, retry_after, kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +91,20 @@ class Announce:
     pubkey: str | None = None
     bencoded: bool = False
     """Answer in bencode (``compact=1`` or ``format=bencode``) rather than JSON."""
+    signed_ip: str = ""
+    """The ``ip`` parameter in canonical form, ``""`` when not sent (what a signature covers)."""
+    sig: bytes | None = None
+    """64-byte Ed25519 signature over ``announce_message`` of this announce, if sent."""
+    ts: int | None = None
+    """The signature's timestamp: microseconds since the Unix epoch."""
+
+
+@dataclass(slots=True)
+class KeyBinding:
+    """The Ed25519 key (64 hex) a peer id first announced, and its newest signed ``ts``."""
+
+    pubkey: str
+    last_ts: int = 0
 
 
 @dataclass(slots=True)
@@ -150,6 +185,10 @@ class Swarm:
     members: list[Peer] = field(default_factory=list)
     complete: int = 0
     """Live peers that sent ``completed``."""
+    keys: OrderedDict[str, KeyBinding] = field(default_factory=OrderedDict)
+    """Peer id -> its key binding, least recently announced first; outlives the listing."""
+    per_source: dict[str, int] = field(default_factory=dict)
+    """Source address -> how many live peers it lists."""
 
     def stats(self) -> dict[str, Any]:
         """JSON statistics: counts, progress and traffic (O(peers), for humans, not announces)."""
@@ -176,6 +215,7 @@ class Swarm:
         self.members.append(peer)
         self.by_age[peer.peer_id] = peer
         self.complete += peer.completed
+        self.per_source[peer.source] = self.per_source.get(peer.source, 0) + 1
 
     def remove(self, peer: Peer) -> None:
         """Take a peer out of both orders in O(1)."""
@@ -185,6 +225,20 @@ class Swarm:
             self.members[peer.index] = last
         del self.by_age[peer.peer_id]
         self.complete -= peer.completed
+        self._forget_source(peer.source)
+
+    def move(self, peer: Peer, source: str) -> None:
+        """Count ``peer`` under a new source address."""
+        self._forget_source(peer.source)
+        peer.source = source
+        self.per_source[source] = self.per_source.get(source, 0) + 1
+
+    def _forget_source(self, source: str) -> None:
+        left = self.per_source[source] - 1
+        if left:
+            self.per_source[source] = left
+        else:
+            del self.per_source[source]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,22 +269,40 @@ class Answer:
         return head + b"".join(p.bencode_fragment() for p in self.peers) + b"ee"
 
 
+@dataclass(slots=True)
+class _Series:
+    """One peer's recorded points and when it last announced (the registry clock's seconds)."""
+
+    points: deque[tuple[Any, ...]]
+    seen: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Changes:
     """Rows to write since the last drain: upserted peers, deleted peers, upserted/deleted swarms.
 
     Peer rows are ``(info_hash, peer_id, ip, port, source, pubkey, round, accuracy, bytes_sent,
     bytes_received, completed, first_seen, last_seen)``; swarm rows are ``(info_hash, created,
-    downloaded, tracker_bytes_in, tracker_bytes_out, announces)``.
+    downloaded, tracker_bytes_in, tracker_bytes_out, announces)``; key rows are ``(info_hash,
+    peer_id, pubkey, last_ts)``. Deleting a swarm deletes its peers and keys.
     """
 
     peers: list[tuple[Any, ...]]
     gone_peers: list[tuple[str, str]]
     swarms: list[tuple[Any, ...]]
     gone_swarms: list[str]
+    keys: list[tuple[Any, ...]] = field(default_factory=list)
+    gone_keys: list[tuple[str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.peers or self.gone_peers or self.swarms or self.gone_swarms)
+        return bool(
+            self.peers
+            or self.gone_peers
+            or self.swarms
+            or self.gone_swarms
+            or self.keys
+            or self.gone_keys
+        )
 
 
 class SwarmRegistry:
@@ -251,6 +323,9 @@ class SwarmRegistry:
         self._swarms: dict[str, Swarm] = {}
         self._dirty_peers: dict[tuple[str, str], Peer | None] = {}
         self._dirty_swarms: dict[str, Swarm | None] = {}
+        self._dirty_keys: dict[tuple[str, str], KeyBinding | None] = {}
+        self._history: OrderedDict[tuple[str, str], _Series] = OrderedDict()
+        """(info_hash, peer_id) -> its last ``history_rounds`` points, least recent first."""
 
     def allow_served(self, info_hashes: Iterable[str]) -> None:
         """A closed tracker also admits the swarms of the torrents it serves."""
@@ -266,8 +341,10 @@ class SwarmRegistry:
         """Record one announce and answer with a random sample of the swarm's other live peers.
 
         Raises:
-            RequestRejected: 403 for a closed tracker's unknown info-hash or a full swarm, 409 for a
-                peer id held from another address or a changed key, 503 when no swarm slot is free.
+            RequestRejected: 403 for a closed tracker's unknown info-hash, a full swarm, a source
+                address at ``max_peers_per_address``, or a change to a key-bound peer id that is
+                not correctly signed; 409 for an unbound peer id held from another address or a
+                changed Z85 key; 503 when no swarm slot is free.
         """
         now = self._clock()
         swarm = self._swarms.get(request.info_hash)
@@ -279,33 +356,36 @@ class SwarmRegistry:
         swarm.announces += 1
         self._dirty_swarms[swarm.info_hash] = swarm
         peer = swarm.by_age.get(request.peer_id)
-        if peer is not None and peer.source != request.source:
-            raise RequestRejected(
-                409, f"peer_id {request.peer_id!r} is in use from another address"
-            )
-        if peer is not None and request.pubkey is not None and peer.pubkey != request.pubkey:
-            if peer.pubkey is not None:  # a key, once announced, names the peer until it leaves
-                raise RequestRejected(409, f"peer_id {request.peer_id!r} announced another pubkey")
-            peer.pubkey = request.pubkey
-            peer._json = peer._bencode = None
-        if request.event == "stopped":
-            if peer is not None:
-                swarm.remove(peer)
-                self._dirty_peers[(swarm.info_hash, peer.peer_id)] = None
-            return Answer(
-                self.config.interval, swarm.complete, len(swarm.members) - swarm.complete, []
-            )
-        if peer is None:
-            if len(swarm.members) >= self.config.max_peers_per_swarm:
+        if request.event == "stopped" and peer is None:
+            return self._empty_answer(swarm)  # nothing listed, nothing to change
+        key = swarm.keys.get(request.peer_id)
+        if key is not None:
+            self._authorize(swarm, peer, key, request, now)
+        elif peer is not None:
+            if peer.source != request.source:
                 raise RequestRejected(
-                    403, f"swarm is full ({self.config.max_peers_per_swarm} peers)"
+                    409, f"peer_id {request.peer_id!r} is in use from another address"
                 )
+            if request.pubkey is not None and peer.pubkey not in (None, request.pubkey):
+                raise RequestRejected(409, f"peer_id {request.peer_id!r} announced another pubkey")
+        if request.event == "stopped":
+            assert peer is not None
+            swarm.remove(peer)
+            self._dirty_peers[(swarm.info_hash, peer.peer_id)] = None
+            return self._empty_answer(swarm)
+        pubkey = request.pubkey  # omitted: keep the bound or listed key
+        if pubkey is None and key is not None:
+            pubkey = key.pubkey
+        elif pubkey is None and peer is not None:
+            pubkey = peer.pubkey
+        if peer is None:
+            self._admit(swarm, request)
             peer = Peer(
                 peer_id=request.peer_id,
                 ip=request.ip,
                 port=request.port,
                 source=request.source,
-                pubkey=request.pubkey,
+                pubkey=pubkey,
                 round=request.round,
                 accuracy=request.accuracy,
                 bytes_sent=request.bytes_sent,
@@ -316,24 +396,149 @@ class SwarmRegistry:
             )
             swarm.add(peer)
         else:
-            if peer.ip != request.ip or peer.port != request.port:
-                peer.ip, peer.port = request.ip, request.port
+            if peer.source != request.source:
+                swarm.move(peer, request.source)
+            if peer.ip != request.ip or peer.port != request.port or peer.pubkey != pubkey:
+                peer.ip, peer.port, peer.pubkey = request.ip, request.port, pubkey
                 peer._json = peer._bencode = None
             peer.round, peer.accuracy = request.round, request.accuracy
             peer.bytes_sent, peer.bytes_received = request.bytes_sent, request.bytes_received
             peer.last_seen = now
             swarm.by_age.move_to_end(peer.peer_id)
+        if key is None and pubkey is not None and len(pubkey) == 64:
+            self._bind(swarm, peer.peer_id, pubkey)  # a hex key: Ed25519, so it can sign
         if request.event == "completed" and not peer.completed:
             peer.completed = True
             swarm.complete += 1
             swarm.downloaded += 1
         self._dirty_peers[(swarm.info_hash, peer.peer_id)] = peer
+        self._record(swarm.info_hash, peer)
         return Answer(
             interval=self.config.interval,
             complete=swarm.complete,
             incomplete=len(swarm.members) - swarm.complete,
             peers=self._sample(swarm, peer, request.numwant),
         )
+
+    def _empty_answer(self, swarm: Swarm) -> Answer:
+        return Answer(self.config.interval, swarm.complete, len(swarm.members) - swarm.complete, [])
+
+    def _admit(self, swarm: Swarm, request: Announce) -> None:
+        """Refuse a new listing when the swarm or the sender's share of it is full."""
+        if len(swarm.members) >= self.config.max_peers_per_swarm:
+            raise RequestRejected(403, f"swarm is full ({self.config.max_peers_per_swarm} peers)")
+        cap = self.config.max_peers_per_address
+        if cap and swarm.per_source.get(request.source, 0) >= cap:
+            raise RequestRejected(
+                403,
+                f"address {request.source} already lists {cap} peer ids in this swarm "
+                "(max_peers_per_address)",
+                kind="address_cap",
+            )
+
+    def _authorize(
+        self, swarm: Swarm, peer: Peer | None, key: KeyBinding, request: Announce, now: float
+    ) -> None:
+        """Demand a valid signature by the bound key when the announce changes the listing."""
+        swarm.keys.move_to_end(request.peer_id)
+        new_key = request.pubkey is not None and request.pubkey != key.pubkey
+        if not (
+            peer is None
+            or new_key
+            or request.event == "stopped"
+            or peer.source != request.source
+            or peer.ip != request.ip
+            or peer.port != request.port
+        ):
+            return  # a plain re-announce: nothing to verify on the hot path
+        if request.sig is None or request.ts is None:
+            raise RequestRejected(
+                403,
+                f"peer_id {request.peer_id!r} is bound to a key: this change of its listing "
+                "must be signed (sig, ts)",
+                kind="unsigned",
+            )
+        window = self.config.signature_window
+        if abs(request.ts / 1e6 - now) > window:
+            raise RequestRejected(
+                403, f"ts is more than {window:g} s from the tracker's clock", kind="stale"
+            )
+        if request.ts <= key.last_ts:
+            raise RequestRejected(
+                403,
+                "ts is not newer than this peer's last signed change (a replay?)",
+                kind="replay",
+            )
+        try:
+            message = announce_message(
+                info_hash=request.info_hash,
+                peer_id=request.peer_id,
+                event=request.event,
+                ip=request.signed_ip,
+                port=request.port,
+                pubkey=request.pubkey or "",
+                ts=request.ts,
+            )
+            verify_announce(key.pubkey, request.sig, message)
+        except (SignatureError, MessageError):
+            raise RequestRejected(
+                403, "sig does not verify against this peer id's key", kind="bad_signature"
+            ) from None
+        key.last_ts = request.ts
+        if new_key:
+            assert request.pubkey is not None
+            key.pubkey = request.pubkey
+        self._dirty_keys[(swarm.info_hash, request.peer_id)] = key
+
+    def _bind(self, swarm: Swarm, peer_id: str, pubkey: str) -> None:
+        """Bind ``peer_id`` to ``pubkey``, forgetting the stalest unlisted binding when full."""
+        if len(swarm.keys) >= self.config.max_peers_per_swarm:
+            stale = next((p for p in swarm.keys if p not in swarm.by_age), None)
+            if stale is None:
+                return  # every binding is live: the swarm is full anyway
+            del swarm.keys[stale]
+            self._dirty_keys[(swarm.info_hash, stale)] = None
+        key = swarm.keys[peer_id] = KeyBinding(pubkey)
+        self._dirty_keys[(swarm.info_hash, peer_id)] = key
+
+    def _record(self, info_hash: str, peer: Peer) -> None:
+        """Append (round, accuracy, bytes_sent, bytes_received) to the peer's bounded history.
+
+        A round at or below the last recorded one replaces the points from it on (a re-announce
+        of the same round, or a peer restarted from an earlier checkpoint). When ``history_peers``
+        series exist, a new peer takes the least recently announced one's place only if that one
+        has been silent for a ``ttl``: series that are still growing are never pushed out (by a
+        flood of new ids, say), and a swarm larger than the cap costs no churn per announce.
+        """
+        series_id = (info_hash, peer.peer_id)
+        history = self._history
+        series = history.get(series_id)
+        if series is None:
+            if len(history) >= self.config.history_peers:
+                stalest = next(iter(history.values()))
+                if stalest.seen >= peer.last_seen - self.ttl:
+                    return  # every kept series is live: this peer is not plotted
+                history.popitem(last=False)
+            series = history[series_id] = _Series(deque(maxlen=self.config.history_rounds))
+        else:
+            history.move_to_end(series_id)
+        series.seen = peer.last_seen
+        points = series.points
+        while points and points[-1][0] >= peer.round:
+            points.pop()
+        points.append((peer.round, peer.accuracy, peer.bytes_sent, peer.bytes_received))
+
+    def history(self, info_hash: str) -> dict[str, list[tuple[Any, ...]]]:
+        """Peer id -> its recorded ``(round, accuracy, bytes_sent, bytes_received)`` points.
+
+        Rounds increase along each list; peers that left keep theirs until evicted. Empty for a
+        swarm nobody announced to (or whose history was evicted).
+        """
+        return {
+            peer_id: list(series.points)
+            for (swarm_hash, peer_id), series in self._history.items()
+            if swarm_hash == info_hash
+        }
 
     def _sample(self, swarm: Swarm, asker: Peer, numwant: int) -> list[Peer]:
         members = swarm.members
@@ -352,6 +557,10 @@ class SwarmRegistry:
             oldest = min(idle, key=lambda s: s.created)
             del self._swarms[oldest.info_hash]
             self._dirty_swarms[oldest.info_hash] = None
+            for peer_id in oldest.keys:
+                self._dirty_keys[(oldest.info_hash, peer_id)] = None
+            for series_id in [k for k in self._history if k[0] == oldest.info_hash]:
+                del self._history[series_id]
         swarm = self._swarms[info_hash] = Swarm(info_hash=info_hash, created=now)
         return swarm
 
@@ -432,11 +641,26 @@ class SwarmRegistry:
                     (info_hash, swarm.created, swarm.downloaded, swarm.tracker_bytes_in,
                      swarm.tracker_bytes_out, swarm.announces)
                 )  # fmt: skip
-        self._dirty_peers, self._dirty_swarms = {}, {}
-        return Changes(peers, gone_peers, swarms, gone_swarms)
+        keys, gone_keys = [], []
+        for (info_hash, peer_id), key in self._dirty_keys.items():
+            if key is None:
+                gone_keys.append((info_hash, peer_id))
+            else:
+                keys.append((info_hash, peer_id, key.pubkey, key.last_ts))
+        self._dirty_peers, self._dirty_swarms, self._dirty_keys = {}, {}, {}
+        return Changes(peers, gone_peers, swarms, gone_swarms, keys, gone_keys)
 
-    def restore(self, swarms: Iterable[tuple[Any, ...]], peers: Iterable[tuple[Any, ...]]) -> None:
-        """Load rows in ``Changes`` layout (as the store returns them); expired peers stay out."""
+    def restore(
+        self,
+        swarms: Iterable[tuple[Any, ...]],
+        peers: Iterable[tuple[Any, ...]],
+        keys: Iterable[tuple[Any, ...]] = (),
+    ) -> None:
+        """Load rows in ``Changes`` layout (as the store returns them); expired peers stay out.
+
+        Peers listed with a hex key but without a key row (a database written before key
+        bindings existed) are bound to that key.
+        """
         for info_hash, created, downloaded, bytes_in, bytes_out, announces in swarms:
             self._swarms[info_hash] = Swarm(
                 info_hash=info_hash,
@@ -446,6 +670,10 @@ class SwarmRegistry:
                 tracker_bytes_out=bytes_out,
                 announces=announces,
             )
+        for info_hash, peer_id, pubkey, last_ts in keys:
+            swarm = self._swarms.get(info_hash)
+            if swarm is not None:
+                swarm.keys[peer_id] = KeyBinding(pubkey, last_ts)
         rows = sorted(peers, key=lambda row: row[-1])  # oldest first: the expiry order
         for row in rows:
             info_hash, peer_id, ip, port, source, pubkey, round_, accuracy = row[:8]
@@ -469,6 +697,9 @@ class SwarmRegistry:
                     last_seen=last_seen,
                 )
             )
+            if pubkey is not None and len(pubkey) == 64 and peer_id not in swarm.keys:
+                key = swarm.keys[peer_id] = KeyBinding(pubkey)
+                self._dirty_keys[(info_hash, peer_id)] = key
         self.expire()
 
 
@@ -537,6 +768,9 @@ def parse_announce(
 ) -> Announce:
     """Validate announce query parameters from ``source`` (the sender's normalized IP).
 
+    ``sig`` and ``ts`` are checked for form only; the registry verifies them when the announce
+    changes a key-bound listing.
+
     Raises:
         RequestRejected: 400 naming the first bad, missing, repeated or unknown parameter.
     """
@@ -576,10 +810,19 @@ def parse_announce(
         numwant = min(
             _int_param(query["numwant"], "numwant", low=0, high=10**6), config.max_numwant
         )
+    sig = ts = None
+    if "sig" in query or "ts" in query:
+        if "sig" not in query or "ts" not in query:
+            raise RequestRejected(400, "sig and ts go together")
+        if not _HEX128.fullmatch(query["sig"]):
+            raise RequestRejected(400, "sig must be 64 bytes as 128 hex characters")
+        sig = bytes.fromhex(query["sig"])
+        ts = _int_param(query["ts"], "ts", low=0, high=MAX_BYTES_COUNT)
+    signed_ip = _override_ip(query["ip"], source, config.ip_override) if "ip" in query else ""
     return Announce(
         info_hash=info_hash.lower(),
         peer_id=peer_id,
-        ip=_override_ip(query["ip"], source, config.ip_override) if "ip" in query else source,
+        ip=signed_ip or source,
         port=_int_param(query["port"], "port", low=1, high=65535),
         source=source,
         event=event,
@@ -590,6 +833,9 @@ def parse_announce(
         bytes_received=_bytes_param(query, "bytes_received"),
         pubkey=parse_pubkey(query["pubkey"]) if "pubkey" in query else None,
         bencoded=compact == "1" or answer_format == "bencode",
+        signed_ip=signed_ip,
+        sig=sig,
+        ts=ts,
     )
 
 

@@ -1,10 +1,11 @@
 """The tracker's HTTP face: a thin aiohttp app over ``SwarmRegistry``, plus write-behind to SQLite.
 
 Routes (all GET; see docs/protocol.md): ``/announce``, ``/scrape``, ``/swarms``,
-``/swarms/{info_hash}``, ``/healthz``, ``/metrics``, ``/`` (dashboard), ``/torrents``,
-``/torrents/{info_hash}`` and ``/torrents/{info_hash}/state``. One middleware refuses long URLs,
-request bodies and over-eager clients before any handler runs; one response hook counts the bytes
-of every HTTP message in and out, per swarm where the request names one.
+``/swarms/{info_hash}``, ``/swarms/{info_hash}/history``, ``/healthz``, ``/metrics``, ``/``
+(dashboard), ``/torrents``, ``/torrents/{info_hash}`` and ``/torrents/{info_hash}/state``. One
+middleware refuses long URLs, request bodies and over-eager clients before any handler runs; one
+response hook counts the bytes of every HTTP message in and out, per swarm where the request names
+one. Below HTTP, a ``ConnectionGuard`` cuts slow and idle connections and caps them per address.
 
 Constructing a server opens nothing; ``start()`` loads served torrents, restores swarms from the
 database and binds the socket; ``close()`` flushes and stops. ``serve()`` does both around a wait
@@ -23,6 +24,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from fedtorrent.config import TrackerConfig
 from fedtorrent.errors import TorrentError
 from fedtorrent.net.torrent import bencode, load_torrent, state_path_for, verify_initial_state
+from fedtorrent.net.tracker.connections import ConnectionGuard
 from fedtorrent.net.tracker.registry import (
     RateLimiter,
     RequestRejected,
@@ -64,6 +67,7 @@ _JSON = "application/json"
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _T = TypeVar("_T")
 INFO_HASH_KEY = web.RequestKey("info_hash", str)
+CONNECTION_REASONS = ("header_timeout", "idle_timeout", "address_cap")
 """Set by handlers whose request names a swarm, so its bytes are counted to that swarm."""
 
 
@@ -116,11 +120,19 @@ class TrackerServer:
         self._clock = clock
         self.registry = SwarmRegistry(config, clock=clock, rng=rng)
         self.limiter = RateLimiter(config.rate_limit, config.rate_burst)
+        self.guard = ConnectionGuard(
+            header_timeout=config.header_timeout,
+            idle_timeout=config.idle_timeout,
+            max_per_address=config.max_connections_per_address,
+            normalize=normalize_address,
+        )
         self.served: dict[str, ServedTorrent] = {}
         self.port: int | None = None
         """The bound port once started (useful with ``config.port == 0``)."""
         self.counters = {"announces": 0, "scrapes": 0, "bytes_in": 0, "bytes_out": 0}
         self.rejected: dict[int, int] = {}
+        self.refused: Counter[str] = Counter()
+        """Refusals by ``RequestRejected.kind`` (signatures, replays, the address cap)."""
         self._store: SwarmStore | None = None
         self._runner: web.AppRunner | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -179,6 +191,7 @@ class TrackerServer:
                 web.get("/scrape", self._scrape),
                 web.get("/swarms", self._swarms),
                 web.get("/swarms/{info_hash}", self._swarm),
+                web.get("/swarms/{info_hash}/history", self._history),
                 web.get("/healthz", self._healthz),
                 web.get("/metrics", self._metrics),
                 web.get("/", self._dashboard_page),
@@ -194,10 +207,14 @@ class TrackerServer:
             max_line_size=8190,
             max_field_size=4096,
             max_headers=32,
+            # aiohttp's own deadline for a request after opening or after an answer: the
+            # backstop behind the guard's (counted) header and idle timeouts.
+            keepalive_timeout=self.config.header_timeout + self.config.idle_timeout,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=1024)
+        site = _GuardedSite(self._runner, self.config.host, self.config.port, guard=self.guard)
         await site.start()
+        self.guard.start()
         self.port = int(self._runner.addresses[0][1])
         self._started = time.monotonic()
         self._stopping = asyncio.Event()
@@ -208,6 +225,7 @@ class TrackerServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.guard.stop()
         if self._flusher is not None:
             self._stopping.set()
             await self._flusher  # finishes any write in progress, never abandons one
@@ -280,6 +298,13 @@ class TrackerServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        self.guard.request_started(request.transport)
+        try:
+            return await self._guarded(request, handler)
+        finally:
+            self.guard.request_finished(request.transport)
+
+    async def _guarded(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         try:
             if len(request.raw_path) > self.config.max_url_bytes:
                 raise RequestRejected(414, f"URL longer than {self.config.max_url_bytes} bytes")
@@ -291,6 +316,8 @@ class TrackerServer:
             return await handler(request)
         except RequestRejected as exc:
             self.rejected[exc.status] = self.rejected.get(exc.status, 0) + 1
+            if exc.kind is not None:
+                self.refused[exc.kind] += 1
             query = request.query
             bencoded = query.get("compact") == "1" or query.get("format") == "bencode"
             if bencoded:
@@ -374,6 +401,26 @@ class TrackerServer:
         stats["peer_list_truncated"] = len(swarm.members) > MAX_LISTED_PEERS
         return web.json_response(stats)
 
+    async def _history(self, request: web.Request) -> web.Response:
+        self._only_params(request, set())
+        info_hash = parse_info_hash(request.match_info["info_hash"])
+        if self.registry.swarm(info_hash) is None or not self._visible(info_hash):
+            raise RequestRejected(404, "unknown swarm")
+        request[INFO_HASH_KEY] = info_hash
+        series = self.registry.history(info_hash)
+        peers = [
+            {"peer_id": peer_id, "points": [list(point) for point in series[peer_id]]}
+            for peer_id in sorted(series)
+        ]
+        return web.json_response(
+            {
+                "info_hash": info_hash,
+                "fields": ["round", "accuracy", "bytes_sent", "bytes_received"],
+                "max_rounds": self.config.history_rounds,
+                "peers": peers,
+            }
+        )
+
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response(
             {
@@ -382,8 +429,18 @@ class TrackerServer:
                 "peers": self.registry.peer_count,
                 "uptime_s": round(time.monotonic() - self._started, 3),
                 "persistent": self._store is not None,
+                "connections": {"open": self.guard.open, **self._cut_counts()},
+                "refused": dict(sorted(self.refused.items())),
             }
         )
+
+    def _cut_counts(self) -> dict[str, int]:
+        counts = self.guard.counts
+        return {
+            "cut_header_timeout": counts["header_timeout"],
+            "cut_idle_timeout": counts["idle_timeout"],
+            "refused_address_cap": counts["address_cap"],
+        }
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.metrics_text(), content_type="text/plain")
@@ -419,6 +476,19 @@ class TrackerServer:
             "counter",
             "HTTP response bytes sent (status line, headers, body).",
             [("", self.counters["bytes_out"])],
+        )
+        metric(
+            "refused_total",
+            "counter",
+            "Announces refused, by reason (unsigned, bad_signature, stale, replay, address_cap).",
+            [(f'{{reason="{k}"}}', n) for k, n in sorted(self.refused.items())],
+        )
+        metric("connections", "gauge", "Connections open.", [("", self.guard.open)])
+        metric(
+            "connections_closed_total",
+            "counter",
+            "Connections the tracker cut (header_timeout, idle_timeout) or refused (address_cap).",
+            [(f'{{reason="{k}"}}', self.guard.counts[k]) for k in CONNECTION_REASONS],
         )
         metric("swarms", "gauge", "Swarms known.", [("", len(swarms))])
         metric("peers", "gauge", "Live peers over all swarms.", [("", self.registry.peer_count)])
@@ -467,8 +537,33 @@ class TrackerServer:
 
     async def _state(self, request: web.Request) -> web.FileResponse:
         served = self._served(request)
-        return web.FileResponse(
+        response = web.FileResponse(
             served.state_path, headers={"Content-Type": "application/octet-stream"}
+        )
+        await response.prepare(request)  # sent here, so the guard sees the connection busy
+        return response
+
+
+class _GuardedSite(web.BaseSite):
+    """A TCP site whose connections pass through a ``ConnectionGuard`` (like ``web.TCPSite``)."""
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, *, guard: ConnectionGuard
+    ) -> None:
+        super().__init__(runner, backlog=1024)
+        self._host, self._port, self._guard = host, port, guard
+
+    @property
+    def name(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.protocol_factory(server), self._host, self._port, backlog=self._backlog
         )
 
 

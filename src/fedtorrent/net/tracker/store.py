@@ -15,7 +15,8 @@ from typing import Any
 from fedtorrent.errors import FedTorrentError
 from fedtorrent.net.tracker.registry import Changes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2 adds ``keys`` (peer id -> Ed25519 key binding); a version-1 file is upgraded in place."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS swarms (
     info_hash TEXT PRIMARY KEY,
@@ -41,12 +42,20 @@ CREATE TABLE IF NOT EXISTS peers (
     last_seen REAL NOT NULL,
     PRIMARY KEY (info_hash, peer_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS keys (
+    info_hash TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    pubkey TEXT NOT NULL,
+    last_ts INTEGER NOT NULL,
+    PRIMARY KEY (info_hash, peer_id)
+) WITHOUT ROWID;
 """
 _PEER_COLUMNS = (
     "info_hash, peer_id, ip, port, source, pubkey, round, accuracy, bytes_sent, bytes_received, "
     "completed, first_seen, last_seen"
 )
 _SWARM_COLUMNS = "info_hash, created, downloaded, tracker_bytes_in, tracker_bytes_out, announces"
+_KEY_COLUMNS = "info_hash, peer_id, pubkey, last_ts"
 
 
 class StoreError(FedTorrentError):
@@ -71,7 +80,7 @@ class SwarmStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 db.close()
                 raise StoreError(
                     f"{self.path}: tracker database schema {version}, expected {SCHEMA_VERSION}"
@@ -100,12 +109,13 @@ class SwarmStore:
             raise StoreError("tracker database is not open")
         return self._db
 
-    def load(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-        """All swarm rows and peer rows, in the layout ``SwarmRegistry.restore`` takes."""
+    def load(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """All swarm, peer and key rows, in the layout ``SwarmRegistry.restore`` takes."""
         db = self._conn()
         swarms = db.execute(f"SELECT {_SWARM_COLUMNS} FROM swarms").fetchall()
         peers = db.execute(f"SELECT {_PEER_COLUMNS} FROM peers").fetchall()
-        return swarms, peers
+        keys = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys").fetchall()
+        return swarms, peers, keys
 
     def write(self, changes: Changes) -> None:
         """Apply one batch of registry changes in a single transaction."""
@@ -127,8 +137,15 @@ class SwarmStore:
                 "DELETE FROM peers WHERE info_hash = ? AND peer_id = ?", changes.gone_peers
             )
             db.executemany(
-                "DELETE FROM peers WHERE info_hash = ?", [(h,) for h in changes.gone_swarms]
+                f"INSERT OR REPLACE INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?)", changes.keys
             )
+            db.executemany(
+                "DELETE FROM keys WHERE info_hash = ? AND peer_id = ?", changes.gone_keys
+            )
+            for table in ("peers", "keys"):
+                db.executemany(
+                    f"DELETE FROM {table} WHERE info_hash = ?", [(h,) for h in changes.gone_swarms]
+                )
             db.executemany(
                 "DELETE FROM swarms WHERE info_hash = ?", [(h,) for h in changes.gone_swarms]
             )
