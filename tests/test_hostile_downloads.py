@@ -380,6 +380,29 @@ def test_dataset_downloads_end_by_their_deadline(
     assert list(tmp_path.iterdir()) == []
 
 
+# -- announces to a hostile tracker ----------------------------------------------------------------
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "case", ["endless-100-continue", "body-1-byte-per-s", "headers-never-end", "bad-status-line"]
+)
+def test_announces_to_a_hostile_tracker_end_by_their_timeout(
+    case: str, server: HostileServer
+) -> None:
+    from fedtorrent.errors import TrackerError
+    from fedtorrent.net.tracker.client import TrackerClient
+
+    client = TrackerClient(f"{server.url}/{case}/announce", timeout=DEADLINE_S, retries=0)
+    start = time.monotonic()
+    with pytest.raises(TrackerError) as info:
+        client.announce("a" * 64, "peer-0", port=7000)
+    took = time.monotonic() - start
+    assert took <= DEADLINE_S + SLACK_S
+    assert "\n" not in str(info.value)
+
+
 # -- first mistakes with output paths -------------------------------------------------------------
 
 

@@ -91,3 +91,17 @@ class PrivacyError(FedTorrentError):
 
 class LedgerError(FedTorrentError):
     """A ledger chain or signature does not verify."""
+
+
+def printable(text: object) -> str:
+    r"""``text`` made safe for a terminal or a log line: each non-printable character escaped.
+
+    Control characters (``\x1b`` escape sequences, ``\r``, ``\n``), Unicode format characters
+    (bidi overrides such as ``\u202e``) and the like cannot move the cursor, recolour or reorder
+    what is shown, nor split one line into two. Every text that comes from outside (a torrent,
+    a server, an error about them) is printed or put into a message through it.
+    """
+    line = str(text)
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)

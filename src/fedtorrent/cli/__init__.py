@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from fedtorrent.errors import FedTorrentError
+from fedtorrent.errors import FedTorrentError, printable
 
 app = typer.Typer(
     name="fedtorrent",
@@ -19,20 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def printable(text: object) -> str:
-    r"""``text`` made safe for a terminal: each non-printable character is shown as its escape.
-
-    Control characters (``\x1b`` escape sequences, ``\r``, ``\n``), Unicode format characters
-    (bidi overrides such as ``\u202e``) and the like cannot move the cursor, recolour or reorder
-    what is shown, nor split one line into two. Every text that comes from outside (a torrent,
-    a server, an error about them) is printed through it.
-    """
-    line = str(text)
-    if line.isprintable():
-        return line
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
+__all__ = ["app", "main", "printable"]
 
 
 def _os_error(exc: OSError) -> str:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedtorrent.errors import NetworkError
+from fedtorrent.errors import NetworkError, printable
 from fedtorrent.files import atomic_writer
 
 MAX_REDIRECTS = 5
@@ -310,6 +310,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _clip(text: str) -> str:
+    """A server's or URL's text for a message: escaped (one line, no escape sequences), clipped."""
+    text = printable(text)
     return text if len(text) <= _MAX_MESSAGE_CHARS else text[:_MAX_MESSAGE_CHARS] + "..."
 
 

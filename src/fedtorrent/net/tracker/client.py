@@ -14,9 +14,7 @@ import json
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -327,23 +325,20 @@ def _as_tracker_error() -> Iterator[None]:
 
 
 def _fetch(url: str, *, timeout: float, limit: int) -> bytes:
-    """One GET: the body, or TrackerRefusedError for an error status, TrackerError otherwise."""
-    request = urllib.request.Request(url, headers={"User-Agent": "fedtorrent"})
+    """One GET within ``timeout`` seconds in all (connect, headers, body; ``net.download``).
+
+    Raises:
+        TrackerRefusedError: an error status (with its ``failure reason`` and ``Retry-After``).
+        TrackerError: anything else: unreachable, too slow, malformed HTTP, or too large.
+    """
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body: bytes = response.read(limit + 1)
-    except urllib.error.HTTPError as exc:
-        reason = _failure_reason(exc.read(4096))
-        header = exc.headers.get("Retry-After", "") if exc.headers else ""
-        retry_after = float(header) if header.isdigit() else None
+        return fetch_bytes(url, deadline=time.monotonic() + timeout, limit=limit)
+    except HTTPStatusError as exc:
         raise TrackerRefusedError(
-            exc.code, reason or str(exc.reason), retry_after=retry_after
+            exc.status, exc.reason[:300] or "refused", retry_after=exc.retry_after
         ) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except NetworkError as exc:
         raise TrackerError(f"tracker unreachable at {url.partition('?')[0]}: {exc}") from exc
-    if len(body) > limit:
-        raise TrackerError(f"tracker answer exceeds {limit} bytes")
-    return body
 
 
 def _failure_reason(body: bytes) -> str:
