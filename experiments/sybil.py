@@ -2,16 +2,16 @@
 
     FEDTORRENT_DATA=../shared/data .venv/bin/python experiments/sybil.py [--fakes 1500] [--rounds 8]
 
-A real tracker (its default settings, so a per-address cap applies when the tracker has one) and
-3 real ``fedtorrent peer`` processes on 127.0.0.1: MNIST, logistic regression, learned trust,
-cohort 20, ``fedtorrent create``'s defaults otherwise. First a clean run; then a run of the same
-session into which ``--fakes`` fake peer ids were announced from ``--sources`` loopback addresses
-(127.0.0.2 ...), each with a valid Ed25519 key and a port where nothing listens, re-announced
-while the peers run so that none expires. Reported per run: how many fakes the tracker accepted,
-the honest peers' average number of honest neighbours heard per round (of 2), rounds with none,
-final test accuracy, candidates skipped by reason, and the wall time. Every number in the files
-comes from the runs. The peers' folders (keys, ledgers, checkpoints) go to ``--work``
-(``runs/sybil``, not tracked).
+A real tracker (its default settings; then again with its per-address cap off, so that only the
+peers' neighbour book defends them) and 3 real ``fedtorrent peer`` processes on 127.0.0.1: MNIST,
+logistic regression, learned trust, cohort 20, ``fedtorrent create``'s defaults otherwise. First a
+clean run; then, for each tracker, a run of a new session into which ``--fakes`` fake peer ids were
+announced from ``--sources`` loopback addresses (127.0.0.2 ...), each with a valid Ed25519 key and
+a port where nothing listens, re-announced while the peers run so that none expires. Reported per
+run: how many fakes the tracker accepted, the honest peers' average number of honest neighbours
+heard per round (of 2), rounds with none, final test accuracy, candidates skipped by reason, and
+the wall time. Every number in the files comes from the runs. The peers' folders (keys, ledgers,
+checkpoints) go to ``--work`` (``runs/sybil``, not tracked).
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ def _measure(out: Path, summary: dict[str, Any], fakes: set[str]) -> dict[str, A
     }
 
 
+def _keep_listed(
+    done: threading.Event, url: str, info_hash: str, count: int, sources: list[str], port: int
+) -> None:
+    """Re-announce the fakes until ``done``: the tracker forgets peers silent for two intervals."""
+    while not done.wait(TrackerConfig().interval / 2):
+        announce_fakes(url, info_hash, count=count, sources=sources, port=port, event="")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fakes", type=int, default=1500)
@@ -71,53 +79,60 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--work", type=Path, default=Path("runs/sybil"))
     args = parser.parse_args()
-    for name in ("clean", "flooded"):  # this script's own earlier runs
+    for name in ("clean", "flooded", "flooded-no-cap"):  # this script's own earlier runs
         shutil.rmtree(args.work / name, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    config = TrackerConfig(port=closed_port(), db_path=args.work / "tracker.sqlite")
     results: dict[str, Any] = {"fakes": args.fakes, "sources": args.sources, "rounds": args.rounds}
-    with BackgroundTracker(config) as tracker:
-        url = tracker.server.announce_url
+    # The tracker's default per-address cap, then none: the peers' neighbour book alone.
+    for name, cap in (("flooded", TrackerConfig().max_peers_per_address), ("flooded-no-cap", 0)):
+        db = args.work / f"tracker-{name}.sqlite"
+        db.unlink(missing_ok=True)
+        config = TrackerConfig(port=closed_port(), db_path=db, max_peers_per_address=cap)
+        with BackgroundTracker(config) as tracker:
+            url = tracker.server.announce_url
 
-        def run(name: str, torrent: Path) -> dict[str, Any]:
-            swarm = SwarmConfig(
-                torrent=torrent, out=args.work / name, peers=PEERS, tracker=url,
-                exchange_timeout=args.exchange_timeout,
-            )  # fmt: skip
-            return run_swarm(swarm, plots=False)
+            def run(name: str, torrent: Path, url: str = url) -> dict[str, Any]:
+                swarm = SwarmConfig(
+                    torrent=torrent, out=args.work / name, peers=PEERS, tracker=url,
+                    exchange_timeout=args.exchange_timeout,
+                )  # fmt: skip
+                return run_swarm(swarm, plots=False)
 
-        clean = run("clean", _session(args.work, "clean", url, args.rounds))
-        results["clean"] = _measure(args.work / "clean", clean, set())
+            if "clean" not in results:
+                clean = run("clean", _session(args.work, "clean", url, args.rounds))
+                results["clean"] = _measure(args.work / "clean", clean, set())
 
-        torrent = _session(args.work, "flooded", url, args.rounds)
-        info_hash = load_torrent(torrent).info_hash
-        sources, port = loopback_sources(args.sources), closed_port()
-        started = time.perf_counter()
-        flood = announce_fakes(url, info_hash, count=args.fakes, sources=sources, port=port)
-        results["announce_seconds"] = time.perf_counter() - started
-        results["tracker_statuses"] = {str(k): v for k, v in sorted(flood.statuses.items())}
-        results["fakes_accepted"] = len(flood.accepted)
-        done = threading.Event()
+            torrent = _session(args.work, name, url, args.rounds)
+            info_hash = load_torrent(torrent).info_hash
+            sources, port = loopback_sources(args.sources), closed_port()
+            started = time.perf_counter()
+            flood = announce_fakes(url, info_hash, count=args.fakes, sources=sources, port=port)
+            done = threading.Event()
 
-        def keep_listed() -> None:  # the tracker forgets peers silent for two intervals
-            while not done.wait(config.interval / 2):
-                announce_fakes(
-                    url, info_hash, count=args.fakes, sources=sources, port=port, event=""
-                )
-
-        refresher = threading.Thread(target=keep_listed, daemon=True)
-        refresher.start()
-        try:
-            flooded = run("flooded", torrent)
-        finally:
-            done.set()
-            refresher.join(60)
-        results["flooded"] = _measure(args.work / "flooded", flooded, set(flood.accepted))
+            refresher = threading.Thread(
+                target=_keep_listed,
+                args=(done, url, info_hash, args.fakes, sources, port),
+                daemon=True,
+            )
+            refresher.start()
+            try:
+                flooded = run(name, torrent)
+            finally:
+                done.set()
+                refresher.join(60)
+            results[name] = _measure(args.work / name, flooded, set(flood.accepted))
+            results[name].update(
+                address_cap=cap,
+                announce_seconds=time.perf_counter() - started,
+                tracker_statuses={str(k): v for k, v in sorted(flood.statuses.items())},
+                fakes_accepted=len(flood.accepted),
+            )
     clean_acc = results["clean"]["test_accuracy_mean"]
-    flooded_acc = results["flooded"]["test_accuracy_mean"]
-    results["accuracy_gap_points"] = (
-        None if clean_acc is None or flooded_acc is None else 100 * (clean_acc - flooded_acc)
-    )
+    for name in ("flooded", "flooded-no-cap"):
+        acc = results[name]["test_accuracy_mean"]
+        results[name]["accuracy_gap_points"] = (
+            None if clean_acc is None or acc is None else 100 * (clean_acc - acc)
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sybil.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     (args.out / "sybil.md").write_text(_markdown(results))
@@ -135,16 +150,24 @@ def _markdown(results: dict[str, Any]) -> str:
         f"--fakes {results['fakes']} --sources {results['sources']} --rounds {results['rounds']}`",
         "",
         f"3 peers, MNIST, logistic regression, learned trust, cohort {COHORT}, "
-        f"{results['rounds']} rounds. {results['fakes']} fake ids announced from "
-        f"{results['sources']} loopback addresses in {results['announce_seconds']:.1f} s; "
-        f"the tracker answered {results['tracker_statuses']} (HTTP status: count) and "
-        f"listed {results['fakes_accepted']} of them.",
+        f"{results['rounds']} rounds. {results['fakes']} fake ids (closed ports, valid keys) are "
+        f"announced from {results['sources']} loopback addresses into a live session, and kept "
+        "listed while it runs. `flooded` uses the tracker's default cap on peer ids per address; "
+        "`flooded-no-cap` turns the cap off, so only the peers' neighbour book defends them.",
+        "",
+        "| run | ids per address cap | tracker answers (HTTP status: count) | fakes listed |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {results[name]['address_cap'] or 'off'} "
+            f"| {results[name]['tracker_statuses']} | {results[name]['fakes_accepted']} |"
+            for name in ("flooded", "flooded-no-cap")
+        ),
         "",
         "| run | finished | honest neighbours heard / round (of 2) | peer-rounds without one "
         "| test accuracy | candidates skipped | wall s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in ("clean", "flooded"):
+    for name in ("clean", "flooded", "flooded-no-cap"):
         row = results[name]
         skipped = (row.get("neighbours") or {}).get("candidates_skipped") or {}
         heard = row["honest_heard_per_round"]
@@ -153,12 +176,13 @@ def _markdown(results: dict[str, Any]) -> str:
             f"| {row['rounds_without_honest']} of {row['peer_rounds']} "
             f"| {pct(row['test_accuracy_mean'])} | {skipped or 0} | {row['wall_seconds']:.0f} |"
         )
-    gap = results["accuracy_gap_points"]
-    lines += [
-        "",
-        f"Accuracy gap (clean - flooded): {'-' if gap is None else f'{gap:.2f}'} points.",
-        "",
-    ]
+    lines.append("")
+    for name in ("flooded", "flooded-no-cap"):
+        gap = results[name]["accuracy_gap_points"]
+        lines.append(
+            f"Accuracy gap (clean - {name}): {'-' if gap is None else f'{gap:.2f}'} points."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
