@@ -26,6 +26,8 @@ def _os_error(exc: OSError) -> str:
     """An OSError as a sentence: what failed and on which file."""
     if exc.filename is None:
         return str(exc)
+    if isinstance(exc, FileExistsError | NotADirectoryError):  # mkdir of an output folder
+        return f"cannot make the folder {exc.filename}: a file is in the way on that path"
     reason = exc.strerror or type(exc).__name__
     return f"{reason}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
 
