@@ -426,7 +426,8 @@ def _as_tensor(value: object, what: str) -> Tensor:
         array = np.asarray(value)
         if array.dtype.kind not in "biufc":
             raise DataError(f"{what} has numpy dtype {array.dtype}; give numbers")
-        array = np.ascontiguousarray(array)
+        if not array.flags.c_contiguous:  # torch cannot view negative strides
+            array = np.ascontiguousarray(array)
         with warnings.catch_warnings():  # read-only arrays are fine: data is never written
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.from_numpy(array)
