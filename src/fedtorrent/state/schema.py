@@ -42,8 +42,15 @@ MAX_KEYS = 100_000
 """A schema read from outside lists at most this many tensors."""
 MAX_KEY_LENGTH = 1024
 MAX_DIMS = 16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's torch name without ``torch.`` (``float32``, ``int64``): how schemas spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
 DTYPES: dict[str, torch.dtype] = {
-    str(dtype).removeprefix("torch."): dtype
+    dtype_name(dtype): dtype
     for dtype in (
         torch.float64,
         torch.float32,
@@ -78,7 +85,7 @@ def state_schema(model: nn.Module, *, buffers: str = "average") -> dict[str, Any
         value = state[key]
         if not isinstance(value, torch.Tensor):
             raise ConfigError(f"state entry {key!r} is {type(value).__name__}, not a tensor")
-        dtype = str(value.dtype).removeprefix("torch.")
+        dtype = dtype_name(value.dtype)
         if dtype not in DTYPES:
             raise ConfigError(f"state tensor {key!r} has dtype {dtype}, which cannot be shared")
         kind = "parameter" if key in parameters else "buffer"

@@ -19,15 +19,17 @@ from torch import Tensor, nn
 
 from fedtorrent.config import TrainConfig
 from fedtorrent.errors import ConfigError, DataError
-from fedtorrent.state.schema import state_schema
+from fedtorrent.state.schema import dtype_name, state_schema
 from fedtorrent.task.contract import (
     SPLIT_NAMES,
     NodeData,
     Task,
     TrainContext,
     call_user,
+    callable_name,
     describe_exception,
     is_finite_scalar,
+    shape_of,
 )
 
 CHECK_BATCH = 8
@@ -99,9 +101,9 @@ def check_task(
     _train_once(task, model, (x, y), target_device, train or TrainConfig())
     return TaskReport(
         sizes={name: data.size(name) for name in SPLIT_NAMES},
-        input_shape=tuple(int(d) for d in x.shape[1:]),
-        input_dtype=str(x.dtype).removeprefix("torch."),
-        output_shape=tuple(int(d) for d in output.shape[1:]),
+        input_shape=shape_of(x)[1:],
+        input_dtype=_dtype(x),
+        output_shape=shape_of(output)[1:],
         num_classes=num_classes,
         loss=loss,
         metrics=names,
@@ -115,14 +117,14 @@ def _forward(model: nn.Module, x: Tensor, where: str) -> Tensor:
         output = model(x)
     except Exception as exc:
         raise DataError(
-            f"{where}: the model fails on a train batch x {_shape(x)} {_dtype(x)}: "
+            f"{where}: the model fails on a train batch x {shape_of(x)} {_dtype(x)}: "
             f"{describe_exception(exc)}{_dtype_hint(model, x, exc)}"
         ) from exc
     if not isinstance(output, Tensor):
         raise DataError(f"{where}: the model returned {type(output).__name__}, not a tensor")
     if output.ndim == 0 or int(output.shape[0]) != int(x.shape[0]):
         raise DataError(
-            f"{where}: the model maps a batch x {_shape(x)} to {_shape(output)}; "
+            f"{where}: the model maps a batch x {shape_of(x)} to {shape_of(output)}; "
             "its first dimension must stay the batch"
         )
     if (output.is_floating_point() or output.is_complex()) and not bool(
@@ -136,22 +138,23 @@ def _check_classes(task: Task, data: NodeData, output: Tensor, y: Tensor, where:
     """The class count of a cross-entropy task; every label checked against it."""
     if output.ndim < 2:
         raise DataError(
-            f"{where}: cross-entropy needs class scores (N, C) from the model, got {_shape(output)}"
+            f"{where}: cross-entropy needs class scores (N, C) from the model, "
+            f"got {shape_of(output)}"
         )
     num_classes = int(output.shape[1])
     if y.is_floating_point():
         if y.shape != output.shape:
             raise DataError(
                 f"{where}: cross-entropy needs integer class labels or class probabilities "
-                f"shaped like the output {_shape(output)}; got {_dtype(y)} targets "
-                f"{_shape(y)} (convert labels to int64, or pass loss=)"
+                f"shaped like the output {shape_of(output)}; got {_dtype(y)} targets "
+                f"{shape_of(y)} (convert labels to int64, or pass loss=)"
             )
         return num_classes
     expected = (int(output.shape[0]), *output.shape[2:])
     if tuple(y.shape) != expected:
         raise DataError(
             f"{where}: cross-entropy targets must have shape {expected} for output "
-            f"{_shape(output)}, got {_shape(y)}"
+            f"{shape_of(output)}, got {shape_of(y)}"
         )
     if y.dtype == torch.bool or y.is_complex():
         raise DataError(f"{where}: class labels must be integers, got {_dtype(y)}")
@@ -176,19 +179,25 @@ def _loss(task: Task, output: Tensor, y: Tensor, where: str) -> float:
         try:
             loss = task.loss_fn(output, y)
         except Exception as exc:
+            hint = ""
+            if task.uses_cross_entropy and not y.is_floating_point() and y.dtype != torch.int64:
+                hint = " (cross-entropy takes int64 labels: y.astype(np.int64))"
             raise DataError(
-                f"{where}: the loss fails on output {_shape(output)} {_dtype(output)} and "
-                f"targets {_shape(y)} {_dtype(y)}: {describe_exception(exc)}"
+                f"{where}: the loss fails on output {shape_of(output)} {_dtype(output)} and "
+                f"targets {shape_of(y)} {_dtype(y)}: {describe_exception(exc)}{hint}"
             ) from exc
     broadcast = next((w for w in caught if "broadcast" in str(w.message)), None)
     if broadcast is not None:
         raise DataError(
-            f"{where}: the loss broadcasts output {_shape(output)} against targets {_shape(y)}, "
-            "which gives wrong results; make their shapes equal (reshape y or the output)"
+            f"{where}: the loss broadcasts output {shape_of(output)} against targets "
+            f"{shape_of(y)}, which gives wrong results; make their shapes equal "
+            "(reshape y or the output)"
         )
     if not is_finite_scalar(loss):
         what = (
-            f"a tensor of shape {_shape(loss)}" if isinstance(loss, Tensor) else type(loss).__name__
+            f"a tensor of shape {shape_of(loss)}"
+            if isinstance(loss, Tensor)
+            else type(loss).__name__
         )
         raise DataError(f"{where}: the loss must be a finite scalar tensor, got {what}")
     if not loss.requires_grad:
@@ -200,7 +209,7 @@ def _loss(task: Task, output: Tensor, y: Tensor, where: str) -> float:
 
 
 def _metric_names(task: Task, output: Tensor, y: Tensor) -> tuple[str, ...]:
-    where = f"Task.metrics {getattr(task.metrics_fn, '__qualname__', 'metrics')}"
+    where = f"Task.metrics {callable_name(task.metrics_fn)}"
     scores = call_user(where, task.metrics_fn, output, y, error=ConfigError)
     if not isinstance(scores, dict):
         raise ConfigError(f"{where} returned {type(scores).__name__}, not a dict of name: number")
@@ -233,19 +242,15 @@ def _train_once(
         loss=task.loss_fn,
         optimizer=optimizer,
     )
-    where = f"Task.train_step {getattr(task.step_fn, '__qualname__', 'train_step')}"
+    where = f"Task.train_step {callable_name(task.step_fn)}"
     model.train()
     loss = call_user(where, task.step_fn, model, batch, ctx, error=ConfigError)
     if not is_finite_scalar(loss):
         raise ConfigError(f"{where} must return the batch's loss as a finite scalar tensor")
 
 
-def _shape(tensor: Tensor) -> tuple[int, ...]:
-    return tuple(int(d) for d in tensor.shape)
-
-
 def _dtype(tensor: Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
+    return dtype_name(tensor.dtype)
 
 
 def _dtype_hint(model: nn.Module, x: Tensor, exc: Exception) -> str:

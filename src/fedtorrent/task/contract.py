@@ -30,11 +30,10 @@ from torch.utils.data import Dataset, IterableDataset
 
 from fedtorrent.config import TrainConfig
 from fedtorrent.errors import ConfigError, DataError, FedTorrentError
+from fedtorrent.state.schema import BUFFER_POLICIES, dtype_name
 
 log = logging.getLogger(__name__)
 
-BUFFER_POLICIES = ("average", "local")
-"""``average``: floating buffers are mixed like parameters; ``local``: each node keeps its own."""
 SPLIT_NAMES = ("train", "val", "test")
 
 Batch: TypeAlias = tuple[Tensor, Tensor]
@@ -96,7 +95,7 @@ def cross_entropy_metrics(output: Tensor, target: Tensor) -> dict[str, float]:
     from fedtorrent.training.evaluate import classification_metrics  # noqa: PLC0415
 
     if output.ndim < 2:
-        raise DataError(f"cross-entropy metrics need (N, C) outputs, got shape {_shape(output)}")
+        raise DataError(f"cross-entropy metrics need (N, C) outputs, got shape {shape_of(output)}")
     predicted = output.argmax(dim=1).reshape(-1)
     true = target.argmax(dim=1) if target.is_floating_point() else target
     scores = classification_metrics(
@@ -136,7 +135,7 @@ class NodeData:
     test: Split | None = None
 
     def __post_init__(self) -> None:
-        reference: tuple[tuple[int, ...], torch.dtype, tuple[int, ...], torch.dtype] | None = None
+        reference: str | None = None  # train's per-example shapes and dtypes
         for name in SPLIT_NAMES:
             value = getattr(self, name)
             if value is None:
@@ -146,15 +145,13 @@ class NodeData:
             split = _normalize_split(value, f"NodeData.{name}")
             object.__setattr__(self, name, split)
             first_x, first_y = _first_example(split, f"NodeData.{name}")
-            spec = (_shape(first_x), first_x.dtype, _shape(first_y), first_y.dtype)
+            spec = f"x {shape_of(first_x)} {dtype_name(first_x.dtype)}, " + (
+                f"y {shape_of(first_y)} {dtype_name(first_y.dtype)}"
+            )
             if reference is None:
                 reference = spec
             elif spec != reference:
-                raise DataError(
-                    f"NodeData.{name} examples are x {spec[0]} {_dtype(spec[1])}, y {spec[2]} "
-                    f"{_dtype(spec[3])}, but train's are x {reference[0]} {_dtype(reference[1])}, "
-                    f"y {reference[2]} {_dtype(reference[3])}"
-                )
+                raise DataError(f"NodeData.{name} examples are {spec}, but train's are {reference}")
 
     def split(self, name: str) -> Split | None:
         """The split called ``name`` (``train``, ``val`` or ``test``); None when not given."""
@@ -307,7 +304,7 @@ class Task:
             ConfigError: the factory raised (the exception is chained and logged) or returned
                 something that is not an ``nn.Module``.
         """
-        where = f"Task.model {_name(self.model)}"
+        where = f"Task.model {callable_name(self.model)}"
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -326,7 +323,7 @@ class Task:
         """
         if not 0 <= node < num_nodes:
             raise ConfigError(f"node must be in [0, {num_nodes}), got {node}")
-        where = f"Task.data {_name(self.data)}({node}, {num_nodes})"
+        where = f"Task.data {callable_name(self.data)}({node}, {num_nodes})"
         result = call_user(where, self.data, node, num_nodes, error=DataError)
         if not isinstance(result, NodeData):
             raise DataError(f"{where} returned {type(result).__name__}, not fedtorrent.NodeData")
@@ -344,7 +341,7 @@ class Task:
             from fedtorrent.training.local import make_optimizer  # noqa: PLC0415
 
             return make_optimizer(parameters, config)
-        where = f"Task.optimizer {_name(self.optimizer)}"
+        where = f"Task.optimizer {callable_name(self.optimizer)}"
         optimizer = call_user(where, self.optimizer, parameters, error=ConfigError)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -391,7 +388,8 @@ def _no_metrics(output: Tensor, target: Tensor) -> dict[str, float]:
     return {}
 
 
-def _name(function: object) -> str:
+def callable_name(function: object) -> str:
+    """How messages name a user function: its qualified name, else its type."""
     return str(getattr(function, "__qualname__", None) or type(function).__name__)
 
 
@@ -404,18 +402,15 @@ def _require_callable(field: str, value: object, signature: str, *, arity: int =
         inspect.signature(value).bind(*range(arity))
     except TypeError:
         raise ConfigError(
-            f"Task.{field} {_name(value)} cannot be called as {signature}"
+            f"Task.{field} {callable_name(value)} cannot be called as {signature}"
         ) from None  # our own check; there is no user exception to keep
     except ValueError:  # no introspectable signature (a builtin): the call will tell
         pass
 
 
-def _shape(tensor: Tensor) -> tuple[int, ...]:
+def shape_of(tensor: Tensor) -> tuple[int, ...]:
+    """A tensor's shape as a tuple of ints, as messages print it."""
     return tuple(int(d) for d in tensor.shape)
-
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _as_tensor(value: object, what: str) -> Tensor:
