@@ -4,10 +4,10 @@ See docs/tasks.md. ``fedtorrent.Task``, ``NodeData``, ``builtin_task`` and ``loa
 the public names; the rest is for drivers (the simulator and peers).
 """
 
+from fedtorrent.state.schema import BUFFER_POLICIES
 from fedtorrent.task.builtin import BuiltinData, BuiltinModel, builtin_task, builtin_task_from
 from fedtorrent.task.check import TaskReport, check_task
 from fedtorrent.task.contract import (
-    BUFFER_POLICIES,
     NodeData,
     Task,
     TrainContext,
