@@ -39,6 +39,11 @@ _EXPORTS: dict[str, str] = {
     "Metrics": "fedtorrent.training",
     "mix_stack": "fedtorrent.mixing.rules",
     "TrustLearner": "fedtorrent.mixing.trust",
+    # bring your own task
+    "Task": "fedtorrent.task",
+    "NodeData": "fedtorrent.task",
+    "builtin_task": "fedtorrent.task",
+    "load_task": "fedtorrent.task",
     # simulator
     "simulate": "fedtorrent.sim.run",
     # network system
@@ -71,6 +76,7 @@ __all__ = [
     "MixingConfig",
     "ModelConfig",
     "NetworkError",
+    "NodeData",
     "Peer",
     "PeerConfig",
     "PrivacyAccountant",
@@ -78,6 +84,7 @@ __all__ = [
     "Session",
     "SimConfig",
     "SwarmConfig",
+    "Task",
     "TopologyConfig",
     "Torrent",
     "TrackerClient",
@@ -87,8 +94,10 @@ __all__ = [
     "TrustLearner",
     "__version__",
     "build_model",
+    "builtin_task",
     "evaluate",
     "load_dataset",
+    "load_task",
     "load_torrent",
     "mix_stack",
     "register_model",

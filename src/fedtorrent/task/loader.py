@@ -1,0 +1,147 @@
+"""``--task PATH.py:NAME`` or ``--task package.module:NAME``: find the user's :class:`Task`.
+
+The convention of ``uvicorn app:app`` and ``flwr run``. Loading runs the user's own code, which is
+why a spec only ever comes from the user's command line, never from a torrent or a peer.
+
+- ``PATH.py:NAME`` (anything ending in ``.py`` or holding a path separator) imports that file as
+  a module of its own; its folder is put first on ``sys.path`` (as ``python PATH.py`` would), so
+  it can import the files beside it.
+- ``package.module:NAME`` imports the module; the current folder is on ``sys.path`` for this (as
+  ``python -m`` and uvicorn do).
+- ``NAME`` may be dotted (``module:tasks.small``). It names a :class:`Task`, or a function that
+  takes no arguments and returns one (called once here, so it can build the task lazily).
+
+Every failure is one :class:`~fedtorrent.errors.ConfigError` line naming the spec and what is
+wrong: a file that does not exist, an import that fails (its exception chained as ``__cause__``
+and logged at INFO with the traceback), a name that is missing, or an object that is not a task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from fedtorrent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedtorrent.task.contract import Task
+
+log = logging.getLogger(__name__)
+
+_FORM = "PATH.py:NAME or package.module:NAME"
+
+
+def load_task(spec: str) -> Task:
+    """The :class:`Task` that ``spec`` (``PATH.py:NAME`` or ``package.module:NAME``) names.
+
+    Raises:
+        ConfigError: a malformed spec, a missing file or module, an import that raises, a missing
+            name, or an object that is neither a Task nor a no-argument function returning one.
+    """
+    from fedtorrent.task.contract import Task, call_user  # noqa: PLC0415
+
+    source, name = _parse(spec)
+    module = _import(spec, source)
+    value: object = module
+    for part in name.split("."):
+        if not hasattr(value, part):
+            raise ConfigError(f"--task {spec!r}: {source} has no {name!r}{_defined_tasks(module)}")
+        value = getattr(value, part)
+    if isinstance(value, Task):
+        return value
+    if callable(value) and not isinstance(value, type):
+        result = call_user(f"--task {spec!r}: {name}()", value, error=ConfigError)
+        if isinstance(result, Task):
+            return result
+        raise ConfigError(
+            f"--task {spec!r}: {name}() returned {type(result).__name__}, not a fedtorrent.Task"
+        )
+    raise ConfigError(
+        f"--task {spec!r}: {name} is {type(value).__name__}, not a fedtorrent.Task "
+        "(nor a function returning one)"
+    )
+
+
+def _parse(spec: str) -> tuple[str, str]:
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError(f"--task {spec!r} must be {_FORM}")
+    source, name = spec.rsplit(":", 1)  # rsplit: a Windows path keeps its drive colon
+    if not source or not name or not all(part.isidentifier() for part in name.split(".")):
+        raise ConfigError(f"--task {spec!r} must be {_FORM}, NAME a Python name")
+    return source, name
+
+
+def _is_path(source: str) -> bool:
+    return source.endswith(".py") or "/" in source or os.sep in source
+
+
+def _import(spec: str, source: str) -> ModuleType:
+    if _is_path(source):
+        return _import_file(spec, Path(source).expanduser())
+    if not all(part.isidentifier() for part in source.split(".")):
+        raise ConfigError(f"--task {spec!r}: {source!r} is neither a .py file nor a module name")
+    _put_first_on_path(os.getcwd())
+    try:
+        return importlib.import_module(source)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (
+            source == exc.name or source.startswith(exc.name + ".")
+        ):  # the module itself is missing
+            raise ConfigError(
+                f"--task {spec!r}: no module named {exc.name!r} (not installed, nor in the "
+                "current folder or on PYTHONPATH)"
+            ) from exc
+        raise _import_failed(spec, source, exc) from exc
+    except Exception as exc:
+        raise _import_failed(spec, source, exc) from exc
+
+
+def _import_file(spec: str, path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ConfigError(f"--task {spec!r}: file {str(path)!r} does not exist")
+    resolved = path.resolve()
+    # A name of its own per file, so two task files called task.py do not collide.
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    module_name = f"_fedtorrent_task_{resolved.stem}_{digest}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    module_spec = importlib.util.spec_from_file_location(module_name, resolved)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"--task {spec!r}: {str(path)!r} cannot be imported as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    _put_first_on_path(str(resolved.parent))
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]  # nothing half-imported stays behind
+        raise _import_failed(spec, str(path), exc) from exc
+    return module
+
+
+def _import_failed(spec: str, where: str, exc: Exception) -> ConfigError:
+    from fedtorrent.task.contract import describe_exception  # noqa: PLC0415
+
+    log.info("--task %r: importing %s failed", spec, where, exc_info=exc)
+    line = getattr(exc, "lineno", None)
+    at = f" (line {line})" if isinstance(exc, SyntaxError) and line else ""
+    return ConfigError(f"--task {spec!r}: importing {where} failed{at}: {describe_exception(exc)}")
+
+
+def _put_first_on_path(folder: str) -> None:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def _defined_tasks(module: ModuleType) -> str:
+    from fedtorrent.task.contract import Task  # noqa: PLC0415
+
+    names = sorted(k for k, v in vars(module).items() if isinstance(v, Task))
+    return f" (Tasks defined there: {', '.join(names)})" if names else " (it defines no Task)"
