@@ -759,7 +759,14 @@ class Peer:
         if answer is None:
             self._selection, self._candidates = Selection.empty(), {}
             return []
-        self._selection = select_cohort(
+        self._selection = self._select(answer)
+        self._keys.update(self._selection.keys)
+        self._candidates = dict(self._selection.candidates)
+        return self._selection.cohort
+
+    def _select(self, answer: TrackerAnswer) -> Selection:
+        """:func:`select_cohort` over a tracker answer, with this peer's book and settings."""
+        return select_cohort(
             answer.peers,
             peer_id=self.peer_id,
             cohort_size=self.session.cohort_size,
@@ -768,24 +775,13 @@ class Peer:
             book=self.book,
             round=self.round_done + 1,
         )
-        self._keys.update(self._selection.keys)
-        self._candidates = dict(self._selection.candidates)
-        return self._selection.cohort
 
     def _more_candidates(self, dialled: set[str]) -> tuple[list[Endpoint], frozenset[str]]:
         """Announce again for a fresh sample: the candidates in it not dialled yet this round."""
         answer, _, _ = self._announce(event="")
         if answer is None:
             return [], frozenset()
-        more = select_cohort(
-            answer.peers,
-            peer_id=self.peer_id,
-            cohort_size=self.session.cohort_size,
-            allowed=self.session.allow_keys,
-            addressing=self.addressing,
-            book=self.book,
-            round=self.round_done + 1,
-        )
+        more = self._select(answer)
         self._keys.update(more.keys)
         self._candidates.update(more.candidates)
         return [e for e in more.cohort + more.reserve if e.peer_id not in dialled], (
