@@ -131,7 +131,10 @@ def _write_attacks(out: Path, results: dict[str, Any], *, seeds: tuple[int, ...]
         "",
         f"MNIST, logistic regression, iid nodes on a complete graph, {rounds} rounds (50 nodes: "
         f"{max(1, rounds // 2)}), seeds {', '.join(map(str, seeds))}. Attackers are the last K "
-        "nodes; `sign_flip` shares `ref - 4 (theta - ref)`. Accuracy: honest nodes' final test "
+        "nodes; `sign_flip` shares `ref - 4 (theta - ref)`. Every node screens what it received "
+        "before any rule mixes (the plausibility screen at its default, 10; `docs/algorithm.md`), "
+        "so `rejected` counts the states left out as `implausible` (or not finite). Accuracy: "
+        "honest nodes' final test "
         "accuracy, mean ± std across honest nodes (averaged over seeds); Δ: against the same "
         "rule without attackers. Weight per attacker: the mean weight an honest node gave each "
         "attacker in its mix (uniform would be 1/6 or 1/50; robust rules have no weights).",
