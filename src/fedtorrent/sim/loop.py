@@ -210,10 +210,13 @@ class ModuleLoopBackend:
     def mix_counters(self, weights: Tensor) -> None:
         """Combine the shared counters with ``(N, N)`` weights: weighted mean, rounded, exact."""
         w = weights.detach().to(torch.float64)
+        w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-300)
         for key in self.layout.exact:
             value = self.counters[key]
             flat = value.reshape(value.shape[0], -1).to(torch.float64)
-            mixed = (w @ flat).round()
+            # Own value plus the weighted mean deviation: counters that agree stay exact whatever
+            # the rounding of the weights (a float32 weight of 1/3 is off by 1e-8).
+            mixed = flat + (w @ flat - flat * w.sum(dim=1, keepdim=True)).round()
             if value.dtype == torch.bool:
                 mixed = mixed.clamp(0, 1)
             self.counters[key] = mixed.to(value.dtype).view_as(value)

@@ -243,10 +243,12 @@ def run_task(
         if on_round is not None:
             on_round(done, config.rounds)
     counts = engine.data.train_count.tolist()
-    final = [{**values, "train_examples": counts[i]} for i, values in enumerate(scores)]
+    final = [
+        {"split": split, **values, "train_examples": counts[i]} for i, values in enumerate(scores)
+    ]
     if writers.final is not None:
         for node, record in enumerate(final):
-            writers.final.write({**tag, "node": node, "split": split, **record})
+            writers.final.write({**tag, "node": node, **record})
     return RunOutcome(
         config=config,
         final=final,
