@@ -205,19 +205,27 @@ def flat_views(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def model_loss_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> LossFn:
-    """Mean cross-entropy of ``model`` on one batch, as a function of its flat state vector.
+def model_loss_fn(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> LossFn:
+    """Mean loss of ``model`` on one batch, as a function of its flat state vector.
 
     The vector follows ``state.flatten(model.state_dict())``. The model's current mode is used;
-    call ``model.eval()`` first to turn dropout off.
+    call ``model.eval()`` first to turn dropout off. ``loss`` is the task's
+    ``(output, target) -> scalar`` (None: cross-entropy).
     """
     like = {k: v.detach() for k, v in model.state_dict().items()}
+    criterion = F.cross_entropy if loss is None else loss
 
-    def loss(flat: Tensor) -> Tensor:
+    def mixed(flat: Tensor) -> Tensor:
         out = functional_call(model, flat_views(flat, like), (inputs,))
-        return F.cross_entropy(out, targets)
+        return criterion(out, targets)
 
-    return loss
+    return mixed
 
 
 class TrustLearner:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,6 +43,7 @@ from fedtorrent.mixing.rules import (
 )
 from fedtorrent.mixing.screen import finite_or_own, implausible_pairs, pair_distances
 from fedtorrent.mixing.trust import flat_views, learn_trust, prefer_learned, trust_weights
+from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.seeds import derive_seed
 
@@ -248,10 +249,17 @@ class FunctionalBackend:
     """
 
     def __init__(
-        self, model: nn.Module, like: dict[str, Tensor], *, vectorize: bool | None = None
+        self,
+        model: nn.Module,
+        like: dict[str, Tensor],
+        *,
+        vectorize: bool | None = None,
+        loss: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         self.model = model
         self.like = like
+        self.loss = loss
+        """A task's mean loss ``(output, target) -> scalar``; None: cross-entropy (the default)."""
         self.num_params = sum(t.numel() for t in like.values())
         names = {name for name, _ in model.named_parameters()}
         self._trainable = [key in names for key in sorted(like)]
@@ -288,7 +296,16 @@ class FunctionalBackend:
 
     def _row_losses(self, state: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = self._own(state, x) if self.vectorize else self._each_row(state, x, shared=False)
+        if self.loss is not None:
+            return self._per_example(logits.flatten(0, 1), y.flatten(0, 1)).view(y.shape[:2])
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+
+    def _per_example(self, output: Tensor, target: Tensor) -> Tensor:
+        """``(E,)`` the task's mean loss of each example alone (a batch of one, under ``vmap``)."""
+        loss = self.loss
+        assert loss is not None
+        per: Tensor = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(output, target)
+        return per
 
     def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
         """Autograd through the vmapped forward of every row at once (or row by row)."""
@@ -314,7 +331,12 @@ class FunctionalBackend:
         ]
         for key in keys:
             state[key].requires_grad_(True)
-        per_example = F.cross_entropy(self._forward(state, x), y, reduction="none")
+        out = self._forward(state, x)
+        per_example = (
+            F.cross_entropy(out, y, reduction="none")
+            if self.loss is None
+            else self._per_example(out, y)
+        )
         loss = per_example.mean() if weight is None else (per_example * weight).sum()
         grads = dict(zip(keys, torch.autograd.grad(loss, [state[k] for k in keys]), strict=True))
         return torch.cat(
@@ -341,7 +363,16 @@ class FunctionalBackend:
 
 
 def make_backend(model: nn.Module, *, input_shape: tuple[int, ...]) -> Backend:
-    """The linear fast path when ``model`` is exactly ``flatten -> linear``, else the general."""
+    """The linear fast path when ``model`` is exactly ``flatten -> linear``, else the general.
+
+    Raises:
+        ConfigError: ``model`` has buffers (BatchNorm): those run on
+            :class:`~fedtorrent.sim.loop.ModuleLoopBackend` (``run_one`` picks it itself).
+    """
+    if has_buffers(model):
+        raise ConfigError(
+            "a model with buffers (BatchNorm) runs on the per-node loop: ModuleLoopBackend"
+        )
     like = {k: v.detach().clone() for k, v in model.state_dict().items()}
     linear = _linear_keys(model, like, input_shape)
     if linear is not None:
@@ -581,6 +612,12 @@ class Engine:
             and train.lr_schedule == "constant"
         )
         self._minus_one = torch.full((1,), -1.0)
+        self._y_shape = tuple(data.y_train.shape[1:])
+        layout = backend.layout if isinstance(backend, ModuleLoopBackend) else None
+        self.param_width = backend.num_params if layout is None else layout.num_params
+        """Columns holding parameters (the first ones): what ``share`` hooks see."""
+        self.mixed_width = backend.num_params if layout is None else layout.mixed_width
+        """Columns that mixing combines; the rest (local buffers) each node keeps."""
 
     # ---- training -------------------------------------------------------------------------
 
@@ -593,9 +630,39 @@ class Engine:
             self.before = self.params.clone()  # training updates ``params`` in place
         with _timed(self.timings, "train"), _forked_rng(self.seed, 1, round_index):
             generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round_index))
-            self._train(generator, self.train_config.lr * lr_scale)
+            self._train(generator, self.train_config.lr * lr_scale, round_index)
 
-    def _train(self, generator: torch.Generator, base_lr: float) -> None:
+    def _train(self, generator: torch.Generator, base_lr: float, round_index: int = 0) -> None:
+        backend = self.backend
+        if not isinstance(backend, ModuleLoopBackend):
+            self._plan(generator, base_lr, self._step)
+            return
+        # The same batches the stacked path would draw, then one node at a time.
+        plan: list[list[Tensor]] = [[] for _ in range(self.num_nodes)]
+
+        def collect(
+            index: Tensor, weight: Tensor | None, *, rows: Tensor | None, **_: object
+        ) -> None:
+            nodes = range(int(index.shape[0])) if rows is None else rows.tolist()
+            for position, node in enumerate(nodes):
+                keep = index[position] if weight is None else index[position][weight[position] > 0]
+                plan[node].append(keep)
+
+        self._plan(generator, base_lr, collect)
+        backend.train_nodes(
+            self.params,
+            plan,
+            x=self._x_train,
+            y=self.data.y_train,
+            lr_scale=base_lr / self.train_config.lr,
+            round_index=round_index,
+            seed=self.seed,
+        )
+
+    def _plan(
+        self, generator: torch.Generator, base_lr: float, step_fn: Callable[..., None]
+    ) -> None:
+        """Draw every step's batches and hand each to ``step_fn`` (``_step``'s arguments)."""
         cfg, data = self.train_config, self.data
         batch = cfg.batch_size
         counts = data.train_count
@@ -620,7 +687,7 @@ class Engine:
                 if step % per == 0:
                     self._shuffle_rows(order, everyone, generator)
                 start = (step % per) * batch
-                self._step(
+                step_fn(
                     order[:, start : start + batch],
                     None,
                     rows=None,
@@ -644,7 +711,7 @@ class Engine:
             if rows is not None:
                 index = index.index_select(0, rows)
                 weight = None if weight is None else weight.index_select(0, rows)
-            self._step(index, weight, rows=rows, step=step, totals=totals, base_lr=base_lr)
+            step_fn(index, weight, rows=rows, step=step, totals=totals, base_lr=base_lr)
 
     def _shuffle_rows(self, order: Tensor, rows_mask: Tensor, generator: torch.Generator) -> None:
         data = self.data
@@ -694,7 +761,7 @@ class Engine:
         count, batch = index.shape
         flat = index.reshape(-1)
         x = self._x_train.index_select(0, flat).view(count, batch, *self._x_train.shape[1:])
-        y = self.data.y_train.index_select(0, flat).view(count, batch)
+        y = self.data.y_train.index_select(0, flat).view(count, batch, *self._y_shape)
         if self._plain_sgd and not isinstance(rows, Tensor):
             assert isinstance(self.backend, LinearBackend)
             self.backend.sgd_step(RowOptimizer._take(self.params, rows), x, y, weight, lr=base_lr)
@@ -720,7 +787,7 @@ class Engine:
         eye = torch.eye(self.num_nodes, dtype=torch.bool)
         shared = self.params
         if self.share is not None:
-            shared = self.share(self.params, round_index, before=self.before, public=self.public)
+            shared = self._shared_rows(round_index)
             bad = ~torch.isfinite(shared).all(dim=1)
             if bool(bad.any()):
                 # Receivers reject non-finite states, as a peer's decoder does: drop the row from
@@ -739,6 +806,7 @@ class Engine:
                 if shared is not self.params:
                     self.public = self._robust(members, shared, own=shared)
                 self.params = self._guard(self._robust(members, shared, own=self.params), own)
+                self._mix_buffers(uniform_weights(members), own)
             return None
         if rule == "fixed":
             weights = uniform_weights(members)
@@ -749,7 +817,32 @@ class Engine:
                 weights = self._learn_trust(members, shared, round_index, suspicion)
         with _timed(self.timings, "mix"):
             self.params = self._guard(self._weighted_mix(weights, shared), own)
+            self._mix_buffers(weights, own)
         return weights
+
+    def _shared_rows(self, round_index: int) -> Tensor:
+        """What the ``share`` hook makes of the parameter columns; buffers travel as they are."""
+        assert self.share is not None
+        p = self.param_width
+        if p == self.params.shape[1]:
+            return self.share(self.params, round_index, before=self.before, public=self.public)
+        part = self.share(
+            self.params[:, :p],
+            round_index,
+            before=self.before[:, :p],
+            public=self.public[:, :p],
+        )
+        return torch.cat([part, self.params[:, p:]], dim=1)
+
+    def _mix_buffers(self, weights: Tensor, own: Tensor) -> None:
+        """Local columns back to each node's own; shared counters mixed exactly (per-node path).
+
+        Robust rules mix the counters with uniform weights over each cohort.
+        """
+        if self.mixed_width < self.params.shape[1]:
+            self.params[:, self.mixed_width :] = own[:, self.mixed_width :]
+        if isinstance(self.backend, ModuleLoopBackend):
+            self.backend.mix_counters(weights)
 
     def _screen(self, adjacency: Tensor, shared: Tensor) -> tuple[Tensor, Tensor | None]:
         """Drop implausible received rows from each cohort (``mixing.screen``).
@@ -821,12 +914,14 @@ class Engine:
             index = data.val_index.gather(1, pick.long().clamp_max(vmax - 1))
             flat = index.reshape(-1)
             x = self._x_train.index_select(0, flat).view(*index.shape, *self._x_train.shape[1:])
-            return x, data.y_train.index_select(0, flat).view(index.shape)
+            return x, data.y_train.index_select(0, flat).view(*index.shape, *self._y_shape)
 
         def mixed_loss(weights: Tensor, batch: tuple[Tensor, Tensor] | None = None) -> Tensor:
             mixed = mix(weights, shared)
             if shared is not own:
                 mixed = mixed + weights.diagonal().unsqueeze(1) * (own - shared)
+            if self.mixed_width < own.shape[1]:  # local buffers: each node's own
+                mixed = torch.cat([mixed[:, : self.mixed_width], own[:, self.mixed_width :]], 1)
             return backend.losses(mixed, *(draw() if batch is None else batch))
 
         with _forked_rng(self.seed, 4, round_index):
@@ -937,6 +1032,8 @@ class Engine:
 
     def node_state(self, node: int) -> dict[str, Tensor]:
         """Node ``node``'s state dict (a copy), keyed and shaped like the model's."""
+        if isinstance(self.backend, ModuleLoopBackend):
+            return self.backend.state_of(self.params[node], node)
         return {k: v.clone() for k, v in flat_views(self.params[node], self.backend.like).items()}
 
 

@@ -36,12 +36,14 @@ from fedtorrent.metrics.records import (
     write_json,
 )
 from fedtorrent.sim.engine import Engine, ShareFn, make_backend, node_data
+from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.schedule import round_lr_scale
 from fedtorrent.training.seeds import derive_seed
 
 if TYPE_CHECKING:
     from fedtorrent.data.datasets import Dataset
+    from fedtorrent.task import Task
 
 RoundCallback = Callable[[int, int], None]
 """Called after each round with (rounds done, rounds in this run)."""
@@ -66,6 +68,12 @@ class RunOutcome:
     """With privacy or attackers: see :func:`fedtorrent.sim.scenario.security_summary`."""
     rejected: dict[str, int] = dataclasses.field(default_factory=dict)
     """Received rows left out of mixes, by reason (:func:`engine_rejections`); empty when none."""
+    engine_path: str = "vectorized"
+    """How nodes trained: ``linear``, ``vectorized`` (stacked rows) or ``loop`` (per node)."""
+    states: list[dict[str, torch.Tensor]] | None = None
+    """Every node's final state dict, when asked for (``keep_states``, ``save_models``)."""
+    model_paths: list[Path] = dataclasses.field(default_factory=list)
+    """Where each node's final model was saved (``save_models``); empty otherwise."""
 
     @property
     def accuracies(self) -> list[float]:
@@ -96,8 +104,12 @@ def run_one(
     on_round: RoundCallback | None = None,
     share: ShareFn | None = None,
     writers: RunWriters | None = None,
+    keep_states: bool = False,
 ) -> RunOutcome:
     """Run one configuration (one seed) and return its final per-node scores.
+
+    A model with buffers (BatchNorm) runs on the per-node loop
+    (:class:`~fedtorrent.sim.loop.ModuleLoopBackend`), any other on the stacked fast paths.
 
     Args:
         config: the run.
@@ -105,6 +117,7 @@ def run_one(
         on_round: progress callback.
         share: what nodes send each other (adversaries, privacy); default their parameters.
         writers: open record writers (see :func:`simulate`); None writes nothing.
+        keep_states: return every node's final state dict (``RunOutcome.states``).
     """
     from fedtorrent.data.partition import split_nodes  # noqa: PLC0415
     from fedtorrent.models import build_model  # noqa: PLC0415
@@ -132,16 +145,22 @@ def run_one(
             **config.model.kwargs,
         )
     n = config.data.num_nodes
-    init = flatten(model.state_dict())
+    backend = loop_backend(model, config) if has_buffers(model) else None
+    init = (
+        flatten(model.state_dict())
+        if backend is None
+        else backend.layout.flatten(model.state_dict())
+    )
     outgoing: scenario.Outgoing | None = None
     if config.attack is not None or config.privacy is not None:
         if share is not None:
             raise ConfigError("give a share hook or a config with privacy/attack, not both")
-        outgoing = share = scenario.Outgoing(config, initial=init)
+        width = init.shape[0] if backend is None else backend.layout.num_params
+        outgoing = share = scenario.Outgoing(config, initial=init[:width])
         if config.attack == "label_flip":
             data = scenario.poison_labels(data, outgoing.attackers)
     engine = Engine(
-        backend=make_backend(model, input_shape=tuple(dataset.input_shape)),
+        backend=backend or make_backend(model, input_shape=tuple(dataset.input_shape)),
         data=data,
         train=config.train,
         mixing=config.mixing,
@@ -216,7 +235,47 @@ def run_one(
         wall_seconds=time.perf_counter() - started,
         security=security,
         rejected=engine_rejections(engine),
+        engine_path=engine_path(engine),
+        states=_states(engine) if keep_states else None,
     )
+
+
+def loop_backend(
+    model: torch.nn.Module, config: SimConfig, task: Task | None = None
+) -> ModuleLoopBackend:
+    """The per-node backend for ``model`` (a task's loss, optimizer, step and buffer policy)."""
+    from fedtorrent.sim.loop import StateLayout  # noqa: PLC0415
+    from fedtorrent.training.local import make_optimizer  # noqa: PLC0415
+
+    train = config.train
+
+    def optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if task is None:
+            return make_optimizer(parameters, train)
+        return task.make_optimizer(parameters, train)
+
+    return ModuleLoopBackend(
+        model,
+        layout=StateLayout(model, buffers="average" if task is None else task.buffers),
+        num_nodes=config.data.num_nodes,
+        make_optimizer=optimizer,
+        loss=None if task is None else task.loss_fn,
+        step=None if task is None else task.step_fn,  # type: ignore[arg-type]
+        lr_schedule=train.lr_schedule,
+    )
+
+
+def engine_path(engine: Engine) -> str:
+    """How the engine trained: ``linear`` or ``vectorized`` (stacked rows), or ``loop``."""
+    from fedtorrent.sim.engine import LinearBackend  # noqa: PLC0415
+
+    if isinstance(engine.backend, ModuleLoopBackend):
+        return "loop"
+    return "linear" if isinstance(engine.backend, LinearBackend) else "vectorized"
+
+
+def _states(engine: Engine) -> list[dict[str, torch.Tensor]]:
+    return [engine.node_state(node) for node in range(engine.num_nodes)]
 
 
 def engine_rejections(engine: Engine) -> dict[str, int]:
@@ -294,6 +353,21 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
         by_rule.setdefault(outcome.config.mixing.rule, []).append(outcome)
     summary: dict[str, Any] = {}
     for rule, runs in by_rule.items():
+        common = {
+            "runs": len(runs),
+            "seeds": [r.config.seed for r in runs],
+            "engine_path": runs[0].engine_path,
+            "metrics": metric_stats(runs),
+        }
+        if "accuracy" not in runs[0].final[0] or "own_accuracy" not in runs[0].final[0]:
+            summary[rule] = {
+                **common,
+                "split": runs[0].final[0].get("split"),
+                "rejected": _sum_counts(r.rejected for r in runs),
+                "wall_seconds": float(sum(r.wall_seconds for r in runs)),
+                "timings": _sum_timings(runs),
+            }
+            continue
         acc = np.array([r.accuracies for r in runs], dtype=np.float64)
         own = np.array([[float(x["own_accuracy"]) for x in r.final] for r in runs])
         f1 = np.array([[float(x["f1"]) for x in r.final] for r in runs])
@@ -310,14 +384,33 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
             "f1_mean": float(f1.mean()),
             "rejected": _sum_counts(r.rejected for r in runs),
             "wall_seconds": float(sum(r.wall_seconds for r in runs)),
-            "timings": {
-                phase: float(sum(r.timings[phase] for r in runs)) for phase in runs[0].timings
-            },
+            "timings": _sum_timings(runs),
+            "engine_path": common["engine_path"],
+            "metrics": common["metrics"],
         }
         secured = [r.security for r in runs if r.security is not None]
         if secured:
             summary[rule]["security"] = _pool_security(secured)
     return summary
+
+
+def metric_stats(runs: Sequence[RunOutcome]) -> dict[str, dict[str, float]]:
+    """``{name: {"mean", "std"}}`` across nodes and seeds of every final score (``loss`` too).
+
+    Scores are the numeric entries of the final records, bar bookkeeping (``train_examples``,
+    ``own_accuracy``, ``confusion``).
+    """
+    skip = {"train_examples", "own_accuracy", "confusion", "split", "num_examples"}
+    names = [k for k, v in runs[0].final[0].items() if k not in skip and isinstance(v, int | float)]
+    out = {}
+    for name in names:
+        values = np.array([float(r[name]) for run in runs for r in run.final], dtype=np.float64)
+        out[name] = {"mean": float(values.mean()), "std": float(values.std())}
+    return out
+
+
+def _sum_timings(runs: Sequence[RunOutcome]) -> dict[str, float]:
+    return {phase: float(sum(r.timings[phase] for r in runs)) for phase in runs[0].timings}
 
 
 def _pool_security(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -362,56 +455,148 @@ def config_dict(config: SimConfig) -> dict[str, Any]:
 
 
 def simulate(
-    configs: Sequence[SimConfig],
+    configs: Sequence[SimConfig] | SimConfig = (),
     *,
-    out_dir: Path | None,
+    out_dir: Path | None = None,
     dataset: Dataset | None = None,
+    task: Task | None = None,
     on_round: Callable[[SimConfig, int, int], None] | None = None,
     share: ShareFn | None = None,
     plots: bool = True,
+    save_models: bool = False,
+    keep_states: bool = False,
 ) -> tuple[list[RunOutcome], dict[str, Any]]:
-    """Run several configurations (rules, seeds) of one dataset into one run folder.
+    """Run several configurations (rules, seeds) of one dataset or one task into one run folder.
 
     Args:
-        configs: the runs; they must all use the same dataset.
+        configs: the runs (one config alone is fine; with ``task`` and none, ``SimConfig()``).
+            Without ``task`` they must all use the same dataset.
         out_dir: the run folder (created; records are appended); None writes nothing.
         dataset: the loaded dataset, else it is loaded from ``configs[0]``.
+        task: a :class:`~fedtorrent.task.Task` to run instead of the configs' dataset and model:
+            node i's data is ``task.node_data(i, num_nodes)``; only ``num_nodes`` of
+            ``config.data`` is used. A built-in task (``builtin_task``) with no other part set
+            runs the built-in fast path with its dataset and model. The task is checked first
+            (:func:`~fedtorrent.task.check_task`).
         on_round: progress callback ``(config, rounds done, rounds)``.
         share: passed to every run (see :data:`ShareFn`).
-        plots: draw the plots into ``out_dir/plots`` at the end.
+        plots: draw the plots into ``out_dir/plots`` at the end (built-in runs).
+        save_models: write every node's final state to
+            ``out_dir/models/<rule>-seed<seed>/node-<i>.safetensors`` (``RunOutcome.model_paths``).
+        keep_states: return every node's final state dict in ``RunOutcome.states``.
 
     Returns:
-        The outcomes in order, and the summary also written to ``summary.json``.
+        The outcomes in order, and the summary also written to ``summary.json``: per mixing rule,
+        ``metrics`` holds ``{name: {"mean", "std"}}`` across nodes (and seeds) for the test loss
+        and every metric, and ``engine_path`` how nodes trained.
     """
+    configs = [configs] if isinstance(configs, SimConfig) else list(configs)
+    if not configs and task is not None:
+        configs = [SimConfig()]
     if not configs:
         raise ConfigError("nothing to simulate: no configurations")
-    names = {c.data.dataset for c in configs}
-    if len(names) != 1:
-        raise ConfigError(f"one run folder holds one dataset, got {sorted(names)}")
-    dataset = dataset or load_for(configs[0])
+    if task is not None:
+        builtin = _builtin_configs(task, configs)
+        if builtin is not None:
+            configs, task = builtin, None
+    if task is None:
+        names = {c.data.dataset for c in configs}
+        if len(names) != 1:
+            raise ConfigError(f"one run folder holds one dataset, got {sorted(names)}")
+        dataset = dataset or load_for(configs[0])
+        final_fields: Sequence[str] = FINAL_FIELDS
+        round_fields: Sequence[str] = ROUND_FIELDS
+    else:
+        from fedtorrent.task import check_task  # noqa: PLC0415
+
+        for n in sorted({c.data.num_nodes for c in configs}):
+            report = check_task(task, node=0, num_nodes=n, train=configs[0].train)
+        names_ = ["loss", *report.metrics]
+        final_fields = ("mixing", "seed", "node", "split", *names_, "train_examples")
+        round_fields = (
+            "mixing", "seed", "round", "node", "test_loss",
+            *(f"test_{m}" for m in report.metrics), "self_weight",
+        )  # fmt: skip
     outcomes: list[RunOutcome] = []
     with ExitStack() as stack:
         writers = RunWriters()
         if out_dir is not None:
             writers = RunWriters(
                 rounds=stack.enter_context(
-                    RecordWriter(out_dir, name="rounds", fields=ROUND_FIELDS)
+                    RecordWriter(out_dir, name="rounds", fields=round_fields)
                 ),
-                final=stack.enter_context(RecordWriter(out_dir, name="final", fields=FINAL_FIELDS)),
+                final=stack.enter_context(RecordWriter(out_dir, name="final", fields=final_fields)),
                 trust=stack.enter_context(
                     RecordWriter(out_dir, name="trust", fields=("mixing", "seed", "round"))
                 ),
             )
         for config in configs:
             callback = None if on_round is None else functools.partial(on_round, config)
-            outcomes.append(
-                run_one(config, dataset=dataset, on_round=callback, share=share, writers=writers)
-            )
-    summary = {"by_mixing": summarize(outcomes), "configs": [config_dict(c) for c in configs]}
+            keep = keep_states or (save_models and out_dir is not None)
+            if task is None:
+                assert dataset is not None
+                outcome = run_one(
+                    config,
+                    dataset=dataset,
+                    on_round=callback,
+                    share=share,
+                    writers=writers,
+                    keep_states=keep,
+                )
+            else:
+                from fedtorrent.sim.tasks import run_task  # noqa: PLC0415
+
+                outcome = run_task(
+                    config, task, on_round=callback, share=share, writers=writers, keep_states=keep
+                )
+            if save_models and out_dir is not None:
+                outcome = _save_models(outcome, out_dir, keep=keep_states)
+            outcomes.append(outcome)
+    summary: dict[str, Any] = {
+        "by_mixing": summarize(outcomes),
+        "configs": [config_dict(c) for c in configs],
+    }
     if out_dir is not None:
         write_json(out_dir / "summary.json", summary)
-        if plots:
+        if plots and task is None:
             from fedtorrent.metrics.plots import plot_run_folder  # noqa: PLC0415
 
             plot_run_folder(out_dir)
     return outcomes, summary
+
+
+def _builtin_configs(task: Task, configs: Sequence[SimConfig]) -> list[SimConfig] | None:
+    """The configs that run a plain built-in task on the fast path; None for any other task."""
+    from fedtorrent.task import BuiltinData, BuiltinModel  # noqa: PLC0415
+
+    plain = (
+        task.loss is None
+        and task.metrics is None
+        and task.optimizer is None
+        and task.train_step is None
+        and task.buffers == "average"
+    )
+    if not (plain and isinstance(task.model, BuiltinModel) and isinstance(task.data, BuiltinData)):
+        return None
+    model, data = task.model.config, task.data.config
+    return [
+        dataclasses.replace(
+            c, model=model, data=dataclasses.replace(data, num_nodes=c.data.num_nodes)
+        )
+        for c in configs
+    ]
+
+
+def _save_models(outcome: RunOutcome, out_dir: Path, *, keep: bool) -> RunOutcome:
+    """Write each node's final state (safetensors) under ``out_dir/models``; drop the states."""
+    from fedtorrent.files import write_atomic  # noqa: PLC0415
+    from fedtorrent.state.codec import encode_state  # noqa: PLC0415
+
+    assert outcome.states is not None
+    folder = out_dir / "models" / f"{outcome.config.mixing.rule}-seed{outcome.config.seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [
+        write_atomic(folder / f"node-{i}.safetensors", encode_state(state))
+        for i, state in enumerate(outcome.states)
+    ]
+    return dataclasses.replace(outcome, model_paths=paths, states=outcome.states if keep else None)
