@@ -262,10 +262,18 @@ def show(
     lines.append(f"  initial state {session.state_size} bytes, sha256 {session.state_sha256}")
     if model_bytes is not None:
         lines.append(f"  model size    {model_bytes} bytes of parameters")
+    if session.task is not None:
+        tensors = session.task.schema["tensors"]
+        lines.append(
+            f"  task          {session.task.label} (bring it with --task): {len(tensors)} state "
+            f"keys, buffers {session.task.schema['buffers']}"
+        )
     access = f"closed, {len(session.allow_keys)} allowed keys" if session.closed else "open"
     lines.append(f"  swarm         {access}")
     lines += [f"    {key}" for key in session.allow_keys]
     for label in ("model", "data", "train", "mixing", "privacy", "compression"):
+        if label in ("model", "data") and session.task is not None:
+            continue  # placeholders of a task session
         section = document["session"].get(label)
         if section is None:
             continue

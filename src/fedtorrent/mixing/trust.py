@@ -22,7 +22,7 @@ always finite, non-negative and sum to 1 per row.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,19 +205,29 @@ def flat_views(vector: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def model_loss_fn(model: nn.Module, inputs: Tensor, targets: Tensor) -> LossFn:
-    """Mean cross-entropy of ``model`` on one batch, as a function of its flat state vector.
+def model_loss_fn(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    keys: Collection[str] | None = None,
+) -> LossFn:
+    """Mean ``loss`` of ``model`` on one batch, as a function of its flat state vector.
 
-    The vector follows ``state.flatten(model.state_dict())``. The model's current mode is used;
-    call ``model.eval()`` first to turn dropout off.
+    ``loss`` is ``(output, target) -> scalar`` (default cross-entropy). The vector follows
+    ``state.flatten`` of the model's state restricted to ``keys`` (default every key); the keys
+    left out keep the model's current values. The model's current mode is used; call
+    ``model.eval()`` first to turn dropout off.
     """
-    like = {k: v.detach() for k, v in model.state_dict().items()}
+    like = {k: v.detach() for k, v in model.state_dict().items() if keys is None or k in keys}
+    criterion = F.cross_entropy if loss is None else loss
 
-    def loss(flat: Tensor) -> Tensor:
+    def fn(flat: Tensor) -> Tensor:
         out = functional_call(model, flat_views(flat, like), (inputs,))
-        return F.cross_entropy(out, targets)
+        return criterion(out, targets)
 
-    return loss
+    return fn
 
 
 class TrustLearner:
