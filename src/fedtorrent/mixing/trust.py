@@ -217,14 +217,19 @@ def model_loss_fn(
 
     ``loss`` is ``(output, target) -> scalar`` (default cross-entropy). The vector follows
     ``state.flatten`` of the model's state restricted to ``keys`` (default every key); the keys
-    left out keep the model's current values. The model's current mode is used; call
+    left out keep the model's current values. Buffers (BatchNorm running statistics) take their
+    values from the vector but pass no gradient. The model's current mode is used; call
     ``model.eval()`` first to turn dropout off.
     """
     like = {k: v.detach() for k, v in model.state_dict().items() if keys is None or k in keys}
+    buffers = {name for name, _ in model.named_buffers()} & set(like)
     criterion = F.cross_entropy if loss is None else loss
 
     def fn(flat: Tensor) -> Tensor:
-        out = functional_call(model, flat_views(flat, like), (inputs,))
+        views = flat_views(flat, like)
+        for key in buffers:  # running statistics enter as data; BatchNorm has no grad for them
+            views[key] = views[key].detach()
+        out = functional_call(model, views, (inputs,))
         return criterion(out, targets)
 
     return fn
