@@ -116,9 +116,12 @@ def peer_command(
         from fedtorrent.net.tracker.client import download_session  # noqa: PLC0415
 
         torrent_path = download_session(torrent, out, timeout=download_timeout)
-    check_model_size(load_torrent(torrent_path).session)
+    session = load_torrent(torrent_path).session
+    check_model_size(session)
 
-    from fedtorrent.node.peer import Peer, PeerConfig  # noqa: PLC0415
+    from fedtorrent.node.peer import Peer, PeerConfig, check_task_flag  # noqa: PLC0415
+
+    check_task_flag(session, task)  # before the flags that depend on it are checked
 
     config = PeerConfig(
         torrent=torrent_path,

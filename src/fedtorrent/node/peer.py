@@ -1041,20 +1041,10 @@ class Peer:
             ConfigError: a task session without ``--task``, ``--task`` for a built-in session, or
                 a spec that cannot be loaded (``load_task``).
         """
-        info, spec = self.session.task, self.config.task
-        if info is None:
-            if spec is not None:
-                raise ConfigError(
-                    f"--task {spec!r}: this torrent runs the built-in model "
-                    f"{self.session.model.name!r} on {self.session.data.dataset}, not a task; "
-                    "start the peer without --task"
-                )
-            return None
+        spec = self.config.task
+        check_task_flag(self.session, spec)
         if spec is None:
-            raise ConfigError(
-                f"this torrent was made with --task (task {info.label!r}): start the peer with "
-                "--task PATH.py:NAME or --task package.module:NAME"
-            )
+            return None
         from fedtorrent.task import load_task  # noqa: PLC0415
 
         return load_task(spec)
@@ -1121,6 +1111,24 @@ class Peer:
             test = self._score(self.data.x_test, self.data.y_test)
         self._final = summary(self, test=test)
         write_json(self.out_dir / "summary.json", self._final)
+
+
+def check_task_flag(session: Session, spec: str | None) -> None:
+    """Refuse a task session without ``--task`` and a built-in session with one, in one line.
+
+    Raises:
+        ConfigError: naming the torrent's task label or built-in model.
+    """
+    if session.task is None and spec is not None:
+        raise ConfigError(
+            f"--task {spec!r}: this torrent runs the built-in model {session.model.name!r} on "
+            f"{session.data.dataset}, not a task; start the peer without --task"
+        )
+    if session.task is not None and spec is None:
+        raise ConfigError(
+            f"this torrent was made with --task (task {session.task.label!r}): start the peer "
+            "with --task PATH.py:NAME or --task package.module:NAME"
+        )
 
 
 def _score_fields(

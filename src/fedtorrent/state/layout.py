@@ -73,7 +73,10 @@ def mix_exact(
     if config.rule in ("fixed", "metropolis", "learned"):
         if weights is None or config.rule == "fixed":
             weights = torch.full((len(values),), 1.0 / len(values))
-        shaped = weights.to(torch.float64).reshape(-1, *([1] * own.ndim))
+        # float32 weights sum to 1 only within 1e-7, which would move a counter above 2**23;
+        # renormalised in float64 they agree with 1 to 1e-16.
+        exact = weights.to(torch.float64)
+        shaped = (exact / exact.sum()).reshape(-1, *([1] * own.ndim))
         combined = (shaped * stack).sum(dim=0)
     else:
         combined = stack.median(dim=0).values
