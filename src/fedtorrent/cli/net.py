@@ -7,13 +7,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from fedtorrent.cli import app, printable
 from fedtorrent.config import SimConfig, TrackerConfig
 from fedtorrent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedtorrent.net.torrent import TaskInfo
 
 _SIM = SimConfig()
 """``create``'s training defaults are ``simulate``'s, so both describe the same run by default."""
@@ -42,6 +47,14 @@ def create(
     tracker: Annotated[str, typer.Option(help="Tracker announce URL.")] = (
         "http://127.0.0.1:6969/announce"
     ),
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Your own task, PATH.py:NAME or package.module:NAME (see docs/tasks.md): its "
+            "model gives the initial state and the state schema written into the torrent; "
+            "instead of --dataset and --model. Peers then run with the same --task.",
+        ),
+    ] = None,
     dataset: Annotated[
         str, typer.Option(help="mnist, fashion-mnist, cifar10 or digits.")
     ] = "mnist",
@@ -111,7 +124,9 @@ def create(
     """Write a session torrent and its initial state (``<output>.state``) beside it.
 
     Missing folders are made; both files are written atomically, the state first, so an
-    interrupted run leaves no half-written file and no torrent without its state.
+    interrupted run leaves no half-written file and no torrent without its state. With --task the
+    task's model is built (seeded by --seed) and checked on node 0's data, and the torrent holds
+    its state schema and a label, never code: every peer brings the task itself.
     """
     output.parent.mkdir(parents=True, exist_ok=True)  # a first mistake fails before any work
     import torch  # noqa: PLC0415 (lazy: keep --help fast)
@@ -119,24 +134,37 @@ def create(
     from fedtorrent import config  # noqa: PLC0415
     from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
     from fedtorrent.models import build_model  # noqa: PLC0415
-    from fedtorrent.net.torrent import Session, Torrent, save_session  # noqa: PLC0415
+    from fedtorrent.net.torrent import (  # noqa: PLC0415
+        TASK_MODEL,
+        Session,
+        Torrent,
+        save_session,
+    )
     from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
 
-    if dataset not in INPUT_SHAPES:
-        raise ConfigError(f"dataset must be one of {', '.join(INPUT_SHAPES)}; got {dataset!r}")
+    task_info: TaskInfo | None = None
+    if task is not None:
+        net, task_info = _task_model(task, seed=seed, nodes=nodes)
+        model, dataset, kwargs = TASK_MODEL, TASK_MODEL, {}
+    else:
+        if dataset not in INPUT_SHAPES:
+            raise ConfigError(f"dataset must be one of {', '.join(INPUT_SHAPES)}; got {dataset!r}")
+        input_shape, num_classes = INPUT_SHAPES[dataset], len(CLASSES[dataset])
+        kwargs = _model_kwargs(model_arg or [])
+        torch.manual_seed(seed)
+        net = build_model(model, input_shape=input_shape, num_classes=num_classes, **kwargs)
     allow_keys = _allow_keys(allow_key or [], allow_keys_file or [])
-    input_shape, num_classes = INPUT_SHAPES[dataset], len(CLASSES[dataset])
-    kwargs = _model_kwargs(model_arg or [])
-    torch.manual_seed(seed)
-    net = build_model(model, input_shape=input_shape, num_classes=num_classes, **kwargs)
     state = encode_state(net.state_dict())
     privacy = None
     if dp_clip is not None:
         privacy = config.PrivacyConfig(
             clip=dp_clip, noise_multiplier=dp_noise, target_epsilon=dp_epsilon, delta=dp_delta
         )
+    default_name = f"{dataset}-{model}-{split}-{nodes}"
+    if task_info is not None:
+        default_name = f"task-{task_info.label}-{nodes}"
     session = Session(
-        name=name or f"{dataset}-{model}-{split}-{nodes}",
+        name=name or default_name,
         model=config.ModelConfig(model, kwargs),
         data=config.DataConfig(
             dataset=dataset,
@@ -166,6 +194,7 @@ def create(
         state_size=len(state),
         privacy=privacy,
         allow_keys=allow_keys,
+        task=task_info,
     )
     torrent = Torrent(
         announce=tracker,
@@ -179,6 +208,25 @@ def create(
     typer.echo(f"info-hash {torrent.info_hash}")
     if allow_keys:
         typer.echo(f"closed swarm: {len(allow_keys)} allowed keys")
+
+
+def _task_model(spec: str, *, seed: int, nodes: int) -> tuple[nn.Module, TaskInfo]:
+    """The task's model (seeded) and the torrent's :class:`TaskInfo` for ``--task spec``.
+
+    The task is checked on node 0 of ``nodes`` first (``check_task``), so a task that cannot
+    train fails here, once, rather than in every peer.
+    """
+    from fedtorrent.net.torrent import MAX_TASK_LABEL_CHARS, TaskInfo  # noqa: PLC0415
+    from fedtorrent.state.schema import state_schema  # noqa: PLC0415
+    from fedtorrent.task import check_task, load_task  # noqa: PLC0415
+
+    task = load_task(spec)
+    check_task(task, node=0, num_nodes=nodes)
+    net = task.make_model(seed=seed)
+    source, name = spec.rsplit(":", 1)
+    label = f"{Path(source).stem if source.endswith('.py') else source}:{name}"
+    label = "".join(c if c.isprintable() else "?" for c in label)[:MAX_TASK_LABEL_CHARS]
+    return net, TaskInfo(label=label, schema=state_schema(net, buffers=task.buffers))
 
 
 def _allow_keys(keys: list[str], files: list[Path]) -> tuple[str, ...]:
@@ -262,10 +310,18 @@ def show(
     lines.append(f"  initial state {session.state_size} bytes, sha256 {session.state_sha256}")
     if model_bytes is not None:
         lines.append(f"  model size    {model_bytes} bytes of parameters")
+    if session.task is not None:
+        tensors = session.task.schema["tensors"]
+        lines.append(
+            f"  task          {session.task.label} (bring it with --task): {len(tensors)} state "
+            f"keys, buffers {session.task.schema['buffers']}"
+        )
     access = f"closed, {len(session.allow_keys)} allowed keys" if session.closed else "open"
     lines.append(f"  swarm         {access}")
     lines += [f"    {key}" for key in session.allow_keys]
     for label in ("model", "data", "train", "mixing", "privacy", "compression"):
+        if label in ("model", "data") and session.task is not None:
+            continue  # placeholders of a task session
         section = document["session"].get(label)
         if section is None:
             continue

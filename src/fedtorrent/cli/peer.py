@@ -29,9 +29,21 @@ def peer_command(
     state: Annotated[
         Path | None, typer.Option(help="Initial state file (default: beside the torrent).")
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Your task, PATH.py:NAME or package.module:NAME: required for a torrent made "
+            "with create --task (and refused otherwise). Its model must match the torrent's "
+            "state schema; its data(node_index, num_nodes) gives this peer's examples."
+        ),
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Where the dataset's files are.")] = None,
     node_index: Annotated[
-        int | None, typer.Option(help="Which shard of the dataset this peer holds (0-based).")
+        int | None,
+        typer.Option(
+            help="Which shard of the dataset this peer holds (0-based). With --task it is "
+            "passed to the task's data and may be left out with --num-nodes (then (0, 1))."
+        ),
     ] = None,
     num_nodes: Annotated[
         int | None, typer.Option(help="How many shards the dataset is split into.")
@@ -104,9 +116,12 @@ def peer_command(
         from fedtorrent.net.tracker.client import download_session  # noqa: PLC0415
 
         torrent_path = download_session(torrent, out, timeout=download_timeout)
-    check_model_size(load_torrent(torrent_path).session)
+    session = load_torrent(torrent_path).session
+    check_model_size(session)
 
-    from fedtorrent.node.peer import Peer, PeerConfig  # noqa: PLC0415
+    from fedtorrent.node.peer import Peer, PeerConfig, check_task_flag  # noqa: PLC0415
+
+    check_task_flag(session, task)  # before the flags that depend on it are checked
 
     config = PeerConfig(
         torrent=torrent_path,
@@ -128,6 +143,7 @@ def peer_command(
         key_dir=key_dir,
         attack=attack,
         attack_scale=attack_scale,
+        task=task,
     )
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
     if verbose:

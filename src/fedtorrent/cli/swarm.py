@@ -27,6 +27,13 @@ def swarm_command(
     torrent: Annotated[Path, typer.Argument(help="Session torrent (its .state file beside it).")],
     *,
     peers: Annotated[int, typer.Option(help="Peer processes to start (node 0 to N-1).")] = 6,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Your task (PATH.py:NAME or package.module:NAME) for a torrent made with "
+            "create --task; every peer gets it (a file as an absolute path)."
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Run folder (default runs/<torrent name>-<time>).")
     ] = None,
@@ -99,6 +106,7 @@ def swarm_command(
         attackers=attackers,
         attack=attack,
         attack_scale=attack_scale,
+        task=task,
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:
@@ -212,7 +220,12 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
         )
     console.print(table)
     mean, std = summary["test_accuracy_mean"], summary["test_accuracy_std"]
-    if mean is not None:
+    if summary.get("task") is not None:  # a task's own metrics, each as mean ± std over peers
+        for name, spread in (summary.get("test_metrics") or {}).items():
+            console.print(
+                f"test {name} {spread['mean']:.4g} ± {spread['std']:.2g} ({spread['peers']} peers)"
+            )
+    elif mean is not None:
         console.print(f"mean test accuracy {100 * mean:.2f}% ± {100 * std:.2f}")
     band = summary["bandwidth"]
     tracker = band["tracker_bytes"]

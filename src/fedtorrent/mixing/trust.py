@@ -22,7 +22,7 @@ always finite, non-negative and sum to 1 per row.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,21 +211,28 @@ def model_loss_fn(
     targets: Tensor,
     *,
     loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    keys: Collection[str] | None = None,
 ) -> LossFn:
-    """Mean loss of ``model`` on one batch, as a function of its flat state vector.
+    """Mean ``loss`` of ``model`` on one batch, as a function of its flat state vector.
 
-    The vector follows ``state.flatten(model.state_dict())``. The model's current mode is used;
-    call ``model.eval()`` first to turn dropout off. ``loss`` is the task's
-    ``(output, target) -> scalar`` (None: cross-entropy).
+    ``loss`` is ``(output, target) -> scalar`` (default cross-entropy). The vector follows
+    ``state.flatten`` of the model's state restricted to ``keys`` (default every key); the keys
+    left out keep the model's current values. Buffers (BatchNorm running statistics) take their
+    values from the vector but pass no gradient. The model's current mode is used; call
+    ``model.eval()`` first to turn dropout off.
     """
-    like = {k: v.detach() for k, v in model.state_dict().items()}
+    like = {k: v.detach() for k, v in model.state_dict().items() if keys is None or k in keys}
+    buffers = {name for name, _ in model.named_buffers()} & set(like)
     criterion = F.cross_entropy if loss is None else loss
 
-    def mixed(flat: Tensor) -> Tensor:
-        out = functional_call(model, flat_views(flat, like), (inputs,))
+    def fn(flat: Tensor) -> Tensor:
+        views = flat_views(flat, like)
+        for key in buffers:  # running statistics enter as data; BatchNorm has no grad for them
+            views[key] = views[key].detach()
+        out = functional_call(model, views, (inputs,))
         return criterion(out, targets)
 
-    return mixed
+    return fn
 
 
 class TrustLearner:

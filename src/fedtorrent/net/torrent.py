@@ -67,6 +67,10 @@ _LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
 _ADDED_LATER = {MixingConfig: frozenset({"plausibility"})}
 """Fields added after format version 1: written only when they differ from their default and
 read as the default when absent, so older torrents keep their bytes and their info-hash."""
+TASK_MODEL = "task"
+"""``info.model.name`` and ``info.data.dataset`` of a task session: placeholders, never a registry
+name, so a built-in reader refuses such a torrent instead of training the wrong model."""
+MAX_TASK_LABEL_CHARS = 200
 _TOP_KEYS = frozenset(
     {"announce", "announce-list", "comment", "created by", "creation date", "info"}
 )
@@ -103,6 +107,48 @@ def is_info_hash(text: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """What a task session's torrent says about its task: a label and the state schema.
+
+    Text and plain data only: a torrent never names code to import. The peer brings its task
+    (``--task PATH.py:NAME``) and checks its model against ``schema``
+    (:func:`fedtorrent.state.schema.check_schema`). ``schema`` is validated on construction
+    (:func:`fedtorrent.state.schema.validate_schema`: field names, dtypes, policies, limits).
+    """
+
+    label: str
+    schema: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        from fedtorrent.errors import StateError  # noqa: PLC0415
+        from fedtorrent.state.schema import validate_schema  # noqa: PLC0415 (imports torch)
+
+        _check(
+            0 < len(self.label) <= MAX_TASK_LABEL_CHARS and self.label.isprintable(),
+            f"task label must be 1 to {MAX_TASK_LABEL_CHARS} printable characters, "
+            f"got {self.label!r}",
+        )
+        try:
+            object.__setattr__(self, "schema", validate_schema(self.schema))
+        except StateError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def state_bytes(self) -> tuple[int, int]:
+        """The bytes of tensor data the schema describes, and the most a state file may add.
+
+        The allowance is :data:`MAX_STATE_OVERHEAD` plus a safetensors header entry per key.
+        """
+        from fedtorrent.state.schema import DTYPES  # noqa: PLC0415
+
+        data = header = 0
+        for key, entry in self.schema["tensors"].items():
+            count = math.prod(entry["shape"])
+            data += count * DTYPES[entry["dtype"]].itemsize
+            header += len(key.encode()) + 128 + 24 * len(entry["shape"])
+        return data, MAX_STATE_OVERHEAD + header
+
+
+@dataclasses.dataclass(frozen=True)
 class Session:
     """Everything peers must agree on before round one; the ``info`` dict of a torrent.
 
@@ -115,6 +161,9 @@ class Session:
     learning rate across rounds exactly as ``SimConfig.round_schedule`` does (``constant`` or
     ``cosine``, see :func:`fedtorrent.training.schedule.round_lr_scale`); ``constant`` leaves the
     key out, so torrents written before it existed keep their bytes and info-hash.
+    ``task`` (a :class:`TaskInfo`) marks a session made with ``fedtorrent create --task``: its
+    ``model.name`` and ``data.dataset`` are then :data:`TASK_MODEL`, placeholders; built-in
+    sessions leave the key out of the ``info`` dict, so their info-hash is unchanged.
     """
 
     name: str
@@ -130,6 +179,7 @@ class Session:
     compression: Mapping[str, Any] | None = None
     allow_keys: tuple[str, ...] = ()
     round_schedule: str = "constant"
+    task: TaskInfo | None = None
     version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -177,6 +227,28 @@ class Session:
             list(self.allow_keys) == sorted(set(self.allow_keys)),
             "allow_keys must be sorted and hold each key once",
         )
+        placeholders = (self.model.name == TASK_MODEL, self.data.dataset == TASK_MODEL)
+        if self.task is None:
+            _check(
+                not any(placeholders),
+                f"model or dataset {TASK_MODEL!r} is a task session's placeholder; it needs a task",
+            )
+        else:
+            _check(
+                all(placeholders) and not self.model.kwargs,
+                f"a task session's model and dataset are {TASK_MODEL!r}, with no model arguments",
+            )
+            data, overhead = self.task.state_bytes()
+            _check(
+                data <= self.state_size <= data + overhead,
+                f"the task's schema describes {data} bytes of state, which a state of "
+                f"{self.state_size} bytes cannot hold",
+            )
+
+    @property
+    def is_task(self) -> bool:
+        """True for a session made with ``create --task`` (peers must bring the task)."""
+        return self.task is not None
 
     @property
     def closed(self) -> bool:
@@ -204,6 +276,11 @@ class Session:
             info[b"allow_keys"] = [key.encode() for key in self.allow_keys]
         if self.round_schedule != "constant":
             info[b"round_schedule"] = self.round_schedule.encode()
+        if self.task is not None:
+            info[b"task"] = {
+                b"label": self.task.label.encode(),
+                b"schema": _encode_schema(self.task.schema),
+            }
         return info
 
     @classmethod
@@ -225,7 +302,7 @@ class Session:
             )
         required = {"version", "name", "model", "data", "train", "mixing", "rounds"}
         required |= {"cohort_size", "state"}
-        optional = {"privacy", "compression", "allow_keys", "round_schedule"}
+        optional = {"privacy", "compression", "allow_keys", "round_schedule", "task"}
         _check_keys(raw, required=required, optional=optional, where="info")
         state = _as_dict(raw[b"state"], "info.state")
         _check_keys(state, required={"sha256", "size"}, optional=set(), where="info.state")
@@ -253,6 +330,8 @@ class Session:
             )
         if b"round_schedule" in raw:
             values["round_schedule"] = _text(raw[b"round_schedule"], "info.round_schedule", 40)
+        if b"task" in raw:
+            values["task"] = _decode_task(raw[b"task"])
         try:
             return cls(**values)
         except ConfigError as exc:
@@ -435,7 +514,8 @@ def check_model_size(session: Session) -> int | None:
     before anything is allocated. The state file holds those bytes plus a header, so its size
     must lie in ``[bytes, bytes + MAX_STATE_OVERHEAD]``. Returns None when the size cannot be
     known this way (a dataset without a known shape, a model without a formula);
-    ``build_model`` still checks it on the meta device.
+    ``build_model`` still checks it on the meta device. A task session answers with the bytes
+    of tensor data its state schema describes.
 
     Raises:
         TorrentError: naming ``info.model``: the arguments are refused, or the size is wrong.
@@ -443,6 +523,8 @@ def check_model_size(session: Session) -> int | None:
     from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
     from fedtorrent.models import state_bytes  # noqa: PLC0415
 
+    if session.task is not None:  # checked against the state size when the session was built
+        return session.task.state_bytes()[0]
     dataset, model = session.data.dataset, session.model
     if dataset not in INPUT_SHAPES:
         return None
@@ -514,6 +596,64 @@ def load_initial_state(torrent: Torrent, path: str | Path) -> dict[str, torch.Te
 
 
 # --- strict field codecs -------------------------------------------------------------------------
+
+
+_SCHEMA_ENTRY = ("dtype", "kind", "shape", "share")
+
+
+def _encode_schema(schema: Mapping[str, Any]) -> dict[bytes, Any]:
+    """A validated state schema as bencode: the same nesting, text as bytes."""
+    return {
+        b"version": schema["version"],
+        b"buffers": schema["buffers"].encode(),
+        b"tensors": {
+            key.encode(): {
+                b"shape": list(entry["shape"]),
+                b"dtype": entry["dtype"].encode(),
+                b"kind": entry["kind"].encode(),
+                b"share": entry["share"].encode(),
+            }
+            for key, entry in schema["tensors"].items()
+        },
+    }
+
+
+def _decode_task(raw: object) -> TaskInfo:
+    """``info.task``: a label and a schema, each value's type and size checked before use."""
+    from fedtorrent.state.schema import MAX_DIMS, MAX_KEY_LENGTH, MAX_KEYS  # noqa: PLC0415
+
+    task = _as_dict(raw, "info.task")
+    _check_keys(task, required={"label", "schema"}, optional=set(), where="info.task")
+    where = "info.task.schema"
+    schema = _as_dict(task[b"schema"], where)
+    _check_keys(schema, required={"version", "buffers", "tensors"}, optional=set(), where=where)
+    tensors = _as_dict(schema[b"tensors"], f"{where}.tensors")
+    if len(tensors) > MAX_KEYS:
+        raise TorrentError(f"{where}.tensors: more than {MAX_KEYS} keys")
+    decoded: dict[str, dict[str, Any]] = {}
+    for raw_key, raw_entry in tensors.items():
+        key = _text(raw_key, f"{where}.tensors key", MAX_KEY_LENGTH)
+        at = f"{where}.tensors[{key!r}]"
+        entry = _as_dict(raw_entry, at)
+        _check_keys(entry, required=set(_SCHEMA_ENTRY), optional=set(), where=at)
+        shape = _as_list(entry[b"shape"], f"{at}.shape")
+        if len(shape) > MAX_DIMS:
+            raise TorrentError(f"{at}.shape: more than {MAX_DIMS} dimensions")
+        decoded[key] = {
+            "shape": [_int(d, f"{at}.shape[{i}]", high=MAX_SEED) for i, d in enumerate(shape)],
+            **{name: _text(entry[name.encode()], f"{at}.{name}", 40) for name in _SCHEMA_ENTRY
+               if name != "shape"},
+        }  # fmt: skip
+    values = {
+        "version": _int(schema[b"version"], f"{where}.version"),
+        "buffers": _text(schema[b"buffers"], f"{where}.buffers", 40),
+        "tensors": decoded,
+    }
+    try:
+        return TaskInfo(label=_text(task[b"label"], "info.task.label", MAX_TASK_LABEL_CHARS),
+                        schema=values)  # fmt: skip
+    except ConfigError as exc:
+        raise TorrentError(f"info.task: {exc}") from exc
 
 
 def _check(ok: bool, message: str) -> None:

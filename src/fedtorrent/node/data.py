@@ -1,7 +1,8 @@
 """A peer's data: its shard of the session's dataset, or examples it brings, plus the test set.
 
 Every peer splits the dataset with the torrent's data settings, so the shards of a swarm match
-the simulator's; own examples are ``.npy`` files read without ever unpickling.
+the simulator's; own examples are ``.npy`` files read without ever unpickling. In a task session
+the data is what the user's task returns (:func:`load_task_data`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from fedtorrent.errors import DataError
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Session
     from fedtorrent.node.peer import PeerConfig
+    from fedtorrent.task import Task
 
 _MAX_EXAMPLE_BYTES = 8 << 30
 
 
 @dataclass(frozen=True, eq=False)
 class PeerData:
-    """One peer's tensors: its training and validation examples and the shared test set."""
+    """One peer's tensors: its training and validation examples and the shared test set.
+
+    ``num_classes`` is the class count of a classification session; 0 for a task without classes
+    (any loss but cross-entropy). A split a task does not give is empty (zero rows).
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -89,6 +95,40 @@ def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
         y_test=torch.from_numpy(y_test),
         num_classes=num_classes,
     )
+
+
+def task_node(config: PeerConfig) -> tuple[int, int]:
+    """``(node, num_nodes)`` a task's ``data`` is called with: the flags, else ``(0, 1)``.
+
+    A peer that owns its data may leave ``--node-index`` and ``--num-nodes`` out; its ``data``
+    then gets ``(0, 1)`` (all of it) and may ignore the arguments anyway.
+    """
+    if config.node_index is None or config.num_nodes is None:
+        return 0, 1
+    return config.node_index, config.num_nodes
+
+
+def load_task_data(task: Task, config: PeerConfig, *, num_classes: int | None) -> PeerData:
+    """This peer's splits from ``task.data(*task_node(config))``, read whole as tensors.
+
+    A Dataset split is read item by item into tensors (checked like tensors are). A missing
+    ``val`` or ``test`` becomes an empty split shaped like ``train``.
+
+    Raises:
+        DataError: the task's data function failed or returned data that does not check.
+        ConfigError: the node index is outside ``[0, num_nodes)``.
+    """
+    node_data = task.node_data(*task_node(config))
+    x, y = node_data.tensors("train")
+    splits = [
+        node_data.tensors(name) if node_data.size(name) else (x[:0], y[:0])
+        for name in ("val", "test")
+    ]
+    (x_val, y_val), (x_test, y_test) = splits
+    return PeerData(
+        x_train=x, y_train=y, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
+        num_classes=num_classes or 0,
+    )  # fmt: skip
 
 
 def read_examples(x_path: Path, y_path: Path, *, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -101,6 +101,9 @@ from fedtorrent.node.report import (
     write_status,
 )
 from fedtorrent.node.tracking import TrackerLink
+from fedtorrent.state.layout import StateLayout, mix_exact, pick
+from fedtorrent.state.schema import state_schema
+from fedtorrent.training.evaluate import Metrics
 from fedtorrent.training.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -118,7 +121,7 @@ if TYPE_CHECKING:
         TransportConfig,
     )
     from fedtorrent.privacy.sender import PrivateSender
-    from fedtorrent.training.evaluate import Metrics
+    from fedtorrent.task import Task
 
 __all__ = [
     "METRIC_FIELDS",
@@ -155,6 +158,11 @@ class PeerConfig:
     the torrent's data settings so that every peer computes the same split) or from ``examples``:
     a folder with ``x.npy`` (float32 or uint8, ``N, C, H, W``) and ``y.npy`` (integer labels), and
     optionally ``x_test.npy`` / ``y_test.npy`` (else the dataset's test set is used).
+
+    A task session (``fedtorrent create --task``) needs ``task``, the spec of the user's task
+    (``PATH.py:NAME`` or ``package.module:NAME``), and takes its data from the task's
+    ``data(node_index, num_nodes)``; both may be left out (the task gets ``(0, 1)``) by a peer
+    whose ``data`` ignores them. ``examples`` does not go with ``task``.
     """
 
     torrent: Path
@@ -191,6 +199,8 @@ class PeerConfig:
     """Make this peer an adversary (experiments only): one of ``fedtorrent.adversary.ATTACKS``."""
     attack_scale: float | None = None
     """The attack's scale (default per attack, see ``fedtorrent.adversary``)."""
+    task: str | None = None
+    """The task spec a task session needs (``PATH.py:NAME`` or ``package.module:NAME``)."""
 
     def __post_init__(self) -> None:
         if self.attack is not None:
@@ -200,7 +210,11 @@ class PeerConfig:
         elif self.attack_scale is not None:
             raise ConfigError("an attack scale needs an attack")
         sharded = self.node_index is not None or self.num_nodes is not None
-        if sharded == (self.examples is not None):
+        if self.task is not None and self.examples is not None:
+            raise ConfigError(
+                "--examples does not go with --task: the task's data gives the examples"
+            )
+        if self.task is None and sharded == (self.examples is not None):
             raise ConfigError("give either --node-index with --num-nodes, or --examples")
         if sharded:
             if self.node_index is None or self.num_nodes is None:
@@ -349,9 +363,16 @@ class Peer:
         self.seed = self.session.train.seed if cfg.seed is None else cfg.seed
         state_path = cfg.state_path or torrents.state_path_for(cfg.torrent)
         initial = torrents.load_initial_state(self.torrent, state_path)
-        self.data = self._data or load_peer_data(self.session, cfg)
-        self.model = self._build_model()
+        self.task: Task | None = self._load_task()
+        if self.task is None:
+            self.data = self._data or load_peer_data(self.session, cfg)
+            self.model = self._build_model()
+        else:
+            self.model, self.data = self._build_task(self.task)
         self.like = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        schema = self.session.task.schema if self.session.task is not None else None
+        self.layout = StateLayout.from_schema(schema or state_schema(self.model))
+        """Which keys are mixed, combined exactly, kept local; built-in models: all mixed."""
         try:
             check_state_like(initial, self.like)
         except StateError as exc:
@@ -370,7 +391,7 @@ class Peer:
                 self.private = PrivateSender(
                     privacy,
                     rounds=self.session.rounds,
-                    initial=initial,
+                    initial=pick(initial, self.layout.parameters),  # buffers get no noise
                     noise_seed=secrets.randbits(63),  # secret: never the session's public seed
                 )
             except PrivacyError as exc:
@@ -378,7 +399,7 @@ class Peer:
         self.trust = _make_trust(self.session.mixing)
         checkpoint = self._restore() if cfg.resume else None
         if self.private is not None and checkpoint is not None:
-            self.private.resume(checkpoint.round, self.current)
+            self.private.resume(checkpoint.round, pick(self.current, self.layout.parameters))
         self.peer_id = (
             cfg.peer_id
             or (checkpoint.peer_id if checkpoint is not None else None)
@@ -433,7 +454,7 @@ class Peer:
         self._fetcher = Fetcher(
             transport=self.transport,
             executor=self._executor,
-            like=self.like,
+            like=pick(self.like, self.layout.shared),  # local keys never travel
             verifier=self.verifier,
             keys=self._keys,
             stop=self._stop,
@@ -548,10 +569,18 @@ class Peer:
         scale = round_lr_scale(self.session.round_schedule, round - 1, self.session.rounds)
         train = self.session.train
         lr = train.lr * scale
-        train_loss = train_local(
-            self.model, self.data.x_train, self.data.y_train, dataclasses.replace(train, lr=lr),
-            generator=generator,
-        )  # fmt: skip
+        if self.task is None:
+            train_loss = train_local(
+                self.model, self.data.x_train, self.data.y_train,
+                dataclasses.replace(train, lr=lr), generator=generator,
+            )  # fmt: skip
+        else:
+            from fedtorrent.task.drive import train_task  # noqa: PLC0415
+
+            train_loss = train_task(
+                self.task, self.model, self.data.x_train, self.data.y_train, train,
+                generator=generator, round=round - 1, lr_scale=scale,
+            )  # fmt: skip
         trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         shared = self._outgoing(trained, before, round)
         payload = encode_state(shared)
@@ -611,10 +640,17 @@ class Peer:
         )
 
         tick = time.perf_counter()
+        layout = self.layout
+        mix_like = pick(self.like, layout.mix)
+
+        def vector(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return flatten(pick(state, layout.mix))
+
         heard = [p for p in exchange.dialled if p in exchange.replies]
         states = [exchange.replies[p].state for p in heard]
-        stack = torch.stack([flatten(trained), *(flatten(s) for s in states if s is not None)])
+        stack = torch.stack([vector(trained), *(vector(s) for s in states if s is not None)])
         heard, stack, screened = self._screen(heard, stack, exchange)
+        received = [s for s in (exchange.replies[p].state for p in heard) if s is not None]
         rule = self.session.mixing.rule
         weights: torch.Tensor | None = None
         excluded: list[str] = []
@@ -630,13 +666,22 @@ class Peer:
         )
         if bool(unmixed):
             log.warning("round %d: the mix was not finite; keeping this peer's own state", round)
-        self.current = unflatten(mixed, self.like)
+            received = []  # exact keys keep their own values too
+        self.current = {
+            **trained,  # local keys (FedBN) stay this node's own
+            **unflatten(mixed, mix_like),
+            **{
+                key: mix_exact([trained[key], *(s[key] for s in received)],
+                               config=self.session.mixing, weights=weights)
+                for key in layout.exact
+            },
+        }  # fmt: skip
         if self.private is not None and self.private.shared is not None:
-            stack[0] = flatten(self.private.shared)  # what the cohort can compute we hold
+            stack[0] = vector({**trained, **self.private.shared})  # what the cohort can compute
             public, _ = finite_or_own(
                 mix_stack(stack, config=self.session.mixing, weights=weights), stack[0]
             )
-            self.private.mixed(unflatten(public, self.like))
+            self.private.mixed(pick(unflatten(public, mix_like), layout.parameters))
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights, screened)
         timings["mix"] = time.perf_counter() - tick
@@ -644,6 +689,7 @@ class Peer:
         tick = time.perf_counter()
         val = self._score(self.data.x_val, self.data.y_val)
         test = self._score(self.data.x_test, self.data.y_test)
+        scores = _score_fields(val, test)
         timings["evaluate"] = time.perf_counter() - tick
 
         snapshot = self.transport.stats.snapshot()
@@ -654,13 +700,7 @@ class Peer:
             "peer_id": self.peer_id,
             "train_loss": train_loss,
             "lr": lr,
-            "val_accuracy": val.accuracy if val is not None else None,
-            "val_loss": val.loss if val is not None else None,
-            "test_accuracy": test.accuracy if test is not None else None,
-            "test_loss": test.loss if test is not None else None,
-            "test_precision": test.precision if test is not None else None,
-            "test_recall": test.recall if test is not None else None,
-            "test_f1": test.f1 if test is not None else None,
+            **scores,
             "cohort": exchange.dialled,
             "cohort_size": len(exchange.dialled),
             "heard_from": heard,
@@ -702,11 +742,13 @@ class Peer:
         self._writer.write(record)
         self._checkpoint(record)
         write_status(self)
+        shown = scores.get("test_accuracy", scores.get("test_loss"))
         log.info(
-            "round %d: loss %.4f, test accuracy %s, heard %d/%d, rejected %d, epsilon %s, %.2fs",
+            "round %d: loss %.4f, test %s %s, heard %d/%d, rejected %d, epsilon %s, %.2fs",
             round,
             train_loss,
-            f"{test.accuracy:.4f}" if test is not None else "-",
+            "accuracy" if "test_accuracy" in scores else "loss",
+            f"{shown:.4f}" if isinstance(shown, float) else "-",
             len(heard),
             len(cohort),
             record["rejected"],
@@ -716,10 +758,16 @@ class Peer:
         return record
 
     def _outgoing(self, trained: State, before: State, round: int) -> State:
-        """What this round shares: privacy noise, then an attack (experiments), then the hook."""
+        """What this round shares: privacy noise, then an attack (experiments), then the hook.
+
+        Only the schema's shared keys leave (never ``local`` ones); noise and attacks touch the
+        parameters only, never buffers.
+        """
         from fedtorrent.state import flatten, unflatten  # noqa: PLC0415
 
-        shared = trained if self.private is None else self.private(trained, round)
+        keys = self.layout.parameters
+        params = pick(trained, keys)
+        params = params if self.private is None else self.private(params, round)
         attack = self.attack
         if attack is not None and not attack.poisons_data:
             from fedtorrent.adversary import attack_params  # noqa: PLC0415
@@ -727,12 +775,13 @@ class Peer:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, 7, round, self._salt))
             vector = attack_params(
                 attack,
-                flatten(shared),
-                reference=flatten(before),
-                initial=flatten(self.initial),
+                flatten(params),
+                reference=flatten(pick(before, keys)),
+                initial=flatten(pick(self.initial, keys)),
                 generator=generator,
             )
-            shared = unflatten(vector, self.like)
+            params = unflatten(vector, pick(self.like, keys))
+        shared = {**pick(trained, self.layout.shared), **params}
         return shared if self._send_hook is None else self._send_hook(shared, round)
 
     def _make_attack(self) -> AttackConfig | None:
@@ -856,20 +905,23 @@ class Peer:
             return self.trust.weights(heard), []
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round, self._salt))
         self.model.eval()
+        task_loss = self.task.loss_fn if self.task is not None else None
+
+        def batch_loss(rows: torch.Tensor) -> LossFn:
+            x, y = self.data.x_val[rows], self.data.y_val[rows]
+            return model_loss_fn(self.model, x, y, loss=task_loss, keys=self.layout.mix)
 
         def loss(flat: torch.Tensor) -> torch.Tensor:
-            pick = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
-            return model_loss_fn(self.model, self.data.x_val[pick], self.data.y_val[pick])(flat)
+            rows = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
+            return batch_loss(rows)(flat)
 
         held_out: list[LossFn] = []
 
         def check(flat: torch.Tensor) -> torch.Tensor:
             # One fresh batch, drawn after the trust steps, scores learned and uniform alike.
             if not held_out:
-                pick = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
-                held_out.append(
-                    model_loss_fn(self.model, self.data.x_val[pick], self.data.y_val[pick])
-                )
+                rows = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
+                held_out.append(batch_loss(rows))
             return held_out[0](flat)
 
         with torch.random.fork_rng(devices=[]):
@@ -877,12 +929,20 @@ class Peer:
             weights = self.trust.learn(heard, stack, loss, check_loss_fn=check).detach()
         return weights, list(self.trust.last_excluded)
 
-    def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | None:
-        """The current model's scores on ``(x, y)``; None when there are no examples."""
+    def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | dict[str, float] | None:
+        """The current model's scores on ``(x, y)``; None when there are no examples.
+
+        A built-in session gets :class:`Metrics`; a task session the task's metrics and its
+        loss (``evaluate_task``).
+        """
         from fedtorrent.training import evaluate  # noqa: PLC0415
 
         if len(y) == 0:
             return None
+        if self.task is not None:
+            from fedtorrent.task.drive import evaluate_task  # noqa: PLC0415
+
+            return evaluate_task(self.task, self.model, x, y)
         return evaluate(self.model, x, y, num_classes=self.data.num_classes)
 
     def _announce(self, *, event: str) -> tuple[TrackerAnswer | None, float | None, str]:
@@ -974,6 +1034,40 @@ class Peer:
             ) from None
         return model
 
+    def _load_task(self) -> Task | None:
+        """The user's task for a task session (``--task``); None for a built-in session.
+
+        Raises:
+            ConfigError: a task session without ``--task``, ``--task`` for a built-in session, or
+                a spec that cannot be loaded (``load_task``).
+        """
+        spec = self.config.task
+        check_task_flag(self.session, spec)
+        if spec is None:
+            return None
+        from fedtorrent.task import load_task  # noqa: PLC0415
+
+        return load_task(spec)
+
+    def _build_task(self, task: Task) -> tuple[nn.Module, PeerData]:
+        """The task's model, checked against the torrent's schema, then checked on its data.
+
+        Raises:
+            StateError: the model does not match the torrent's state schema (first key named).
+            ConfigError, DataError: what ``check_task`` finds wrong with the task on its data.
+        """
+        from fedtorrent.node.data import load_task_data, task_node  # noqa: PLC0415
+        from fedtorrent.state.schema import check_schema  # noqa: PLC0415
+        from fedtorrent.task import check_task  # noqa: PLC0415
+
+        assert self.session.task is not None
+        model = task.make_model(seed=self.session.train.seed)
+        check_schema(self.session.task.schema, model)  # before any data is read
+        node, num_nodes = task_node(self.config)
+        report = check_task(task, node=node, num_nodes=num_nodes, train=self.session.train)
+        data = self._data or load_task_data(task, self.config, num_classes=report.num_classes)
+        return model, data
+
     def _restore(self) -> Checkpoint | None:
         from fedtorrent.node.checkpoint import MODEL_FILE  # noqa: PLC0415
 
@@ -1017,6 +1111,50 @@ class Peer:
             test = self._score(self.data.x_test, self.data.y_test)
         self._final = summary(self, test=test)
         write_json(self.out_dir / "summary.json", self._final)
+
+
+def check_task_flag(session: Session, spec: str | None) -> None:
+    """Refuse a task session without ``--task`` and a built-in session with one, in one line.
+
+    Raises:
+        ConfigError: naming the torrent's task label or built-in model.
+    """
+    if session.task is None and spec is not None:
+        raise ConfigError(
+            f"--task {spec!r}: this torrent runs the built-in model {session.model.name!r} on "
+            f"{session.data.dataset}, not a task; start the peer without --task"
+        )
+    if session.task is not None and spec is None:
+        raise ConfigError(
+            f"this torrent was made with --task (task {session.task.label!r}): start the peer "
+            "with --task PATH.py:NAME or --task package.module:NAME"
+        )
+
+
+def _score_fields(
+    val: Metrics | dict[str, float] | None, test: Metrics | dict[str, float] | None
+) -> dict[str, Any]:
+    """A round record's scores: built-in sessions' fixed fields, or every metric of a task.
+
+    A task's record holds ``val_<metric>`` and ``test_<metric>`` for every metric it returns,
+    ``val_loss`` and ``test_loss``, and ``test_metrics`` (the test scores as one dict).
+    """
+    if isinstance(val, dict) or isinstance(test, dict):
+        fields: dict[str, Any] = {}
+        for prefix, scores in (("val", val), ("test", test)):
+            assert not isinstance(scores, Metrics)
+            fields[f"{prefix}_loss"] = scores["loss"] if scores is not None else None
+            fields |= {f"{prefix}_{k}": v for k, v in (scores or {}).items() if k != "loss"}
+        return {**fields, "test_metrics": test}
+    return {
+        "val_accuracy": val.accuracy if val is not None else None,
+        "val_loss": val.loss if val is not None else None,
+        "test_accuracy": test.accuracy if test is not None else None,
+        "test_loss": test.loss if test is not None else None,
+        "test_precision": test.precision if test is not None else None,
+        "test_recall": test.recall if test is not None else None,
+        "test_f1": test.f1 if test is not None else None,
+    }
 
 
 def _make_trust(mixing: MixingConfig) -> TrustLearner | None:

@@ -195,8 +195,12 @@ def write_status(peer: Peer) -> None:
     )
 
 
-def summary(peer: Peer, *, test: Metrics | None) -> dict[str, Any]:
-    """The run's ``summary.json``: final scores (``test``), traffic, security and tracker."""
+def summary(peer: Peer, *, test: Metrics | Mapping[str, float] | None) -> dict[str, Any]:
+    """The run's ``summary.json``: final scores (``test``), traffic, security and tracker.
+
+    ``test`` is a built-in session's :class:`Metrics`, or a task's scores (every metric it
+    returns and ``loss``), written as they are.
+    """
     snapshot = peer.transport.stats.snapshot()
     totals = traffic_totals(peer)
     rtts = [s for s in snapshot["rtt_s"].values() for _, s in s]
@@ -210,7 +214,11 @@ def summary(peer: Peer, *, test: Metrics | None) -> dict[str, Any]:
         "rounds_done": peer.round_done,
         "mixing": peer.session.mixing.rule,
         "train_examples": len(peer.data.y_train),
-        "test": test.to_dict() if test is not None else None,
+        "test": None
+        if test is None
+        else dict(test)
+        if isinstance(test, Mapping)
+        else test.to_dict(),
         "traffic": {
             "bytes_sent": totals["bytes_sent"],
             "bytes_received": totals["bytes_received"],

@@ -63,6 +63,17 @@ _CLI = "from fedtorrent.cli import main; main()"
 """How the launcher runs the CLI: the same interpreter, whatever the PATH holds."""
 
 
+def absolute_task_spec(spec: str) -> str:
+    """``spec`` with a file part made absolute, so a peer started in any folder finds it.
+
+    ``package.module:NAME`` is left as it is (peers import it like the launcher would).
+    """
+    source, sep, name = spec.rpartition(":")
+    if sep and (source.endswith(".py") or "/" in source or os.sep in source):
+        return f"{Path(source).expanduser().resolve()}:{name}"
+    return spec
+
+
 def peer_folder(out: Path, index: int) -> Path:
     """Where peer ``index`` of a swarm writes (its ``--out``)."""
     return Path(out) / PEERS_FOLDER / f"peer-{index:02d}"
@@ -102,8 +113,12 @@ class SwarmConfig:
     """The last ``attackers`` peers run ``--attack attack`` (experiments; see adversary.py)."""
     attack: str | None = None
     attack_scale: float | None = None
+    task: str | None = None
+    """The task spec every peer gets as ``--task`` (a task session); a file is made absolute."""
 
     def __post_init__(self) -> None:
+        if self.task is not None:
+            object.__setattr__(self, "task", absolute_task_spec(self.task))
         if self.peers < 1:
             raise ConfigError(f"peers must be >= 1, got {self.peers}")
         if (self.attackers > 0) != (self.attack is not None):
@@ -318,6 +333,8 @@ class Swarm:
             command += ["--exchange-timeout", repr(config.exchange_timeout)]
         if config.rounds is not None:
             command += ["--rounds", str(config.rounds)]
+        if config.task is not None:
+            command += ["--task", config.task]
         if config.resume:
             command.append("--resume")
         if config.attack is not None and index >= config.peers - config.attackers:
@@ -533,6 +550,7 @@ def _peer_result(
     received = sum(_number(r.get("bytes_received"), int) or 0 for r in records)
     peer_id = view.peer_id or next((r["peer_id"] for r in records if "peer_id" in r), None)
     return {
+        "test_metrics": _final_metrics(records),
         "node": index,
         "peer_id": peer_id,
         "state": view.state,
@@ -544,6 +562,36 @@ def _peer_result(
         "bytes_sent": max(view.bytes_sent, sent),
         "bytes_received": max(view.bytes_received, received),
     }
+
+
+_BUILTIN_METRICS = ("accuracy", "loss", "precision", "recall", "f1")
+"""The test scores a built-in session's records hold as ``test_<name>`` fields."""
+
+
+def _final_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The last round's finite test scores: a task's ``test_metrics``, else the built-in fields."""
+    for record in reversed(records):
+        scores = record.get("test_metrics")
+        if not isinstance(scores, dict):
+            scores = {name: record.get(f"test_{name}") for name in _BUILTIN_METRICS}
+        finite = {str(k): float(v) for k, v in scores.items() if _number(v, float) is not None}
+        if finite:
+            return finite
+    return {}
+
+
+def metric_spread(peers: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For every test metric any peer reported: mean and std across peers, and how many had it.
+
+    Sorted by name; the std is the population one (0 for a single peer).
+    """
+    names = sorted({name for p in peers for name in p.get("test_metrics") or {}})
+    spread: dict[str, dict[str, Any]] = {}
+    for name in names:
+        values = [p["test_metrics"][name] for p in peers if name in (p.get("test_metrics") or {})]
+        mean, std = _mean_std(values)
+        spread[name] = {"mean": mean, "std": std, "peers": len(values)}
+    return spread
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -605,6 +653,8 @@ def summarize_swarm(
         "wall_seconds": wall_seconds,
         "test_accuracy_mean": mean,
         "test_accuracy_std": std,
+        "task": torrent.session.task.label if torrent.session.task is not None else None,
+        "test_metrics": metric_spread(peers),
         "bandwidth": bandwidth(
             state_bytes=torrent.session.state_size,
             peer_rounds=[p["rounds_completed"] for p in peers],

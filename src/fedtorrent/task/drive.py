@@ -1,0 +1,107 @@
+"""Running a :class:`Task` on one node's tensors: local training and evaluation, no networking.
+
+What a real peer (and later the simulator's per-node loop) calls for a task session; the built-in
+sessions keep :func:`fedtorrent.training.train_local` and :func:`fedtorrent.training.evaluate`.
+The task's own functions are called through :func:`~fedtorrent.task.contract.call_user`, so a
+failure in them is one line naming the function, with the user's exception chained.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fedtorrent.config import TrainConfig
+from fedtorrent.errors import ConfigError
+from fedtorrent.task.contract import Task, TrainContext, call_user, callable_name
+from fedtorrent.training.local import _batches, num_batches
+
+EVAL_BATCH = 1024
+"""Examples per forward pass when evaluating; outputs are joined before the metrics run."""
+
+
+def train_task(
+    task: Task,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: TrainConfig,
+    *,
+    generator: torch.Generator,
+    round: int,
+    lr_scale: float = 1.0,
+) -> float:
+    """Train ``model`` in place with the task's optimizer and step; the mean training loss.
+
+    Batches are drawn exactly as :func:`~fedtorrent.training.train_local` draws them
+    (``config.epochs`` shuffled passes, or ``config.steps`` batches, from ``generator``). The
+    optimizer is ``task.make_optimizer`` (the task's, else ``config``'s), made fresh for the call;
+    every group's learning rate is multiplied by ``lr_scale`` (the round schedule) and, with
+    ``config.lr_schedule == "cosine"``, decayed over the call's batches. Each batch is one call of
+    ``task.step_fn(model, (x, y), ctx)`` with ``ctx.round == round`` (0-based).
+
+    Returns:
+        The example-weighted mean of the losses the steps returned; NaN when no batch ran.
+
+    Raises:
+        ConfigError: the optimizer or step failed, or a step returned no scalar tensor.
+    """
+    count = int(x.shape[0])
+    total = num_batches(count, config)
+    if total == 0:
+        return math.nan
+    optimizer = task.make_optimizer(model.parameters(), config)
+    base = [float(group["lr"]) * lr_scale for group in optimizer.param_groups]
+    ctx = TrainContext(
+        device=x.device, round=round, generator=generator, loss=task.loss_fn, optimizer=optimizer
+    )
+    where = f"Task.train_step {callable_name(task.step_fn)}"
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seen = 0
+    for step, indices in enumerate(_batches(count, config, generator, total)):
+        factor = (
+            0.5 * (1 + math.cos(math.pi * step / total)) if config.lr_schedule == "cosine" else 1
+        )
+        for group, rate in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = rate * factor
+        batch = indices.to(x.device)
+        loss = call_user(where, task.step_fn, model, (x[batch], y[batch]), ctx, error=ConfigError)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ConfigError(f"{where} must return the batch's loss as a scalar tensor")
+        loss_sum += loss.detach().to("cpu", torch.float64).reshape(()) * len(batch)
+        seen += len(batch)
+    return float(loss_sum) / seen
+
+
+def evaluate_task(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float] | None:
+    """The task's metrics and its loss (key ``loss``) of ``model`` on a whole split.
+
+    The model runs in eval mode without gradients, :data:`EVAL_BATCH` examples at a time; the
+    metrics and the loss are computed once on the joined outputs (so macro scores are right).
+    A metric the task calls ``loss`` is replaced by the task's loss.
+
+    Returns:
+        ``{metric: value, ..., "loss": value}`` as floats; None when the split is empty.
+
+    Raises:
+        ConfigError: the metrics failed or returned something that is not names to numbers.
+    """
+    count = int(x.shape[0])
+    if count == 0:
+        return None
+    model.eval()
+    with torch.no_grad():
+        output = torch.cat([model(x[i : i + EVAL_BATCH]) for i in range(0, count, EVAL_BATCH)])
+        loss = float(task.loss_fn(output, y))
+        where = f"Task.metrics {callable_name(task.metrics_fn)}"
+        scores = call_user(where, task.metrics_fn, output, y, error=ConfigError)
+    if not isinstance(scores, dict):
+        raise ConfigError(f"{where} returned {type(scores).__name__}, not a dict of name: number")
+    try:
+        values = {str(name): float(value) for name, value in scores.items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} returned a value that is not a number: {exc}") from exc
+    return {**values, "loss": loss}
