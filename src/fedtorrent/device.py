@@ -8,26 +8,38 @@ on the CPU; only training, mixing, trust and evaluation move.
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedtorrent.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 """The spellings :func:`resolve_device` accepts (``N`` a GPU index)."""
 DEFAULT_DEVICE = "cpu"
 """The default of every ``--device`` option: today's behaviour; ``auto`` is one flag away."""
 
+DEVICE_HELP = (
+    "Where to train, mix and evaluate: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps. "
+    "An absent device is refused."
+)
+"""The ``--help`` text of every ``--device`` option."""
+
 _CUDA = re.compile(r"cuda(?::(\d+))?")
 
 
 def _mps_available() -> bool:
+    import torch  # noqa: PLC0415
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
 
 def available_devices() -> list[str]:
     """The devices this machine has, as ``resolve_device`` spells them (``cpu`` first)."""
+    import torch  # noqa: PLC0415
+
     found = ["cpu"]
     if torch.cuda.is_available():
         found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -46,6 +58,8 @@ def resolve_device(spec: str) -> torch.device:
         ConfigError: one line naming the spec asked for and the devices that exist (an unknown
             spelling, CUDA or MPS absent, a GPU index past the last GPU).
     """
+    import torch  # noqa: PLC0415  (importing this module stays free of torch, for the CLI)
+
     text = spec.strip().lower() if isinstance(spec, str) else ""
     if text == "auto":
         if torch.cuda.is_available():
@@ -59,7 +73,9 @@ def resolve_device(spec: str) -> torch.device:
         if torch.cuda.is_available() and index < torch.cuda.device_count():
             return torch.device("cuda", index)
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; {_have()}")
+            raise ConfigError(
+                f"device {spec!r} asked for, but CUDA is not available here; {_have()}"
+            )
         raise ConfigError(
             f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} "
             f"CUDA device(s); {_have()}"

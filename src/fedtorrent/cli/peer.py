@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from fedtorrent.cli import app
+from fedtorrent.device import DEFAULT_DEVICE, DEVICE_HELP
 
 
 @app.command("peer")
@@ -93,6 +94,7 @@ def peer_command(
     attack_scale: Annotated[
         float | None, typer.Option(help="The attack's scale (default per attack).")
     ] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log to stderr.")] = False,
 ) -> None:
     """Train with the swarm: announce, exchange parameters directly with peers, mix, record.
@@ -144,6 +146,7 @@ def peer_command(
         attack=attack,
         attack_scale=attack_scale,
         task=task,
+        device=device,
     )
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
     if verbose:

@@ -21,6 +21,7 @@ from fedtorrent.config import (
     TopologyConfig,
     TrainConfig,
 )
+from fedtorrent.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
 from fedtorrent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ def simulate(
         bool,
         typer.Option(help="Save each node's final model to OUT/models/ (safetensors)."),
     ] = False,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
 ) -> None:
     """Simulate N nodes that train locally and mix with their cohorts; write a run folder.
 
@@ -218,6 +220,7 @@ def simulate(
     ]
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
+    resolve_device(device)  # an absent device: one line before any data is loaded
     if task is not None:
         _simulate_task(
             task,
@@ -227,6 +230,7 @@ def simulate(
             progress=progress,
             rounds=rounds,
             save_models=save_models,
+            device=device,
         )
         return
     folder = out or Path("runs") / f"{dataset}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -247,6 +251,7 @@ def simulate(
             on_round=advance,
             plots=plots,
             save_models=save_models,
+            device=device,
         )
     _print_summary(summary, folder=folder, seconds=time.perf_counter() - started, split=split)
 
@@ -260,6 +265,7 @@ def _simulate_task(
     progress: bool,
     rounds: int,
     save_models: bool,
+    device: str,
 ) -> None:
     """``simulate --task``: load and check the task, run it, print mean ± std of every metric."""
     import torch  # noqa: PLC0415
@@ -274,7 +280,12 @@ def _simulate_task(
     started = time.perf_counter()
     with _progress(enabled=progress, total=len(configs) * rounds) as advance:
         _, summary = run_simulation(
-            configs, out_dir=folder, task=loaded, on_round=advance, save_models=save_models
+            configs,
+            out_dir=folder,
+            task=loaded,
+            on_round=advance,
+            save_models=save_models,
+            device=device,
         )
     print_metrics(summary)
     seconds = time.perf_counter() - started

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fedtorrent.cli import app
+from fedtorrent.device import DEFAULT_DEVICE, DEVICE_HELP
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -82,6 +83,7 @@ def swarm_command(
     attack_scale: Annotated[
         float | None, typer.Option(help="The attack's scale (default per attack).")
     ] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
 ) -> None:
     """Run a tracker and N peers here; Ctrl-C stops them all; ends with a summary and plots."""
     import time  # noqa: PLC0415
@@ -107,6 +109,7 @@ def swarm_command(
         attack=attack,
         attack_scale=attack_scale,
         task=task,
+        device=device,
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:

@@ -201,8 +201,15 @@ class PeerConfig:
     """The attack's scale (default per attack, see ``fedtorrent.adversary``)."""
     task: str | None = None
     """The task spec a task session needs (``PATH.py:NAME`` or ``package.module:NAME``)."""
+    device: str = "cpu"
+    """Where this peer trains, mixes and evaluates: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or
+    ``mps`` (``fedtorrent.device.resolve_device``). This machine's choice, not the session's:
+    what is sent, checkpointed and recorded stays on the CPU."""
 
     def __post_init__(self) -> None:
+        from fedtorrent.device import resolve_device  # noqa: PLC0415
+
+        resolve_device(self.device)  # an absent device is one line before anything starts
         if self.attack is not None:
             from fedtorrent.adversary import AttackConfig  # noqa: PLC0415
 

@@ -115,8 +115,13 @@ class SwarmConfig:
     attack_scale: float | None = None
     task: str | None = None
     """The task spec every peer gets as ``--task`` (a task session); a file is made absolute."""
+    device: str = "cpu"
+    """The ``--device`` every peer trains on (``fedtorrent.device``); checked here, once."""
 
     def __post_init__(self) -> None:
+        from fedtorrent.device import resolve_device  # noqa: PLC0415
+
+        resolve_device(self.device)  # an absent device is refused before any peer starts
         if self.task is not None:
             object.__setattr__(self, "task", absolute_task_spec(self.task))
         if self.peers < 1:
@@ -335,6 +340,8 @@ class Swarm:
             command += ["--rounds", str(config.rounds)]
         if config.task is not None:
             command += ["--task", config.task]
+        if config.device != "cpu":
+            command += ["--device", config.device]
         if config.resume:
             command.append("--resume")
         if config.attack is not None and index >= config.peers - config.attackers:

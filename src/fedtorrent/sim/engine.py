@@ -17,12 +17,13 @@ random draw comes from generators seeded by the run's seed, so a seed fixes the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -552,6 +553,9 @@ class Engine:
         init: ``(P,)`` starting parameters, the same for every node (as a torrent's initial state).
         seed: fixes batch order, trust batches and dropout.
         share: what nodes send each other (default: their parameters).
+        device: where the stacked parameters, data, optimizer state, mixing, trust and
+            evaluation live. The batch-order and trust-batch generators stay on the CPU (the
+            same draws on every device); node states and weights handed out are CPU tensors.
     """
 
     def __init__(
@@ -565,7 +569,20 @@ class Engine:
         init: Tensor,
         seed: int,
         share: ShareFn | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
+        self.device = torch.device(device)
+        if self.device.type != "cpu":  # on the CPU nothing is copied or wrapped
+            data = dataclasses.replace(
+                data,
+                **{
+                    f.name: getattr(data, f.name).to(self.device)
+                    for f in dataclasses.fields(data)
+                    if isinstance(getattr(data, f.name), Tensor)
+                },
+            )
+            init = init.to(self.device)
+            _move_to(backend, self.device)
         n = data.num_nodes
         if topology.num_nodes != n:
             raise ConfigError(f"topology has {topology.num_nodes} nodes but data has {n}")
@@ -581,43 +598,47 @@ class Engine:
             raise ConfigError(
                 "learned trust needs validation data on every node (val_fraction > 0)"
             )
-        self.backend, self.data, self.train_config = backend, data, train
-        self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
-        self.num_nodes = n
-        self.params = init.detach().to(torch.float32).unsqueeze(0).repeat(n, 1)
-        self.before = self.params
-        """Rows before the current round's training (kept only with a ``share`` hook)."""
-        self.public = self.params
-        """See :class:`ShareFn` (kept only with a ``share`` hook)."""
-        self.rejected = 0
-        """Shared rows receivers dropped as not finite, counted once per receiver, all rounds."""
-        self.implausible = 0
-        """Shared rows receivers dropped by the plausibility screen, once per receiver."""
-        self.trust_excluded = 0
-        """Cohort members learned trust excluded (non-finite mixed loss or gradient), per row."""
-        self.unmixed = 0
-        """Rows whose mix was not finite and which kept their own parameters instead."""
-        self.trust_logits = torch.zeros(n, n)
-        self.trust_kept = torch.zeros(n, dtype=torch.long)
-        """Per node: rounds whose learned weights passed the held-out check (``trust_margin``)."""
-        self.optimizer = RowOptimizer(train, (n, backend.num_params))
-        self.timings = Timings()
-        self._x_train = backend.prepare(data.x_train)
-        self._x_test = backend.prepare(data.x_test)
-        self._plain_sgd = (
-            isinstance(backend, LinearBackend)
-            and train.optimizer == "sgd"
-            and train.momentum == 0
-            and train.weight_decay == 0
-            and train.lr_schedule == "constant"
-        )
-        self._minus_one = torch.full((1,), -1.0)
-        self._y_shape = tuple(data.y_train.shape[1:])
-        layout = backend.layout if isinstance(backend, ModuleLoopBackend) else None
-        self.param_width = backend.num_params if layout is None else layout.num_params
-        """Columns holding parameters (the first ones): what ``share`` hooks see."""
-        self.mixed_width = backend.num_params if layout is None else layout.mixed_width
-        """Columns that mixing combines; the rest (local buffers) each node keeps."""
+        with self._on_device():  # the state allocated below lives on the device
+            self.backend, self.data, self.train_config = backend, data, train
+            self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
+            self.num_nodes = n
+            self.params = init.detach().to(torch.float32).unsqueeze(0).repeat(n, 1)
+            self.before = self.params
+            """Rows before the current round's training (kept only with a ``share`` hook)."""
+            self.public = self.params
+            """See :class:`ShareFn` (kept only with a ``share`` hook)."""
+            self.rejected = 0
+            """Shared rows receivers dropped as not finite, counted once per receiver, all
+            rounds."""
+            self.implausible = 0
+            """Shared rows receivers dropped by the plausibility screen, once per receiver."""
+            self.trust_excluded = 0
+            """Cohort members learned trust excluded (non-finite mixed loss or gradient), per
+            row."""
+            self.unmixed = 0
+            """Rows whose mix was not finite and which kept their own parameters instead."""
+            self.trust_logits = torch.zeros(n, n)
+            self.trust_kept = torch.zeros(n, dtype=torch.long)
+            """Per node: rounds whose learned weights passed the held-out check
+            (``trust_margin``)."""
+            self.optimizer = RowOptimizer(train, (n, backend.num_params))
+            self.timings = Timings()
+            self._x_train = backend.prepare(data.x_train)
+            self._x_test = backend.prepare(data.x_test)
+            self._plain_sgd = (
+                isinstance(backend, LinearBackend)
+                and train.optimizer == "sgd"
+                and train.momentum == 0
+                and train.weight_decay == 0
+                and train.lr_schedule == "constant"
+            )
+            self._minus_one = torch.full((1,), -1.0)
+            self._y_shape = tuple(data.y_train.shape[1:])
+            layout = backend.layout if isinstance(backend, ModuleLoopBackend) else None
+            self.param_width = backend.num_params if layout is None else layout.num_params
+            """Columns holding parameters (the first ones): what ``share`` hooks see."""
+            self.mixed_width = backend.num_params if layout is None else layout.mixed_width
+            """Columns that mixing combines; the rest (local buffers) each node keeps."""
 
     # ---- training -------------------------------------------------------------------------
 
@@ -717,7 +738,7 @@ class Engine:
         data = self.data
         rows = rows_mask.nonzero().squeeze(1)
         width = data.train_index.shape[1]
-        keys = torch.rand(len(rows), width, generator=generator)
+        keys = torch.rand(len(rows), width, generator=generator, device="cpu").to(self.device)
         keys.masked_fill_(torch.arange(width) >= data.train_count[rows].unsqueeze(1), 2.0)
         picks = keys.argsort(dim=1)
         order[rows] = data.train_index[rows].gather(1, picks)
@@ -908,9 +929,10 @@ class Engine:
         own = self.params
 
         def draw() -> tuple[Tensor, Tensor]:
-            pick = (torch.rand(self.num_nodes, cfg.trust_batch_size, generator=generator)) * (
-                data.val_count.unsqueeze(1)
+            draws = torch.rand(
+                self.num_nodes, cfg.trust_batch_size, generator=generator, device="cpu"
             )
+            pick = draws.to(self.device) * (data.val_count.unsqueeze(1))
             index = data.val_index.gather(1, pick.long().clamp_max(vmax - 1))
             flat = index.reshape(-1)
             x = self._x_train.index_select(0, flat).view(*index.shape, *self._x_train.shape[1:])
@@ -984,18 +1006,34 @@ class Engine:
     # ---- rounds and evaluation -----------------------------------------------------------
 
     def run_round(self, round_index: int, *, lr_scale: float = 1.0) -> Tensor | None:
-        """One round: local training, then mixing. Returns the mixing weights (see mix_round)."""
-        self.train_round(round_index, lr_scale=lr_scale)
-        return self.mix_round(round_index)
+        """One round: local training, then mixing. Returns the mixing weights (see mix_round).
+
+        The weights are a CPU tensor whatever the engine's device.
+        """
+        with self._on_device():
+            self.train_round(round_index, lr_scale=lr_scale)
+            weights = self.mix_round(round_index)
+        return None if weights is None else weights.cpu()
+
+    def _on_device(self) -> AbstractContextManager[Any]:
+        """New tensors default to the engine's device inside; nothing at all on the CPU."""
+        return nullcontext() if self.device.type == "cpu" else self.device
 
     def evaluate(
         self, x: Tensor | None = None, y: Tensor | None = None, *, keep_predictions: bool = False
     ) -> Evaluation:
         """Score every node on ``(x, y)`` (default: the test set), in chunks that bound memory."""
-        with _timed(self.timings, "evaluate"):
-            inputs = self._x_test if x is None else self.backend.prepare(x)
-            targets = self.data.y_test if y is None else y
-            return self._evaluate(inputs, targets, keep_predictions)
+        with _timed(self.timings, "evaluate"), self._on_device():
+            inputs = self._x_test if x is None else self.backend.prepare(x.to(self.device))
+            targets = self.data.y_test if y is None else y.to(self.device)
+            result = self._evaluate(inputs, targets, keep_predictions)
+        if self.device.type == "cpu":
+            return result
+        return Evaluation(
+            loss=result.loss.cpu(),
+            confusion=result.confusion.cpu(),
+            predictions=None if result.predictions is None else result.predictions.cpu(),
+        )
 
     def _evaluate(self, x: Tensor, y: Tensor, keep_predictions: bool) -> Evaluation:
         n, classes, total = self.num_nodes, self.data.num_classes, int(x.shape[0])
@@ -1031,10 +1069,29 @@ class Engine:
         )
 
     def node_state(self, node: int) -> dict[str, Tensor]:
-        """Node ``node``'s state dict (a copy), keyed and shaped like the model's."""
+        """Node ``node``'s state dict (a CPU copy), keyed and shaped like the model's."""
         if isinstance(self.backend, ModuleLoopBackend):
-            return self.backend.state_of(self.params[node], node)
-        return {k: v.clone() for k, v in flat_views(self.params[node], self.backend.like).items()}
+            state = self.backend.state_of(self.params[node], node)
+        else:
+            state = {
+                k: v.clone() for k, v in flat_views(self.params[node], self.backend.like).items()
+            }
+        if self.device.type == "cpu":
+            return state
+        return {k: v.cpu() for k, v in state.items()}
+
+
+def _move_to(backend: object, device: torch.device) -> None:
+    """Move a backend's model, tensors and dicts of tensors to ``device`` (in place)."""
+    for name, value in vars(backend).items():
+        if isinstance(value, nn.Module):
+            value.to(device)
+        elif isinstance(value, Tensor):
+            setattr(backend, name, value.to(device))
+        elif (
+            isinstance(value, dict) and value and all(isinstance(v, Tensor) for v in value.values())
+        ):
+            setattr(backend, name, {k: v.to(device) for k, v in value.items()})
 
 
 @contextmanager

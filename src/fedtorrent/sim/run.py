@@ -105,6 +105,7 @@ def run_one(
     share: ShareFn | None = None,
     writers: RunWriters | None = None,
     keep_states: bool = False,
+    device: torch.device | str = "cpu",
 ) -> RunOutcome:
     """Run one configuration (one seed) and return its final per-node scores.
 
@@ -118,6 +119,8 @@ def run_one(
         share: what nodes send each other (adversaries, privacy); default their parameters.
         writers: open record writers (see :func:`simulate`); None writes nothing.
         keep_states: return every node's final state dict (``RunOutcome.states``).
+        device: where the engine trains, mixes and evaluates (see :class:`Engine`); results
+            and states come back on the CPU.
     """
     from fedtorrent.data.partition import split_nodes  # noqa: PLC0415
     from fedtorrent.models import build_model  # noqa: PLC0415
@@ -168,6 +171,7 @@ def run_one(
         init=init,
         seed=config.seed,
         share=share,
+        device=device,
     )
     label_mix = _label_mix(dataset.y_train, [s.train for s in splits], dataset.num_classes)
     curve_x, curve_y = _curve_subset(config, data.x_test, data.y_test)
@@ -465,6 +469,7 @@ def simulate(
     plots: bool = True,
     save_models: bool = False,
     keep_states: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[RunOutcome], dict[str, Any]]:
     """Run several configurations (rules, seeds) of one dataset or one task into one run folder.
 
@@ -484,12 +489,19 @@ def simulate(
         save_models: write every node's final state to
             ``out_dir/models/<rule>-seed<seed>/node-<i>.safetensors`` (``RunOutcome.model_paths``).
         keep_states: return every node's final state dict in ``RunOutcome.states``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a ``torch.device``: where
+            every run trains, mixes and evaluates (:func:`fedtorrent.device.resolve_device`;
+            an absent device is a ``ConfigError``). Not a setting of the configs: the summary
+            and records are the same whatever the device, up to float rounding.
 
     Returns:
         The outcomes in order, and the summary also written to ``summary.json``: per mixing rule,
         ``metrics`` holds ``{name: {"mean", "std"}}`` across nodes (and seeds) for the test loss
         and every metric, and ``engine_path`` how nodes trained.
     """
+    from fedtorrent.device import resolve_device  # noqa: PLC0415
+
+    where = device if isinstance(device, torch.device) else resolve_device(device)
     configs = [configs] if isinstance(configs, SimConfig) else list(configs)
     if not configs and task is not None:
         configs = [SimConfig()]
@@ -542,12 +554,19 @@ def simulate(
                     share=share,
                     writers=writers,
                     keep_states=keep,
+                    device=where,
                 )
             else:
                 from fedtorrent.sim.tasks import run_task  # noqa: PLC0415
 
                 outcome = run_task(
-                    config, task, on_round=callback, share=share, writers=writers, keep_states=keep
+                    config,
+                    task,
+                    on_round=callback,
+                    share=share,
+                    writers=writers,
+                    keep_states=keep,
+                    device=where,
                 )
             if save_models and out_dir is not None:
                 outcome = _save_models(outcome, out_dir, keep=keep_states)

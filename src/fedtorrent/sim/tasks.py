@@ -134,13 +134,14 @@ def score(
     """``{"loss": ..., **metrics}`` of ``state`` on the whole ``split`` of one node's data."""
     from fedtorrent.task.contract import call_user, callable_name  # noqa: PLC0415
 
-    model.load_state_dict(state)
+    model.load_state_dict(state)  # copies into the model's own device
     model.eval()
+    on = next((p.device for p in model.parameters()), torch.device("cpu"))
     outputs, targets = [], []
     with torch.no_grad():
         for begin in range(0, data.size(split), EVAL_CHUNK):
             x, y = data.take(split, range(begin, min(begin + EVAL_CHUNK, data.size(split))))
-            outputs.append(model(x))
+            outputs.append(model(x.to(on)).cpu())
             targets.append(y)
         output, target = torch.cat(outputs), torch.cat(targets)
         loss = float(task.loss_fn(output, target))
@@ -158,12 +159,14 @@ def run_task(
     writers: RunWriters | None = None,
     keep_states: bool = False,
     path: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> RunOutcome:
     """Run ``task`` with ``config``'s nodes, rounds, training, mixing and topology (one seed).
 
     ``config.data`` gives only ``num_nodes``; ``config.model`` is unused. ``path`` forces
     ``vectorized`` or ``loop`` (None: :func:`choose_path`). Records go to ``writers`` as in
-    :func:`fedtorrent.sim.run.run_one`, with the task's metrics as columns.
+    :func:`fedtorrent.sim.run.run_one`, with the task's metrics as columns. ``device`` is
+    where the engine and the scoring model run; scores and states come back on the CPU.
 
     Raises:
         ConfigError: an attack (not simulated for tasks yet), a forced path the task cannot take,
@@ -213,9 +216,10 @@ def run_task(
         init=init,
         seed=config.seed,
         share=share,
+        device=device,
     )
     split = eval_split(nodes)
-    scorer = task.make_model(seed=0)
+    scorer = task.make_model(seed=0).to(device)
     tag = {"mixing": config.mixing.rule, "seed": config.seed}
     writers = writers or RunWriters()
     weights: Tensor | None = None
