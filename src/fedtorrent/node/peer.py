@@ -44,6 +44,7 @@ examples), ``node.exchange`` (cohort selection, pulls with deadlines and verific
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import ipaddress
 import logging
@@ -389,6 +390,13 @@ class Peer:
         self.current: State = initial
         self.initial: State = {k: v.clone() for k, v in initial.items()}
         self.attack = self._make_attack()
+        from fedtorrent.device import resolve_device  # noqa: PLC0415
+
+        self.device = resolve_device(cfg.device)
+        """Where this peer trains and evaluates; what it sends, saves and records is CPU."""
+        self.model.to(self.device)
+        # The training split once on the device (no copy at all on the CPU).
+        self._train_xy = (self.data.x_train.to(self.device), self.data.y_train.to(self.device))
         self.private: PrivateSender | None = None
         privacy = self.session.privacy
         if privacy is not None and privacy.enabled:
@@ -576,19 +584,21 @@ class Peer:
         scale = round_lr_scale(self.session.round_schedule, round - 1, self.session.rounds)
         train = self.session.train
         lr = train.lr * scale
+        x_train, y_train = self._train_xy
         if self.task is None:
             train_loss = train_local(
-                self.model, self.data.x_train, self.data.y_train,
+                self.model, x_train, y_train,
                 dataclasses.replace(train, lr=lr), generator=generator,
             )  # fmt: skip
         else:
             from fedtorrent.task.drive import train_task  # noqa: PLC0415
 
             train_loss = train_task(
-                self.task, self.model, self.data.x_train, self.data.y_train, train,
+                self.task, self.model, x_train, y_train, train,
                 generator=generator, round=round - 1, lr_scale=scale,
             )  # fmt: skip
-        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # A CPU copy (as the clone it replaces on the CPU): sending, mixing, trust, checkpoints.
+        trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         shared = self._outgoing(trained, before, round)
         payload = encode_state(shared)
         digest, nonce = state_digest(payload), new_nonce()
@@ -911,12 +921,14 @@ class Peer:
         if not heard or count == 0 or mixing.trust_steps == 0:
             return self.trust.weights(heard), []
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round, self._salt))
-        self.model.eval()
+        # Trust is fitted on the CPU, where the stack of received states is.
+        model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
+        model.eval()
         task_loss = self.task.loss_fn if self.task is not None else None
 
         def batch_loss(rows: torch.Tensor) -> LossFn:
             x, y = self.data.x_val[rows], self.data.y_val[rows]
-            return model_loss_fn(self.model, x, y, loss=task_loss, keys=self.layout.mix)
+            return model_loss_fn(model, x, y, loss=task_loss, keys=self.layout.mix)
 
         def loss(flat: torch.Tensor) -> torch.Tensor:
             rows = torch.randint(count, (mixing.trust_batch_size,), generator=generator)

@@ -79,7 +79,8 @@ def train_task(
 def evaluate_task(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float] | None:
     """The task's metrics and its loss (key ``loss``) of ``model`` on a whole split.
 
-    The model runs in eval mode without gradients, :data:`EVAL_BATCH` examples at a time; the
+    The model runs in eval mode without gradients, :data:`EVAL_BATCH` examples at a time on its
+    own device (outputs are joined on ``y``'s device); the
     metrics and the loss are computed once on the joined outputs (so macro scores are right).
     A metric the task calls ``loss`` is replaced by the task's loss.
 
@@ -93,8 +94,14 @@ def evaluate_task(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> dict[st
     if count == 0:
         return None
     model.eval()
-    with torch.no_grad():
-        output = torch.cat([model(x[i : i + EVAL_BATCH]) for i in range(0, count, EVAL_BATCH)])
+    device = next((p.device for p in model.parameters()), x.device)
+    with torch.no_grad():  # each chunk runs where the model is; scores are computed beside y
+        output = torch.cat(
+            [
+                model(x[i : i + EVAL_BATCH].to(device)).to(y.device)
+                for i in range(0, count, EVAL_BATCH)
+            ]
+        )
         loss = float(task.loss_fn(output, y))
         where = f"Task.metrics {callable_name(task.metrics_fn)}"
         scores = call_user(where, task.metrics_fn, output, y, error=ConfigError)
