@@ -21,8 +21,9 @@ DEFAULT_DEVICE = "cpu"
 """The default of every ``--device`` option: today's behaviour; ``auto`` is one flag away."""
 
 DEVICE_HELP = (
-    "Where to train, mix and evaluate: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps. "
-    "An absent device is refused."
+    "Where to compute: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps; an absent "
+    "device is refused. The simulator trains, mixes and evaluates there; a peer trains and "
+    "evaluates there (it mixes on the CPU)."
 )
 """The ``--help`` text of every ``--device`` option."""
 
