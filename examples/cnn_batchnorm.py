@@ -34,7 +34,7 @@ SEED = 0
 def _dataset():
     ds = ft.load_dataset("fashion-mnist")
     if os.environ.get("FEDTORRENT_EXAMPLE_QUICK") == "1":
-        return ds.ds.x_train[:600], ds.y_train[:600], ds.x_test[:500], ds.y_test[:500]
+        return ds.x_train[:600], ds.y_train[:600], ds.x_test[:500], ds.y_test[:500]
     return ds.x_train, ds.y_train, ds.x_test, ds.y_test
 
 
