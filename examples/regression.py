@@ -8,8 +8,8 @@ Run it::
     fedtorrent simulate --task examples/regression.py:task --nodes 3 --rounds 20 --mixing learned
     fedtorrent create --task examples/regression.py:task --nodes 3 --cohort 2 --rounds 20 \
         -o runs/regression/session.torrent
-    fedtorrent swarm runs/regression/session.torrent --task examples/regression.py:task \
-        --peers 3 --out runs/regression
+    fedtorrent swarm runs/regression/session.torrent \
+        --task examples/regression.py:task --peers 3 --out runs/regression
 """
 
 from functools import cache
