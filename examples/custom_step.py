@@ -62,6 +62,6 @@ def clipped_smooth_step(model, batch, ctx):
 task = ft.Task(
     model=model,
     data=data,
-    optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    optimizer=lambda params: torch.optim.Adam(params, lr=0.01),
     train_step=clipped_smooth_step,
 )
