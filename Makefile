@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(BIN)/fedtorrent swarm runs/demo/session.torrent --peers 6 --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks experiments
-	$(BIN)/ruff format --check src tests benchmarks experiments
+	$(BIN)/ruff check src tests benchmarks experiments examples
+	$(BIN)/ruff format --check src tests benchmarks experiments examples
 	$(BIN)/mypy
 
 test: lint

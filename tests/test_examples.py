@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_dataset
 from fedtorrent.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,7 @@ def test_custom_step_example_learns_digits(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_cnn_batchnorm_example_learns_on_a_small_slice(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    require_dataset("fashion-mnist")
     monkeypatch.setenv("FEDTORRENT_EXAMPLE_QUICK", "1")
     metrics = simulate(monkeypatch, tmp_path, "cnn_batchnorm.py", "--nodes", "2", "--rounds", "2")
     assert metrics["accuracy"]["mean"] >= 0.3  # 10 classes: chance is 0.1

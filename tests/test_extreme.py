@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require_dataset
 from fedtorrent.adversary import AttackConfig, attack_params
 from fedtorrent.config import (
     MIXING_RULES,
@@ -388,6 +389,7 @@ def _mnist_swarm(tmp_path: Path, name: str, **attack: object) -> dict[str, objec
 def test_live_swarm_shrugs_off_a_3e38_attacker(tmp_path: Path) -> None:
     from fedtorrent.node.swarm import peer_folder
 
+    require_dataset("mnist")
     clean = _mnist_swarm(tmp_path, "clean")
     attacked = _mnist_swarm(tmp_path, "attacked", attackers=1, attack="extreme", attack_scale=3e38)
     security = attacked["security"]

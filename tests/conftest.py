@@ -1,0 +1,22 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def require_dataset(name: str) -> None:
+    """Skip the calling test unless dataset ``name`` is on disk (``$FEDTORRENT_DATA`` or the cache).
+
+    CI points ``FEDTORRENT_DATA`` at the offline copies, so these tests run there; on a machine
+    with neither the copies nor a filled cache (and no internet) they skip instead of failing.
+    """
+    roots = [os.environ.get("FEDTORRENT_DATA"), Path.home() / ".cache" / "fedtorrent"]
+    for root in roots:
+        folder = Path(root) / name if root else None
+        if folder is not None and folder.is_dir() and any(folder.iterdir()):
+            return
+    pytest.skip(f"{name} is not on disk (set FEDTORRENT_DATA)")
