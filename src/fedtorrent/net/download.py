@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import json
 import select
 import socket
 import ssl
@@ -293,8 +294,6 @@ def _status_error(url: str, response: http.client.HTTPResponse) -> HTTPStatusErr
 
 def _reason(body: bytes) -> str:
     """The ``failure reason`` of a JSON error body (the tracker's), else empty."""
-    import json  # noqa: PLC0415
-
     if not body.startswith(b"{"):
         return ""
     try:

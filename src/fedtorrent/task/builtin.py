@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedtorrent.config import DataConfig, ModelConfig
+from fedtorrent.data.datasets import CLASSES, DATASET_NAMES, INPUT_SHAPES, load_dataset
+from fedtorrent.data.partition import split_nodes
 from fedtorrent.errors import UnknownNameError
+from fedtorrent.models import build_model, state_bytes
 from fedtorrent.task.contract import NodeData, Task
 
 if TYPE_CHECKING:
@@ -37,7 +40,6 @@ class BuiltinModel:
     num_classes: int
 
     def __post_init__(self) -> None:
-        from fedtorrent.models import state_bytes  # noqa: PLC0415
 
         # Checks the name and arguments now, without torch, as build_model would later.
         state_bytes(
@@ -49,8 +51,6 @@ class BuiltinModel:
 
     def __call__(self) -> nn.Module:
         """A fresh model; weights from torch's global generator."""
-        from fedtorrent.models import build_model  # noqa: PLC0415
-
         return build_model(
             self.config.name,
             input_shape=self.input_shape,
@@ -74,7 +74,6 @@ class BuiltinData:
     _splits: dict[int, list[NodeSplit]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from fedtorrent.data.datasets import DATASET_NAMES  # noqa: PLC0415
 
         if self.config.dataset not in DATASET_NAMES:
             raise UnknownNameError("dataset", self.config.dataset, DATASET_NAMES)
@@ -82,8 +81,6 @@ class BuiltinData:
     def dataset(self) -> Dataset:
         """The loaded dataset (from ``data_dir``, ``$FEDTORRENT_DATA`` or the cache)."""
         if not self._dataset:
-            from fedtorrent.data.datasets import load_dataset  # noqa: PLC0415
-
             self._dataset.append(
                 load_dataset(self.config.dataset, data_dir=self.config.data_dir, progress=False)
             )
@@ -92,8 +89,6 @@ class BuiltinData:
     def splits(self, num_nodes: int) -> list[NodeSplit]:
         """Every node's train and validation indices into the training set, for ``num_nodes``."""
         if num_nodes not in self._splits:
-            from fedtorrent.data.partition import split_nodes  # noqa: PLC0415
-
             config = dataclasses.replace(self.config, num_nodes=num_nodes)
             self._splits[num_nodes] = split_nodes(self.dataset().y_train, config)
         return self._splits[num_nodes]
@@ -151,8 +146,6 @@ def builtin_task(
 
 def builtin_task_from(data: DataConfig, model: ModelConfig) -> Task:
     """:func:`builtin_task` from the settings objects a ``SimConfig`` or a session holds."""
-    from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
-
     data_factory = BuiltinData(data)  # checks the dataset name first
     factory = BuiltinModel(model, INPUT_SHAPES[data.dataset], len(CLASSES[data.dataset]))
     return Task(model=factory, data=data_factory)

@@ -31,6 +31,8 @@ from torch.utils.data import Dataset, IterableDataset
 from fedtorrent.config import TrainConfig
 from fedtorrent.errors import ConfigError, DataError, FedTorrentError
 from fedtorrent.state.schema import BUFFER_POLICIES, dtype_name
+from fedtorrent.training.evaluate import classification_metrics
+from fedtorrent.training.local import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +94,6 @@ def cross_entropy_metrics(output: Tensor, target: Tensor) -> dict[str, float]:
     like ``output`` (scored by their argmax). Scores are those of
     :func:`fedtorrent.training.evaluate.classification_metrics` over every position.
     """
-    from fedtorrent.training.evaluate import classification_metrics  # noqa: PLC0415
-
     if output.ndim < 2:
         raise DataError(f"cross-entropy metrics need (N, C) outputs, got shape {shape_of(output)}")
     predicted = output.argmax(dim=1).reshape(-1)
@@ -338,8 +338,6 @@ class Task:
             ConfigError: the factory raised or did not return a ``torch.optim.Optimizer``.
         """
         if self.optimizer is None:
-            from fedtorrent.training.local import make_optimizer  # noqa: PLC0415
-
             return make_optimizer(parameters, config)
         where = f"Task.optimizer {callable_name(self.optimizer)}"
         optimizer = call_user(where, self.optimizer, parameters, error=ConfigError)

@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from fedtorrent.errors import ConfigError
+from fedtorrent.task.contract import Task, call_user, describe_exception
 
 if TYPE_CHECKING:
     from fedtorrent.task.contract import Task
@@ -45,8 +46,6 @@ def load_task(spec: str) -> Task:
         ConfigError: a malformed spec, a missing file or module, an import that raises, a missing
             name, or an object that is neither a Task nor a no-argument function returning one.
     """
-    from fedtorrent.task.contract import Task, call_user  # noqa: PLC0415
-
     source, name = _parse(spec)
     module = _import(spec, source)
     value: object = module
@@ -127,7 +126,6 @@ def _import_file(spec: str, path: Path) -> ModuleType:
 
 
 def _import_failed(spec: str, where: str, exc: Exception) -> ConfigError:
-    from fedtorrent.task.contract import describe_exception  # noqa: PLC0415
 
     log.info("--task %r: importing %s failed", spec, where, exc_info=exc)
     line = getattr(exc, "lineno", None)
@@ -141,7 +139,6 @@ def _put_first_on_path(folder: str) -> None:
 
 
 def _defined_tasks(module: ModuleType) -> str:
-    from fedtorrent.task.contract import Task  # noqa: PLC0415
 
     names = sorted(k for k, v in vars(module).items() if isinstance(v, Task))
     return f" (Tasks defined there: {', '.join(names)})" if names else " (it defines no Task)"
