@@ -28,16 +28,20 @@ import numpy as np
 import torch
 
 from fedtorrent.config import SimConfig
+from fedtorrent.device import resolve_device
 from fedtorrent.errors import ConfigError
+from fedtorrent.files import write_atomic
 from fedtorrent.metrics.records import (
     FINAL_FIELDS,
     ROUND_FIELDS,
     RecordWriter,
     write_json,
 )
-from fedtorrent.sim.engine import Engine, ShareFn, make_backend, node_data
-from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
+from fedtorrent.sim.engine import Engine, LinearBackend, ShareFn, make_backend, node_data
+from fedtorrent.sim.loop import ModuleLoopBackend, StateLayout, has_buffers
 from fedtorrent.sim.topology import Topology
+from fedtorrent.state.codec import encode_state
+from fedtorrent.training.local import make_optimizer
 from fedtorrent.training.schedule import round_lr_scale
 from fedtorrent.training.seeds import derive_seed
 
@@ -248,9 +252,6 @@ def loop_backend(
     model: torch.nn.Module, config: SimConfig, task: Task | None = None
 ) -> ModuleLoopBackend:
     """The per-node backend for ``model`` (a task's loss, optimizer, step and buffer policy)."""
-    from fedtorrent.sim.loop import StateLayout  # noqa: PLC0415
-    from fedtorrent.training.local import make_optimizer  # noqa: PLC0415
-
     train = config.train
 
     def optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -271,8 +272,6 @@ def loop_backend(
 
 def engine_path(engine: Engine) -> str:
     """How the engine trained: ``linear`` or ``vectorized`` (stacked rows), or ``loop``."""
-    from fedtorrent.sim.engine import LinearBackend  # noqa: PLC0415
-
     if isinstance(engine.backend, ModuleLoopBackend):
         return "loop"
     return "linear" if isinstance(engine.backend, LinearBackend) else "vectorized"
@@ -499,8 +498,6 @@ def simulate(
         ``metrics`` holds ``{name: {"mean", "std"}}`` across nodes (and seeds) for the test loss
         and every metric, and ``engine_path`` how nodes trained.
     """
-    from fedtorrent.device import resolve_device  # noqa: PLC0415
-
     where = device if isinstance(device, torch.device) else resolve_device(device)
     configs = [configs] if isinstance(configs, SimConfig) else list(configs)
     if not configs and task is not None:
@@ -608,9 +605,6 @@ def _builtin_configs(task: Task, configs: Sequence[SimConfig]) -> list[SimConfig
 
 def _save_models(outcome: RunOutcome, out_dir: Path, *, keep: bool) -> RunOutcome:
     """Write each node's final state (safetensors) under ``out_dir/models``; drop the states."""
-    from fedtorrent.files import write_atomic  # noqa: PLC0415
-    from fedtorrent.state.codec import encode_state  # noqa: PLC0415
-
     assert outcome.states is not None
     folder = out_dir / "models" / f"{outcome.config.mixing.rule}-seed{outcome.config.seed}"
     folder.mkdir(parents=True, exist_ok=True)
