@@ -105,6 +105,7 @@ def learn_trust(
     floor: float = 0.0,
     entropy_penalty: float = 0.0,
     suspicion: Tensor | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrustFit:
     """Run ``steps`` steps of plain gradient descent on the trust logits.
 
@@ -123,6 +124,8 @@ def learn_trust(
             (or the gradient beyond ``GRADIENT_LIMIT``) drops members, largest first (e.g. the
             distance from the row's own vector); ``-inf`` marks entries never dropped (the row's
             own). None: such a row only holds still.
+        on_step: called at the start of every step (e.g. to draw that step's validation batch,
+            which ``mixed_loss`` then uses for the step and any recomputation within it).
 
     Returns:
         The new logits (excluded members' fallen, see the module docstring), the members kept
@@ -132,6 +135,8 @@ def learn_trust(
     kept = torch.ones_like(current, dtype=torch.bool) if members is None else members.clone()
     excluded = torch.zeros_like(kept)
     for _ in range(steps):
+        if on_step is not None:
+            on_step()
         while True:
             leaf = current.requires_grad_(True)
             weights = trust_weights(leaf, kept, floor=floor)
