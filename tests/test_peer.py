@@ -272,8 +272,8 @@ def test_none_rule_keeps_its_own_model(tmp_path: Path) -> None:
 def test_the_local_lr_follows_the_sessions_round_schedule_like_the_simulator(
     tmp_path: Path,
 ) -> None:
-    from fedtorrent.node.peer import derive_seed
     from fedtorrent.training import round_lr_scale, train_local
+    from fedtorrent.training.seeds import Stream, node_generator
 
     rounds = 3
     swarm = Swarm(
@@ -298,10 +298,9 @@ def test_the_local_lr_follows_the_sessions_round_schedule_like_the_simulator(
         for r, lr in enumerate(expected, start=1):
             model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
             model.load_state_dict(state)
-            seed = derive_seed(peer.seed, 2, r, peer._salt)
             train_local(
                 model, peer.data.x_train, peer.data.y_train, replace(train, lr=lr),
-                generator=torch.Generator().manual_seed(seed),
+                generator=node_generator(peer.seed, Stream.TRAIN, r - 1, peer._salt),
             )  # fmt: skip
             state = recorder.shared[(peer.peer_id, r)]
             assert torch.allclose(flatten(model.state_dict()), flatten(state), atol=1e-6)

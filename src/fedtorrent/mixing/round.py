@@ -34,6 +34,7 @@ from fedtorrent.mixing.rules import (
     WEIGHTED_RULES,
     coordinate_median,
     krum,
+    metropolis_rows,
     mix,
     trimmed_mean,
     uniform_weights,
@@ -90,11 +91,14 @@ class Trust:
         losses: ``(mixed (R, P), inputs, targets) -> (R,)`` each receiver's mean validation loss
             of its mixed vector (differentiable in the vector); the caller completes the state
             with what the vector does not hold (local buffers: the receiver's own).
+        fit: False when there is nothing to fit on (no validation data, nobody heard): the
+            current logits are used as they are, and ``draw`` is never called.
     """
 
     logits: Tensor
     draw: Callable[[], Batch]
     losses: Callable[[Tensor, Tensor, Tensor], Tensor]
+    fit: bool = True
 
 
 @dataclass(frozen=True)
@@ -167,13 +171,12 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
     members |= is_self
     none = torch.zeros_like(members)
     if config.rule == "none":
-        weights = is_self.to(torch.float32)
         return Mixed(
             params=own.clone(), exact={k: v[self_column].clone() for k, v in cohorts.exact.items()},
             public=None if cohorts.own is None else shared[self_column].clone(),
-            weights=weights, members=is_self, nonfinite=none, implausible=none, distances=None,
-            excluded=none, logits=None if trust is None else trust.logits, kept=None,
-            unmixed=torch.zeros(r, dtype=torch.bool),
+            weights=is_self.to(torch.float32), members=is_self, nonfinite=none, implausible=none,
+            distances=None, excluded=none, logits=None if trust is None else trust.logits,
+            kept=None, unmixed=torch.zeros(r, dtype=torch.bool, device=members.device),
         )  # fmt: skip
 
     bad = ~torch.isfinite(shared).all(dim=1)
@@ -189,6 +192,7 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
     members |= is_self
 
     excluded, logits, kept = none, None, None
+    weights: Tensor | None
     if config.rule not in WEIGHTED_RULES:
         weights = None
         mixed = _robust(members, shared, own, self_column, config)
@@ -198,7 +202,7 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
         if config.rule == "fixed":
             weights = uniform_weights(members)
         elif config.rule == "metropolis":
-            weights = _metropolis(members, is_self, cohorts.sender_degrees)
+            weights = metropolis_rows(members, is_self, cohorts.sender_degrees)
         elif trust is None:
             weights = uniform_weights(members)
         else:
@@ -247,6 +251,7 @@ def fit_trust(
         check passed (or there is no check), uniform over the kept members elsewhere.
     """
     own, self_column = cohorts.own_rows, cohorts.self_column
+    steps = config.trust_steps if trust.fit else 0
     batch: list[Batch] = []
 
     def next_batch() -> None:
@@ -261,14 +266,14 @@ def fit_trust(
         mixed_loss=mixed_loss,
         members=members,
         lr=config.trust_lr,
-        steps=config.trust_steps,
+        steps=steps,
         floor=config.weight_floor,
         entropy_penalty=config.entropy_penalty,
         suspicion=suspicion,
         on_step=next_batch,
     )
     weights = trust_weights(fit.logits, fit.members, floor=config.weight_floor).detach()
-    if config.trust_margin <= 0 or config.trust_steps == 0:
+    if config.trust_margin <= 0 or steps == 0:
         return weights, fit.logits, fit.members, fit.excluded, None
     uniform = uniform_weights(fit.members)
     with torch.no_grad():
@@ -354,16 +359,6 @@ def _screen(
         out = implausible_pairs(rows, measured, own_norm, multiple=config.plausibility)
         dropped[rows[out], cols[out]] = True
     return edges & ~dropped, dropped, distances
-
-
-def _metropolis(members: Tensor, is_self: Tensor, sender_degrees: Tensor | None) -> Tensor:
-    """``W_rj = 1 / (1 + max(d_r, d_j))`` on each receiver's members, the rest on itself."""
-    edges = members & ~is_self
-    degree = edges.sum(dim=1).to(torch.float32)
-    senders = degree if sender_degrees is None else sender_degrees.to(torch.float32)
-    pair = 1.0 / (1.0 + torch.maximum(degree[:, None], senders[None, :]))
-    weights = torch.where(edges, pair, 0.0)
-    return weights + is_self * (1.0 - weights.sum(dim=1, keepdim=True))
 
 
 def _robust(
