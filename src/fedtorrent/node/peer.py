@@ -39,7 +39,8 @@ after the wire and signature checks passed.
 
 This module keeps the wiring and the round; the parts live beside it: ``node.data`` (the peer's
 examples), ``node.exchange`` (cohort selection, pulls with deadlines and verification) and
-``node.report`` (records, ledger entries, status and summary files).
+``node.report`` (records, ledger entries, status and summary files, drawn from
+:meth:`Peer.snapshot`). None of them imports this module.
 """
 
 from __future__ import annotations
