@@ -542,6 +542,39 @@ def test_peer_config_is_validated(tmp_path: Path) -> None:
         PeerConfig(**base, node_index=0, num_nodes=2, advertise_ip="not-an-ip")
 
 
+def test_a_peer_whose_start_fails_says_so_in_its_status_and_writes_no_summary(
+    tmp_path: Path,
+) -> None:
+    from fedtorrent.node.report import summary
+
+    out = tmp_path / "out"
+    peer = Peer(PeerConfig(torrent=tmp_path / "missing.torrent", out_dir=out, node_index=0,
+                           num_nodes=2))  # fmt: skip
+    assert peer.snapshot().out_dir is None  # before start: nothing to write to
+    with pytest.raises(TorrentError):
+        peer.start()
+    snapshot = peer.snapshot()
+    assert snapshot.traffic is None and snapshot.session is None and snapshot.rounds is None
+    with pytest.raises(ValueError, match="transport"):
+        summary(snapshot, test=None)
+    peer.close()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("TorrentError")
+    assert (status["rounds"], status["address"], status["tracker"]) == (None, None, "unknown")
+    assert (status["bytes_sent"], status["rejections"]) == (0, {})
+    assert not (out / "summary.json").exists()
+
+
+def test_peer_data_needs_a_shard_or_examples(tmp_path: Path) -> None:
+    from fedtorrent.node.data import load_peer_data
+
+    session = load_torrent(make_torrent(tmp_path)).session
+    with pytest.raises(ConfigError, match="node index"):
+        load_peer_data(session, node_index=0)
+    data = load_peer_data(session, node_index=1, num_nodes=3)
+    assert len(data.y_train) > 0 and data.num_classes == 10
+
+
 def test_own_examples_are_read_and_checked(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x, y = tmp_path / "x.npy", tmp_path / "y.npy"

@@ -39,7 +39,8 @@ after the wire and signature checks passed.
 
 This module keeps the wiring and the round; the parts live beside it: ``node.data`` (the peer's
 examples), ``node.exchange`` (cohort selection, pulls with deadlines and verification) and
-``node.report`` (records, ledger entries, status and summary files).
+``node.report`` (records, ledger entries, status and summary files, drawn from
+:meth:`Peer.snapshot`). None of them imports this module.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ from fedtorrent.node.exchange import (
 from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
     METRIC_FIELDS,
+    NeighbourCounts,
+    PeerSnapshot,
     last_accuracy,
     log_mixed,
     log_served,
@@ -338,7 +341,7 @@ class Peer:
         except BaseException as exc:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
-            write_status(self)
+            write_status(self.snapshot())
             raise
 
     def _start(self) -> None:
@@ -373,7 +376,13 @@ class Peer:
         initial = torrents.load_initial_state(self.torrent, state_path)
         self.task: Task | None = self._load_task()
         if self.task is None:
-            self.data = self._data or load_peer_data(self.session, cfg)
+            self.data = self._data or load_peer_data(
+                self.session,
+                node_index=cfg.node_index,
+                num_nodes=cfg.num_nodes,
+                examples=cfg.examples,
+                data_dir=cfg.data_dir,
+            )
             self.model = self._build_model()
         else:
             self.model, self.data = self._build_task(self.task)
@@ -486,7 +495,7 @@ class Peer:
             self.round_done + 1,
             self.rounds,
         )
-        write_status(self)
+        write_status(self.snapshot())
         self._announce(event="started")
 
     def run(self) -> str:
@@ -498,7 +507,7 @@ class Peer:
         if not self._started or self._closed:
             raise ConfigError("start the peer before running it")
         self.state = "running"
-        write_status(self)
+        write_status(self.snapshot())
         try:
             while self.round_done < self.rounds and not self._stop.is_set():
                 self.run_round(self.round_done + 1)
@@ -513,7 +522,7 @@ class Peer:
             self.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            write_status(self)
+            write_status(self.snapshot())
         return self.state
 
     def request_stop(self) -> None:
@@ -542,7 +551,7 @@ class Peer:
             self._writer.close()
             if hasattr(self, "transport"):
                 self._write_summary()
-        write_status(self)
+        write_status(self.snapshot())
 
     def __enter__(self) -> Self:
         self.start()
@@ -716,7 +725,7 @@ class Peer:
         self.records.append(record)
         self._writer.write(record)
         self._checkpoint(record)
-        write_status(self)
+        write_status(self.snapshot())
         shown = scores.get("test_accuracy", scores.get("test_loss"))
         log.info(
             "round %d: loss %.4f, test %s %s, heard %d/%d, rejected %d, epsilon %s, %.2fs",
@@ -965,7 +974,7 @@ class Peer:
 
     def _announce(self, *, event: str) -> tuple[TrackerAnswer | None, float | None, str]:
         """Announce with this peer's round and metrics (see :meth:`TrackerLink.announce`)."""
-        totals = traffic_totals(self)
+        totals = traffic_totals(self.snapshot())
         return self.tracker.announce(
             self.info_hash,
             self.peer_id,
@@ -1081,9 +1090,11 @@ class Peer:
         assert self.session.task is not None
         model = task.make_model(seed=self.session.train.seed)
         check_schema(self.session.task.schema, model)  # before any data is read
-        node, num_nodes = task_node(self.config)
+        node, num_nodes = task_node(self.config.node_index, self.config.num_nodes)
         report = check_task(task, node=node, num_nodes=num_nodes, train=self.session.train)
-        data = self._data or load_task_data(task, self.config, num_classes=report.num_classes)
+        data = self._data or load_task_data(
+            task, node=node, num_nodes=num_nodes, num_classes=report.num_classes
+        )
         return model, data
 
     def _restore(self) -> Checkpoint | None:
@@ -1117,8 +1128,50 @@ class Peer:
                 trust=self.trust.state_dict() if self.trust is not None else {},
                 metrics={k: v for k, v in record.items() if not isinstance(v, dict | list)},
                 seeds={"seed": self.seed, "salt": self._salt},
-                totals=traffic_totals(self),
+                totals=traffic_totals(self.snapshot()),
                 neighbours=self.book.state_dict(),
+            ),
+        )
+
+    def snapshot(self) -> PeerSnapshot:
+        """What reporting reads of this peer now (``node.report``), copied out as plain values.
+
+        Safe at any point of the lifecycle: what ``start`` has not reached yet is None or empty.
+        """
+        transport: Transport | None = getattr(self, "transport", None)
+        identity: PeerIdentity | None = getattr(self, "identity", None)
+        attack: AttackConfig | None = getattr(self, "attack", None)
+        private: PrivateSender | None = getattr(self, "private", None)
+        data: PeerData | None = getattr(self, "data", None)
+        book = self.book
+        return PeerSnapshot(
+            out_dir=getattr(self, "out_dir", None),
+            peer_id=self.peer_id,
+            state=self.state,
+            error=self.error,
+            round_done=self.round_done,
+            records=tuple(self.records),
+            rounds=getattr(self, "rounds", None),
+            address=getattr(self, "address", None),
+            traffic=transport.stats.snapshot() if transport is not None else None,
+            rejections=transport.stats.rejections() if transport is not None else {},
+            base_totals=dict(self._base_totals),
+            tracker_online=self.tracker.online,
+            tracker_counts=dict(self.tracker.counts),
+            tracker_rtts=tuple(self.tracker.rtts),
+            info_hash=getattr(self, "info_hash", None),
+            session=getattr(self, "session", None),
+            public_key=identity.public_key_hex if identity is not None else None,
+            ledger=self.ledger.path.name if self.ledger is not None else None,
+            attack=attack.kind if attack is not None else None,
+            epsilon=private.epsilon if private is not None else None,
+            delta=private.accountant.delta if private is not None else None,
+            noise_multiplier=private.noise_multiplier if private is not None else None,
+            train_examples=len(data.y_train) if data is not None else None,
+            neighbours=NeighbourCounts(
+                heard=book.heard(),
+                known=len(book.entries),
+                backed_off=book.backed_off(self.round_done + 1),
             ),
         )
 
@@ -1127,7 +1180,7 @@ class Peer:
         if test is None and self.round_done > 0:
             self.model.load_state_dict(self.current)
             test = self._score(self.data.x_test, self.data.y_test)
-        self._final = summary(self, test=test)
+        self._final = summary(self.snapshot(), test=test)
         write_json(self.out_dir / "summary.json", self._final)
 
 
