@@ -141,6 +141,7 @@ def create(
         save_session,
     )
     from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
+    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
 
     task_info: TaskInfo | None = None
     if task is not None:
@@ -151,7 +152,7 @@ def create(
             raise ConfigError(f"dataset must be one of {', '.join(INPUT_SHAPES)}; got {dataset!r}")
         input_shape, num_classes = INPUT_SHAPES[dataset], len(CLASSES[dataset])
         kwargs = _model_kwargs(model_arg or [])
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed, Stream.INIT))  # the simulator's initial model
         net = build_model(model, input_shape=input_shape, num_classes=num_classes, **kwargs)
     allow_keys = _allow_keys(allow_key or [], allow_keys_file or [])
     state = encode_state(net.state_dict())
@@ -219,10 +220,11 @@ def _task_model(spec: str, *, seed: int, nodes: int) -> tuple[nn.Module, TaskInf
     from fedtorrent.net.torrent import MAX_TASK_LABEL_CHARS, TaskInfo  # noqa: PLC0415
     from fedtorrent.state.schema import state_schema  # noqa: PLC0415
     from fedtorrent.task import check_task, load_task  # noqa: PLC0415
+    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
 
     task = load_task(spec)
     check_task(task, node=0, num_nodes=nodes)
-    net = task.make_model(seed=seed)
+    net = task.make_model(seed=derive_seed(seed, Stream.INIT))  # the simulator's initial model
     source, name = spec.rsplit(":", 1)
     label = f"{Path(source).stem if source.endswith('.py') else source}:{name}"
     label = "".join(c if c.isprintable() else "?" for c in label)[:MAX_TASK_LABEL_CHARS]
