@@ -282,7 +282,8 @@ OnServed = Callable[[ServedEvent], None]
 class _Bucket:
     tokens: float
     refilled_at: float
-    last_state: tuple[int, str] | None = None
+    handed: tuple[tuple[int, str], ...] = ()
+    """The last states (round, digest) this requester was handed: at most the two served."""
 
 
 class RateLimiter:
@@ -320,14 +321,15 @@ class RateLimiter:
         now = self._clock()
         with self._lock:
             own = self._refilled(f"requester:{requester}", now)
-            cost = [(own, 0.0 if state is not None and own.last_state != state else 1.0)]
+            cost = [(own, 0.0 if state is not None and state not in own.handed else 1.0)]
             if connection is not None:
                 cost.append((self._refilled(f"connection:{connection}", now), 1.0))
             if any(bucket.tokens < need for bucket, need in cost):
                 return False
             for bucket, need in cost:
                 bucket.tokens -= need
-            own.last_state = state if state is not None else own.last_state
+            if state is not None and state not in own.handed:
+                own.handed = (*own.handed, state)[-2:]
             return True
 
     def _refilled(self, key: str, now: float) -> _Bucket:
@@ -344,26 +346,31 @@ class RateLimiter:
 
 
 class _ReportedOnce:
-    """Which requesters ``on_served`` heard of for the state being served (round and digest)."""
+    """Which requesters ``on_served`` heard of, for the latest state and the one before it.
+
+    Both can be handed out (see :meth:`Transport.answer`).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._state: tuple[int, str] | None = None
-        self._named: set[str] = set()
-        self._pooled = False
+        self._states: OrderedDict[tuple[int, str], tuple[set[str], list[bool]]] = OrderedDict()
+        """(round, digest) -> the requesters named for it, and whether a pooled report went."""
 
     def requester(self, requester: str, header: Header) -> tuple[bool, str | None]:
         """``(report, as_whom)``: report this hand-out, and under which requester (None: pooled)."""
         with self._lock:
             state = (header.round, header.payload_sha256)
-            if state != self._state:  # a newer state: nobody has had it yet
-                self._state, self._named, self._pooled = state, set(), False
-            if requester in self._named:
+            if state not in self._states:  # a newer state: nobody has had it yet
+                self._states[state] = (set(), [False])
+                while len(self._states) > 2:
+                    self._states.popitem(last=False)
+            named, pooled = self._states[state]
+            if requester in named:
                 return False, requester
-            if len(self._named) < MAX_LOGGED_REQUESTERS:
-                self._named.add(requester)
+            if len(named) < MAX_LOGGED_REQUESTERS:
+                named.add(requester)
                 return True, requester
-            first_pooled, self._pooled = not self._pooled, True
+            first_pooled, pooled[0] = not pooled[0], True
             return first_pooled, None
 
 
@@ -489,8 +496,9 @@ class Transport(ABC):
         Returns:
             ``(served, [], requester)`` to send ``served`` (the state of the requester's
             round when the previous publish was that round, else the latest; then call
-            :meth:`report_served` once it went out), or ``(None, error_frames, requester)``; a requester over its
-            rate gets ``error: rate_limited`` (a ``rate_limited`` rejection in ``stats``).
+            :meth:`report_served` once it went out), or ``(None, error_frames, requester)``;
+            a requester over its rate gets ``error: rate_limited`` (a ``rate_limited``
+            rejection in ``stats``).
         """
         served = self._served
         round = served.header.round if served is not None else 0
