@@ -772,17 +772,39 @@ def run_swarm(
     on_update: Callable[[list[PeerView]], None] | None = None,
     timeout: float | None = None,
     plots: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Launch the swarm, wait for it (or ``stop`` / ``timeout``), stop it and summarize it.
+
+    Args:
+        config: the launch.
+        stop: set it (from another thread or a signal handler) to stop the peers early.
+        on_update: called with every peer's :class:`PeerView` after each poll (twice a second)
+            and once at the end, besides the progress bar.
+        timeout: seconds to wait at most before stopping the peers (None: until they finish).
+        plots: draw ``plots/`` in ``config.out`` at the end.
+        progress: show a bar of rounds done across all peers on stderr, in a terminal or a
+            notebook only (:func:`fedtorrent.progress.progress_bar`); False shows nothing.
 
     Returns:
         The summary (also in ``config.out/summary.json``).
     """
+    from fedtorrent.progress import progress_bar  # noqa: PLC0415
+
     started = time.monotonic()
     swarm = Swarm(config)
-    with swarm:
-        finished = swarm.wait(stop=stop, on_update=on_update, timeout=timeout)
-    assert swarm.torrent is not None
+    with swarm, progress_bar("swarm", total=None, enabled=progress) as advance:
+        assert swarm.torrent is not None
+        rounds = config.rounds or swarm.torrent.session.rounds
+
+        def update(views: list[PeerView]) -> None:
+            done = sum(min(view.round, rounds) for view in views)
+            running = sum(view.alive for view in views)
+            advance(done, total=rounds * len(views), description=f"swarm: {running} running")
+            if on_update is not None:
+                on_update(views)
+
+        finished = swarm.wait(stop=stop, on_update=update, timeout=timeout)
     if on_update is not None:
         on_update(swarm.views())
     return summarize_swarm(
