@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fedtorrent.errors import DataError
+from fedtorrent.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Session
@@ -59,7 +59,8 @@ def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
 
     num_classes = len(CLASSES[session.data.dataset])
     if config.examples is None:
-        assert config.num_nodes is not None and config.node_index is not None
+        if config.num_nodes is None or config.node_index is None:
+            raise ConfigError("give either --node-index with --num-nodes, or --examples")
         dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
         data_config = dataclasses.replace(session.data, num_nodes=config.num_nodes)
         split = split_nodes(dataset.y_train, data_config)[config.node_index]

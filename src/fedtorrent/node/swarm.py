@@ -39,6 +39,7 @@ from fedtorrent.metrics.records import RecordWriter, iter_records, read_json, wr
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Torrent
     from fedtorrent.net.tracker.server import BackgroundTracker
+    from fedtorrent.task import Task
 
 PEERS_FOLDER = "peers"
 PEER_STATES = ("starting", "running", "done", "failed", "stopped")
@@ -61,6 +62,9 @@ ROUND_FIELDS = (
 """CSV columns of the merged ``rounds.csv`` (the JSON Lines file keeps every key)."""
 _CLI = "from fedtorrent.cli import main; main()"
 """How the launcher runs the CLI: the same interpreter, whatever the PATH holds."""
+PEER_MARK = "FEDTORRENT_SWARM_PEER"
+"""Set to ``1`` in every peer's environment: a peer that imports a task file which launches a
+swarm at import (no ``if __name__ == "__main__":`` guard) is refused instead of recursing."""
 
 
 def absolute_task_spec(spec: str) -> str:
@@ -113,8 +117,10 @@ class SwarmConfig:
     """The last ``attackers`` peers run ``--attack attack`` (experiments; see adversary.py)."""
     attack: str | None = None
     attack_scale: float | None = None
-    task: str | None = None
-    """The task spec every peer gets as ``--task`` (a task session); a file is made absolute."""
+    task: str | Task | None = None
+    """The task every peer gets as ``--task`` (a task session): a spec (a file is made absolute),
+    or a :class:`~fedtorrent.task.Task` object, replaced by its spec
+    (:func:`~fedtorrent.task.task_spec`: define it at module level of a .py file)."""
     device: str = "cpu"
     """The ``--device`` every peer trains on (``fedtorrent.device``); checked here, once."""
 
@@ -122,8 +128,12 @@ class SwarmConfig:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
 
         resolve_device(self.device)  # an absent device is refused before any peer starts
+        if self.task is not None and not isinstance(self.task, str):
+            from fedtorrent.task.loader import task_spec  # noqa: PLC0415 (loads torch)
+
+            object.__setattr__(self, "task", task_spec(self.task))  # peers import, never unpickle
         if self.task is not None:
-            object.__setattr__(self, "task", absolute_task_spec(self.task))
+            object.__setattr__(self, "task", absolute_task_spec(str(self.task)))
         if self.peers < 1:
             raise ConfigError(f"peers must be >= 1, got {self.peers}")
         if (self.attackers > 0) != (self.attack is not None):
@@ -256,6 +266,11 @@ class Swarm:
         from fedtorrent.net.torrent import load_torrent  # noqa: PLC0415
 
         config = self.config
+        if os.environ.get(PEER_MARK) == "1":
+            raise ConfigError(
+                "a swarm peer started a swarm: the task file launches one when imported; put "
+                'the launch under if __name__ == "__main__":'
+            )
         torrent = load_torrent(config.torrent)
         num_nodes = torrent.session.data.num_nodes
         if config.peers > num_nodes:
@@ -339,7 +354,7 @@ class Swarm:
         if config.rounds is not None:
             command += ["--rounds", str(config.rounds)]
         if config.task is not None:
-            command += ["--task", config.task]
+            command += ["--task", str(config.task)]
         if config.device != "cpu":
             command += ["--device", config.device]
         if config.resume:
@@ -357,6 +372,7 @@ class Swarm:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(name, threads)
         env.update(self.config.env)
+        env[PEER_MARK] = "1"
         return env
 
     def _spawn(self, index: int) -> None:
