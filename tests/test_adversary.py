@@ -128,7 +128,7 @@ def test_learned_trust_drives_sign_flippers_weight_down_while_fixed_cannot() -> 
     fixed = _sign_flip_run("fixed")
     assert torch.allclose(fixed, torch.full_like(fixed, 0.2))  # uniform over 5 members
     assert float(learned[-1]) < 0.05, learned
-    assert float(learned[-1]) < float(learned[0])
+    assert bool((learned < 0.2).all()), learned  # below uniform from the first round on
 
 
 def test_nan_rows_are_dropped_and_counted_in_the_engine() -> None:

@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, TrackerConfig, TrainConfig
+from fedtorrent.config import (
+    DataConfig,
+    MixingConfig,
+    ModelConfig,
+    TopologyConfig,
+    TrackerConfig,
+    TrainConfig,
+)
 from fedtorrent.errors import ConfigError, DataError, MessageError, StateError, TorrentError
 from fedtorrent.metrics.records import read_records
 from fedtorrent.mixing.rules import mix
@@ -57,6 +64,7 @@ def make_torrent(
     rounds: int = 3,
     round_schedule: str = "constant",
     plausibility: float = MixingConfig.plausibility,
+    trust_margin: float = MixingConfig.trust_margin,
 ) -> Path:
     """A digits / logreg session (fast: ~200 examples per peer) and its initial state."""
     torch.manual_seed(0)
@@ -68,7 +76,11 @@ def make_torrent(
         data=DataConfig(dataset="digits", num_nodes=nodes, seed=0),
         train=TrainConfig(epochs=1, batch_size=32, lr=0.1, seed=0),
         mixing=MixingConfig(
-            rule=rule, trust_steps=3, trust_batch_size=32, plausibility=plausibility
+            rule=rule,
+            trust_steps=3,
+            trust_batch_size=32,
+            plausibility=plausibility,
+            trust_margin=trust_margin,
         ),
         rounds=rounds,
         round_schedule=round_schedule,
@@ -272,8 +284,8 @@ def test_none_rule_keeps_its_own_model(tmp_path: Path) -> None:
 def test_the_local_lr_follows_the_sessions_round_schedule_like_the_simulator(
     tmp_path: Path,
 ) -> None:
-    from fedtorrent.node.peer import derive_seed
     from fedtorrent.training import round_lr_scale, train_local
+    from fedtorrent.training.seeds import Stream, node_generator
 
     rounds = 3
     swarm = Swarm(
@@ -298,13 +310,73 @@ def test_the_local_lr_follows_the_sessions_round_schedule_like_the_simulator(
         for r, lr in enumerate(expected, start=1):
             model = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
             model.load_state_dict(state)
-            seed = derive_seed(peer.seed, 2, r, peer._salt)
             train_local(
                 model, peer.data.x_train, peer.data.y_train, replace(train, lr=lr),
-                generator=torch.Generator().manual_seed(seed),
+                generator=node_generator(peer.seed, Stream.TRAIN, r - 1, peer._salt),
             )  # fmt: skip
             state = recorder.shared[(peer.peer_id, r)]
             assert torch.allclose(flatten(model.state_dict()), flatten(state), atol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.01])
+def test_peers_learn_the_trust_weights_the_simulator_learns(tmp_path: Path, margin: float) -> None:
+    """One round, two drivers: the same session and seed give the same weights, round by round.
+
+    Peers and the engine run ``mixing.round`` with the same per-node seed streams, so each
+    peer's trained state, validation batches, trust fit and held-out check match the node of
+    the same index in the simulator (up to float rounding of batched against single products).
+    """
+    from fedtorrent.sim.engine import Engine, make_backend, node_data
+    from fedtorrent.sim.topology import Topology
+
+    torrent = make_torrent(tmp_path, rule="learned", nodes=3, cohort=2, trust_margin=margin)
+    swarm = Swarm(torrent, tmp_path)
+    peers = [swarm.peer(i, nodes=3) for i in range(3)]
+    assert swarm.run(peers) == ["done"] * 3
+    session, data = peers[0].session, [p.data for p in peers]
+    # The engine's data: every node's train then validation rows in one array.
+    xs, ys, splits, start = [], [], [], 0
+    for part in data:
+        train, val = len(part.y_train), len(part.y_val)
+        xs += [part.x_train.numpy(), part.x_val.numpy()]
+        ys += [part.y_train.numpy(), part.y_val.numpy()]
+        middle = start + train
+        splits.append((np.arange(start, middle), np.arange(middle, middle + val)))
+        start += train + val
+    nodes = node_data(
+        x_train=np.concatenate(xs), y_train=np.concatenate(ys),
+        x_test=data[0].x_test.numpy(), y_test=data[0].y_test.numpy(),
+        splits=splits, num_classes=10,
+    )  # fmt: skip
+    net = build_model("logreg", input_shape=(1, 8, 8), num_classes=10)
+    engine = Engine(
+        backend=make_backend(net, input_shape=(1, 8, 8)),
+        data=nodes,
+        train=session.train,
+        mixing=session.mixing,
+        topology=Topology(TopologyConfig(kind="complete"), num_nodes=3, seed=0),
+        init=flatten(peers[0].initial),
+        seed=session.train.seed,
+    )
+    records = [read_records(p.out_dir / "metrics.jsonl") for p in peers]
+    departed = 0.0
+    for r in range(session.rounds):
+        weights = engine.run_round(r)
+        assert weights is not None
+        for i in range(3):
+            got = records[i][r]["trust_weights"]
+            assert len(got) == 3, got  # everyone heard everyone
+            row = {f"peer-{j}": float(weights[i, j]) for j in range(3) if j != i}
+            assert got == pytest.approx({"self": float(weights[i, i]), **row}, abs=2e-5)
+            departed = max(departed, float((weights[i] - 1 / 3).abs().max()))
+        for i in range(3):  # and the mixed models agree too
+            expected = float(engine.evaluate().loss[i])
+            assert records[i][r]["test_loss"] == pytest.approx(expected, rel=1e-4)
+    if margin == 0:  # the weights are learned, not uniform, so the comparison can fail
+        assert departed > 1e-3
+    else:  # iid nodes: the held-out check keeps uniform weights on both sides
+        assert peers[0].trust is not None and peers[0].trust.last_check is False
+        assert int(engine.trust_kept.sum()) == 0
 
 
 # -- hostile and silent neighbours ----------------------------------------------------------------
@@ -544,10 +616,43 @@ def test_peer_config_is_validated(tmp_path: Path) -> None:
 def test_a_built_in_peer_without_a_shard_or_examples_fails_at_start(tmp_path: Path) -> None:
     # PeerConfig cannot tell (a task peer may own its data); the built-in session can.
     peer = Peer(PeerConfig(torrent=make_torrent(tmp_path), out_dir=tmp_path / "p"))
-    with pytest.raises(ConfigError, match="--node-index with --num-nodes, or --examples"):
+    with pytest.raises(ConfigError, match="node index with a number of nodes, or examples"):
         peer.start()
     peer.close()
     assert peer.state == "failed"
+
+
+def test_a_peer_whose_start_fails_says_so_in_its_status_and_writes_no_summary(
+    tmp_path: Path,
+) -> None:
+    from fedtorrent.node.report import summary
+
+    out = tmp_path / "out"
+    peer = Peer(PeerConfig(torrent=tmp_path / "missing.torrent", out_dir=out, node_index=0,
+                           num_nodes=2))  # fmt: skip
+    assert peer.snapshot().out_dir is None  # before start: nothing to write to
+    with pytest.raises(TorrentError):
+        peer.start()
+    snapshot = peer.snapshot()
+    assert snapshot.traffic is None and snapshot.session is None and snapshot.rounds is None
+    with pytest.raises(ValueError, match="transport"):
+        summary(snapshot, test=None)
+    peer.close()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("TorrentError")
+    assert (status["rounds"], status["address"], status["tracker"]) == (None, None, "unknown")
+    assert (status["bytes_sent"], status["rejections"]) == (0, {})
+    assert not (out / "summary.json").exists()
+
+
+def test_peer_data_needs_a_shard_or_examples(tmp_path: Path) -> None:
+    from fedtorrent.node.data import load_peer_data
+
+    session = load_torrent(make_torrent(tmp_path)).session
+    with pytest.raises(ConfigError, match="node index"):
+        load_peer_data(session, node_index=0)
+    data = load_peer_data(session, node_index=1, num_nodes=3)
+    assert len(data.y_train) > 0 and data.num_classes == 10
 
 
 def test_own_examples_are_read_and_checked(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 from fedtorrent.config import MixingConfig
 from fedtorrent.errors import TorrentError
+from fedtorrent.mixing.round import mix_exact
 from fedtorrent.net.torrent import Session, TaskInfo, Torrent, load_torrent
-from fedtorrent.state.layout import StateLayout, mix_exact
+from fedtorrent.state.layout import StateLayout
 from fedtorrent.state.schema import state_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,17 +174,17 @@ def test_a_torrent_whose_schema_does_not_fit_its_state_or_is_malformed_is_refuse
 
 def test_exact_mixing_keeps_integer_counters_exact_beyond_float32() -> None:
     big = 2**24 + 1  # float32 cannot hold it: a float round trip would give 2**24
-    values = [torch.tensor(big), torch.tensor(big), torch.tensor(big)]
-    for rule in ("learned", "fixed", "median"):
-        weights = torch.tensor([0.2, 0.3, 0.5])
-        mixed = mix_exact(values, config=MixingConfig(rule=rule), weights=weights)
-        assert mixed.dtype == torch.int64 and int(mixed) == big
-    uneven = mix_exact(
-        [torch.tensor(10), torch.tensor(20)],
-        config=MixingConfig(rule="learned"),
-        weights=torch.tensor([0.75, 0.25]),
-    )
-    assert int(uneven) == 12  # 12.5 rounds to even, in its own dtype
+    values = torch.tensor([big, big, big])
+    own = torch.zeros(1, dtype=torch.long)
+    weights = torch.tensor([[0.2, 0.3, 0.5]])
+    mixed = mix_exact(values, weights=weights, self_column=own)
+    assert mixed.dtype == torch.int64 and mixed.tolist() == [big]
+    pair = torch.tensor([[0.75, 0.25]])
+    uneven = mix_exact(torch.tensor([10, 20]), weights=pair, self_column=own)
+    assert uneven.tolist() == [12]  # 12.5 rounds to even, in its own dtype
+    counters = torch.tensor([[big], [big + 4]])  # two receivers, each its own column
+    both = mix_exact(counters, weights=torch.full((2, 2), 0.5), self_column=torch.arange(2))
+    assert both.tolist() == [[big + 2], [big + 2]]
 
 
 # --- real processes ----------------------------------------------------------------------------

@@ -97,11 +97,17 @@ def test_fetch_returns_the_published_state(peers: list[MemoryTransport]) -> None
     assert reply.state is not None
     assert torch.equal(reply.state["w"], model_state(2.0)["w"])
     assert reply.rtt_s >= 0
-    # Publishing again replaces what is served.
+    # Publishing again replaces what is served, except for a requester still in round 5: it
+    # gets the state of its own round, as the simulator's lockstep rounds would give it.
     server.publish(state_frames("p0", round=6, fill=3.0))
-    again = client.fetch(endpoint(server), round=5, timeout=1.0, like_state=model_state())
+    again = client.fetch(endpoint(server), round=6, timeout=1.0, like_state=model_state())
     assert again.header.round == 6 and again.state is not None
     assert torch.equal(again.state["b"], model_state(3.0)["b"])
+    behind = client.fetch(endpoint(server), round=5, timeout=1.0, like_state=model_state())
+    assert behind.header.round == 5 and behind.state is not None
+    assert torch.equal(behind.state["b"], model_state(2.0)["b"])
+    early = client.fetch(endpoint(server), round=3, timeout=1.0, like_state=model_state())
+    assert early.header.round == 6  # not the previous round's: the latest
 
 
 def test_fetch_without_like_state_verifies_but_does_not_decode(

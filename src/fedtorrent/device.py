@@ -22,8 +22,7 @@ DEFAULT_DEVICE = "cpu"
 
 DEVICE_HELP = (
     "Where to compute: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps; an absent "
-    "device is refused. The simulator trains, mixes and evaluates there; a peer trains and "
-    "evaluates there (it mixes on the CPU)."
+    "device is refused. The simulator and a peer train, mix, fit trust and evaluate there."
 )
 """The ``--help`` text of every ``--device`` option."""
 

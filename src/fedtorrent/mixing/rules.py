@@ -61,8 +61,28 @@ def identity_weights(num_nodes: int) -> Tensor:
     return torch.eye(num_nodes)
 
 
+def metropolis_rows(
+    members: Tensor, is_self: Tensor, sender_degrees: Tensor | None = None
+) -> Tensor:
+    """Metropolis-Hastings weights ``W_rj = 1 / (1 + max(d_r, d_j))`` on members, the rest on self.
+
+    Args:
+        members: ``(R, M)`` bool: whom each receiver mixes (its own column may be set or not).
+        is_self: ``(R, M)`` bool: each receiver's own column.
+        sender_degrees: ``(M,)`` each sender's cohort size ``d_j``; None when the receivers are
+            the senders (``R == M``): each row's own count of members. ``d_r`` is always the
+            receiver's count of members other than itself.
+    """
+    edges = members & ~is_self
+    degree = edges.sum(dim=1).to(torch.float32)
+    senders = degree if sender_degrees is None else sender_degrees.to(torch.float32)
+    pair = 1.0 / (1.0 + torch.maximum(degree[:, None], senders[None, :]))
+    weights = torch.where(edges, pair, 0.0)
+    return weights + is_self * (1.0 - weights.sum(dim=1, keepdim=True))
+
+
 def metropolis_weights(adjacency: Tensor) -> Tensor:
-    """Metropolis-Hastings weights: ``W_ij = 1 / (1 + max(d_i, d_j))`` on edges, the rest on self.
+    """Metropolis-Hastings weights for a whole graph (:func:`metropolis_rows`, ``R = M = N``).
 
     On an undirected graph the result is symmetric and doubly stochastic, so repeated mixing
     converges to the plain average even when degrees differ. Directed cohorts still give
@@ -71,19 +91,22 @@ def metropolis_weights(adjacency: Tensor) -> Tensor:
     Args:
         adjacency: ``(N, N)`` bool, True where i mixes j's parameters; the diagonal is ignored.
     """
-    n = adjacency.shape[0]
-    eye = torch.eye(n, dtype=torch.bool)
-    edges = adjacency.to(torch.bool) & ~eye
-    degree = edges.sum(dim=1).to(torch.float32)
-    pair = 1.0 / (1.0 + torch.maximum(degree[:, None], degree[None, :]))
-    weights = torch.where(edges, pair, torch.zeros(()))
-    return weights + torch.diag(1.0 - weights.sum(dim=1))
+    eye = torch.eye(adjacency.shape[0], dtype=torch.bool, device=adjacency.device)
+    return metropolis_rows(adjacency.to(torch.bool), eye)
 
 
 def metropolis_row(self_degree: int, neighbour_degrees: Tensor) -> Tensor:
-    """Metropolis-Hastings weights for one peer: ``(1 + k,)`` over ``[self, *neighbours]``."""
-    pair = 1.0 / (1.0 + torch.clamp(neighbour_degrees.to(torch.float32), min=float(self_degree)))
-    return torch.cat([(1.0 - pair.sum()).reshape(1), pair])
+    """Metropolis-Hastings weights for one peer: ``(1 + k,)`` over ``[self, *neighbours]``.
+
+    ``self_degree`` is at least the number of neighbours listed (a receiver's own degree).
+    """
+    k = neighbour_degrees.shape[0]
+    members = torch.ones(1, k + 1, dtype=torch.bool)
+    is_self = torch.zeros(1, k + 1, dtype=torch.bool)
+    is_self[0, 0] = True
+    degrees = torch.cat([torch.zeros(1), neighbour_degrees.to(torch.float32)])
+    degrees = torch.clamp(degrees, min=float(self_degree))
+    return metropolis_rows(members, is_self, degrees)[0]
 
 
 def coordinate_median(stack: Tensor) -> Tensor:

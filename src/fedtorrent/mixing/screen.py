@@ -102,7 +102,7 @@ def implausible(
     # Non-finite distances count as entries (very far ones) when the median is taken.
     far = torch.where(finite, distances, torch.inf)
     entries = torch.cat([own_norm.to(torch.float64).unsqueeze(-1), far], dim=-1)
-    own_entry = torch.ones((*valid.shape[:-1], 1), dtype=torch.bool)
+    own_entry = torch.ones((*valid.shape[:-1], 1), dtype=torch.bool, device=valid.device)
     padded = torch.cat([own_entry, valid], dim=-1)
     ordered = torch.where(padded, entries, torch.inf).sort(dim=-1).values
     lower_median = (padded.sum(dim=-1, keepdim=True) - 1) // 2
@@ -128,9 +128,9 @@ def implausible_pairs(
     n = own_norm.shape[0]
     counts = torch.bincount(rows, minlength=n)
     width = int(counts.max()) if rows.numel() else 0
-    slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
-    padded = torch.zeros(n, width, dtype=torch.float64)
-    valid = torch.zeros(n, width, dtype=torch.bool)
+    slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    padded = torch.zeros(n, width, dtype=torch.float64, device=rows.device)
+    valid = torch.zeros(n, width, dtype=torch.bool, device=rows.device)
     padded[rows, slot] = distances
     valid[rows, slot] = True
     return implausible(padded, own_norm, multiple=multiple, valid=valid)[rows, slot]

@@ -21,6 +21,7 @@ always finite, non-negative and sum to 1 per row.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,6 @@ from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.config import MixingConfig
 from fedtorrent.errors import ConfigError, StateError
-from fedtorrent.mixing.rules import mix, uniform_weights
 from fedtorrent.mixing.screen import pair_distances
 
 Tensor = torch.Tensor
@@ -105,6 +105,7 @@ def learn_trust(
     floor: float = 0.0,
     entropy_penalty: float = 0.0,
     suspicion: Tensor | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrustFit:
     """Run ``steps`` steps of plain gradient descent on the trust logits.
 
@@ -123,6 +124,8 @@ def learn_trust(
             (or the gradient beyond ``GRADIENT_LIMIT``) drops members, largest first (e.g. the
             distance from the row's own vector); ``-inf`` marks entries never dropped (the row's
             own). None: such a row only holds still.
+        on_step: called at the start of every step (e.g. to draw that step's validation batch,
+            which ``mixed_loss`` then uses for the step and any recomputation within it).
 
     Returns:
         The new logits (excluded members' fallen, see the module docstring), the members kept
@@ -132,6 +135,8 @@ def learn_trust(
     kept = torch.ones_like(current, dtype=torch.bool) if members is None else members.clone()
     excluded = torch.zeros_like(kept)
     for _ in range(steps):
+        if on_step is not None:
+            on_step()
         while True:
             leaf = current.requires_grad_(True)
             weights = trust_weights(leaf, kept, floor=floor)
@@ -262,6 +267,18 @@ class TrustLearner:
         """Current mixing weights ``(1 + k,)`` over ``[self, *cohort]``."""
         return trust_weights(self.logits(cohort), floor=self.config.weight_floor)
 
+    def remember(
+        self, cohort: Sequence[str], logits: Tensor, *, excluded: Sequence[str], check: bool | None
+    ) -> None:
+        """Keep the logits a round fitted for ``[self, *cohort]`` (``mixing.round``)."""
+        values = logits.detach().cpu().tolist()
+        if len(values) != len(cohort) + 1:
+            raise ConfigError(f"{len(values)} logits do not cover self plus {len(cohort)} peers")
+        self._self_logit = float(values[0])
+        self._peer_logits.update(zip(cohort, (float(v) for v in values[1:]), strict=True))
+        self.last_excluded = list(excluded)
+        self.last_check = check
+
     def learn(
         self,
         cohort: Sequence[str],
@@ -271,6 +288,10 @@ class TrustLearner:
         check_loss_fn: LossFn | None = None,
     ) -> Tensor:
         """Fit the logits of ``[self, *cohort]`` to ``loss_fn`` and return this round's weights.
+
+        The fit and the check are :func:`fedtorrent.mixing.round.fit_trust`, the code a peer's
+        round and the simulator run; this is the same step for a caller holding loss functions
+        of one flat vector instead of validation batches (no screen: every row is a member).
 
         Args:
             cohort: peer ids of rows ``1..k`` of ``stack``.
@@ -284,40 +305,50 @@ class TrustLearner:
         Returns:
             ``(1 + k,)`` weights; members excluded this round (``last_excluded``) get exactly 0.
         """
+        # mixing.round builds on this module, so it is imported when first used.
+        from fedtorrent.mixing.round import Cohorts, Trust, fit_trust  # noqa: PLC0415
+
         if stack.ndim != 2 or stack.shape[0] != len(cohort) + 1:
             raise ConfigError(
                 f"stack of shape {tuple(stack.shape)} does not hold self plus {len(cohort)} peers"
             )
         frozen = stack.detach()
-        cfg = self.config
         k = len(cohort)
+        cfg = self.config
+        if check_loss_fn is None or not cohort:
+            cfg = dataclasses.replace(cfg, trust_margin=0.0)
+        steps = [0]
+
+        def draw() -> tuple[Tensor, Tensor]:  # which loss: a trust step, or the check after
+            steps[0] += 1
+            return torch.tensor(steps[0] > cfg.trust_steps), torch.zeros(())
+
+        def losses(mixed: Tensor, checking: Tensor, _: Tensor) -> Tensor:
+            fn = check_loss_fn if bool(checking) and check_loss_fn is not None else loss_fn
+            return fn(mixed[0]).reshape(1)
+
         distances = pair_distances(
             frozen[:1], frozen, torch.zeros(k, dtype=torch.long), torch.arange(1, k + 1)
         )
         suspicion = torch.cat([torch.full((1,), -torch.inf, dtype=torch.float64), distances])
-        fit = learn_trust(
-            self.logits(cohort),
-            mixed_loss=lambda w: loss_fn(mix(w, frozen)),
-            lr=cfg.trust_lr,
-            steps=cfg.trust_steps,
-            floor=cfg.weight_floor,
-            entropy_penalty=cfg.entropy_penalty,
-            suspicion=suspicion,
+        members = torch.ones(1, k + 1, dtype=torch.bool)
+        cohorts = Cohorts(shared=frozen, members=members, self_column=torch.zeros(1).long())
+        weights, logits, _, excluded, kept = fit_trust(
+            Trust(logits=self.logits(cohort).unsqueeze(0), draw=draw, losses=losses),
+            members,
+            cohorts,
+            frozen,
+            cfg,
+            suspicion=suspicion.unsqueeze(0),
         )
-        values = fit.logits.tolist()
-        self._self_logit = float(values[0])
-        self._peer_logits.update(zip(cohort, (float(v) for v in values[1:]), strict=True))
-        dropped = fit.excluded[1:].tolist()
-        self.last_excluded = [p for p, out in zip(cohort, dropped, strict=True) if out]
-        weights = trust_weights(fit.logits, fit.members, floor=cfg.weight_floor).detach()
-        self.last_check = None
-        if check_loss_fn is None or cfg.trust_margin <= 0 or not cohort:
-            return weights
-        uniform = uniform_weights(fit.members)
-        with torch.no_grad():
-            losses = [check_loss_fn(mix(w, frozen)) for w in (weights, uniform)]
-        self.last_check = bool(prefer_learned(*losses, margin=cfg.trust_margin))
-        return weights if self.last_check else uniform
+        dropped = excluded[0, 1:].tolist()
+        self.remember(
+            cohort,
+            logits[0],
+            excluded=[p for p, out in zip(cohort, dropped, strict=True) if out],
+            check=None if kept is None else bool(kept[0]),
+        )
+        return weights[0]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready logits: ``{"self": float, "peers": {peer_id: float}}``."""

@@ -7,7 +7,7 @@
                             tracker="http://127.0.0.1:6969/announce")
 
 :func:`create_session` builds the initial model (a built-in one from the registry, or the task's,
-seeded by ``train.seed``) and encodes its state; :func:`write_session` writes the torrent and the
+seeded from ``train.seed``) and encodes its state; :func:`write_session` writes the torrent and the
 state beside it (``<path>.state``). A torrent holds settings, a state schema and a label, never
 code: every peer brings the task itself.
 """
@@ -61,9 +61,10 @@ def create_session(
     Args:
         task: the user's task (a :class:`~fedtorrent.task.Task`, or a spec ``PATH.py:NAME`` /
             ``package.module:NAME`` that is loaded). It is checked on node 0 of
-            ``data.num_nodes`` (:func:`~fedtorrent.task.check_task`); its model, built with seed
-            ``train.seed``, gives the initial state and the state schema; the label is the
-            spec's (``mytask:task``), else ``task``. None: a built-in session.
+            ``data.num_nodes`` (:func:`~fedtorrent.task.check_task`); its model, seeded from
+            ``train.seed`` as the simulator seeds its initial model, gives the initial state and
+            the state schema; the label is the spec's (``mytask:task``), else ``task``. None: a
+            built-in session.
         model: the built-in model (registry name and arguments); default ``logreg``. Not with
             ``task``.
         data: the dataset (built-in sessions) and how many nodes the swarm has (``num_nodes``);
@@ -90,6 +91,7 @@ def create_session(
 
     from fedtorrent.models import build_model  # noqa: PLC0415
     from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
+    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
 
     data = data or DataConfig()
     train = train or _SIM.train
@@ -110,7 +112,7 @@ def create_session(
             )
         data = dataclasses.replace(data, data_dir=None)  # where files live is each peer's own
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train.seed)
+            torch.manual_seed(derive_seed(train.seed, Stream.INIT))  # the simulator's initial model
             net = build_model(
                 model.name,
                 input_shape=INPUT_SHAPES[data.dataset],
@@ -181,13 +183,14 @@ def task_label(spec: str) -> str:
 
 
 def _task_model(task: Task | str, *, train: TrainConfig, nodes: int) -> tuple[nn.Module, TaskInfo]:
-    """The task's model (seeded by ``train.seed``) and the torrent's :class:`TaskInfo`.
+    """The task's initial model (seeded from ``train.seed``) and the torrent's :class:`TaskInfo`.
 
     The task is checked on node 0 of ``nodes`` first (``check_task``), so a task that cannot
     train fails here, once, rather than in every peer.
     """
     from fedtorrent.state.schema import state_schema  # noqa: PLC0415
     from fedtorrent.task import Task, check_task, load_task, task_spec  # noqa: PLC0415
+    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
 
     if isinstance(task, str):
         spec: str | None = task
@@ -200,6 +203,8 @@ def _task_model(task: Task | str, *, train: TrainConfig, nodes: int) -> tuple[nn
     else:
         raise ConfigError(f"task must be a fedtorrent.Task or a spec, got {type(task).__name__}")
     check_task(task, node=0, num_nodes=nodes, train=train)
-    net = task.make_model(seed=train.seed)
+    net = task.make_model(
+        seed=derive_seed(train.seed, Stream.INIT)
+    )  # the simulator's initial model
     label = TASK_MODEL if spec is None else task_label(spec)
     return net, TaskInfo(label=label, schema=state_schema(net, buffers=task.buffers))

@@ -19,7 +19,6 @@ from fedtorrent.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Session
-    from fedtorrent.node.peer import PeerConfig
     from fedtorrent.task import Task
 
 _MAX_EXAMPLE_BYTES = 8 << 30
@@ -47,23 +46,40 @@ class PeerData:
         return tuple(int(d) for d in self.x_train.shape[1:])
 
 
-def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
-    """This peer's shard (or own examples) and the test set; see :class:`PeerConfig`.
+def load_peer_data(
+    session: Session,
+    *,
+    node_index: int | None = None,
+    num_nodes: int | None = None,
+    examples: Path | None = None,
+    data_dir: Path | None = None,
+) -> PeerData:
+    """This peer's shard, or its own examples, and the test set.
+
+    Args:
+        session: whose dataset and data settings (split, validation fraction, seed) apply.
+        node_index: with ``num_nodes``: hold shard ``node_index`` of ``num_nodes``, split as
+            every peer of the session splits it.
+        num_nodes: see ``node_index``.
+        examples: or a folder with ``x.npy`` and ``y.npy`` (``read_examples``), and optionally
+            ``x_test.npy`` / ``y_test.npy`` (else the dataset's test set).
+        data_dir: where the dataset is (default ``$FEDTORRENT_DATA`` or the cache).
 
     Raises:
         DataError: the dataset or the example files are missing or malformed.
-        ConfigError: ``num_nodes`` is impossible for the dataset.
+        ConfigError: neither a shard nor ``examples`` is given, or ``num_nodes`` is impossible
+            for the dataset.
     """
     from fedtorrent.data import load_dataset, split_nodes, train_val_split  # noqa: PLC0415
     from fedtorrent.data.datasets import CLASSES  # noqa: PLC0415
 
     num_classes = len(CLASSES[session.data.dataset])
-    if config.examples is None:
-        if config.num_nodes is None or config.node_index is None:
-            raise ConfigError("give either --node-index with --num-nodes, or --examples")
-        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
-        data_config = dataclasses.replace(session.data, num_nodes=config.num_nodes)
-        split = split_nodes(dataset.y_train, data_config)[config.node_index]
+    if examples is None:
+        if node_index is None or num_nodes is None:
+            raise ConfigError("give either a node index with a number of nodes, or examples")
+        dataset = load_dataset(session.data.dataset, data_dir=data_dir, progress=False)
+        data_config = dataclasses.replace(session.data, num_nodes=num_nodes)
+        split = split_nodes(dataset.y_train, data_config)[node_index]
         return PeerData(
             x_train=torch.from_numpy(dataset.x_train[split.train]),
             y_train=torch.from_numpy(dataset.y_train[split.train].astype(np.int64)),
@@ -73,14 +89,13 @@ def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
             y_test=torch.from_numpy(dataset.y_test.astype(np.int64)),
             num_classes=dataset.num_classes,
         )
-    folder = config.examples
-    x, y = read_examples(folder / "x.npy", folder / "y.npy", num_classes=num_classes)
-    if (folder / "x_test.npy").exists() or (folder / "y_test.npy").exists():
+    x, y = read_examples(examples / "x.npy", examples / "y.npy", num_classes=num_classes)
+    if (examples / "x_test.npy").exists() or (examples / "y_test.npy").exists():
         x_test, y_test = read_examples(
-            folder / "x_test.npy", folder / "y_test.npy", num_classes=num_classes
+            examples / "x_test.npy", examples / "y_test.npy", num_classes=num_classes
         )
     else:
-        dataset = load_dataset(session.data.dataset, data_dir=config.data_dir, progress=False)
+        dataset = load_dataset(session.data.dataset, data_dir=data_dir, progress=False)
         x_test, y_test = dataset.x_test, dataset.y_test.astype(np.int64)
     if x_test.shape[1:] != x.shape[1:]:
         raise DataError(f"test examples have shape {x_test.shape[1:]}, own ones {x.shape[1:]}")
@@ -98,28 +113,29 @@ def load_peer_data(session: Session, config: PeerConfig) -> PeerData:
     )
 
 
-def task_node(config: PeerConfig) -> tuple[int, int]:
+def task_node(node_index: int | None, num_nodes: int | None) -> tuple[int, int]:
     """``(node, num_nodes)`` a task's ``data`` is called with: the flags, else ``(0, 1)``.
 
     A peer that owns its data may leave ``--node-index`` and ``--num-nodes`` out; its ``data``
     then gets ``(0, 1)`` (all of it) and may ignore the arguments anyway.
     """
-    if config.node_index is None or config.num_nodes is None:
+    if node_index is None or num_nodes is None:
         return 0, 1
-    return config.node_index, config.num_nodes
+    return node_index, num_nodes
 
 
-def load_task_data(task: Task, config: PeerConfig, *, num_classes: int | None) -> PeerData:
-    """This peer's splits from ``task.data(*task_node(config))``, read whole as tensors.
+def load_task_data(task: Task, *, node: int, num_nodes: int, num_classes: int | None) -> PeerData:
+    """This peer's splits from ``task.data(node, num_nodes)``, read whole as tensors.
 
-    A Dataset split is read item by item into tensors (checked like tensors are). A missing
-    ``val`` or ``test`` becomes an empty split shaped like ``train``.
+    ``(node, num_nodes)`` is what :func:`task_node` gives for the peer's flags. A Dataset split
+    is read item by item into tensors (checked like tensors are). A missing ``val`` or ``test``
+    becomes an empty split shaped like ``train``.
 
     Raises:
         DataError: the task's data function failed or returned data that does not check.
         ConfigError: the node index is outside ``[0, num_nodes)``.
     """
-    node_data = task.node_data(*task_node(config))
+    node_data = task.node_data(node, num_nodes)
     x, y = node_data.tensors("train")
     splits = [
         node_data.tensors(name) if node_data.size(name) else (x[:0], y[:0])

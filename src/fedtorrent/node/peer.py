@@ -39,12 +39,12 @@ after the wire and signature checks passed.
 
 This module keeps the wiring and the round; the parts live beside it: ``node.data`` (the peer's
 examples), ``node.exchange`` (cohort selection, pulls with deadlines and verification) and
-``node.report`` (records, ledger entries, status and summary files).
+``node.report`` (records, ledger entries, status and summary files, drawn from
+:meth:`Peer.snapshot`). None of them imports this module.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import ipaddress
 import logging
@@ -90,6 +90,8 @@ from fedtorrent.node.exchange import (
 from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
     METRIC_FIELDS,
+    NeighbourCounts,
+    PeerSnapshot,
     last_accuracy,
     log_mixed,
     log_served,
@@ -102,14 +104,15 @@ from fedtorrent.node.report import (
     write_status,
 )
 from fedtorrent.node.tracking import TrackerLink
-from fedtorrent.state.layout import StateLayout, mix_exact, pick
+from fedtorrent.state.layout import StateLayout, pick
 from fedtorrent.state.schema import state_schema
 from fedtorrent.training.evaluate import Metrics
-from fedtorrent.training.seeds import derive_seed
+from fedtorrent.training.seeds import Stream, derive_seed, node_generator
 
 if TYPE_CHECKING:
     from fedtorrent.adversary import AttackConfig
     from fedtorrent.ledger import Ledger
+    from fedtorrent.mixing.round import Trust
     from fedtorrent.mixing.trust import TrustLearner
     from fedtorrent.net.identity import PeerIdentity, UpdateVerifier
     from fedtorrent.net.torrent import Session, Torrent
@@ -345,7 +348,7 @@ class Peer:
         except BaseException as exc:
             self.state = "failed"
             self.error = f"{type(exc).__name__}: {exc}"
-            write_status(self)
+            write_status(self.snapshot())
             raise
 
     def _start(self) -> None:
@@ -380,7 +383,13 @@ class Peer:
         initial = torrents.load_initial_state(self.torrent, state_path)
         self.task: Task | None = self._load_task()
         if self.task is None:
-            self.data = self._data or load_peer_data(self.session, cfg)
+            self.data = self._data or load_peer_data(
+                self.session,
+                node_index=cfg.node_index,
+                num_nodes=cfg.num_nodes,
+                examples=cfg.examples,
+                data_dir=cfg.data_dir,
+            )
             self.model = self._build_model()
         else:
             self.model, self.data = self._build_task(self.task)
@@ -493,7 +502,7 @@ class Peer:
             self.round_done + 1,
             self.rounds,
         )
-        write_status(self)
+        write_status(self.snapshot())
         self._announce(event="started")
 
     def run(self) -> str:
@@ -505,7 +514,7 @@ class Peer:
         if not self._started or self._closed:
             raise ConfigError("start the peer before running it")
         self.state = "running"
-        write_status(self)
+        write_status(self.snapshot())
         try:
             while self.round_done < self.rounds and not self._stop.is_set():
                 self.run_round(self.round_done + 1)
@@ -520,7 +529,7 @@ class Peer:
             self.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            write_status(self)
+            write_status(self.snapshot())
         return self.state
 
     def request_stop(self) -> None:
@@ -549,7 +558,7 @@ class Peer:
             self._writer.close()
             if hasattr(self, "transport"):
                 self._write_summary()
-        write_status(self)
+        write_status(self.snapshot())
 
     def __enter__(self) -> Self:
         self.start()
@@ -571,11 +580,9 @@ class Peer:
         Returns the round's record, or None when a stop request cut the exchange short (the
         round is then abandoned and redone after ``--resume``).
         """
-        from fedtorrent.mixing.rules import metropolis_row, mix_stack  # noqa: PLC0415
-        from fedtorrent.mixing.screen import finite_or_own  # noqa: PLC0415
         from fedtorrent.net import wire  # noqa: PLC0415
         from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
-        from fedtorrent.state import encode_state, flatten, state_digest, unflatten  # noqa: PLC0415
+        from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
         from fedtorrent.training import round_lr_scale, train_local  # noqa: PLC0415
 
         began = time.perf_counter()
@@ -585,7 +592,7 @@ class Peer:
         tick = time.perf_counter()
         before = self.current
         self.model.load_state_dict(self.current)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round, self._salt))
+        generator = node_generator(self.seed, Stream.TRAIN, round - 1, self._salt)
         # Rounds count from 1 here and from 0 in the simulator; the schedule spans the session's
         # rounds (not a --rounds override), so every peer of a session uses the same rates.
         scale = round_lr_scale(self.session.round_schedule, round - 1, self.session.rounds)
@@ -603,6 +610,7 @@ class Peer:
             train_loss = train_task(
                 self.task, self.model, x_train, y_train, train,
                 generator=generator, round=round - 1, lr_scale=scale,
+                step_generator=node_generator(self.seed, Stream.STEP, round - 1, self._salt),
             )  # fmt: skip
         # A CPU copy (as the clone it replaces on the CPU): sending, mixing, trust, checkpoints.
         trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -664,48 +672,7 @@ class Peer:
         )
 
         tick = time.perf_counter()
-        layout = self.layout
-        mix_like = pick(self.like, layout.mix)
-
-        def vector(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return flatten(pick(state, layout.mix))
-
-        heard = [p for p in exchange.dialled if p in exchange.replies]
-        states = [exchange.replies[p].state for p in heard]
-        stack = torch.stack([vector(trained), *(vector(s) for s in states if s is not None)])
-        heard, stack, screened = self._screen(heard, stack, exchange)
-        received = [s for s in (exchange.replies[p].state for p in heard) if s is not None]
-        rule = self.session.mixing.rule
-        weights: torch.Tensor | None = None
-        excluded: list[str] = []
-        if rule == "learned":
-            weights, excluded = self._learn_trust(round, heard, stack)
-        elif rule == "metropolis":
-            degrees = torch.full((len(heard),), float(self.session.cohort_size))
-            weights = metropolis_row(len(heard), degrees)
-        elif rule == "fixed":
-            weights = torch.full((1 + len(heard),), 1.0 / (1 + len(heard)))
-        mixed, unmixed = finite_or_own(
-            mix_stack(stack, config=self.session.mixing, weights=weights), stack[0]
-        )
-        if bool(unmixed):
-            log.warning("round %d: the mix was not finite; keeping this peer's own state", round)
-            received = []  # exact keys keep their own values too
-        self.current = {
-            **trained,  # local keys (FedBN) stay this node's own
-            **unflatten(mixed, mix_like),
-            **{
-                key: mix_exact([trained[key], *(s[key] for s in received)],
-                               config=self.session.mixing, weights=weights)
-                for key in layout.exact
-            },
-        }  # fmt: skip
-        if self.private is not None and self.private.shared is not None:
-            stack[0] = vector({**trained, **self.private.shared})  # what the cohort can compute
-            public, _ = finite_or_own(
-                mix_stack(stack, config=self.session.mixing, weights=weights), stack[0]
-            )
-            self.private.mixed(pick(unflatten(public, mix_like), layout.parameters))
+        heard, weights, excluded, screened, unmixed = self._mix(round, trained, exchange)
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights, screened)
         timings["mix"] = time.perf_counter() - tick
@@ -765,7 +732,7 @@ class Peer:
         self.records.append(record)
         self._writer.write(record)
         self._checkpoint(record)
-        write_status(self)
+        write_status(self.snapshot())
         shown = scores.get("test_accuracy", scores.get("test_loss"))
         log.info(
             "round %d: loss %.4f, test %s %s, heard %d/%d, rejected %d, epsilon %s, %.2fs",
@@ -796,7 +763,7 @@ class Peer:
         if attack is not None and not attack.poisons_data:
             from fedtorrent.adversary import attack_params  # noqa: PLC0415
 
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, 7, round, self._salt))
+            generator = node_generator(self.seed, Stream.ATTACK, round - 1, self._salt)
             vector = attack_params(
                 attack,
                 flatten(params),
@@ -881,79 +848,120 @@ class Peer:
             cohort = self._cohort(answer)
         return cohort
 
-    def _screen(
-        self, heard: list[str], stack: torch.Tensor, exchange: Exchange
-    ) -> tuple[list[str], torch.Tensor, dict[str, Reply]]:
-        """The plausibility screen (``mixing.screen``) on ``[self, *heard]``, before any rule.
+    def _mix(
+        self, round: int, trained: State, exchange: Exchange
+    ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool]:
+        """Mix ``trained`` with what ``exchange`` brought: ``mixing.round`` with this peer alone.
 
-        A rejected state leaves ``heard``, the stack and ``exchange.replies``; it is recorded in
-        ``exchange.rejected`` and the transport's rejections as ``implausible``.
+        The stack ``[self, *heard]`` is mixed on the peer's device; ``self.current`` becomes the
+        mix (local keys stay this peer's own). A state the plausibility screen rejects leaves
+        ``exchange.replies`` (recorded in ``exchange.rejected`` and the transport's rejections
+        as ``implausible``).
 
         Returns:
-            The heard peers kept, their stack (own row first) and the rejected replies by peer.
+            The heard peers kept, the weights over ``[self, *kept]`` (None for ``none`` and the
+            robust rules), the peers trust excluded, the screened replies by peer, and whether
+            the mix was not finite (the own state was kept).
         """
-        from fedtorrent.mixing.screen import screen_stack  # noqa: PLC0415
+        from fedtorrent.mixing.round import Cohorts, mix_round  # noqa: PLC0415
+        from fedtorrent.state import flatten, unflatten  # noqa: PLC0415
 
-        mixing = self.session.mixing
-        if mixing.plausibility <= 0 or mixing.rule == "none" or not heard:
-            return heard, stack, {}
-        rejected, distances = screen_stack(stack, multiple=mixing.plausibility)
+        layout, mixing, device = self.layout, self.session.mixing, self.device
+        heard = [
+            p for p in exchange.dialled
+            if p in exchange.replies and exchange.replies[p].state is not None
+        ]  # fmt: skip
+        received = [exchange.replies[p].state for p in heard]
+        states: list[State] = [trained, *(s for s in received if s is not None)]
+
+        def stacked(keys: Sequence[str]) -> torch.Tensor:
+            return torch.stack([flatten(pick(state, keys)) for state in states]).to(device)
+
+        shared = stacked(layout.mix)
+        own = None
+        if self.private is not None and self.private.shared is not None:
+            own = shared[:1].clone()  # the true own row; the cohort saw the noised one
+            shared[0] = flatten(pick({**trained, **self.private.shared}, layout.mix)).to(device)
+        size = len(states)
+        cohorts = Cohorts(
+            shared=shared,
+            members=torch.ones(1, size, dtype=torch.bool, device=device),
+            self_column=torch.zeros(1, dtype=torch.long, device=device),
+            own=own,
+            exact={
+                key: torch.stack([state[key] for state in states]).to(device)
+                for key in layout.exact
+            },
+            sender_degrees=torch.full((size,), float(self.session.cohort_size), device=device),
+        )
+        mixed = mix_round(cohorts, mixing, self._trust(round, heard))
         screened: dict[str, Reply] = {}
-        verdicts = zip(heard, rejected.tolist(), distances.tolist(), strict=True)
-        for peer_id, out, distance in verdicts:
-            if out:
-                screened[peer_id] = exchange.replies.pop(peer_id)
-                exchange.rejected[peer_id] = "implausible"
-                self.transport.stats.record_rejection(peer_id, "implausible")
-                log.warning("rejected the state of peer %s: implausible (distance %.3g)",
-                            peer_id, distance)  # fmt: skip
-        keep = [0, *(1 + i for i, out in enumerate(rejected.tolist()) if not out)]
-        return [p for p in heard if p not in screened], stack[keep], screened
+        for column in mixed.implausible[0].nonzero().flatten().tolist():
+            peer_id = heard[column - 1]
+            screened[peer_id] = exchange.replies.pop(peer_id)
+            exchange.rejected[peer_id] = "implausible"
+            self.transport.stats.record_rejection(peer_id, "implausible")
+            distance = float(mixed.distances[0, column]) if mixed.distances is not None else 0.0
+            log.warning("rejected the state of peer %s: implausible (distance %.3g)",
+                        peer_id, distance)  # fmt: skip
+        keep = [0, *(1 + i for i, p in enumerate(heard) if p not in screened)]
+        kept = [heard[i - 1] for i in keep[1:]]
+        excluded = [heard[i - 1] for i in mixed.excluded[0].nonzero().flatten().tolist()]
+        if self.trust is not None and mixed.logits is not None:
+            self.trust.remember(
+                heard,
+                mixed.logits[0].cpu(),
+                excluded=excluded,
+                check=None if mixed.kept is None else bool(mixed.kept[0]),
+            )
+        unmixed = bool(mixed.unmixed[0])
+        if unmixed:
+            log.warning("round %d: the mix was not finite; keeping this peer's own state", round)
+        mix_like = pick(self.like, layout.mix)
+        self.current = {
+            **trained,  # local keys (FedBN) stay this node's own
+            **unflatten(mixed.params[0].cpu(), mix_like),
+            **{key: value[0].cpu() for key, value in mixed.exact.items()},
+        }
+        if mixed.public is not None and self.private is not None:
+            public = unflatten(mixed.public[0].cpu(), mix_like)
+            self.private.mixed(pick(public, layout.parameters))
+        weights = None
+        if mixed.weights is not None and mixing.rule != "none":
+            weights = mixed.weights[0, keep].cpu()
+        return kept, weights, excluded, screened, unmixed
 
-    def _learn_trust(
-        self, round: int, heard: list[str], stack: torch.Tensor
-    ) -> tuple[torch.Tensor, list[str]]:
-        """Learned trust over ``[self, *heard]``, fitted on fresh validation batches.
+    def _trust(self, round: int, heard: Sequence[str]) -> Trust | None:
+        """Learned trust's logits over ``[self, *heard]``, validation batches and loss.
 
-        With nothing to fit on (no validation data, nobody heard) the current logits are used.
-
-        Returns:
-            The weights and the peers trust excluded this round (weight 0, ``mixing.trust``).
+        Batches come from this peer's ``TRUST`` generator of the round (the simulator's draws for
+        the same node); with no validation data or nobody heard the logits are used unfitted.
         """
-        from fedtorrent.mixing.trust import LossFn, model_loss_fn  # noqa: PLC0415
+        from fedtorrent.mixing.round import Trust, validation_rows  # noqa: PLC0415
+        from fedtorrent.mixing.trust import model_loss_fn  # noqa: PLC0415
 
-        assert self.trust is not None
+        if self.trust is None:
+            return None
         mixing = self.session.mixing
-        count = len(self.data.y_val)
-        if not heard or count == 0 or mixing.trust_steps == 0:
-            return self.trust.weights(heard), []
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round, self._salt))
-        # Trust is fitted on the CPU, where the stack of received states is.
-        model = self.model if self.device.type == "cpu" else copy.deepcopy(self.model).cpu()
-        model.eval()
+        x_val, y_val = self.data.x_val, self.data.y_val
+        count = len(y_val)
+        generator = node_generator(self.seed, Stream.TRUST, round - 1, self._salt)
+        model, device = self.model, self.device
         task_loss = self.task.loss_fn if self.task is not None else None
 
-        def batch_loss(rows: torch.Tensor) -> LossFn:
-            x, y = self.data.x_val[rows], self.data.y_val[rows]
-            return model_loss_fn(model, x, y, loss=task_loss, keys=self.layout.mix)
+        def draw() -> tuple[torch.Tensor, torch.Tensor]:
+            if not heard or count == 0:
+                raise ConfigError("learned trust needs validation data and a cohort to fit on")
+            rows = validation_rows([generator], [count], mixing.trust_batch_size)[0]
+            return x_val[rows].unsqueeze(0).to(device), y_val[rows].unsqueeze(0).to(device)
 
-        def loss(flat: torch.Tensor) -> torch.Tensor:
-            rows = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
-            return batch_loss(rows)(flat)
+        def losses(mixed: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            model.eval()
+            loss = model_loss_fn(model, x[0], y[0], loss=task_loss, keys=self.layout.mix)
+            return loss(mixed[0]).unsqueeze(0)
 
-        held_out: list[LossFn] = []
-
-        def check(flat: torch.Tensor) -> torch.Tensor:
-            # One fresh batch, drawn after the trust steps, scores learned and uniform alike.
-            if not held_out:
-                rows = torch.randint(count, (mixing.trust_batch_size,), generator=generator)
-                held_out.append(batch_loss(rows))
-            return held_out[0](flat)
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, 4, round, self._salt))
-            weights = self.trust.learn(heard, stack, loss, check_loss_fn=check).detach()
-        return weights, list(self.trust.last_excluded)
+        logits = self.trust.logits(heard).unsqueeze(0).to(device)
+        return Trust(logits=logits, draw=draw, losses=losses, fit=bool(heard) and count > 0)
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | dict[str, float] | None:
         """The current model's scores on ``(x, y)``; None when there are no examples.
@@ -973,7 +981,7 @@ class Peer:
 
     def _announce(self, *, event: str) -> tuple[TrackerAnswer | None, float | None, str]:
         """Announce with this peer's round and metrics (see :meth:`TrackerLink.announce`)."""
-        totals = traffic_totals(self)
+        totals = traffic_totals(self.snapshot())
         return self.tracker.announce(
             self.info_hash,
             self.peer_id,
@@ -1092,9 +1100,11 @@ class Peer:
         assert self.session.task is not None
         model = task.make_model(seed=self.session.train.seed)
         check_schema(self.session.task.schema, model)  # before any data is read
-        node, num_nodes = task_node(self.config)
+        node, num_nodes = task_node(self.config.node_index, self.config.num_nodes)
         report = check_task(task, node=node, num_nodes=num_nodes, train=self.session.train)
-        data = self._data or load_task_data(task, self.config, num_classes=report.num_classes)
+        data = self._data or load_task_data(
+            task, node=node, num_nodes=num_nodes, num_classes=report.num_classes
+        )
         return model, data
 
     def _restore(self) -> Checkpoint | None:
@@ -1128,8 +1138,50 @@ class Peer:
                 trust=self.trust.state_dict() if self.trust is not None else {},
                 metrics={k: v for k, v in record.items() if not isinstance(v, dict | list)},
                 seeds={"seed": self.seed, "salt": self._salt},
-                totals=traffic_totals(self),
+                totals=traffic_totals(self.snapshot()),
                 neighbours=self.book.state_dict(),
+            ),
+        )
+
+    def snapshot(self) -> PeerSnapshot:
+        """What reporting reads of this peer now (``node.report``), copied out as plain values.
+
+        Safe at any point of the lifecycle: what ``start`` has not reached yet is None or empty.
+        """
+        transport: Transport | None = getattr(self, "transport", None)
+        identity: PeerIdentity | None = getattr(self, "identity", None)
+        attack: AttackConfig | None = getattr(self, "attack", None)
+        private: PrivateSender | None = getattr(self, "private", None)
+        data: PeerData | None = getattr(self, "data", None)
+        book = self.book
+        return PeerSnapshot(
+            out_dir=getattr(self, "out_dir", None),
+            peer_id=self.peer_id,
+            state=self.state,
+            error=self.error,
+            round_done=self.round_done,
+            records=tuple(self.records),
+            rounds=getattr(self, "rounds", None),
+            address=getattr(self, "address", None),
+            traffic=transport.stats.snapshot() if transport is not None else None,
+            rejections=transport.stats.rejections() if transport is not None else {},
+            base_totals=dict(self._base_totals),
+            tracker_online=self.tracker.online,
+            tracker_counts=dict(self.tracker.counts),
+            tracker_rtts=tuple(self.tracker.rtts),
+            info_hash=getattr(self, "info_hash", None),
+            session=getattr(self, "session", None),
+            public_key=identity.public_key_hex if identity is not None else None,
+            ledger=self.ledger.path.name if self.ledger is not None else None,
+            attack=attack.kind if attack is not None else None,
+            epsilon=private.epsilon if private is not None else None,
+            delta=private.accountant.delta if private is not None else None,
+            noise_multiplier=private.noise_multiplier if private is not None else None,
+            train_examples=len(data.y_train) if data is not None else None,
+            neighbours=NeighbourCounts(
+                heard=book.heard(),
+                known=len(book.entries),
+                backed_off=book.backed_off(self.round_done + 1),
             ),
         )
 
@@ -1138,7 +1190,7 @@ class Peer:
         if test is None and self.round_done > 0:
             self.model.load_state_dict(self.current)
             test = self._score(self.data.x_test, self.data.y_test)
-        self._final = summary(self, test=test)
+        self._final = summary(self.snapshot(), test=test)
         write_json(self.out_dir / "summary.json", self._final)
 
 

@@ -1,7 +1,8 @@
 """What a peer writes about itself: metric records, ledger entries, status and summary files.
 
-Kept apart from the round so that the round reads as train, exchange, mix, record. Functions
-that take the :class:`~fedtorrent.node.peer.Peer` only read it.
+Kept apart from the round so that the round reads as train, exchange, mix, record. Status and
+summary are drawn from a :class:`PeerSnapshot`, plain values the peer copies out of itself
+(``Peer.snapshot``); this module never sees the ``Peer``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import queue
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +24,9 @@ if TYPE_CHECKING:
 
     from fedtorrent.ledger import Ledger
     from fedtorrent.net.identity import PeerIdentity
+    from fedtorrent.net.torrent import Session
     from fedtorrent.net.transport import Reply, ServedEvent
     from fedtorrent.node.exchange import Exchange
-    from fedtorrent.node.neighbours import NeighbourBook
-    from fedtorrent.node.peer import Peer
     from fedtorrent.training.evaluate import Metrics
 
 METRIC_FIELDS = (
@@ -50,6 +51,63 @@ METRIC_FIELDS = (
     "duration_s",
 )
 """Scalar columns of ``metrics.csv``; ``metrics.jsonl`` keeps every key (cohort, trust, ...)."""
+
+
+@dataclass(frozen=True)
+class NeighbourCounts:
+    """The neighbour book (``NeighbourBook``) at one moment, as :func:`neighbour_totals` ends.
+
+    ``heard``: neighbours that ever brought a verified state; ``known``: neighbours in the book;
+    ``backed_off``: how many of them the next round would skip.
+    """
+
+    heard: int = 0
+    known: int = 0
+    backed_off: int = 0
+
+
+@dataclass(frozen=True)
+class PeerSnapshot:
+    """What ``status.json``, ``summary.json`` and the traffic totals read of a peer, copied out.
+
+    Built by ``Peer.snapshot``. A peer whose start failed part way has only what it got so far:
+    the fields it never reached are None (or empty), and :func:`write_status` writes them so;
+    :func:`summary` needs a peer that got as far as its transport (``traffic`` not None).
+    """
+
+    out_dir: Path | None
+    """None before start (then nothing is written)."""
+    peer_id: str
+    """Empty until start has chosen it."""
+    state: str
+    error: str | None
+    round_done: int
+    records: Sequence[Mapping[str, Any]]
+    """The round records so far (a copy of the list; records are never changed once written)."""
+    rounds: int | None = None
+    address: str | None = None
+    traffic: Mapping[str, Any] | None = None
+    """The transport's ``stats.snapshot()`` (this process only); None before it exists."""
+    rejections: Mapping[str, int] = field(default_factory=dict)
+    """The transport's rejections by reason (this process only)."""
+    base_totals: Mapping[str, Any] = field(default_factory=dict)
+    """Bytes and rejections of earlier processes, from the checkpoint (``--resume``)."""
+    tracker_online: bool | None = None
+    tracker_counts: Mapping[str, int] = field(default_factory=dict)
+    tracker_rtts: Sequence[tuple[int, float]] = ()
+    """(peer's round, seconds) of each announce the tracker answered."""
+    info_hash: str | None = None
+    session: Session | None = None
+    public_key: str | None = None
+    """This peer's Ed25519 key, hex."""
+    ledger: str | None = None
+    """The ledger's file name."""
+    attack: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    train_examples: int | None = None
+    neighbours: NeighbourCounts = field(default_factory=NeighbourCounts)
 
 
 def open_records(
@@ -144,13 +202,13 @@ def log_mixed(
         )
 
 
-def traffic_totals(peer: Peer) -> dict[str, Any]:
+def traffic_totals(peer: PeerSnapshot) -> dict[str, Any]:
     """Bytes and rejections since round 1, across restarts (what the checkpoint carries)."""
-    if not hasattr(peer, "transport"):
+    if peer.traffic is None:
         return {"bytes_sent": 0, "bytes_received": 0, "rejections": {}}
-    flow = peer.transport.stats.snapshot()["totals"]
-    base = peer._base_totals
-    rejections = Counter(base.get("rejections", {})) + peer.transport.stats.rejections()
+    flow = peer.traffic["totals"]
+    base = peer.base_totals
+    rejections = Counter(base.get("rejections", {})) + Counter(peer.rejections)
     return {
         "bytes_sent": int(base.get("bytes_sent", 0)) + flow["header_sent"] + flow["payload_sent"],
         "bytes_received": int(base.get("bytes_received", 0))
@@ -169,9 +227,9 @@ def last_accuracy(records: Sequence[Mapping[str, Any]]) -> float | None:
     return None
 
 
-def write_status(peer: Peer) -> None:
+def write_status(peer: PeerSnapshot) -> None:
     """Rewrite ``status.json`` (what the swarm launcher and dashboards poll); no-op before start."""
-    if not hasattr(peer, "out_dir"):
+    if peer.out_dir is None:
         return
     totals = traffic_totals(peer)
     write_json(
@@ -179,15 +237,15 @@ def write_status(peer: Peer) -> None:
         {
             "peer_id": peer.peer_id,
             "pid": os.getpid(),
-            "address": getattr(peer, "address", None),
+            "address": peer.address,
             "round": peer.round_done,
-            "rounds": getattr(peer, "rounds", None),
+            "rounds": peer.rounds,
             "accuracy": last_accuracy(peer.records),
             "bytes_sent": totals["bytes_sent"],
             "bytes_received": totals["bytes_received"],
             "rejections": totals["rejections"],
             "rejected": sum(totals["rejections"].values()),
-            "tracker": {True: "ok", False: "down", None: "unknown"}[peer.tracker.online],
+            "tracker": {True: "ok", False: "down", None: "unknown"}[peer.tracker_online],
             "state": peer.state,
             "error": peer.error,
             "updated_at": time.time(),
@@ -195,25 +253,30 @@ def write_status(peer: Peer) -> None:
     )
 
 
-def summary(peer: Peer, *, test: Metrics | Mapping[str, float] | None) -> dict[str, Any]:
+def summary(peer: PeerSnapshot, *, test: Metrics | Mapping[str, float] | None) -> dict[str, Any]:
     """The run's ``summary.json``: final scores (``test``), traffic, security and tracker.
 
     ``test`` is a built-in session's :class:`Metrics`, or a task's scores (every metric it
     returns and ``loss``), written as they are.
+
+    Raises:
+        ValueError: ``peer`` never got as far as its transport (no ``traffic`` or ``session``).
     """
-    snapshot = peer.transport.stats.snapshot()
+    traffic, session = peer.traffic, peer.session
+    if traffic is None or session is None:
+        raise ValueError("a summary needs a peer that started its transport")
     totals = traffic_totals(peer)
-    rtts = [s for s in snapshot["rtt_s"].values() for _, s in s]
+    rtts = [s for s in traffic["rtt_s"].values() for _, s in s]
     return {
         "peer_id": peer.peer_id,
         "info_hash": peer.info_hash,
-        "session": peer.session.name,
+        "session": session.name,
         "state": peer.state,
         "error": peer.error,
         "rounds": peer.rounds,
         "rounds_done": peer.round_done,
-        "mixing": peer.session.mixing.rule,
-        "train_examples": len(peer.data.y_train),
+        "mixing": session.mixing.rule,
+        "train_examples": peer.train_examples,
         "test": None
         if test is None
         else dict(test)
@@ -222,44 +285,39 @@ def summary(peer: Peer, *, test: Metrics | Mapping[str, float] | None) -> dict[s
         "traffic": {
             "bytes_sent": totals["bytes_sent"],
             "bytes_received": totals["bytes_received"],
-            "this_process": snapshot["totals"],
-            "per_peer": snapshot["per_peer"],
-            "failures": snapshot["failures"],
-            "central_server_bytes": 2 * peer.session.state_size * peer.round_done,
+            "this_process": traffic["totals"],
+            "per_peer": traffic["per_peer"],
+            "failures": traffic["failures"],
+            "central_server_bytes": 2 * session.state_size * peer.round_done,
         },
         "rejections": totals["rejections"],
-        "rejections_per_peer": snapshot["rejections_per_peer"],
+        "rejections_per_peer": traffic["rejections_per_peer"],
         "security": {
-            "public_key": peer.identity.public_key_hex,
-            "swarm": "closed" if peer.session.closed else "open",
-            "ledger": peer.ledger.path.name if peer.ledger is not None else None,
-            "attack": peer.attack.kind if peer.attack is not None else None,
-            "epsilon": peer.private.epsilon if peer.private is not None else None,
-            "delta": peer.private.accountant.delta if peer.private is not None else None,
-            "noise_multiplier": (
-                peer.private.noise_multiplier if peer.private is not None else None
-            ),
+            "public_key": peer.public_key,
+            "swarm": "closed" if session.closed else "open",
+            "ledger": peer.ledger,
+            "attack": peer.attack,
+            "epsilon": peer.epsilon,
+            "delta": peer.delta,
+            "noise_multiplier": peer.noise_multiplier,
             "weight_given": weight_given(peer.records),
         },
-        "neighbours": neighbour_totals(peer.records, peer.book, next_round=peer.round_done + 1),
+        "neighbours": neighbour_totals(peer.records, peer.neighbours),
         "exchange_rtt_s": spread(rtts),
         "tracker": {
-            "announces": dict(peer.tracker.counts),
-            "rtt_s": spread([s for _, s in peer.tracker.rtts]),
-            "rtts": [list(x) for x in peer.tracker.rtts],
+            "announces": dict(peer.tracker_counts),
+            "rtt_s": spread([s for _, s in peer.tracker_rtts]),
+            "rtts": [list(x) for x in peer.tracker_rtts],
         },
     }
 
 
-def neighbour_totals(
-    records: Sequence[Mapping[str, Any]], book: NeighbourBook, *, next_round: int
-) -> dict[str, Any]:
+def neighbour_totals(records: Sequence[Mapping[str, Any]], book: NeighbourCounts) -> dict[str, Any]:
     """Candidates skipped by reason and dials over the rounds of ``records``, and the book now.
 
     ``candidates_skipped``: per reason (``backed_off``, ``no_key``, ``not_allowed``,
     ``bad_address``), summed over rounds (a peer skipped in 5 rounds counts 5);
-    ``heard_distinct``: neighbours that ever brought a verified state; ``known``: neighbours in
-    the book; ``backed_off``: how many of them the next round would skip.
+    ``heard_distinct``, ``known`` and ``backed_off``: ``book`` (see :class:`NeighbourCounts`).
     """
     skipped: Counter[str] = Counter()
     dialled = replaced = 0
@@ -275,9 +333,9 @@ def neighbour_totals(
         "skipped": sum(skipped.values()),
         "dialled": dialled,
         "replaced": replaced,
-        "heard_distinct": book.heard(),
-        "known": len(book.entries),
-        "backed_off": book.backed_off(next_round),
+        "heard_distinct": book.heard,
+        "known": book.known,
+        "backed_off": book.backed_off,
     }
 
 

@@ -33,20 +33,11 @@ from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.config import MixingConfig, TrainConfig
 from fedtorrent.errors import ConfigError
-from fedtorrent.mixing.rules import (
-    WEIGHTED_RULES,
-    coordinate_median,
-    krum,
-    metropolis_weights,
-    mix,
-    trimmed_mean,
-    uniform_weights,
-)
-from fedtorrent.mixing.screen import finite_or_own, implausible_pairs, pair_distances
-from fedtorrent.mixing.trust import flat_views, learn_trust, prefer_learned, trust_weights
+from fedtorrent.mixing.round import Cohorts, Trust, mix_round, validation_rows
+from fedtorrent.mixing.trust import flat_views
 from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
-from fedtorrent.training.seeds import derive_seed
+from fedtorrent.training.seeds import Stream, derive_seed, node_generator
 
 Tensor = torch.Tensor
 Rows = Tensor | slice | None
@@ -71,8 +62,6 @@ class ShareFn(Protocol):
         """The rows to share."""
 
 
-_GATHER_BUDGET = 64 * 2**20
-"""Floats a gathered ``(G, M, P)`` cohort stack for the robust rules may take at once."""
 _EVAL_FLOATS = 32 * 2**20
 """Floats one evaluation chunk may hold (logits on the linear path, activations otherwise)."""
 _BATCH_FLOATS = 2**21
@@ -649,14 +638,19 @@ class Engine:
         """
         if self.share is not None:
             self.before = self.params.clone()  # training updates ``params`` in place
-        with _timed(self.timings, "train"), _forked_rng(self.seed, 1, round_index):
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, 2, round_index))
-            self._train(generator, self.train_config.lr * lr_scale, round_index)
+        with _timed(self.timings, "train"), _forked_rng(self.seed, Stream.DROPOUT, round_index):
+            generators = [
+                node_generator(self.seed, Stream.TRAIN, round_index, node)
+                for node in range(self.num_nodes)
+            ]
+            self._train(generators, self.train_config.lr * lr_scale, round_index)
 
-    def _train(self, generator: torch.Generator, base_lr: float, round_index: int = 0) -> None:
+    def _train(
+        self, generators: list[torch.Generator], base_lr: float, round_index: int = 0
+    ) -> None:
         backend = self.backend
         if not isinstance(backend, ModuleLoopBackend):
-            self._plan(generator, base_lr, self._step)
+            self._plan(generators, base_lr, self._step)
             return
         # The same batches the stacked path would draw, then one node at a time.
         plan: list[list[Tensor]] = [[] for _ in range(self.num_nodes)]
@@ -669,7 +663,7 @@ class Engine:
                 keep = index[position] if weight is None else index[position][weight[position] > 0]
                 plan[node].append(keep)
 
-        self._plan(generator, base_lr, collect)
+        self._plan(generators, base_lr, collect)
         backend.train_nodes(
             self.params,
             plan,
@@ -681,9 +675,13 @@ class Engine:
         )
 
     def _plan(
-        self, generator: torch.Generator, base_lr: float, step_fn: Callable[..., None]
+        self, generators: list[torch.Generator], base_lr: float, step_fn: Callable[..., None]
     ) -> None:
-        """Draw every step's batches and hand each to ``step_fn`` (``_step``'s arguments)."""
+        """Draw every step's batches and hand each to ``step_fn`` (``_step``'s arguments).
+
+        Node i's passes are ``randperm`` draws from ``generators[i]``, batch after batch, as
+        :func:`fedtorrent.training.train_local` draws them in a real peer.
+        """
         cfg, data = self.train_config, self.data
         batch = cfg.batch_size
         counts = data.train_count
@@ -706,7 +704,7 @@ class Engine:
             everyone, per = torch.ones(self.num_nodes, dtype=torch.bool), int(per_pass[0])
             for step in range(last):
                 if step % per == 0:
-                    self._shuffle_rows(order, everyone, generator)
+                    self._shuffle_rows(order, everyone, generators)
                 start = (step % per) * batch
                 step_fn(
                     order[:, start : start + batch],
@@ -722,7 +720,7 @@ class Engine:
             active = step < totals
             fresh = active & (step % per_pass.clamp_min(1) == 0)
             if bool(fresh.any()):
-                self._shuffle_rows(order, fresh, generator)
+                self._shuffle_rows(order, fresh, generators)
             within = step % per_pass.clamp_min(1)
             rows = None if bool(active.all()) else active.nonzero().squeeze(1)
             position = within.unsqueeze(1) * batch + slot
@@ -734,14 +732,14 @@ class Engine:
                 weight = None if weight is None else weight.index_select(0, rows)
             step_fn(index, weight, rows=rows, step=step, totals=totals, base_lr=base_lr)
 
-    def _shuffle_rows(self, order: Tensor, rows_mask: Tensor, generator: torch.Generator) -> None:
+    def _shuffle_rows(
+        self, order: Tensor, rows_mask: Tensor, generators: list[torch.Generator]
+    ) -> None:
         data = self.data
-        rows = rows_mask.nonzero().squeeze(1)
-        width = data.train_index.shape[1]
-        keys = torch.rand(len(rows), width, generator=generator, device="cpu").to(self.device)
-        keys.masked_fill_(torch.arange(width) >= data.train_count[rows].unsqueeze(1), 2.0)
-        picks = keys.argsort(dim=1)
-        order[rows] = data.train_index[rows].gather(1, picks)
+        for row in rows_mask.nonzero().squeeze(1).tolist():
+            count = int(data.train_count[row])
+            pick = torch.randperm(count, generator=generators[row]).to(self.device)
+            order[row, :count] = data.train_index[row, pick]
 
     def _step(
         self,
@@ -799,47 +797,45 @@ class Engine:
     def mix_round(self, round_index: int) -> Tensor | None:
         """Mix every node with its cohort; return the ``(N, N)`` weights used (None for robust).
 
-        Received rows that are not finite, then rows the plausibility screen rejects
-        (``mixing.screen``), are left out of the receiver's cohort (and counted in ``rejected``
-        and ``implausible``) before the rule mixes; a row whose mix is still not finite keeps
-        its own parameters (``unmixed``).
+        The round is :func:`fedtorrent.mixing.round.mix_round`, the code a real peer runs, with
+        every node as a receiver: rows that are not finite, then rows the plausibility screen
+        rejects, leave the receiver's cohort (counted in ``rejected`` and ``implausible``)
+        before the rule mixes; a row whose mix is still not finite keeps its own parameters
+        (``unmixed``). Local buffer columns stay each node's own.
         """
-        adjacency = self.topology.cohorts(round_index)
-        eye = torch.eye(self.num_nodes, dtype=torch.bool)
-        shared = self.params
-        if self.share is not None:
-            shared = self._shared_rows(round_index)
-            bad = ~torch.isfinite(shared).all(dim=1)
-            if bool(bad.any()):
-                # Receivers reject non-finite states, as a peer's decoder does: drop the row from
-                # every other cohort; the node itself still mixes its own true row.
-                self.rejected += int((adjacency & ~eye & bad.unsqueeze(0)).sum())
-                adjacency = adjacency & ~bad.unsqueeze(0)
-                shared = torch.where(bad.unsqueeze(1), self.params, shared)
-        rule = self.mixing.rule
-        if rule == "none":
-            return torch.eye(self.num_nodes)
-        adjacency, suspicion = self._screen(adjacency, shared)
-        members = adjacency | eye
+        n, width, full = self.num_nodes, self.mixed_width, self.params.shape[1]
+        eye = torch.eye(n, dtype=torch.bool)
+        shared = self.params if self.share is None else self._shared_rows(round_index)
         own = self.params
-        if rule not in WEIGHTED_RULES:
-            with _timed(self.timings, "mix"):
-                if shared is not self.params:
-                    self.public = self._robust(members, shared, own=shared)
-                self.params = self._guard(self._robust(members, shared, own=self.params), own)
-                self._mix_buffers(uniform_weights(members), own)
-            return None
-        if rule == "fixed":
-            weights = uniform_weights(members)
-        elif rule == "metropolis":
-            weights = metropolis_weights(adjacency)
+        counters = self.backend.counters if isinstance(self.backend, ModuleLoopBackend) else {}
+        cohorts = Cohorts(
+            shared=shared[:, :width],
+            members=self.topology.cohorts(round_index) | eye,
+            self_column=torch.arange(n),
+            own=None if shared is own else own[:, :width],
+            exact=counters,
+        )
+        learned = self.mixing.rule == "learned"
+        with _timed(self.timings, "trust" if learned else "mix"):
+            mixed = mix_round(cohorts, self.mixing, self._trust(round_index) if learned else None)
+        if width < full:  # local buffers: each node's own
+            self.params = torch.cat([mixed.params, own[:, width:]], dim=1)
         else:
-            with _timed(self.timings, "trust"):
-                weights = self._learn_trust(members, shared, round_index, suspicion)
-        with _timed(self.timings, "mix"):
-            self.params = self._guard(self._weighted_mix(weights, shared), own)
-            self._mix_buffers(weights, own)
-        return weights
+            self.params = mixed.params
+        if mixed.public is not None:
+            public = mixed.public
+            self.public = public if width == full else torch.cat([public, shared[:, width:]], 1)
+        if isinstance(self.backend, ModuleLoopBackend):
+            self.backend.counters = mixed.exact
+        self.rejected += int(mixed.nonfinite.sum())
+        self.implausible += int(mixed.implausible.sum())
+        self.trust_excluded += int(mixed.excluded.sum())
+        self.unmixed += int(mixed.unmixed.sum())
+        if mixed.logits is not None:
+            self.trust_logits = mixed.logits.detach()
+        if mixed.kept is not None:
+            self.trust_kept += mixed.kept.long()
+        return mixed.weights
 
     def _shared_rows(self, round_index: int) -> Tensor:
         """What the ``share`` hook makes of the parameter columns; buffers travel as they are."""
@@ -855,153 +851,29 @@ class Engine:
         )
         return torch.cat([part, self.params[:, p:]], dim=1)
 
-    def _mix_buffers(self, weights: Tensor, own: Tensor) -> None:
-        """Local columns back to each node's own; shared counters mixed exactly (per-node path).
-
-        Robust rules mix the counters with uniform weights over each cohort.
-        """
-        if self.mixed_width < self.params.shape[1]:
-            self.params[:, self.mixed_width :] = own[:, self.mixed_width :]
-        if isinstance(self.backend, ModuleLoopBackend):
-            self.backend.mix_counters(weights)
-
-    def _screen(self, adjacency: Tensor, shared: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Drop implausible received rows from each cohort (``mixing.screen``).
-
-        Returns:
-            The screened adjacency, and for learned trust the ``(N, N)`` distances from each
-            node's own row to each member's shared row (``-inf`` on the diagonal), else None.
-        """
-        multiple = self.mixing.plausibility
-        learned = self.mixing.rule == "learned"
-        if multiple <= 0 and not learned:
-            return adjacency, None
-        n = self.num_nodes
-        edges = adjacency & ~torch.eye(n, dtype=torch.bool)
-        rows, cols = edges.nonzero().unbind(1)
-        distances = pair_distances(self.params, shared, rows, cols)
-        if multiple > 0:
-            own_norm = self.params.to(torch.float64).norm(dim=1)
-            out = implausible_pairs(rows, distances, own_norm, multiple=multiple)
-            if bool(out.any()):
-                self.implausible += int(out.sum())
-                adjacency = adjacency.clone()
-                adjacency[rows[out], cols[out]] = False
-        if not learned:
-            return adjacency, None
-        suspicion = torch.zeros(n, n, dtype=torch.float64)
-        suspicion[rows, cols] = distances
-        suspicion.fill_diagonal_(-torch.inf)
-        return adjacency, suspicion
-
-    def _guard(self, mixed: Tensor, own: Tensor) -> Tensor:
-        guarded, kept = finite_or_own(mixed, own)
-        self.unmixed += int(kept.sum())
-        return guarded
-
-    def _weighted_mix(self, weights: Tensor, shared: Tensor) -> Tensor:
-        n = self.num_nodes
-        width = int((weights != 0).sum(dim=1).max())
-        if n > 40 * width:
-            # Small cohorts in a big swarm: sum the k + 1 members of each row, O(N k P) memory
-            # traffic instead of the O(N^2 P) arithmetic of the dense product, which is faster
-            # below about 40 members per cohort member (measured for logreg and the CNN).
-            values, columns = weights.topk(width, dim=1)
-            mixed = torch.zeros_like(shared)
-            member = torch.empty_like(shared)
-            for k in range(width):
-                torch.index_select(shared, 0, columns[:, k], out=member)
-                mixed.addcmul_(values[:, k : k + 1], member)
-        else:
-            mixed = mix(weights, shared)
-        if shared is not self.params:
-            self.public = mixed
-            mixed = mixed + weights.diagonal().unsqueeze(1) * (self.params - shared)
-        return mixed
-
-    def _learn_trust(
-        self, members: Tensor, shared: Tensor, round_index: int, suspicion: Tensor | None
-    ) -> Tensor:
-        cfg = self.mixing
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, 3, round_index))
-        data, backend = self.data, self.backend
-        vmax = data.val_index.shape[1]
-        own = self.params
+    def _trust(self, round_index: int) -> Trust:
+        """Learned trust's batches and loss: node i draws from its own ``TRUST`` generator."""
+        data, backend, own = self.data, self.backend, self.params
+        width = self.mixed_width
+        generators = [
+            node_generator(self.seed, Stream.TRUST, round_index, node)
+            for node in range(self.num_nodes)
+        ]
+        counts = data.val_count.tolist()
 
         def draw() -> tuple[Tensor, Tensor]:
-            draws = torch.rand(
-                self.num_nodes, cfg.trust_batch_size, generator=generator, device="cpu"
-            )
-            pick = draws.to(self.device) * (data.val_count.unsqueeze(1))
-            index = data.val_index.gather(1, pick.long().clamp_max(vmax - 1))
+            pick = validation_rows(generators, counts, self.mixing.trust_batch_size)
+            index = data.val_index.gather(1, pick.to(self.device))
             flat = index.reshape(-1)
             x = self._x_train.index_select(0, flat).view(*index.shape, *self._x_train.shape[1:])
             return x, data.y_train.index_select(0, flat).view(*index.shape, *self._y_shape)
 
-        def mixed_loss(weights: Tensor, batch: tuple[Tensor, Tensor] | None = None) -> Tensor:
-            mixed = mix(weights, shared)
-            if shared is not own:
-                mixed = mixed + weights.diagonal().unsqueeze(1) * (own - shared)
-            if self.mixed_width < own.shape[1]:  # local buffers: each node's own
-                mixed = torch.cat([mixed[:, : self.mixed_width], own[:, self.mixed_width :]], 1)
-            return backend.losses(mixed, *(draw() if batch is None else batch))
+        def losses(mixed: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            if width < own.shape[1]:  # local buffers: each node's own
+                mixed = torch.cat([mixed, own[:, width:]], dim=1)
+            return backend.losses(mixed, x, y)
 
-        with _forked_rng(self.seed, 4, round_index):
-            fit = learn_trust(
-                self.trust_logits,
-                mixed_loss=mixed_loss,
-                members=members,
-                lr=cfg.trust_lr,
-                steps=cfg.trust_steps,
-                floor=cfg.weight_floor,
-                entropy_penalty=cfg.entropy_penalty,
-                suspicion=suspicion,
-            )
-            self.trust_logits, members = fit.logits, fit.members
-            self.trust_excluded += int(fit.excluded.sum())
-            weights = trust_weights(self.trust_logits, members, floor=cfg.weight_floor).detach()
-            if cfg.trust_margin <= 0:
-                return weights
-            # Held-out check: learned weights only where they beat uniform on a fresh batch.
-            with torch.no_grad():
-                batch, uniform = draw(), uniform_weights(members)
-                keep = prefer_learned(
-                    mixed_loss(weights, batch), mixed_loss(uniform, batch), margin=cfg.trust_margin
-                )
-        self.trust_kept += keep.long()
-        return torch.where(keep.unsqueeze(1), weights, uniform)
-
-    def _robust(self, members: Tensor, shared: Tensor, *, own: Tensor) -> Tensor:
-        """Robust rules by groups of nodes: equal-size cohorts are gathered and reduced at once.
-
-        Node i's own row is ``own[i]`` (its true parameters, or for ``public`` its shared ones).
-        """
-        n, p = self.params.shape
-        out = torch.empty_like(self.params)
-        sizes = members.sum(dim=1)
-        # Self first, then the cohort in index order.
-        ranked = torch.where(members, torch.arange(n).expand(n, n), n)
-        ranked[torch.arange(n), torch.arange(n)] = -1
-        order = ranked.sort(dim=1).values
-        order[:, 0] = torch.arange(n)
-        for size in sorted(set(sizes.tolist())):
-            nodes = (sizes == size).nonzero().squeeze(1)
-            chunk = max(1, _GATHER_BUDGET // max(1, size * p))
-            for start in range(0, len(nodes), chunk):
-                group = nodes[start : start + chunk]
-                index = order[group, :size]
-                stack = shared[index.reshape(-1)].view(len(group), size, p)
-                stack[:, 0] = own[group]
-                out[group] = self._reduce(stack)
-        return out
-
-    def _reduce(self, stack: Tensor) -> Tensor:
-        cfg = self.mixing
-        if cfg.rule == "median":
-            return coordinate_median(stack)
-        if cfg.rule == "trimmed_mean":
-            return trimmed_mean(stack, trim_ratio=cfg.trim_ratio)
-        return krum(stack, byzantine=cfg.byzantine)
+        return Trust(logits=self.trust_logits, draw=draw, losses=losses)
 
     # ---- rounds and evaluation -----------------------------------------------------------
 

@@ -29,7 +29,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.errors import ConfigError, StateError
 from fedtorrent.state.schema import state_schema
-from fedtorrent.training.seeds import derive_seed
+from fedtorrent.training.seeds import Stream, node_generator
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -186,7 +186,7 @@ class ModuleLoopBackend:
             ctx = TrainContext(
                 device=x.device,
                 round=round_index,
-                generator=torch.Generator().manual_seed(derive_seed(seed, 6, round_index, node)),
+                generator=node_generator(seed, Stream.STEP, round_index, node),
                 loss=self.loss,
                 optimizer=optimizer,
             )
@@ -206,20 +206,6 @@ class ModuleLoopBackend:
             params[node] = self.layout.flatten(state)
             for key, value in self.counters.items():
                 value[node] = state[key]
-
-    def mix_counters(self, weights: Tensor) -> None:
-        """Combine the shared counters with ``(N, N)`` weights: weighted mean, rounded, exact."""
-        w = weights.detach().to(torch.float64)
-        w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-300)
-        for key in self.layout.exact:
-            value = self.counters[key]
-            flat = value.reshape(value.shape[0], -1).to(torch.float64)
-            # Own value plus the weighted mean deviation: counters that agree stay exact whatever
-            # the rounding of the weights (a float32 weight of 1/3 is off by 1e-8).
-            mixed = flat + (w @ flat - flat * w.sum(dim=1, keepdim=True)).round()
-            if value.dtype == torch.bool:
-                mixed = mixed.clamp(0, 1)
-            self.counters[key] = mixed.to(value.dtype).view_as(value)
 
     def _forward(self, row: Tensor, x: Tensor) -> Tensor:
         # Buffers enter detached: BatchNorm's kernel refuses a gradient through running stats, so

@@ -44,7 +44,7 @@ from fedtorrent.sim.topology import Topology
 from fedtorrent.state.codec import encode_state
 from fedtorrent.training.local import make_optimizer
 from fedtorrent.training.schedule import round_lr_scale
-from fedtorrent.training.seeds import derive_seed
+from fedtorrent.training.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:
     from fedtorrent.data.datasets import Dataset
@@ -145,7 +145,7 @@ def run_one(
         num_classes=dataset.num_classes,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, 0))
+        torch.manual_seed(derive_seed(config.seed, Stream.INIT))
         model = build_model(
             config.model.name,
             input_shape=tuple(dataset.input_shape),
@@ -315,7 +315,7 @@ def _curve_subset(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if config.eval_examples is None or config.eval_examples >= len(y):
         return None, None
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, 5))
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, Stream.CURVES))
     pick = torch.randperm(len(y), generator=generator)[: config.eval_examples]
     return x[pick], y[pick]
 

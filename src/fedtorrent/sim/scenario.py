@@ -25,7 +25,7 @@ from fedtorrent.config import SimConfig
 from fedtorrent.privacy.accountant import PrivacyAccountant, resolve_noise_multiplier
 from fedtorrent.privacy.mechanism import privatize_rows
 from fedtorrent.sim.engine import NodeData
-from fedtorrent.training.seeds import derive_seed
+from fedtorrent.training.seeds import Stream, node_generator
 
 Tensor = torch.Tensor
 
@@ -72,7 +72,7 @@ class Outgoing:
         shared = params
         if self.accountant is not None:
             assert self.clip is not None and self.noise_multiplier is not None
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, 8, round_index))
+            generator = node_generator(self.seed, Stream.SIM_NOISE, round_index, 0)
             noised = privatize_rows(
                 params - public,
                 clip=self.clip,
@@ -83,7 +83,7 @@ class Outgoing:
             self.accountant.record_round(noise_multiplier=self.noise_multiplier)
         if self.attack is not None and not self.attack.poisons_data and self.attackers:
             rows = torch.tensor(self.attackers)
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, 9, round_index))
+            generator = node_generator(self.seed, Stream.SIM_ATTACK, round_index, 0)
             shared = shared.clone() if shared is params else shared
             shared[rows] = attack_params(
                 self.attack,

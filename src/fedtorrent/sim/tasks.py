@@ -34,7 +34,7 @@ from fedtorrent.sim.engine import Engine, FunctionalBackend, NodeData, ShareFn
 from fedtorrent.sim.loop import has_buffers
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.schedule import round_lr_scale
-from fedtorrent.training.seeds import derive_seed
+from fedtorrent.training.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:
     from fedtorrent.sim.run import RunOutcome, RunWriters
@@ -186,7 +186,7 @@ def run_task(
     started = time.perf_counter()
     n = config.data.num_nodes
     nodes = [task.node_data(i, n) for i in range(n)]
-    model = task.make_model(seed=derive_seed(config.seed, 0))
+    model = task.make_model(seed=derive_seed(config.seed, Stream.INIT))
     chosen = choose_path(task, model, nodes)
     if path == "vectorized" and chosen != "vectorized":
         raise ConfigError(

@@ -32,6 +32,7 @@ def train_task(
     generator: torch.Generator,
     round: int,
     lr_scale: float = 1.0,
+    step_generator: torch.Generator | None = None,
 ) -> float:
     """Train ``model`` in place with the task's optimizer and step; the mean training loss.
 
@@ -40,7 +41,9 @@ def train_task(
     optimizer is ``task.make_optimizer`` (the task's, else ``config``'s), made fresh for the call;
     every group's learning rate is multiplied by ``lr_scale`` (the round schedule) and, with
     ``config.lr_schedule == "cosine"``, decayed over the call's batches. Each batch is one call of
-    ``task.step_fn(model, (x, y), ctx)`` with ``ctx.round == round`` (0-based).
+    ``task.step_fn(model, (x, y), ctx)`` with ``ctx.round == round`` (0-based) and
+    ``ctx.generator`` ``step_generator`` (default ``generator``; a peer and the simulator pass
+    the node's ``Stream.STEP`` generator, so a step's draws never move the batch order).
 
     Returns:
         The example-weighted mean of the losses the steps returned; NaN when no batch ran.
@@ -55,7 +58,11 @@ def train_task(
     optimizer = task.make_optimizer(model.parameters(), config)
     base = [float(group["lr"]) * lr_scale for group in optimizer.param_groups]
     ctx = TrainContext(
-        device=x.device, round=round, generator=generator, loss=task.loss_fn, optimizer=optimizer
+        device=x.device,
+        round=round,
+        generator=generator if step_generator is None else step_generator,
+        loss=task.loss_fn,
+        optimizer=optimizer,
     )
     where = f"Task.train_step {callable_name(task.step_fn)}"
     model.train()

@@ -374,6 +374,8 @@ class Transport(ABC):
         self.config = config
         self.stats = TrafficStats()
         self._served: Served | None = None
+        self._previous: Served | None = None
+        """The state published before ``_served``: what a requester one round behind gets."""
         self._executor: ThreadPoolExecutor | None = None
         self._closing = threading.Event()
         self._lifecycle = threading.Lock()
@@ -436,6 +438,8 @@ class Transport(ABC):
     def publish(self, frames: Sequence[bytes]) -> None:
         """Serve these ``wire.encode_message`` frames from now on (replaces the previous state).
 
+        The previous state is kept for requesters still in its round (see :meth:`answer`).
+
         Raises:
             ConfigError: the frames are not a state message of this session and peer.
         """
@@ -454,6 +458,7 @@ class Transport(ABC):
             raise ConfigError("cannot publish: not a state message sent by this peer")
         if len(payload) != header.payload_len:
             raise ConfigError("cannot publish: payload length differs from the header")
+        self._previous = self._served
         self._served = Served(header=header, frames=(header_raw, payload))
         self._on_publish(self._served)
 
@@ -482,8 +487,9 @@ class Transport(ABC):
             connection: what tells this request's connection apart, if anything; limited too.
 
         Returns:
-            ``(served, [], requester)`` to send ``served`` (then call :meth:`report_served`
-            once it went out), or ``(None, error_frames, requester)``; a requester over its
+            ``(served, [], requester)`` to send ``served`` (the state of the requester's
+            round when the previous publish was that round, else the latest; then call
+            :meth:`report_served` once it went out), or ``(None, error_frames, requester)``; a requester over its
             rate gets ``error: rate_limited`` (a ``rate_limited`` rejection in ``stats``).
         """
         served = self._served
@@ -497,6 +503,15 @@ class Transport(ABC):
             self.stats.record_rejection(UNKNOWN, exc.reason)
             return None, self._error(UNKNOWN, round, exc.reason), UNKNOWN
         self.stats.record_received(header.sender, round, header=request_bytes)
+        previous = self._previous
+        if (
+            served is not None
+            and previous is not None
+            and header.round == previous.header.round < served.header.round
+        ):
+            # A requester one round behind gets that round's state, as in the simulator's
+            # lockstep rounds, not the newer one it would mix a round early.
+            served = previous
         state = (served.header.round, served.header.payload_sha256) if served else None
         requester = f"curve:{client_key}" if client_key else f"id:{header.sender}"
         if not self._limiter.allow(requester, connection=connection, state=state):

@@ -1,0 +1,392 @@
+"""One mixing round, the single implementation the simulator's engine and a real peer both call.
+
+A round mixes for ``R`` receivers what ``M`` senders shared (:class:`Cohorts`). The engine passes
+every node at once (``R = M = N``, node i's own column is i); a real peer passes itself alone
+(``R = 1``) over ``[self, *heard]`` (``M = 1 + k``, its own column 0). :func:`mix_round` runs the
+same steps, in the same order, for both:
+
+1. received rows that are not finite leave every other receiver's cohort (``nonfinite``);
+2. the plausibility screen (:mod:`fedtorrent.mixing.screen`) drops implausible rows
+   (``implausible``), measured from each receiver's own true vector;
+3. the rule: ``none`` keeps the own vector; ``fixed``, ``metropolis`` and ``learned`` are weights
+   (learned trust is fitted here, :func:`fit_trust`, on validation batches the caller draws from
+   :func:`validation_rows`, then passes the held-out check); robust rules reduce each receiver's
+   ``[own, *cohort]`` stack;
+4. privacy's public correction: a receiver mixes its own *true* vector although its cohort saw
+   its shared one (``own``); what the cohort can compute of its mix is ``public``;
+5. the guard: a receiver whose mix is not finite keeps its own vector (``unmixed``);
+6. exact keys (integer buffers) are combined in float64 with the same weights and rounded
+   (:func:`mix_exact`); local keys never enter.
+
+Seeds come from :func:`fedtorrent.training.seeds.node_generator` (stream ``TRUST``), one
+generator per receiver and round, so the engine and a peer draw the same validation batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fedtorrent.config import MixingConfig
+from fedtorrent.mixing.rules import (
+    WEIGHTED_RULES,
+    coordinate_median,
+    krum,
+    metropolis_rows,
+    mix,
+    trimmed_mean,
+    uniform_weights,
+)
+from fedtorrent.mixing.screen import finite_or_own, implausible_pairs, pair_distances
+from fedtorrent.mixing.trust import learn_trust, prefer_learned, trust_weights
+
+Tensor = torch.Tensor
+Batch = tuple[Tensor, Tensor]
+"""One validation batch per receiver: inputs ``(R, B, ...)`` and targets ``(R, B, ...)``."""
+
+GATHER_BUDGET = 64 * 2**20
+"""Floats a gathered ``(G, size, P)`` cohort stack for the robust rules may take at once."""
+
+
+@dataclass(frozen=True)
+class Cohorts:
+    """What ``R`` receivers got from ``M`` senders this round.
+
+    Attributes:
+        shared: ``(M, P)`` the float vectors the senders shared (each receiver's own shared row
+            included, at its ``self_column``).
+        members: ``(R, M)`` bool: True where a receiver mixes a sender, its own column included.
+        self_column: ``(R,)`` int64: each receiver's own column of ``shared``.
+        own: ``(R, P)`` each receiver's true vector, when it differs from what it shared
+            (privacy noise, an attack, a share hook); None: the shared rows are the true ones.
+        exact: integer keys ``{key: (M, ...)}`` combined exactly (:func:`mix_exact`); each
+            receiver's own value is at its ``self_column``.
+        sender_degrees: ``(M,)`` the cohort size of each sender, for ``metropolis``; None when
+            the receivers are the senders (``R == M``): taken from ``members`` after the screen.
+    """
+
+    shared: Tensor
+    members: Tensor
+    self_column: Tensor
+    own: Tensor | None = None
+    exact: Mapping[str, Tensor] = field(default_factory=dict)
+    sender_degrees: Tensor | None = None
+
+    @property
+    def own_rows(self) -> Tensor:
+        """``(R, P)`` each receiver's true vector."""
+        return self.shared[self.self_column] if self.own is None else self.own
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Learned trust's inputs for :func:`mix_round`.
+
+    Attributes:
+        logits: ``(R, M)`` the receivers' current trust logits over the senders.
+        draw: a fresh validation batch for every receiver (see :func:`validation_rows`); called
+            once per trust step and once for the held-out check.
+        losses: ``(mixed (R, P), inputs, targets) -> (R,)`` each receiver's mean validation loss
+            of its mixed vector (differentiable in the vector); the caller completes the state
+            with what the vector does not hold (local buffers: the receiver's own).
+        fit: False when there is nothing to fit on (no validation data, nobody heard): the
+            current logits are used as they are, and ``draw`` is never called.
+    """
+
+    logits: Tensor
+    draw: Callable[[], Batch]
+    losses: Callable[[Tensor, Tensor, Tensor], Tensor]
+    fit: bool = True
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """What :func:`mix_round` made; every mask is ``(R, M)`` and True where something happened.
+
+    Attributes:
+        params: ``(R, P)`` each receiver's new vector (its own where the mix was not finite).
+        exact: ``{key: (R, ...)}`` the combined integer keys.
+        public: ``(R, P)`` what each receiver's cohort can compute of its mix (the mix with its
+            shared row as its own); None when ``own`` was not given.
+        weights: ``(R, M)`` the weights used; None for robust rules.
+        members: who was mixed after the screen and trust's exclusions.
+        nonfinite: members dropped because their shared row is not finite (never the own).
+        implausible: members the plausibility screen dropped.
+        distances: ``(R, M)`` float64 distance from each receiver's own vector to every member
+            it screened (0 elsewhere); None when nothing was screened.
+        excluded: members learned trust excluded (non-finite loss or gradient).
+        logits: ``(R, M)`` the new trust logits (learned rule); None otherwise.
+        kept: ``(R,)`` bool, receivers whose learned weights passed the held-out check (None
+            without a check).
+        unmixed: ``(R,)`` bool, receivers whose mix was not finite and who kept their own.
+    """
+
+    params: Tensor
+    exact: dict[str, Tensor]
+    public: Tensor | None
+    weights: Tensor | None
+    members: Tensor
+    nonfinite: Tensor
+    implausible: Tensor
+    distances: Tensor | None
+    excluded: Tensor
+    logits: Tensor | None
+    kept: Tensor | None
+    unmixed: Tensor
+
+
+def validation_rows(
+    generators: Sequence[torch.Generator], counts: Sequence[int], size: int
+) -> Tensor:
+    """``(R, size)`` positions into each receiver's own validation split, one generator each.
+
+    Receiver r draws ``randint(counts[r], (size,))`` from ``generators[r]``: the same draws in the
+    engine (all nodes) and in a peer (itself), whatever the other receivers do.
+    """
+    return torch.stack(
+        [
+            torch.randint(max(1, int(count)), (size,), generator=generator)
+            for generator, count in zip(generators, counts, strict=True)
+        ]
+    )
+
+
+def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None) -> Mixed:
+    """One round's mixing for every receiver (see the module docstring for the steps).
+
+    Args:
+        cohorts: what was received.
+        config: the session's mixing settings (rule, screen, trust settings).
+        trust: learned trust's logits, batches and loss; required when the rule is ``learned``
+            and ``trust_steps > 0`` (without it the logits in ``Trust`` are used as they are, or
+            uniform weights when it is None).
+    """
+    shared, members, self_column = cohorts.shared, cohorts.members.clone(), cohorts.self_column
+    r = members.shape[0]
+    own = cohorts.own_rows
+    is_self = torch.zeros_like(members)
+    is_self[torch.arange(r, device=members.device), self_column] = True
+    members |= is_self
+    none = torch.zeros_like(members)
+    if config.rule == "none":
+        return Mixed(
+            params=own.clone(), exact={k: v[self_column].clone() for k, v in cohorts.exact.items()},
+            public=None if cohorts.own is None else shared[self_column].clone(),
+            weights=is_self.to(torch.float32), members=is_self, nonfinite=none, implausible=none,
+            distances=None, excluded=none, logits=None if trust is None else trust.logits,
+            kept=None, unmixed=torch.zeros(r, dtype=torch.bool, device=members.device),
+        )  # fmt: skip
+
+    bad = ~torch.isfinite(shared).all(dim=1)
+    nonfinite = none
+    if bool(bad.any()):
+        nonfinite = members & ~is_self & bad.unsqueeze(0)
+        members &= ~nonfinite
+        if bool(bad[self_column].any()):  # a receiver's own shared row: it mixes its true one
+            fix = bad[self_column].unsqueeze(1)
+            shared = shared.clone()
+            shared[self_column] = torch.where(fix, own, shared[self_column])
+    members, implausible, distances = _screen(members & ~is_self, own, shared, config)
+    members |= is_self
+
+    excluded, logits, kept = none, None, None
+    weights: Tensor | None
+    if config.rule not in WEIGHTED_RULES:
+        weights = None
+        mixed = _robust(members, shared, own, self_column, config)
+        public = None if cohorts.own is None else _robust(members, shared, shared[self_column],
+                                                          self_column, config)  # fmt: skip
+    else:
+        if config.rule == "fixed":
+            weights = uniform_weights(members)
+        elif config.rule == "metropolis":
+            weights = metropolis_rows(members, is_self, cohorts.sender_degrees)
+        elif trust is None:
+            weights = uniform_weights(members)
+        else:
+            suspicion = torch.where(members & ~is_self, distances, 0.0)
+            suspicion = torch.where(is_self, -torch.inf, suspicion.to(torch.float64))
+            weights, logits, members, excluded, kept = fit_trust(
+                trust, members, cohorts, shared, config, suspicion=suspicion
+            )
+        mixed = weighted_mix(weights, shared, own, self_column)
+        public = None if cohorts.own is None else weighted_mix(weights, shared)
+    guarded, unmixed = finite_or_own(mixed, own)
+    exact_weights = uniform_weights(members) if weights is None else weights
+    exact = {
+        key: mix_exact(values, weights=exact_weights, self_column=self_column)
+        for key, values in cohorts.exact.items()
+    }
+    if bool(unmixed.any()):  # a receiver that kept its own vector keeps its own counters too
+        exact = {
+            key: torch.where(_rows_mask(unmixed, value), cohorts.exact[key][self_column], value)
+            for key, value in exact.items()
+        }
+    return Mixed(
+        params=guarded, exact=exact, public=public, weights=weights, members=members,
+        nonfinite=nonfinite, implausible=implausible,
+        distances=distances if config.plausibility > 0 or config.rule == "learned" else None,
+        excluded=excluded, logits=logits, kept=kept, unmixed=unmixed,
+    )  # fmt: skip
+
+
+def fit_trust(
+    trust: Trust,
+    members: Tensor,
+    cohorts: Cohorts,
+    shared: Tensor,
+    config: MixingConfig,
+    *,
+    suspicion: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Learned trust for every receiver: fit the logits, then the held-out check.
+
+    One validation batch per trust step (``trust.draw``), reused when a row drops a member and is
+    recomputed; one more batch scores the learned and the uniform weights for the check.
+
+    Returns:
+        ``(weights, logits, members, excluded, kept)``: weights are the learned ones where the
+        check passed (or there is no check), uniform over the kept members elsewhere.
+    """
+    own, self_column = cohorts.own_rows, cohorts.self_column
+    steps = config.trust_steps if trust.fit else 0
+    batch: list[Batch] = []
+
+    def next_batch() -> None:
+        batch[:] = [trust.draw()]
+
+    def mixed_loss(weights: Tensor, on: Batch | None = None) -> Tensor:
+        x, y = batch[0] if on is None else on
+        return trust.losses(weighted_mix(weights, shared, own, self_column, dense=True), x, y)
+
+    fit = learn_trust(
+        trust.logits,
+        mixed_loss=mixed_loss,
+        members=members,
+        lr=config.trust_lr,
+        steps=steps,
+        floor=config.weight_floor,
+        entropy_penalty=config.entropy_penalty,
+        suspicion=suspicion,
+        on_step=next_batch,
+    )
+    weights = trust_weights(fit.logits, fit.members, floor=config.weight_floor).detach()
+    if config.trust_margin <= 0 or steps == 0:
+        return weights, fit.logits, fit.members, fit.excluded, None
+    uniform = uniform_weights(fit.members)
+    with torch.no_grad():
+        held_out = trust.draw()
+        keep = prefer_learned(
+            mixed_loss(weights, held_out), mixed_loss(uniform, held_out), margin=config.trust_margin
+        )
+    chosen = torch.where(keep.unsqueeze(1), weights, uniform)
+    return chosen, fit.logits, fit.members, fit.excluded, keep
+
+
+def weighted_mix(
+    weights: Tensor,
+    shared: Tensor,
+    own: Tensor | None = None,
+    self_column: Tensor | None = None,
+    *,
+    dense: bool = False,
+) -> Tensor:
+    """``weights @ shared``, plus each receiver's own correction ``w_self (own - shared_self)``.
+
+    Small cohorts in a big swarm (``M > 40`` times the widest row) sum each row's members instead
+    of the dense product: ``O(R k P)`` memory traffic instead of ``O(R M P)`` arithmetic, faster
+    below about 40 senders per member (measured for logreg and the CNN). ``dense`` forces the
+    product (differentiable in ``weights``, as learned trust needs).
+    """
+    width = int((weights != 0).sum(dim=1).max()) if not dense else 0
+    if not dense and shared.shape[0] > 40 * width:
+        values, columns = weights.topk(width, dim=1)
+        mixed = shared.new_zeros(weights.shape[0], shared.shape[1])
+        member = torch.empty_like(mixed)
+        for k in range(width):
+            torch.index_select(shared, 0, columns[:, k], out=member)
+            mixed.addcmul_(values[:, k : k + 1], member)
+    else:
+        mixed = mix(weights, shared)
+    if own is None or self_column is None or own is shared:
+        return mixed
+    rows = torch.arange(weights.shape[0], device=weights.device)
+    return mixed + weights[rows, self_column].unsqueeze(1) * (own - shared[self_column])
+
+
+def mix_exact(values: Tensor, *, weights: Tensor, self_column: Tensor) -> Tensor:
+    """Combine an integer (or bool) key ``(M, ...)`` with ``(R, M)`` weights, exactly.
+
+    Each receiver keeps its own value plus the rounded weighted mean deviation from it, computed
+    in float64 (weights renormalised there), so counters that agree stay exactly equal whatever
+    the rounding of float32 weights (exact below 2**53), and nothing goes through float32.
+    Robust rules pass uniform weights over each cohort. Returns ``(R, ...)`` in the key's dtype.
+    """
+    w = weights.detach().to(torch.float64)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    flat = values.reshape(values.shape[0], -1).to(torch.float64)
+    own = flat[self_column]
+    combined = own + (w @ flat - own).round()
+    if values.dtype == torch.bool:
+        combined = combined.clamp(0, 1)
+    return combined.to(values.dtype).reshape(len(self_column), *values.shape[1:])
+
+
+def _rows_mask(rows: Tensor, like: Tensor) -> Tensor:
+    return rows.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _screen(
+    edges: Tensor, own: Tensor, shared: Tensor, config: MixingConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop implausible members (``edges`` exclude each receiver's own column).
+
+    Returns:
+        The members kept, the ``(R, M)`` mask of those dropped, and the ``(R, M)`` float64
+        distances measured (for learned trust's suspicion; 0 where nothing was measured).
+    """
+    distances = torch.zeros(edges.shape, dtype=torch.float64, device=edges.device)
+    dropped = torch.zeros_like(edges)
+    if config.plausibility <= 0 and config.rule != "learned":
+        return edges, dropped, distances
+    rows, cols = edges.nonzero().unbind(1)
+    measured = pair_distances(own, shared, rows, cols)
+    distances[rows, cols] = measured
+    if config.plausibility > 0 and rows.numel():
+        own_norm = own.to(torch.float64).norm(dim=1)
+        out = implausible_pairs(rows, measured, own_norm, multiple=config.plausibility)
+        dropped[rows[out], cols[out]] = True
+    return edges & ~dropped, dropped, distances
+
+
+def _robust(
+    members: Tensor, shared: Tensor, own: Tensor, self_column: Tensor, config: MixingConfig
+) -> Tensor:
+    """Robust rules over ``[own, *cohort]`` per receiver; equal-size cohorts reduced at once."""
+    r, m = members.shape
+    p = shared.shape[1]
+    others = members.clone()
+    others[torch.arange(r, device=members.device), self_column] = False
+    sizes = others.sum(dim=1)
+    columns = torch.arange(m, device=members.device).expand(r, m)
+    order = torch.where(others, columns, m).sort(dim=1).values
+    out = shared.new_empty(r, p)
+    for size in sorted(set(sizes.tolist())):
+        group_rows = (sizes == size).nonzero().squeeze(1)
+        chunk = max(1, GATHER_BUDGET // max(1, (size + 1) * p))
+        for start in range(0, len(group_rows), chunk):
+            group = group_rows[start : start + chunk]
+            cohort = shared[order[group, :size].reshape(-1)].view(len(group), size, p)
+            stack = torch.cat([own[group].unsqueeze(1), cohort], dim=1)
+            out[group] = _reduce(stack, config)
+    return out
+
+
+def _reduce(stack: Tensor, config: MixingConfig) -> Tensor:
+    if config.rule == "median":
+        return coordinate_median(stack)
+    if config.rule == "trimmed_mean":
+        return trimmed_mean(stack, trim_ratio=config.trim_ratio)
+    return krum(stack, byzantine=config.byzantine)
