@@ -602,8 +602,6 @@ def test_an_initial_state_that_differs_from_the_torrent_is_refused(swarm: Swarm)
 def test_peer_config_is_validated(tmp_path: Path) -> None:
     base = {"torrent": tmp_path / "t", "out_dir": tmp_path}
     with pytest.raises(ConfigError, match="either"):
-        PeerConfig(**base)
-    with pytest.raises(ConfigError, match="either"):
         PeerConfig(**base, node_index=0, num_nodes=2, examples=tmp_path)
     with pytest.raises(ConfigError, match="node index"):
         PeerConfig(**base, node_index=2, num_nodes=2)
@@ -613,6 +611,15 @@ def test_peer_config_is_validated(tmp_path: Path) -> None:
         PeerConfig(**base, node_index=0, num_nodes=2, exchange_timeout=float("nan"))
     with pytest.raises(ConfigError, match="advertise"):
         PeerConfig(**base, node_index=0, num_nodes=2, advertise_ip="not-an-ip")
+
+
+def test_a_built_in_peer_without_a_shard_or_examples_fails_at_start(tmp_path: Path) -> None:
+    # PeerConfig cannot tell (a task peer may own its data); the built-in session can.
+    peer = Peer(PeerConfig(torrent=make_torrent(tmp_path), out_dir=tmp_path / "p"))
+    with pytest.raises(ConfigError, match="node index with a number of nodes, or examples"):
+        peer.start()
+    peer.close()
+    assert peer.state == "failed"
 
 
 def test_a_peer_whose_start_fails_says_so_in_its_status_and_writes_no_summary(

@@ -39,6 +39,8 @@ EXPECTED = {
     "Session",
     "Torrent",
     "load_torrent",
+    "create_session",
+    "write_session",
     "TrackerServer",
     "BackgroundTracker",
     "TrackerClient",

@@ -163,6 +163,22 @@ def test_view_marks_a_peer_that_died_without_saying_so_as_failed() -> None:
 
 @pytest.mark.network
 @pytest.mark.timeout(60)
+def test_run_swarm_shows_rounds_done_across_peers_on_a_terminal(
+    tmp_path: Path,
+    digits_torrent: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws as on a terminal
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    config = _fake_config(tmp_path, digits_torrent, "--rounds", "3", peers=3)
+    summary = run_swarm(config, timeout=45, plots=False)
+    assert summary["finished"] == 3
+    assert "9/9" in capfd.readouterr().err  # 3 peers x 3 rounds, on stderr
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
 def test_fake_swarm_runs_to_the_end_and_writes_the_summary(
     tmp_path: Path, digits_torrent: Path
 ) -> None:

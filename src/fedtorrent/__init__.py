@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "Session": "fedtorrent.net.torrent",
     "Torrent": "fedtorrent.net.torrent",
     "load_torrent": "fedtorrent.net.torrent",
+    "create_session": "fedtorrent.net.create",
+    "write_session": "fedtorrent.net.create",
     "TrackerServer": "fedtorrent.net.tracker.server",
     "BackgroundTracker": "fedtorrent.net.tracker.server",
     "TrackerClient": "fedtorrent.net.tracker.client",
@@ -95,6 +97,7 @@ __all__ = [
     "__version__",
     "build_model",
     "builtin_task",
+    "create_session",
     "evaluate",
     "load_dataset",
     "load_task",
@@ -107,6 +110,7 @@ __all__ = [
     "train_centralized",
     "train_local",
     "verify_ledgers",
+    "write_session",
 ]
 
 

@@ -7,18 +7,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from fedtorrent.cli import app, printable
 from fedtorrent.config import SimConfig, TrackerConfig
 from fedtorrent.errors import ConfigError
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from fedtorrent.net.torrent import TaskInfo
 
 _SIM = SimConfig()
 """``create``'s training defaults are ``simulate``'s, so both describe the same run by default."""
@@ -129,44 +124,20 @@ def create(
     its state schema and a label, never code: every peer brings the task itself.
     """
     output.parent.mkdir(parents=True, exist_ok=True)  # a first mistake fails before any work
-    import torch  # noqa: PLC0415 (lazy: keep --help fast)
+    from fedtorrent import config  # noqa: PLC0415 (lazy: keep --help fast)
+    from fedtorrent.net.create import create_session, write_session  # noqa: PLC0415
+    from fedtorrent.net.torrent import state_path_for  # noqa: PLC0415
 
-    from fedtorrent import config  # noqa: PLC0415
-    from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
-    from fedtorrent.models import build_model  # noqa: PLC0415
-    from fedtorrent.net.torrent import (  # noqa: PLC0415
-        TASK_MODEL,
-        Session,
-        Torrent,
-        save_session,
-    )
-    from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
-    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
-
-    task_info: TaskInfo | None = None
-    if task is not None:
-        net, task_info = _task_model(task, seed=seed, nodes=nodes)
-        model, dataset, kwargs = TASK_MODEL, TASK_MODEL, {}
-    else:
-        if dataset not in INPUT_SHAPES:
-            raise ConfigError(f"dataset must be one of {', '.join(INPUT_SHAPES)}; got {dataset!r}")
-        input_shape, num_classes = INPUT_SHAPES[dataset], len(CLASSES[dataset])
-        kwargs = _model_kwargs(model_arg or [])
-        torch.manual_seed(derive_seed(seed, Stream.INIT))  # the simulator's initial model
-        net = build_model(model, input_shape=input_shape, num_classes=num_classes, **kwargs)
     allow_keys = _allow_keys(allow_key or [], allow_keys_file or [])
-    state = encode_state(net.state_dict())
     privacy = None
     if dp_clip is not None:
         privacy = config.PrivacyConfig(
             clip=dp_clip, noise_multiplier=dp_noise, target_epsilon=dp_epsilon, delta=dp_delta
         )
-    default_name = f"{dataset}-{model}-{split}-{nodes}"
-    if task_info is not None:
-        default_name = f"task-{task_info.label}-{nodes}"
-    session = Session(
-        name=name or default_name,
-        model=config.ModelConfig(model, kwargs),
+    built_in = config.ModelConfig(model, _model_kwargs(model_arg or []))
+    session, state = create_session(
+        task=task,
+        model=None if task is not None else built_in,
         data=config.DataConfig(
             dataset=dataset,
             num_nodes=nodes,
@@ -191,44 +162,15 @@ def create(
         rounds=rounds,
         round_schedule=round_schedule,
         cohort_size=cohort,
-        state_sha256=state_digest(state),
-        state_size=len(state),
         privacy=privacy,
         allow_keys=allow_keys,
-        task=task_info,
+        name=name,
     )
-    torrent = Torrent(
-        announce=tracker,
-        session=session,
-        creation_date=int(time.time()),
-        created_by="fedtorrent",
-        comment=comment,
-    )
-    _, state_path = save_session(torrent, output, state)
-    typer.echo(f"wrote {output} and {state_path} ({len(state)} bytes)")
+    torrent = write_session(output, session, state, tracker=tracker, comment=comment)
+    typer.echo(f"wrote {output} and {state_path_for(output)} ({len(state)} bytes)")
     typer.echo(f"info-hash {torrent.info_hash}")
     if allow_keys:
         typer.echo(f"closed swarm: {len(allow_keys)} allowed keys")
-
-
-def _task_model(spec: str, *, seed: int, nodes: int) -> tuple[nn.Module, TaskInfo]:
-    """The task's model (seeded) and the torrent's :class:`TaskInfo` for ``--task spec``.
-
-    The task is checked on node 0 of ``nodes`` first (``check_task``), so a task that cannot
-    train fails here, once, rather than in every peer.
-    """
-    from fedtorrent.net.torrent import MAX_TASK_LABEL_CHARS, TaskInfo  # noqa: PLC0415
-    from fedtorrent.state.schema import state_schema  # noqa: PLC0415
-    from fedtorrent.task import check_task, load_task  # noqa: PLC0415
-    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
-
-    task = load_task(spec)
-    check_task(task, node=0, num_nodes=nodes)
-    net = task.make_model(seed=derive_seed(seed, Stream.INIT))  # the simulator's initial model
-    source, name = spec.rsplit(":", 1)
-    label = f"{Path(source).stem if source.endswith('.py') else source}:{name}"
-    label = "".join(c if c.isprintable() else "?" for c in label)[:MAX_TASK_LABEL_CHARS]
-    return net, TaskInfo(label=label, schema=state_schema(net, buffers=task.buffers))
 
 
 def _allow_keys(keys: list[str], files: list[Path]) -> tuple[str, ...]:

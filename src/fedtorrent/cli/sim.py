@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -23,9 +23,6 @@ from fedtorrent.config import (
 )
 from fedtorrent.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
 from fedtorrent.errors import ConfigError
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 _DEFAULT = SimConfig()
 _DATASET_HELP = "mnist, fashion-mnist, cifar10 or digits (scikit-learn's, offline)."
@@ -228,7 +225,6 @@ def simulate(
             out=out,
             threads=threads,
             progress=progress,
-            rounds=rounds,
             save_models=save_models,
             device=device,
         )
@@ -243,16 +239,15 @@ def simulate(
     torch.set_num_threads(threads)
     data = load_for(base)
     started = time.perf_counter()
-    with _progress(enabled=progress, total=len(configs) * rounds) as advance:
-        _, summary = run_simulation(
-            configs,
-            out_dir=folder,
-            dataset=data,
-            on_round=advance,
-            plots=plots,
-            save_models=save_models,
-            device=device,
-        )
+    _, summary = run_simulation(
+        configs,
+        out_dir=folder,
+        dataset=data,
+        plots=plots,
+        save_models=save_models,
+        device=device,
+        progress=progress,
+    )
     _print_summary(summary, folder=folder, seconds=time.perf_counter() - started, split=split)
 
 
@@ -263,7 +258,6 @@ def _simulate_task(
     out: Path | None,
     threads: int,
     progress: bool,
-    rounds: int,
     save_models: bool,
     device: str,
 ) -> None:
@@ -278,15 +272,14 @@ def _simulate_task(
     folder = out or Path("runs") / f"task-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    with _progress(enabled=progress, total=len(configs) * rounds) as advance:
-        _, summary = run_simulation(
-            configs,
-            out_dir=folder,
-            task=loaded,
-            on_round=advance,
-            save_models=save_models,
-            device=device,
-        )
+    _, summary = run_simulation(
+        configs,
+        out_dir=folder,
+        task=loaded,
+        save_models=save_models,
+        device=device,
+        progress=progress,
+    )
     print_metrics(summary)
     seconds = time.perf_counter() - started
     print(f"done in {seconds:.1f} s; records and summary.json in {folder}")
@@ -316,47 +309,6 @@ def _with_rule(config: SimConfig, mixing: MixingConfig) -> SimConfig:
     from dataclasses import replace  # noqa: PLC0415
 
     return replace(config, mixing=mixing)
-
-
-class _Progress:
-    def __init__(self, bar: Any, task: Any) -> None:
-        self.bar, self.task = bar, task
-
-    def __call__(self, config: SimConfig, done: int, total: int) -> None:
-        self.bar.update(
-            self.task,
-            advance=1,
-            description=f"{config.mixing.rule} seed {config.seed} round {done}/{total}",
-        )
-
-
-class _NoProgress:
-    def __call__(self, config: SimConfig, done: int, total: int) -> None:
-        return None
-
-
-def _progress(*, enabled: bool, total: int) -> Any:
-    from contextlib import contextmanager  # noqa: PLC0415
-
-    @contextmanager
-    def bar() -> Iterator[_Progress | _NoProgress]:
-        if not enabled:
-            yield _NoProgress()
-            return
-        from rich.console import Console  # noqa: PLC0415
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn  # noqa: PLC0415
-
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        ) as progress:
-            yield _Progress(progress, progress.add_task("simulating", total=total))
-
-    return bar()
 
 
 def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, split: str) -> None:

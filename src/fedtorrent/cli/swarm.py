@@ -113,7 +113,7 @@ def swarm_command(
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:
-        summary = run_swarm(config, stop=stop, on_update=show, plots=plots)
+        summary = run_swarm(config, stop=stop, on_update=show, plots=plots, progress=False)
     _print_summary(summary, folder=folder)
     if summary["interrupted"]:
         raise typer.Exit(130)

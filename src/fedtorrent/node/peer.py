@@ -164,9 +164,10 @@ class PeerConfig:
     optionally ``x_test.npy`` / ``y_test.npy`` (else the dataset's test set is used).
 
     A task session (``fedtorrent create --task``) needs ``task``, the spec of the user's task
-    (``PATH.py:NAME`` or ``package.module:NAME``), and takes its data from the task's
-    ``data(node_index, num_nodes)``; both may be left out (the task gets ``(0, 1)``) by a peer
-    whose ``data`` ignores them. ``examples`` does not go with ``task``.
+    (``PATH.py:NAME`` or ``package.module:NAME``), or a ``Task`` object given to :class:`Peer`,
+    and takes its data from the task's ``data(node_index, num_nodes)``; both may be left out (the
+    task gets ``(0, 1)``) by a peer whose ``data`` ignores them. ``examples`` does not go with
+    ``task``; a built-in session needs ``node_index`` with ``num_nodes``, or ``examples``.
     """
 
     torrent: Path
@@ -225,7 +226,7 @@ class PeerConfig:
             raise ConfigError(
                 "--examples does not go with --task: the task's data gives the examples"
             )
-        if self.task is None and sharded == (self.examples is not None):
+        if sharded and self.examples is not None:  # neither: a task may own its data
             raise ConfigError("give either --node-index with --num-nodes, or --examples")
         if sharded:
             if self.node_index is None or self.num_nodes is None:
@@ -278,6 +279,8 @@ class Peer:
         data: the peer's tensors; default :func:`load_peer_data`.
         send_hook: see the module docstring; required when the session asks for privacy.
         receive_hook: see the module docstring.
+        task: the user's :class:`~fedtorrent.task.Task` for a task session, used as it is
+            (nothing imported); instead of ``config.task``, the spec the command line gives.
     """
 
     def __init__(
@@ -290,8 +293,12 @@ class Peer:
         data: PeerData | None = None,
         send_hook: SendHook | None = None,
         receive_hook: ReceiveHook | None = None,
+        task: Task | None = None,
     ) -> None:
+        if task is not None and config.task is not None:
+            raise ConfigError("give the task once: PeerConfig.task (a spec) or Peer(task=...)")
         self.config = config
+        self._task = task
         self._make_transport = transport
         self.tracker = TrackerLink(tracker)
         self.addressing: Addressing = addressing or TcpAddressing()
@@ -1069,6 +1076,9 @@ class Peer:
                 a spec that cannot be loaded (``load_task``).
         """
         spec = self.config.task
+        if self._task is not None:
+            check_task_flag(self.session, "Task object")
+            return self._task
         check_task_flag(self.session, spec)
         if spec is None:
             return None

@@ -39,6 +39,7 @@ from fedtorrent.metrics.records import RecordWriter, iter_records, read_json, wr
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Torrent
     from fedtorrent.net.tracker.server import BackgroundTracker
+    from fedtorrent.task import Task
 
 PEERS_FOLDER = "peers"
 PEER_STATES = ("starting", "running", "done", "failed", "stopped")
@@ -61,6 +62,9 @@ ROUND_FIELDS = (
 """CSV columns of the merged ``rounds.csv`` (the JSON Lines file keeps every key)."""
 _CLI = "from fedtorrent.cli import main; main()"
 """How the launcher runs the CLI: the same interpreter, whatever the PATH holds."""
+PEER_MARK = "FEDTORRENT_SWARM_PEER"
+"""Set to ``1`` in every peer's environment: a peer that imports a task file which launches a
+swarm at import (no ``if __name__ == "__main__":`` guard) is refused instead of recursing."""
 
 
 def absolute_task_spec(spec: str) -> str:
@@ -113,8 +117,10 @@ class SwarmConfig:
     """The last ``attackers`` peers run ``--attack attack`` (experiments; see adversary.py)."""
     attack: str | None = None
     attack_scale: float | None = None
-    task: str | None = None
-    """The task spec every peer gets as ``--task`` (a task session); a file is made absolute."""
+    task: str | Task | None = None
+    """The task every peer gets as ``--task`` (a task session): a spec (a file is made absolute),
+    or a :class:`~fedtorrent.task.Task` object, replaced by its spec
+    (:func:`~fedtorrent.task.task_spec`: define it at module level of a .py file)."""
     device: str = "cpu"
     """The ``--device`` every peer trains on (``fedtorrent.device``); checked here, once."""
 
@@ -122,8 +128,12 @@ class SwarmConfig:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
 
         resolve_device(self.device)  # an absent device is refused before any peer starts
+        if self.task is not None and not isinstance(self.task, str):
+            from fedtorrent.task.loader import task_spec  # noqa: PLC0415 (loads torch)
+
+            object.__setattr__(self, "task", task_spec(self.task))  # peers import, never unpickle
         if self.task is not None:
-            object.__setattr__(self, "task", absolute_task_spec(self.task))
+            object.__setattr__(self, "task", absolute_task_spec(str(self.task)))
         if self.peers < 1:
             raise ConfigError(f"peers must be >= 1, got {self.peers}")
         if (self.attackers > 0) != (self.attack is not None):
@@ -256,6 +266,11 @@ class Swarm:
         from fedtorrent.net.torrent import load_torrent  # noqa: PLC0415
 
         config = self.config
+        if os.environ.get(PEER_MARK) == "1":
+            raise ConfigError(
+                "a swarm peer started a swarm: the task file launches one when imported; put "
+                'the launch under if __name__ == "__main__":'
+            )
         torrent = load_torrent(config.torrent)
         num_nodes = torrent.session.data.num_nodes
         if config.peers > num_nodes:
@@ -339,7 +354,7 @@ class Swarm:
         if config.rounds is not None:
             command += ["--rounds", str(config.rounds)]
         if config.task is not None:
-            command += ["--task", config.task]
+            command += ["--task", str(config.task)]
         if config.device != "cpu":
             command += ["--device", config.device]
         if config.resume:
@@ -357,6 +372,7 @@ class Swarm:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(name, threads)
         env.update(self.config.env)
+        env[PEER_MARK] = "1"
         return env
 
     def _spawn(self, index: int) -> None:
@@ -772,17 +788,39 @@ def run_swarm(
     on_update: Callable[[list[PeerView]], None] | None = None,
     timeout: float | None = None,
     plots: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Launch the swarm, wait for it (or ``stop`` / ``timeout``), stop it and summarize it.
+
+    Args:
+        config: the launch.
+        stop: set it (from another thread or a signal handler) to stop the peers early.
+        on_update: called with every peer's :class:`PeerView` after each poll (twice a second)
+            and once at the end, besides the progress bar.
+        timeout: seconds to wait at most before stopping the peers (None: until they finish).
+        plots: draw ``plots/`` in ``config.out`` at the end.
+        progress: show a bar of rounds done across all peers on stderr, in a terminal or a
+            notebook only (:func:`fedtorrent.progress.progress_bar`); False shows nothing.
 
     Returns:
         The summary (also in ``config.out/summary.json``).
     """
+    from fedtorrent.progress import progress_bar  # noqa: PLC0415
+
     started = time.monotonic()
     swarm = Swarm(config)
-    with swarm:
-        finished = swarm.wait(stop=stop, on_update=on_update, timeout=timeout)
-    assert swarm.torrent is not None
+    with swarm, progress_bar("swarm", total=None, enabled=progress) as advance:
+        assert swarm.torrent is not None
+        rounds = config.rounds or swarm.torrent.session.rounds
+
+        def update(views: list[PeerView]) -> None:
+            done = sum(min(view.round, rounds) for view in views)
+            running = sum(view.alive for view in views)
+            advance(done, total=rounds * len(views), description=f"swarm: {running} running")
+            if on_update is not None:
+                on_update(views)
+
+        finished = swarm.wait(stop=stop, on_update=update, timeout=timeout)
     if on_update is not None:
         on_update(swarm.views())
     return summarize_swarm(

@@ -37,6 +37,7 @@ from fedtorrent.metrics.records import (
     RecordWriter,
     write_json,
 )
+from fedtorrent.progress import Advance, progress_bar
 from fedtorrent.sim.engine import Engine, LinearBackend, ShareFn, make_backend, node_data
 from fedtorrent.sim.loop import ModuleLoopBackend, StateLayout, has_buffers
 from fedtorrent.sim.topology import Topology
@@ -469,6 +470,7 @@ def simulate(
     save_models: bool = False,
     keep_states: bool = False,
     device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> tuple[list[RunOutcome], dict[str, Any]]:
     """Run several configurations (rules, seeds) of one dataset or one task into one run folder.
 
@@ -482,7 +484,8 @@ def simulate(
             ``config.data`` is used. A built-in task (``builtin_task``) with no other part set
             runs the built-in fast path with its dataset and model. The task is checked first
             (:func:`~fedtorrent.task.check_task`).
-        on_round: progress callback ``(config, rounds done, rounds)``.
+        on_round: called after every round with ``(config, rounds done, rounds)``, besides the
+            progress bar.
         share: passed to every run (see :data:`ShareFn`).
         plots: draw the plots into ``out_dir/plots`` at the end (built-in runs).
         save_models: write every node's final state to
@@ -492,6 +495,8 @@ def simulate(
             every run trains, mixes and evaluates (:func:`fedtorrent.device.resolve_device`;
             an absent device is a ``ConfigError``). Not a setting of the configs: the summary
             and records are the same whatever the device, up to float rounding.
+        progress: show a bar of rounds done over every config on stderr, in a terminal or a
+            notebook only (:func:`fedtorrent.progress.progress_bar`); False shows nothing.
 
     Returns:
         The outcomes in order, and the summary also written to ``summary.json``: per mixing rule,
@@ -528,6 +533,9 @@ def simulate(
         )  # fmt: skip
     outcomes: list[RunOutcome] = []
     with ExitStack() as stack:
+        advance = stack.enter_context(
+            progress_bar("simulating", total=sum(c.rounds for c in configs), enabled=progress)
+        )
         writers = RunWriters()
         if out_dir is not None:
             writers = RunWriters(
@@ -539,8 +547,12 @@ def simulate(
                     RecordWriter(out_dir, name="trust", fields=("mixing", "seed", "round"))
                 ),
             )
+        rounds_before = 0
         for config in configs:
-            callback = None if on_round is None else functools.partial(on_round, config)
+            callback = functools.partial(
+                _round_done, config, on_round=on_round, advance=advance, before=rounds_before
+            )
+            rounds_before += config.rounds
             keep = keep_states or (save_models and out_dir is not None)
             if task is None:
                 assert dataset is not None
@@ -579,6 +591,21 @@ def simulate(
 
             plot_run_folder(out_dir)
     return outcomes, summary
+
+
+def _round_done(
+    config: SimConfig,
+    done: int,
+    rounds: int,
+    *,
+    on_round: Callable[[SimConfig, int, int], None] | None,
+    advance: Advance,
+    before: int,
+) -> None:
+    """Move the bar to round ``done`` of ``config`` (``before`` rounds precede it); ``on_round``."""
+    advance(before + done, description=f"{config.mixing.rule} seed {config.seed} round {done}")
+    if on_round is not None:
+        on_round(config, done, rounds)
 
 
 def _builtin_configs(task: Task, configs: Sequence[SimConfig]) -> list[SimConfig] | None:

@@ -14,7 +14,7 @@ from fedtorrent.task.contract import (
     cross_entropy_metrics,
     default_train_step,
 )
-from fedtorrent.task.loader import load_task
+from fedtorrent.task.loader import load_task, task_spec
 
 __all__ = [
     "BUFFER_POLICIES",
@@ -30,4 +30,5 @@ __all__ = [
     "cross_entropy_metrics",
     "default_train_step",
     "load_task",
+    "task_spec",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -226,6 +227,10 @@ class Task:
         buffers: ``"average"`` mixes floating buffers (BatchNorm running statistics) like
             parameters, integer ones exactly; ``"local"`` keeps every buffer per node (FedBN).
 
+    A task also remembers the module it was made in (the first caller outside fedtorrent), so
+    :func:`~fedtorrent.task.task_spec` can name it for peer processes when it is a module-level
+    variable there; :func:`~fedtorrent.task.load_task` records the spec it loaded a task from.
+
     Raises:
         ConfigError: a part that is not callable as the contract says, a model given as a built
             module instead of a factory, or an unknown ``buffers`` policy.
@@ -270,6 +275,7 @@ class Task:
             raise ConfigError(
                 f"Task.buffers must be one of {', '.join(BUFFER_POLICIES)}; got {self.buffers!r}"
             )
+        object.__setattr__(self, "_defined_in", _caller_module())
 
     @property
     def uses_cross_entropy(self) -> bool:
@@ -346,6 +352,19 @@ class Task:
                 f"{where} returned {type(optimizer).__name__}, not a torch.optim.Optimizer"
             )
         return optimizer
+
+
+def _caller_module() -> str | None:
+    """The ``__name__`` of the innermost caller outside fedtorrent and dataclasses, if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__")
+        if isinstance(name, str) and not (
+            name.startswith("fedtorrent.") or name in ("fedtorrent", "dataclasses")
+        ):
+            return name
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def call_user(

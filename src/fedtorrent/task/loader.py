@@ -14,6 +14,9 @@ why a spec only ever comes from the user's command line, never from a torrent or
 Every failure is one :class:`~fedtorrent.errors.ConfigError` line naming the spec and what is
 wrong: a file that does not exist, an import that fails (its exception chained as ``__cause__``
 and logged at INFO with the traceback), a name that is missing, or an object that is not a task.
+
+:func:`task_spec` goes the other way: the spec of a :class:`Task` object, for drivers that hand a
+task to other processes (``run_swarm``), which can import code but never receive pickled objects.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FORM = "PATH.py:NAME or package.module:NAME"
+_FILE_MODULE = "_fedtorrent_task_"
+"""The prefix of the module names task files are imported under."""
 
 
 def load_task(spec: str) -> Task:
@@ -53,11 +58,14 @@ def load_task(spec: str) -> Task:
         if not hasattr(value, part):
             raise ConfigError(f"--task {spec!r}: {source} has no {name!r}{_defined_tasks(module)}")
         value = getattr(value, part)
+    where = f"{_absolute(source)}:{name}"  # what task_spec answers, from any folder
     if isinstance(value, Task):
+        object.__setattr__(value, "_spec", where)
         return value
     if callable(value) and not isinstance(value, type):
         result = call_user(f"--task {spec!r}: {name}()", value, error=ConfigError)
         if isinstance(result, Task):
+            object.__setattr__(result, "_spec", where)  # loading it again calls NAME again
             return result
         raise ConfigError(
             f"--task {spec!r}: {name}() returned {type(result).__name__}, not a fedtorrent.Task"
@@ -66,6 +74,58 @@ def load_task(spec: str) -> Task:
         f"--task {spec!r}: {name} is {type(value).__name__}, not a fedtorrent.Task "
         "(nor a function returning one)"
     )
+
+
+def task_spec(task: Task) -> str:
+    """A spec that :func:`load_task` turns back into ``task`` in another process.
+
+    In order: the spec ``task`` was loaded from (a file part made absolute); else, when ``task``
+    is a module-level variable of the module it was made in, ``/abs/path/file.py:NAME`` for a
+    top-level module or a script run as ``python file.py``, ``package.module:NAME`` for a module
+    of a package (peers import it from the current folder or ``PYTHONPATH``, as Python would).
+    Found by identity: a copy of the task is not the task.
+
+    Raises:
+        ConfigError: ``task`` is not a Task, or it has no such name (made in a notebook cell, the
+            interactive prompt or inside a function), in one line saying what to do.
+    """
+    if not isinstance(task, Task):
+        raise ConfigError(
+            f"task must be a fedtorrent.Task or a spec PATH.py:NAME, got {type(task).__name__}"
+        )
+    loaded = getattr(task, "_spec", None)
+    if isinstance(loaded, str):
+        return loaded
+    defined_in = getattr(task, "_defined_in", None)
+    module = sys.modules.get(defined_in) if isinstance(defined_in, str) else None
+    source = None if module is None else _module_source(module)
+    if module is not None and source is not None:
+        for name, value in vars(module).items():
+            if value is task and name.isidentifier():
+                return f"{source}:{name}"
+    raise ConfigError(
+        "peers run in their own processes and import the task: define it at module level of a .py "
+        'file and pass "file.py:NAME" (this Task has no such name, e.g. it was made in a notebook '
+        "cell or a function)"
+    )
+
+
+def _module_source(module: ModuleType) -> str | None:
+    """How another process imports ``module``: a file path, a module name, or None (it cannot)."""
+    name = module.__name__
+    file = getattr(module, "__file__", None)
+    spec = getattr(module, "__spec__", None)
+    if name == "__main__" and spec is not None and spec.name not in ("__main__", None):
+        name = spec.name  # python -m package.module
+    elif name == "__main__" or name.startswith(_FILE_MODULE):
+        return str(Path(file).resolve()) if isinstance(file, str) and file.endswith(".py") else None
+    if "." in name or not (isinstance(file, str) and file.endswith(".py")):
+        return name  # inside a package: its relative imports need the package
+    return str(Path(file).resolve())
+
+
+def _absolute(source: str) -> str:
+    return str(Path(source).expanduser().resolve()) if _is_path(source) else source
 
 
 def _parse(spec: str) -> tuple[str, str]:
@@ -108,7 +168,7 @@ def _import_file(spec: str, path: Path) -> ModuleType:
     resolved = path.resolve()
     # A name of its own per file, so two task files called task.py do not collide.
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
-    module_name = f"_fedtorrent_task_{resolved.stem}_{digest}"
+    module_name = f"{_FILE_MODULE}{resolved.stem}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     module_spec = importlib.util.spec_from_file_location(module_name, resolved)
