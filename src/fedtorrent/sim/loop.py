@@ -19,7 +19,6 @@ is added to the parameter columns only (see ``Engine.mix_round``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -163,45 +162,28 @@ class ModuleLoopBackend:
     ) -> None:
         """Train node i on the batches ``plan[i]`` (index tensors into ``x``, ``y``); in place.
 
-        Each node's optimizer rates are its initial ones times ``lr_scale`` (and the cosine
-        factor of ``lr_schedule``). The step's ``ctx.generator`` is seeded by ``seed``, the node
-        and the round.
+        The loop is :func:`fedtorrent.task.drive.run_steps`, a peer's: each node's optimizer
+        rates are its initial ones times ``lr_scale`` (and the cosine factor of
+        ``lr_schedule``); the step's ``ctx.generator`` is the node's ``Stream.STEP`` generator of
+        the round.
         """
-        from fedtorrent.task.contract import (  # noqa: PLC0415
-            TrainContext,
-            call_user,
-            callable_name,
-            is_finite_scalar,
-        )
+        from fedtorrent.task.contract import TrainContext  # noqa: PLC0415
+        from fedtorrent.task.drive import run_steps  # noqa: PLC0415
 
         model = self.model
-        where = f"Task.train_step {callable_name(self.step)}"
         for node, batches in enumerate(plan):
             if not batches:
                 continue
             model.load_state_dict(self.state_of(params[node], node))
-            model.train()
-            optimizer = self.make_optimizer(model.parameters())
-            base = [float(group["lr"]) * lr_scale for group in optimizer.param_groups]
             ctx = TrainContext(
                 device=x.device,
                 round=round_index,
                 generator=node_generator(seed, Stream.STEP, round_index, node),
                 loss=self.loss,
-                optimizer=optimizer,
+                optimizer=self.make_optimizer(model.parameters()),
             )
-            total = len(batches)
-            for step, index in enumerate(batches):
-                factor = 1.0
-                if self.lr_schedule == "cosine":
-                    factor = 0.5 * (1 + math.cos(math.pi * step / total))
-                for group, lr in zip(optimizer.param_groups, base, strict=True):
-                    group["lr"] = lr * factor
-                loss = call_user(
-                    where, self.step, model, (x[index], y[index]), ctx, error=ConfigError
-                )
-                if step == 0 and not is_finite_scalar(loss):
-                    raise ConfigError(f"{where} must return the batch's loss as a scalar tensor")
+            run_steps(self.step, model, x, y, batches, ctx=ctx, lr_scale=lr_scale,
+                      cosine=self.lr_schedule == "cosine")  # fmt: skip
             state = model.state_dict()
             params[node] = self.layout.flatten(state)
             for key, value in self.counters.items():

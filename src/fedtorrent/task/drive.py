@@ -9,6 +9,7 @@ failure in them is one line naming the function, with the user's exception chain
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,11 +40,9 @@ def train_task(
     Batches are drawn exactly as :func:`~fedtorrent.training.train_local` draws them
     (``config.epochs`` shuffled passes, or ``config.steps`` batches, from ``generator``). The
     optimizer is ``task.make_optimizer`` (the task's, else ``config``'s), made fresh for the call;
-    every group's learning rate is multiplied by ``lr_scale`` (the round schedule) and, with
-    ``config.lr_schedule == "cosine"``, decayed over the call's batches. Each batch is one call of
-    ``task.step_fn(model, (x, y), ctx)`` with ``ctx.round == round`` (0-based) and
-    ``ctx.generator`` ``step_generator`` (default ``generator``; a peer and the simulator pass
-    the node's ``Stream.STEP`` generator, so a step's draws never move the batch order).
+    the steps are :func:`run_steps`. ``ctx.round == round`` (0-based) and ``ctx.generator`` is
+    ``step_generator`` (default ``generator``; a peer and the simulator pass the node's
+    ``Stream.STEP`` generator, so a step's draws never move the batch order).
 
     Returns:
         The example-weighted mean of the losses the steps returned; NaN when no batch ran.
@@ -56,7 +55,6 @@ def train_task(
     if total == 0:
         return math.nan
     optimizer = task.make_optimizer(model.parameters(), config)
-    base = [float(group["lr"]) * lr_scale for group in optimizer.param_groups]
     ctx = TrainContext(
         device=x.device,
         round=round,
@@ -64,18 +62,50 @@ def train_task(
         loss=task.loss_fn,
         optimizer=optimizer,
     )
-    where = f"Task.train_step {callable_name(task.step_fn)}"
+    batches = list(_batches(count, config, generator, total))
+    return run_steps(
+        task.step_fn, model, x, y, batches,
+        ctx=ctx, lr_scale=lr_scale, cosine=config.lr_schedule == "cosine",
+    )  # fmt: skip
+
+
+def run_steps(
+    step_fn: Callable[..., object],
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batches: Sequence[Tensor],
+    *,
+    ctx: TrainContext,
+    lr_scale: float,
+    cosine: bool,
+) -> float:
+    """The local-training loop of both drivers (a peer, the simulator's per-node path).
+
+    Batch ``b`` (indices into ``x``, ``y``) is one call ``step_fn(model, (x[b], y[b]), ctx)``
+    with every group of ``ctx.optimizer`` at its initial rate times ``lr_scale``, and with
+    ``cosine`` times ``0.5 (1 + cos(pi step / len(batches)))``.
+
+    Returns:
+        The example-weighted mean of the losses the steps returned; NaN when no batch ran.
+
+    Raises:
+        ConfigError: the step failed or returned no scalar tensor.
+    """
+    if not batches:
+        return math.nan
+    optimizer, total = ctx.optimizer, len(batches)
+    base = [float(group["lr"]) * lr_scale for group in optimizer.param_groups]
+    where = f"Task.train_step {callable_name(step_fn)}"
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen = 0
-    for step, indices in enumerate(_batches(count, config, generator, total)):
-        factor = (
-            0.5 * (1 + math.cos(math.pi * step / total)) if config.lr_schedule == "cosine" else 1
-        )
+    for step, indices in enumerate(batches):
+        factor = 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0
         for group, rate in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = rate * factor
         batch = indices.to(x.device)
-        loss = call_user(where, task.step_fn, model, (x[batch], y[batch]), ctx, error=ConfigError)
+        loss = call_user(where, step_fn, model, (x[batch], y[batch]), ctx, error=ConfigError)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ConfigError(f"{where} must return the batch's loss as a scalar tensor")
         loss_sum += loss.detach().to("cpu", torch.float64).reshape(()) * len(batch)
