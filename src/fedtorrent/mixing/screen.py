@@ -45,7 +45,8 @@ def pair_distances(own: Tensor, others: Tensor, rows: Tensor, cols: Tensor) -> T
     """``||others[cols[e]] - own[rows[e]]||`` for every pair ``e``, in float64.
 
     Dense pair sets go through one float64 Gram product (fast), with pairs the Gram form cannot
-    resolve (nearly equal vectors) recomputed directly; sparse ones are computed directly.
+    resolve (nearly equal vectors) recomputed directly; sparse ones are computed directly, in the
+    inputs' float32 first and again in float64 only for pairs whose float32 norm overflowed.
 
     Args:
         own: ``(N, P)`` vectors the distances are measured from.
@@ -57,24 +58,30 @@ def pair_distances(own: Tensor, others: Tensor, rows: Tensor, cols: Tensor) -> T
         ``(E,)`` float64; ``inf`` or NaN only where an input is not finite.
     """
     if rows.numel() == 0:
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.float64, device=own.device)
+    if own.shape[0] * others.shape[0] > 32 * rows.numel():  # few pairs: direct is cheaper
+        out = _direct(own, others, rows, cols, own.dtype).to(torch.float64)
+        wide = ~torch.isfinite(out)  # overflowed in float32 (or an input is not finite)
+        if bool(wide.any()):
+            pick = wide.nonzero().squeeze(1)
+            out[pick] = _direct(own, others, rows[pick], cols[pick], torch.float64)
+        return out
     a, b = own.to(torch.float64), others.to(torch.float64)
-    if a.shape[0] * b.shape[0] > 32 * rows.numel():  # few pairs: direct differences are cheaper
-        return _direct(a, b, rows, cols)
     norm_a, norm_b = (a * a).sum(dim=1), (b * b).sum(dim=1)
     square = norm_a[rows] + norm_b[cols] - 2 * (a @ b.T)[rows, cols]
     out = square.clamp_min(0).sqrt()
     unsure = ~(square > _GRAM_TRUST * (norm_a[rows] + norm_b[cols]))
     if bool(unsure.any()):
         pick = unsure.nonzero().squeeze(1)
-        out[pick] = _direct(a, b, rows[pick], cols[pick])
+        out[pick] = _direct(a, b, rows[pick], cols[pick], torch.float64)
     return out
 
 
-def _direct(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def _direct(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
+    """The pairs' distances from gathered rows, in ``dtype``, a chunk of pairs at a time."""
     chunk = max(1, _DIRECT_FLOATS // max(1, a.shape[1]))
     parts = [
-        (b[cols[s : s + chunk]] - a[rows[s : s + chunk]]).norm(dim=1)
+        (b[cols[s : s + chunk]].to(dtype) - a[rows[s : s + chunk]].to(dtype)).norm(dim=1)
         for s in range(0, rows.numel(), chunk)
     ]
     return torch.cat(parts)
