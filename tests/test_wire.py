@@ -482,3 +482,23 @@ def test_fuzz_accepted_payloads_agree_with_safetensors(data: st.DataObject) -> N
         assert torch.equal(tensor, reference[key]) or (
             tensor.is_floating_point() and torch.equal(tensor.isnan(), reference[key].isnan())
         )
+
+
+def test_compressed_state_headers_carry_codec_and_base_and_requests_their_base() -> None:
+    frames = wire.encode_message(
+        b"xyz", info_hash=INFO_HASH, sender="p", round=4, num_examples=1, codec="int8", base=3
+    )
+    header = wire.decode_header(frames[0], info_hash=INFO_HASH)
+    assert (header.codec, header.base) == ("int8", 3)
+    plain = wire.decode_header(
+        wire.encode_message(b"xyz", info_hash=INFO_HASH, sender="p", round=4, num_examples=1)[0],
+        info_hash=INFO_HASH,
+    )
+    assert (plain.codec, plain.base) == (None, None)
+    request = wire.encode_request(info_hash=INFO_HASH, sender="q", round=4, base=2)
+    assert wire.decode_request(request, info_hash=INFO_HASH).base == 2
+    for bad in ({"codec": "int8"}, {"base": 3}, {"codec": "int8", "base": 5}):
+        fields = msgpack.unpackb(frames[0])
+        fields.pop("codec"), fields.pop("base")
+        with pytest.raises(MessageError, match="bad_header"):
+            wire.decode_header(msgpack.packb({**fields, **bad}), info_hash=INFO_HASH)

@@ -51,6 +51,7 @@ REASONS = (
     "not_allowed",  # (a handshake) a CurveZMQ key outside the closed swarm's allow-list
     "rate_limited",  # (sent by a server) this requester asked too often; ask again later
     "implausible",  # (after decoding) too far from the receiver's own model (mixing.screen)
+    "bad_compressed",  # a compressed payload that breaks its format (state.compress)
 )
 
 _MAX_INT = 2**53
@@ -64,10 +65,11 @@ _REQUIRED = {
     "error": (*_COMMON, "reason"),
 }
 _OPTIONAL = {
-    "state": ("sig", "nonce", "pubkey"),
-    "request": ("sig", "nonce", "pubkey"),
+    "state": ("sig", "nonce", "pubkey", "codec", "base"),
+    "request": ("sig", "nonce", "pubkey", "base"),
     "error": (),
 }
+_MAX_CODEC_CHARS = 32
 _HEX = frozenset("0123456789abcdef")
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -114,6 +116,13 @@ class Header:
     nonce: bytes | None = None
     pubkey: bytes | None = None
     version: int = PROTOCOL_VERSION
+    codec: str | None = None
+    """``state``: how the payload encodes the sender's public copy (``state.compress``): None
+    (absent) for a whole safetensors state, else the session's compression spelling, the payload
+    then holding the updates from round ``base`` to ``round``."""
+    base: int | None = None
+    """``state`` with ``codec``: the round of the public copy the updates apply to; ``request``:
+    the round of the server's public copy the requester holds (absent: none)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,8 @@ def encode_header(header: Header) -> bytes:
         "sig": header.sig,
         "nonce": header.nonce,
         "pubkey": header.pubkey,
+        "codec": header.codec,
+        "base": header.base,
     }
     allowed = _REQUIRED.get(header.kind, ()) + _OPTIONAL.get(header.kind, ())
     fields = {k: v for k, v in fields.items() if k in allowed and v is not None}
@@ -172,11 +183,14 @@ def encode_message(
     nonce: bytes | None = None,
     pubkey: bytes | None = None,
     payload_sha256: str | None = None,
+    codec: str | None = None,
+    base: int | None = None,
 ) -> list[bytes]:
     """Frames ``[header, payload]`` for a state; ``payload`` comes from ``encode_state``.
 
     Pass ``payload_sha256`` when it is already known (say, to sign it) so that a large payload
-    is hashed once; it must be ``state_digest(payload)``.
+    is hashed once; it must be ``state_digest(payload)``. With ``codec`` (and ``base``) the
+    payload holds compressed updates instead (``state.compress``).
     """
     header = Header(
         kind="state",
@@ -189,13 +203,21 @@ def encode_message(
         sig=sig,
         nonce=nonce,
         pubkey=pubkey,
+        codec=codec,
+        base=base,
     )
     return [encode_header(header), payload]
 
 
-def encode_request(*, info_hash: str, sender: str, round: int) -> list[bytes]:
-    """Frames ``[header]`` asking a peer for its current state; ``round`` is the asker's."""
-    return [encode_header(Header(kind="request", info_hash=info_hash, sender=sender, round=round))]
+def encode_request(
+    *, info_hash: str, sender: str, round: int, base: int | None = None
+) -> list[bytes]:
+    """Frames ``[header]`` asking a peer for its current state; ``round`` is the asker's.
+
+    ``base``: the round of that peer's public copy the asker holds (compressed sessions).
+    """
+    header = Header(kind="request", info_hash=info_hash, sender=sender, round=round, base=base)
+    return [encode_header(header)]
 
 
 def encode_error(*, info_hash: str, sender: str, round: int, reason: str) -> list[bytes]:
@@ -249,6 +271,8 @@ def decode_header(
         nonce=fields.get("nonce"),
         pubkey=fields.get("pubkey"),
         version=fields["v"],
+        codec=fields.get("codec"),
+        base=fields.get("base"),
     )
 
 
@@ -416,6 +440,8 @@ def _check_fields(fields: dict[Any, Any]) -> None:
         "payload_len": lambda v: _is_int(v, 0, _MAX_INT),
         "payload_sha256": _is_hex64,
         "reason": lambda v: _is_text(v, _MAX_REASON_CHARS),
+        "codec": lambda v: _is_text(v, _MAX_CODEC_CHARS),
+        "base": lambda v: _is_int(v, 0, _MAX_INT),
     }
     for key, ok in checks.items():
         if key in fields and not ok(fields[key]):
@@ -424,6 +450,10 @@ def _check_fields(fields: dict[Any, Any]) -> None:
         value = fields.get(key)
         if value is not None and not (isinstance(value, bytes) and 0 < len(value) <= limit):
             raise reject("bad_header", f"field {key!r} must be 1 to {limit} bytes")
+    if kind == "state" and ("codec" in fields) != ("base" in fields):
+        raise reject("bad_header", "a compressed state needs both codec and base")
+    if kind == "state" and "base" in fields and fields["base"] > fields["round"]:
+        raise reject("bad_header", "a compressed state's base is past its round")
 
 
 def _layout(view: memoryview) -> tuple[int, list[_Entry]]:
