@@ -110,6 +110,28 @@ def test_fetch_returns_the_published_state(peers: list[MemoryTransport]) -> None
     assert early.header.round == 6  # not the previous round's: the latest
 
 
+def test_a_requester_holding_a_base_gets_that_variant_undecoded(
+    peers: list[MemoryTransport],
+) -> None:
+    server, client = peers[0], peers[1]
+    update = wire.encode_message(
+        b"updates", info_hash=INFO_HASH, sender="p0", round=5, num_examples=10,
+        codec="int8", base=4,
+    )  # fmt: skip
+    server.publish(state_frames("p0", round=5, fill=2.0), variants={4: update})
+    target = endpoint(server)
+    full = client.fetch(target, round=5, timeout=1.0, like_state=model_state())
+    assert full.header.codec is None and full.state is not None
+    holding = Endpoint(target.peer_id, target.address, base=4)
+    delta = client.fetch(holding, round=5, timeout=1.0, like_state=model_state())
+    assert (delta.header.codec, delta.header.base) == ("int8", 4)
+    assert delta.state is None and bytes(delta.payload) == b"updates"  # the caller decodes it
+    other = Endpoint(target.peer_id, target.address, base=2)  # a base it has no updates from
+    assert client.fetch(other, round=5, timeout=1.0).header.codec is None
+    with pytest.raises(ConfigError, match="variant"):
+        server.publish(state_frames("p0", round=6), variants={4: update})  # round 5's, not 6's
+
+
 def test_fetch_without_like_state_verifies_but_does_not_decode(
     peers: list[MemoryTransport],
 ) -> None:

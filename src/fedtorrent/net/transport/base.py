@@ -121,6 +121,9 @@ class Endpoint:
     address: str
     public_key: bytes | None = None
     """Its CurveZMQ public key (z85), required when that peer's links are encrypted."""
+    base: int | None = None
+    """The round of that peer's public copy the asker holds (compressed sessions), sent with the
+    request so the peer can answer with the updates since then instead of the whole copy."""
 
 
 @dataclass(frozen=True)
@@ -255,10 +258,15 @@ class TrafficStats:
 
 @dataclass(frozen=True)
 class Served:
-    """The state a peer currently serves: its checked header and its two frames."""
+    """The state a peer currently serves: its checked header and its two frames.
+
+    ``variants`` are the same round's compressed updates by the base round they apply to: a
+    request carrying one of those bases gets that variant instead (``Transport.publish``).
+    """
 
     header: Header
     frames: tuple[bytes, bytes]
+    variants: Mapping[int, Served] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -442,14 +450,31 @@ class Transport(ABC):
 
     # -- serving ------------------------------------------------------------------------------
 
-    def publish(self, frames: Sequence[bytes]) -> None:
+    def publish(
+        self, frames: Sequence[bytes], *, variants: Mapping[int, Sequence[bytes]] | None = None
+    ) -> None:
         """Serve these ``wire.encode_message`` frames from now on (replaces the previous state).
 
         The previous state is kept for requesters still in its round (see :meth:`answer`).
+        ``variants`` maps a base round to the frames of this round's compressed updates from
+        that base (``codec`` and ``base`` set, the same round): a request holding that base gets
+        them instead of ``frames``.
 
         Raises:
             ConfigError: the frames are not a state message of this session and peer.
         """
+        served = self._checked(frames)
+        extra: dict[int, Served] = {}
+        for base, variant in (variants or {}).items():
+            checked = self._checked(variant)
+            if checked.header.base != base or checked.header.round != served.header.round:
+                raise ConfigError(f"cannot publish: variant for base {base} says otherwise")
+            extra[base] = checked
+        self._previous = self._served
+        self._served = replace(served, variants=extra)
+        self._on_publish(self._served)
+
+    def _checked(self, frames: Sequence[bytes]) -> Served:
         if len(frames) != 2:
             raise ConfigError(f"publish takes [header, payload] frames, got {len(frames)}")
         header_raw, payload = bytes(frames[0]), frames[1]
@@ -465,9 +490,7 @@ class Transport(ABC):
             raise ConfigError("cannot publish: not a state message sent by this peer")
         if len(payload) != header.payload_len:
             raise ConfigError("cannot publish: payload length differs from the header")
-        self._previous = self._served
-        self._served = Served(header=header, frames=(header_raw, payload))
-        self._on_publish(self._served)
+        return Served(header=header, frames=(header_raw, payload))
 
     def _on_publish(self, served: Served) -> None:  # noqa: B027 (optional hook)
         """Hook: precompute whatever serving needs (the ZeroMQ transport cuts pieces)."""
@@ -520,6 +543,8 @@ class Transport(ABC):
             # A requester one round behind gets that round's state, as in the simulator's
             # lockstep rounds, not the newer one it would mix a round early.
             served = previous
+        if served is not None and header.base is not None and header.base in served.variants:
+            served = served.variants[header.base]  # the updates since the copy it holds
         state = (served.header.round, served.header.payload_sha256) if served else None
         requester = f"curve:{client_key}" if client_key else f"id:{header.sender}"
         if not self._limiter.allow(requester, connection=connection, state=state):
@@ -629,7 +654,7 @@ class Transport(ABC):
             raise NetworkError("transport is not running")
         try:
             reply = self._fetch(endpoint, round, deadline)
-            if like_state is not None:
+            if like_state is not None and reply.header.codec is None:  # compressed: caller decodes
                 state = wire.decode_payload(
                     reply.payload, like_state=like_state, finite=reply.finite
                 )

@@ -91,7 +91,10 @@ class MemoryTransport(Transport):
 
     def _fetch(self, endpoint: Endpoint, round: int, deadline: float) -> Reply:
         request = wire.encode_request(
-            info_hash=self.config.info_hash, sender=self.config.peer_id, round=round
+            info_hash=self.config.info_hash,
+            sender=self.config.peer_id,
+            round=round,
+            base=endpoint.base,
         )
         started = time.perf_counter()
         self.stats.record_sent(endpoint.peer_id, round, header=len(request[0]))

@@ -239,7 +239,10 @@ class ZmqTransport(Transport):
             monitor = sock.get_monitor_socket(sum(_LINK_EVENTS))
             self._configure_client(sock, endpoint)
             request = wire.encode_request(
-                info_hash=self.config.info_hash, sender=self.config.peer_id, round=round
+                info_hash=self.config.info_hash,
+                sender=self.config.peer_id,
+                round=round,
+                base=endpoint.base,
             )
             started = time.perf_counter()
             sock.send_multipart(request, flags=zmq.NOBLOCK)
