@@ -244,7 +244,7 @@ def compress(
             do not match the rows.
     """
     _check_vector(delta, "delta")
-    if not bool(torch.isfinite(delta).all()):
+    if not _all_finite(delta):
         raise ConfigError("cannot compress NaN or infinite values")
     num_values = int(delta.shape[-1])
     if spec.topk is None:
@@ -282,18 +282,20 @@ def decompress(packet: Packet, num_values: int) -> Tensor:
 def top_indices(delta: Tensor, kept: int) -> Tensor:
     """Indices (int64, increasing) of the ``kept`` largest ``|delta|`` per row; ties: lowest index.
 
-    Only the k-th magnitude comes from ``torch.topk`` (its tie order is unspecified); which of
-    the coordinates equal to it are kept is decided here, so every device picks the same ones.
+    Only the k-th magnitude (the cut) comes from ``torch.topk``, whose choice among equal
+    magnitudes is unspecified; which coordinates equal to the cut are kept is decided here, so
+    every device picks the same ones.
     """
     magnitude = delta.abs()
     if kept == magnitude.shape[-1]:
         every = torch.arange(kept, device=delta.device)
         return every.expand(magnitude.shape).contiguous()
     cut = torch.topk(magnitude, kept, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    above = magnitude > cut
-    at_cut = magnitude == cut
-    missing = kept - above.sum(dim=-1, keepdim=True)
-    chosen = above | (at_cut & (torch.cumsum(at_cut, dim=-1) <= missing))
+    chosen = magnitude >= cut
+    if bool((chosen.sum(dim=-1) != kept).any()):  # more than one way to take ties at the cut
+        at_cut = magnitude == cut
+        missing = kept - (magnitude > cut).sum(dim=-1, keepdim=True)
+        chosen = (magnitude > cut) | (at_cut & (torch.cumsum(at_cut, dim=-1) <= missing))
     return chosen.nonzero()[:, -1].reshape(*delta.shape[:-1], kept)
 
 
@@ -301,32 +303,40 @@ def quantize_int8(values: Tensor, chunk: int, uniforms: Tensor) -> tuple[Tensor,
     """Stochastic int8 rounding of ``(..., K)`` float32 values, one scale per ``chunk`` values.
 
     ``scale = max|v| / 127`` per chunk (0 for an all-zero chunk), ``q = floor(v / scale + u)``
-    clamped to [-127, 127] with ``u`` from ``uniforms`` (same shape, in [0, 1)).
+    clamped to [-127, 127] with ``u`` from ``uniforms`` (same shape, in [0, 1)); an all-zero
+    chunk gives ``floor(0 + u) = 0``.
 
     Returns:
         ``q`` (int8, ``(..., K)``) and the scales (float32, ``(..., ceil(K / chunk))``).
     """
-    kept = values.shape[-1]
-    blocks = -(-kept // chunk)
-    padded = torch.nn.functional.pad(values, (0, blocks * chunk - kept))
-    scales = padded.reshape(*values.shape[:-1], blocks, chunk).abs().amax(dim=-1) / INT8_MAX
-    step = _per_value(scales, chunk, kept)
-    nonzero = step > 0
-    scaled = torch.floor(values / torch.where(nonzero, step, 1.0) + uniforms)
-    quantized = torch.where(nonzero, scaled, 0.0).clamp(-INT8_MAX, INT8_MAX)
-    return quantized.to(torch.int8), scales
+    blocks = _blocks(values, chunk)
+    scales = blocks.abs().amax(dim=-1) / INT8_MAX
+    divisor = torch.where(scales > 0, scales, 1.0).unsqueeze(-1)
+    quantized = blocks.div_(divisor).add_(_blocks(uniforms, chunk)).floor_()
+    quantized = quantized.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return _unblock(quantized, values.shape[-1]), scales
 
 
 def dequantize(packet: Packet) -> Tensor:
     """The kept values as float32 ``(..., K)`` (int8: ``q * scale``), a new tensor."""
     if packet.scales is None:
         return packet.values.to(torch.float32, copy=True)
-    step = _per_value(packet.scales, packet.spec.chunk, packet.num_kept)
-    return packet.values.to(torch.float32) * step
+    blocks = _blocks(packet.values.to(torch.float32), packet.spec.chunk)
+    return _unblock(blocks.mul_(packet.scales.unsqueeze(-1)), packet.num_kept)
 
 
-def _per_value(scales: Tensor, chunk: int, kept: int) -> Tensor:
-    return scales.repeat_interleave(chunk, dim=-1)[..., :kept]
+def _blocks(values: Tensor, chunk: int) -> Tensor:
+    """``(..., K)`` as ``(..., ceil(K / chunk), chunk)``, zero-padded: always a new tensor."""
+    kept = values.shape[-1]
+    count = -(-kept // chunk)
+    padded = torch.nn.functional.pad(values, (0, count * chunk - kept))
+    if padded.data_ptr() == values.data_ptr():
+        padded = padded.clone()
+    return padded.reshape(*values.shape[:-1], count, chunk)
+
+
+def _unblock(blocks: Tensor, kept: int) -> Tensor:
+    return blocks.reshape(*blocks.shape[:-2], -1)[..., :kept].contiguous()
 
 
 def _uniforms(shape: torch.Size, generator: torch.Generator | Sequence[torch.Generator]) -> Tensor:
@@ -337,6 +347,11 @@ def _uniforms(shape: torch.Size, generator: torch.Generator | Sequence[torch.Gen
         raise ConfigError(f"{len(generator)} generators for {rows} rows")
     draws = [torch.rand(shape[-1], generator=g) for g in generator]
     return torch.stack(draws).reshape(shape)
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """One cheap sum (NaN and infinity propagate); exact only when it overflowed or failed."""
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _check_vector(tensor: object, name: str) -> None:
@@ -578,7 +593,7 @@ class PublicCopy:
             updated = packet.values.to(self._hat.device, torch.float32, copy=True)
         else:
             updated = self._hat + decompress(packet, packet.num_values).to(self._hat.device)
-        if not bool(torch.isfinite(updated).all()):
+        if not _all_finite(updated):
             raise _reject("non_finite", "the update overflows the public copy")
         self._hat = updated
 
@@ -606,6 +621,6 @@ def _checked_hat(tensor: Tensor, like: Tensor | None) -> Tensor:
         raise StateError(
             f"public copy of shape {tuple(tensor.shape)}, expected {tuple(like.shape)}"
         )
-    if not bool(torch.isfinite(tensor).all()):
+    if not _all_finite(tensor):
         raise StateError("a public copy holds NaN or infinite values")
     return tensor.detach().to(torch.float32, copy=True).contiguous()
