@@ -7,10 +7,12 @@ documented error (``MessageError`` with a reason from ``compress.REASONS``) may 
 from __future__ import annotations
 
 import math
+import re
 import struct
 import time
 import tracemalloc
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -545,14 +547,15 @@ def test_an_overflowing_packet_leaves_the_copy_unchanged() -> None:
         copy.apply(compress(torch.zeros(5), Compression(), generator=gen()))
 
 
-def test_size_ratios_against_fp32() -> None:
-    """The figures docs/wire.md quotes (payload bytes over 4 P)."""
-    ratios = {
-        text: packet_bytes(Compression.parse(text), 7850) / (4 * 7850)
-        for text in ["none", "fp16", "int8", "topk:0.1,int8", "topk:0.05,int8"]
-    }
-    assert ratios["none"] == pytest.approx(1.0, abs=1e-3)
-    assert ratios["fp16"] == pytest.approx(0.5, abs=1e-3)
-    assert ratios["int8"] == pytest.approx(0.2545, abs=1e-4)
-    assert ratios["topk:0.1,int8"] == pytest.approx(0.0573, abs=1e-4)
-    assert ratios["topk:0.05,int8"] == pytest.approx(0.0446, abs=1e-4)
+def test_the_size_table_in_the_docs_is_what_packet_bytes_gives() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "wire.md").read_text()
+    rows = re.findall(r"^\| (`[^|]+`) +\|((?: *\d+ B \([\d.]+\) *\|){3})$", page, re.M)
+    assert len(rows) == 8
+    for names, cells in rows:
+        for text in re.findall(r"`([^`]+)`", names):
+            spec = Compression.parse(text)
+            for size, (count, ratio) in zip(
+                (7850, 101770, 215370), re.findall(r"(\d+) B \(([\d.]+)\)", cells), strict=True
+            ):
+                assert packet_bytes(spec, size) == int(count)
+                assert f"{packet_bytes(spec, size) / (4 * size):.4f}" == ratio

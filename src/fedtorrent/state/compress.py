@@ -234,10 +234,10 @@ def compress(
 
     Top-k keeps the ``num_kept(spec, P)`` coordinates of largest ``|delta|`` in each row; among
     equal magnitudes at the cut, the lowest indices. int8 draws ``K`` uniforms per row from
-    ``generator`` (a CPU generator; other encodings draw nothing). Pass one generator per row
-    to give each row its own stream: row ``i`` of an ``(N, P)`` call then gets exactly the packet
-    a one-row call with ``generator[i]`` gives, on any device. With ``spec.is_none`` the packet
-    holds a copy of ``delta`` itself.
+    ``generator`` (CPU generators; the draws are moved to ``delta``'s device, so they do not
+    depend on it; other encodings draw nothing). Pass one generator per row to give each row its
+    own stream: row ``i`` of an ``(N, P)`` call then gets exactly the packet a one-row call with
+    ``generator[i]`` gives. With ``spec.is_none`` the packet holds a copy of ``delta`` itself.
 
     Raises:
         ConfigError: a tensor of another dtype or rank, non-finite values, or generators that
@@ -547,6 +547,9 @@ class PublicCopy:
 
     Args:
         initial: ``(P,)`` or ``(N, P)`` float32, finite; copied.
+
+    Raises:
+        StateError: ``initial`` is not such a tensor.
     """
 
     def __init__(self, initial: Tensor) -> None:
