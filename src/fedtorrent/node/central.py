@@ -635,9 +635,13 @@ class CentralServer:
         """``summary.json``: a peer's summary (``node.report.summary``) with the server's part.
 
         ``traffic`` holds the bytes the server's transport counted (headers and payloads, every
-        request, reply and refusal); ``server`` the clients, and per round how many were heard.
+        request, reply and refusal) and ``central_server_bytes``, the formula for the same run
+        (``2 x state x`` client-rounds averaged); ``server`` the clients, and per round how
+        many were heard.
         """
         part = summary(self.snapshot(), test=None)
+        heard = sum(r["heard"] for r in self.records)  # the formula for the uploads averaged
+        part["traffic"]["central_server_bytes"] = 2 * self.session.state_size * heard
         part["role"] = "server"
         part["mixing"] = "fedavg"
         part["server"] = {
