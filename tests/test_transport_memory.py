@@ -155,6 +155,25 @@ def test_publish_refuses_frames_of_another_peer_or_session(
         peers[0].publish(state_frames("p0", round=1)[:1])
 
 
+def test_a_transport_that_serves_no_older_rounds_refuses_until_the_round_is_published(
+    network: MemoryNetwork, peers: list[MemoryTransport]
+) -> None:
+    config = TransportConfig(info_hash=INFO_HASH, peer_id="central", serve_older=False)
+    with MemoryTransport(network, config) as server:
+        server.publish(state_frames("central", round=1))
+        client, at = peers[1], Endpoint("central", server.address)
+        assert client.fetch(at, round=1, timeout=1.0).header.round == 1
+        with pytest.raises(PeerRefusedError, match="not_ready"):
+            client.fetch(at, round=2, timeout=1.0)  # round 1 is of no use to round 2
+        server.publish(state_frames("central", round=2))
+        assert client.fetch(at, round=2, timeout=1.0).header.round == 2
+        assert client.fetch(at, round=1, timeout=1.0).header.round == 1  # one behind: its own
+        traffic = server.stats.snapshot()["totals"]
+        payload = len(state_frames("central", round=1)[1])
+        assert traffic["payload_sent"] == 3 * payload  # the refusal moved a header only
+        assert traffic["messages_sent"] == 4
+
+
 def test_not_ready_peer_refuses(peers: list[MemoryTransport]) -> None:
     with pytest.raises(PeerRefusedError, match="not_ready"):
         peers[1].fetch(endpoint(peers[0]), round=0, timeout=1.0)

@@ -33,9 +33,9 @@ def _os_error(exc: OSError) -> str:
 
 
 # Each module registers its commands on ``app`` when imported.
-from fedtorrent.cli import learn, ledger, net, peer, sim, swarm  # noqa: E402
+from fedtorrent.cli import central, learn, ledger, net, peer, sim, swarm  # noqa: E402
 
-_ = (learn, ledger, net, peer, sim, swarm)
+_ = (central, learn, ledger, net, peer, sim, swarm)
 
 
 def main() -> None:

@@ -95,6 +95,15 @@ def peer_command(
         float | None, typer.Option(help="The attack's scale (default per attack).")
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
+    central: Annotated[
+        bool,
+        typer.Option(
+            "--central",
+            help="Be a client of a central FedAvg server (fedtorrent server, listed at the "
+            'tracker as "server"): each round train, then fetch and adopt its average; no '
+            "other peer is dialled (see docs/central.md).",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log to stderr.")] = False,
 ) -> None:
     """Train with the swarm: announce, exchange parameters directly with peers, mix, record.
@@ -147,6 +156,7 @@ def peer_command(
         attack_scale=attack_scale,
         task=task,
         device=device,
+        central=central,
     )
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
     if verbose:

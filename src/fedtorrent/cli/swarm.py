@@ -84,6 +84,15 @@ def swarm_command(
         float | None, typer.Option(help="The attack's scale (default per attack).")
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
+    central: Annotated[
+        bool,
+        typer.Option(
+            "--central",
+            help="Centralized FL on the same session: also start a FedAvg server (fedtorrent "
+            "server, in OUT/server) and run every peer as its client (--central); the summary "
+            "puts the server's measured bytes beside the tracker's and the peers'.",
+        ),
+    ] = False,
 ) -> None:
     """Run a tracker and N peers here; Ctrl-C stops them all; ends with a summary and plots."""
     import time  # noqa: PLC0415
@@ -110,6 +119,7 @@ def swarm_command(
         attack_scale=attack_scale,
         task=task,
         device=device,
+        central=central,
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:
@@ -117,7 +127,8 @@ def swarm_command(
     _print_summary(summary, folder=folder)
     if summary["interrupted"]:
         raise typer.Exit(130)
-    if summary["finished"] < summary["peers"]:
+    server = summary.get("central")
+    if summary["finished"] < summary["peers"] or (server is not None and server["state"] != "done"):
         raise typer.Exit(1)
 
 
@@ -192,9 +203,8 @@ def _display(*, live: bool) -> Any:
                 if seen.get(view.index) != key:
                     seen[view.index] = key
                     accuracy = "" if view.accuracy is None else f" {100 * view.accuracy:.2f}%"
-                    print(
-                        f"peer {view.index}: {view.state} round {view.round}{accuracy}", flush=True
-                    )
+                    name = "server" if view.index < 0 else f"peer {view.index}"
+                    print(f"{name}: {view.state} round {view.round}{accuracy}", flush=True)
 
         yield show
 
@@ -234,7 +244,7 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
     tracker = band["tracker_bytes"]
     central = band["central_server_bytes"]
     console.print(
-        f"a central server would have moved {human_bytes(central)} "
+        f"a central server would have moved {human_bytes(central)} by the formula "
         f"(2 x {band['peer_rounds']} peer-rounds x {human_bytes(band['state_bytes'])}); "
         + (
             "tracker bytes unknown"
@@ -244,6 +254,15 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
         )
         + f"; peers sent each other {human_bytes(band['p2p_bytes_sent'])}"
     )
+    if band.get("server_bytes") is not None:
+        console.print(
+            f"the central server moved {human_bytes(band['server_bytes'])}, measured by its "
+            f"transport (sent {human_bytes(band['server_bytes_sent'])}, received "
+            f"{human_bytes(band['server_bytes_received'])}; "
+            f"{band['server_vs_central']:.3f} x the formula); the tracker "
+            + ("unknown" if tracker is None else human_bytes(tracker))
+            + f"; the peers sent {human_bytes(band['p2p_bytes_sent'])}"
+        )
     security = summary.get("security") or {}
     if security.get("attackers"):
         weight = security["weight_to_attackers"]

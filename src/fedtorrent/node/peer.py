@@ -210,6 +210,9 @@ class PeerConfig:
     """Where this peer trains, mixes and evaluates: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or
     ``mps`` (``fedtorrent.device.resolve_device``). This machine's choice, not the session's:
     what is sent, checkpointed and recorded stays on the CPU."""
+    central: bool = False
+    """Be a client of a central FedAvg server (``fedtorrent server``, ``node.central``): each
+    round fetch the server's state of the round and adopt it, instead of a cohort and a mix."""
 
     def __post_init__(self) -> None:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
@@ -246,6 +249,10 @@ class PeerConfig:
             raise ConfigError(
                 f"peer id must be 1 to 64 characters from [A-Za-z0-9._-], got {self.peer_id!r}"
             )
+        from fedtorrent.node.central import CENTRAL_ID  # noqa: PLC0415
+
+        if self.central and self.peer_id == CENTRAL_ID:
+            raise ConfigError(f"peer id {CENTRAL_ID!r} is the central server's")
         for name in ("exchange_timeout", "tracker_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -315,7 +322,7 @@ class Peer:
         self._last_cohort: list[str] = []
         self._base_totals: dict[str, Any] = {}
         self._final: dict[str, Any] = {}
-        self._formed = False
+        self._formed = config.central  # a --central client waits for the server instead
         self._executor: ThreadPoolExecutor | None = None
         self.error: str | None = None
         self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
@@ -326,6 +333,8 @@ class Peer:
         self._candidates: dict[str, Candidate] = {}
         """Who answered, failed or lied before; picks each round's cohort (``node.neighbours``)."""
         self.ledger: Ledger | None = None
+        self._central: list[Endpoint] = []
+        """``--central``: the server where it was last listed (empty before)."""
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -459,6 +468,7 @@ class Peer:
             curve_secret_key=self.identity.curve_secret,
             curve_public_key=self.identity.curve_public,
             curve_allow=frozenset(curve_public_key(k) for k in allowed) if allowed else None,
+            serve_older=not cfg.central,  # the server asks for round r: not_ready until then
         )
         if self._make_transport is None:
             from fedtorrent.net.transport import ZmqTransport  # noqa: PLC0415
@@ -642,9 +652,11 @@ class Peer:
         timings["train"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        deadline = time.monotonic() + self.config.exchange_timeout
+        # --central: the server alone, waited for twice as long (it waits for its slowest client).
+        central = self.config.central
+        deadline = time.monotonic() + self.config.exchange_timeout * (2 if central else 1)
         answer, tracker_rtt, tracker_status = self._announce(event="")
-        cohort = self._cohort(answer)
+        cohort = self._central_server(answer, deadline) if central else self._cohort(answer)
         if not self._formed:
             cohort = self._await_swarm(cohort, deadline)
             self._formed = True
@@ -657,7 +669,7 @@ class Peer:
             reserve=selection.reserve,
             first_contact=selection.first_contact,
             first_contact_s=self.book.first_contact_s(),
-            refill=self._more_candidates,
+            refill=None if central else self._more_candidates,  # never another client
         )
         timings["exchange"] = time.perf_counter() - tick
         if self._stop.is_set():
@@ -672,7 +684,11 @@ class Peer:
         )
 
         tick = time.perf_counter()
-        heard, weights, excluded, screened, unmixed = self._mix(round, trained, exchange)
+        heard, weights, excluded, screened, unmixed = (
+            self._adopt(round, trained, exchange)
+            if central
+            else self._mix(round, trained, exchange)
+        )
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights, screened)
         timings["mix"] = time.perf_counter() - tick
@@ -847,6 +863,63 @@ class Peer:
                 return cohort
             cohort = self._cohort(answer)
         return cohort
+
+    def _central_server(self, answer: TrackerAnswer | None, deadline: float) -> list[Endpoint]:
+        """``--central``: the server (peer id ``CENTRAL_ID``) as the round's only cohort member.
+
+        Found in the tracker's answer (re-announcing with backoff until it is listed or the
+        deadline passes), else where it was last listed; empty when it never was. No other
+        peer the tracker lists is ever dialled.
+        """
+        from fedtorrent.node.central import CENTRAL_ID  # noqa: PLC0415
+
+        delay = POLL_FIRST_S
+        while not self._stop.is_set():
+            listed = [p for p in answer.peers if p.peer_id == CENTRAL_ID] if answer else []
+            found = select_cohort(
+                listed,
+                peer_id=self.peer_id,
+                cohort_size=1,
+                allowed=self.session.allow_keys,
+                addressing=self.addressing,
+                book=NeighbourBook(),  # no backoff: the server is the only source
+                round=self.round_done + 1,
+            )
+            if found.cohort:
+                self._keys.update(found.keys)
+                self._candidates = dict(found.candidates)  # the book records the server alone
+                self._central = found.cohort
+                return found.cohort
+            remaining = deadline - time.monotonic()
+            if self._central or remaining <= 0:
+                break
+            self._stop.wait(min(delay, remaining))
+            delay = min(2 * delay, POLL_MAX_S)
+            answer, _, _ = self._announce(event="")
+        return self._central
+
+    def _adopt(
+        self, round: int, trained: State, exchange: Exchange
+    ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool]:
+        """``--central``: adopt the server's state of this round (or newer) as the current model.
+
+        Its shared keys replace the trained ones (local keys stay this node's); without it the
+        trained state is kept. Returns what :meth:`_mix` does: the server as the one peer heard
+        (or nobody), no weights, nothing excluded or screened, never unmixed.
+        """
+        replies = exchange.replies
+        heard = [p for p, r in replies.items() if r.state is not None and r.header.round >= round]
+        self.current = dict(trained)
+        if heard:
+            state = replies[heard[0]].state
+            assert state is not None
+            self.current.update(state)
+            if self.private is not None:
+                self.private.mixed(pick(self.current, self.layout.parameters))
+        else:
+            log.warning("round %d: no average from the central server; keeping the trained "
+                        "state", round)  # fmt: skip
+        return heard, None, [], {}, False
 
     def _mix(
         self, round: int, trained: State, exchange: Exchange

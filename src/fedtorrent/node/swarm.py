@@ -12,6 +12,7 @@ A run folder::
     <out>/swarm.json              the launch: torrent, info-hash, tracker URL, peer command lines
     <out>/peers/peer-00/          peer 0's --out (metrics.jsonl, status.json, summary.json,
                                   checkpoint.*, peer.log) plus console.log (stdout and stderr)
+    <out>/server/                 with ``central``: the FedAvg server's --out (the same files)
     <out>/rounds.jsonl, .csv      every peer's per-round records; ``node`` is the node index
     <out>/summary.json            per-peer results, accuracy mean and std, bandwidth comparison
     <out>/plots/                  accuracy.png, bytes.png, bandwidth.png
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
     from fedtorrent.task import Task
 
 PEERS_FOLDER = "peers"
+SERVER_FOLDER = "server"
+"""With ``SwarmConfig.central``: the central server's ``--out`` inside the run folder."""
+SERVER_INDEX = -1
+"""The central server's index among the launcher's processes (peers count from 0)."""
 PEER_STATES = ("starting", "running", "done", "failed", "stopped")
 """What ``status.json`` may say; the launcher adds ``exited`` for a peer gone without saying."""
 ROUND_FIELDS = (
@@ -123,6 +128,9 @@ class SwarmConfig:
     (:func:`~fedtorrent.task.task_spec`: define it at module level of a .py file)."""
     device: str = "cpu"
     """The ``--device`` every peer trains on (``fedtorrent.device``); checked here, once."""
+    central: bool = False
+    """Centralized FL on the same session: start a ``fedtorrent server`` process (its folder
+    ``out/server``, the next port after the peers') and run every peer with ``--central``."""
 
     def __post_init__(self) -> None:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
@@ -146,7 +154,9 @@ class SwarmConfig:
         for label, port in (("tracker_port", self.tracker_port), ("port_base", self.port_base)):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{label} must be in [0, 65535], got {port}")
-        if self.port_base and self.port_base + self.peers - 1 > 65535:
+        if self.central and self.resume:
+            raise ConfigError("--central does not resume: the server starts from round 1")
+        if self.port_base and self.port_base + self.peers - 1 + self.central > 65535:
             raise ConfigError(f"port_base {self.port_base} leaves no port for {self.peers} peers")
         if self.exchange_timeout is not None and not self.exchange_timeout > 0:
             raise ConfigError(f"exchange_timeout must be > 0, got {self.exchange_timeout}")
@@ -278,9 +288,10 @@ class Swarm:
                 f"{config.peers} peers but the torrent splits its data into {num_nodes} shards"
             )
         if not config.resume:
+            folders = sorted((config.out / PEERS_FOLDER).glob("peer-*"))
             used = [
                 folder.name
-                for folder in sorted((config.out / PEERS_FOLDER).glob("peer-*"))
+                for folder in [*folders, config.out / SERVER_FOLDER]
                 if (folder / "metrics.jsonl").exists() or (folder / "status.json").exists()
             ]
             if used:
@@ -294,6 +305,8 @@ class Swarm:
             if self.tracker_url is None:
                 self.tracker_url = self._start_tracker()
             self.started_at = time.time()
+            if config.central:  # first, so that it is listed when the clients look for it
+                self._spawn(SERVER_INDEX)
             for index in range(config.peers):
                 self._spawn(index)
             self._write_launch()
@@ -309,7 +322,7 @@ class Swarm:
         # Serving the torrent lets peers on other machines fetch it and its initial state.
         served = [self.config.torrent] if state_path_for(self.config.torrent).exists() else []
         # Every peer runs from this one address: raise the per-address limits by the peer count.
-        peers = self.config.peers
+        peers = self.config.peers + self.config.central  # the central server is one more
         limits = TrackerConfig()
         tracker_config = TrackerConfig(
             host=self.config.host,
@@ -323,6 +336,21 @@ class Swarm:
         tracker.start()
         self._tracker = tracker
         return tracker.server.announce_url
+
+    def server_command(self) -> list[str]:
+        """The command line that runs the central server (``SwarmConfig.central``)."""
+        if self.torrent is None or self.tracker_url is None:
+            raise RuntimeError("swarm is not started")
+        config = self.config
+        port = config.port_base + config.peers if config.port_base else 0
+        command = [sys.executable, "-c", _CLI, "server", str(config.torrent)]
+        command += ["--out", str(config.out / SERVER_FOLDER), "--clients", str(config.peers)]
+        command += ["--host", config.host, "--port", str(port), "--tracker", self.tracker_url]
+        if config.exchange_timeout is not None:
+            command += ["--exchange-timeout", repr(config.exchange_timeout)]
+        if config.rounds is not None:
+            command += ["--rounds", str(config.rounds)]
+        return command
 
     def peer_command(self, index: int) -> list[str]:
         """The command line that runs peer ``index`` (``start()`` must have read the torrent)."""
@@ -359,6 +387,8 @@ class Swarm:
             command += ["--device", config.device]
         if config.resume:
             command.append("--resume")
+        if config.central:
+            command.append("--central")
         if config.attack is not None and index >= config.peers - config.attackers:
             command += ["--attack", config.attack]
             if config.attack_scale is not None:
@@ -376,10 +406,12 @@ class Swarm:
         return env
 
     def _spawn(self, index: int) -> None:
-        folder = peer_folder(self.config.out, index)
+        """Start peer ``index``, or the central server for ``SERVER_INDEX``."""
+        server = index == SERVER_INDEX
+        folder = self.config.out / SERVER_FOLDER if server else peer_folder(self.config.out, index)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "status.json").unlink(missing_ok=True)  # a stale one would read as progress
-        command = self.peer_command(index)
+        command = self.server_command() if server else self.peer_command(index)
         console = (folder / "console.log").open("ab")
         try:
             process = subprocess.Popen(
@@ -460,7 +492,7 @@ class Swarm:
         return self.torrent.info_hash
 
     def views(self) -> list[PeerView]:
-        """Every peer's current view, in node order."""
+        """Every peer's current view, in node order (the central server first, index -1)."""
         return [
             view_of(
                 p.index,
@@ -536,16 +568,24 @@ def bandwidth(
     tracker_bytes_out: int | None,
     p2p_bytes_sent: int,
     p2p_bytes_received: int,
+    server_bytes_sent: int | None = None,
+    server_bytes_received: int | None = None,
 ) -> dict[str, Any]:
     """Bytes the swarm moved beside what one central aggregating server would have moved.
 
     A central server receives every peer's update and sends the aggregate back each round:
     ``2 x state_bytes`` per completed peer-round (``2 x peers x rounds x state`` when all finish);
-    payload only, so an underestimate of a real server's traffic. The tracker only lists peers, so
-    its bytes (in + out, HTTP headers included) are what the swarm put through any central point.
-    Ratios are None when a total is unknown or zero.
+    payload only, so an underestimate of a real server's traffic: that is the formula,
+    ``central_server_bytes``. A run with a real server (``SwarmConfig.central``) adds what its
+    transport counted, headers and refused polls included: ``server_bytes_sent`` and
+    ``_received`` (None without one). The tracker only lists peers, so its bytes (in + out, HTTP
+    headers included) are what the swarm put through any central point besides. Ratios are None
+    when a total is unknown or zero.
     """
     central = 2 * state_bytes * sum(peer_rounds)
+    server = None
+    if server_bytes_sent is not None and server_bytes_received is not None:
+        server = server_bytes_sent + server_bytes_received
     tracker = None
     if tracker_bytes_in is not None and tracker_bytes_out is not None:
         tracker = tracker_bytes_in + tracker_bytes_out
@@ -560,6 +600,10 @@ def bandwidth(
         "p2p_bytes_sent": p2p_bytes_sent,
         "p2p_bytes_received": p2p_bytes_received,
         "p2p_vs_central": p2p_bytes_sent / central if central else None,
+        "server_bytes_sent": server_bytes_sent,
+        "server_bytes_received": server_bytes_received,
+        "server_bytes": server,
+        "server_vs_central": None if server is None or not central else server / central,
     }
 
 
@@ -665,6 +709,8 @@ def summarize_swarm(
     finals = [p["test_accuracy"] for p in peers if p["test_accuracy"] is not None]
     mean, std = _mean_std(finals)
     traffic = tracker_traffic or {}
+    server = central_server(out / SERVER_FOLDER, returncodes.get(SERVER_INDEX))
+    measured = (server or {}).get("traffic") or {}
     summary = {
         "session": torrent.session.name,
         "info_hash": torrent.info_hash,
@@ -685,7 +731,10 @@ def summarize_swarm(
             tracker_bytes_out=traffic.get("bytes_out"),
             p2p_bytes_sent=sum(p["bytes_sent"] for p in peers),
             p2p_bytes_received=sum(p["bytes_received"] for p in peers),
+            server_bytes_sent=measured.get("bytes_sent"),
+            server_bytes_received=measured.get("bytes_received"),
         ),
+        "central": server,
         "per_peer": peers,
         "security": swarm_security(folders, peers),
         "neighbours": swarm_neighbours(folders),
@@ -694,6 +743,39 @@ def summarize_swarm(
     if plots and folders:
         plot_swarm(out)
     return summary
+
+
+def central_server(folder: Path, returncode: int | None = None) -> dict[str, Any] | None:
+    """The central server's part of a run summary, from its folder; None when it has none.
+
+    ``traffic``: the bytes its transport counted (``bytes_sent``, ``bytes_received``, and the
+    header and payload split of this process); ``heard_per_round``: clients averaged per round.
+    """
+    status = read_status(folder)
+    try:
+        own = read_json(folder / "summary.json")
+    except DataError:
+        own = None
+    if status is None and own is None:
+        return None
+
+    def part(value: Any, name: str) -> dict[str, Any]:
+        inner = value.get(name) if isinstance(value, dict) else None
+        return inner if isinstance(inner, dict) else {}
+
+    traffic, server = part(own, "traffic"), part(own, "server")
+    return {
+        "state": view_of(SERVER_INDEX, pid=0, returncode=returncode, status=status).state,
+        "exit_code": returncode,
+        "rounds_done": _number(own.get("rounds_done"), int) if isinstance(own, dict) else None,
+        "clients": _number(server.get("clients"), int),
+        "heard_per_round": server.get("heard_per_round"),
+        "traffic": {
+            "bytes_sent": _number(traffic.get("bytes_sent"), int),
+            "bytes_received": _number(traffic.get("bytes_received"), int),
+            "this_process": traffic.get("this_process"),
+        },
+    }
 
 
 def swarm_security(folders: Sequence[Path], peers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -895,14 +977,17 @@ def plot_swarm(out: Path) -> list[Path]:
 
     band = summary["bandwidth"]
     bars = {
-        "central server\n(2 x peers x rounds x state)": band["central_server_bytes"],
+        "central server\n(formula: 2 x peers\nx rounds x state)": band["central_server_bytes"],
         "peer-to-peer\n(sum of bytes sent)": band["p2p_bytes_sent"],
         "tracker\n(in + out)": band["tracker_bytes"] or 0,
     }
+    if band.get("server_bytes") is not None:
+        bars["central server\n(measured,\nsent + received)"] = band["server_bytes"]
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     axes = figure.subplots()
     positions = list(range(len(bars)))
-    axes.bar(positions, [max(v, 1) for v in bars.values()], color=["grey", "tab:blue", "tab:green"])
+    colours = ["grey", "tab:blue", "tab:green", "tab:red"][: len(bars)]
+    axes.bar(positions, [max(v, 1) for v in bars.values()], color=colours)
     axes.set_yscale("log")
     axes.set_ylim(bottom=max(1, min(max(v, 1) for v in bars.values()) / 10))
     axes.set_xticks(positions, list(bars), fontsize=8)

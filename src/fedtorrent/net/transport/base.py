@@ -81,6 +81,11 @@ class TransportConfig:
     max_requesters: int = 1024
     """Distinct requesters and connections whose buckets are kept; the least recently seen is
     forgotten first (and starts with a full bucket again), so memory stays bounded."""
+    serve_older: bool = True
+    """Answer a request for round ``r`` with an older state when this peer has nothing newer
+    (a gossip peer's newest, stale, state). False refuses it with ``error: not_ready`` until
+    round ``r`` is published: a central server and its clients (``node.central``), where a
+    state of an older round is of no use, so waiting costs a header per poll, not a payload."""
 
     def __post_init__(self) -> None:
         if not wire.is_info_hash(self.info_hash):
@@ -521,7 +526,8 @@ class Transport(ABC):
             round when the previous publish was that round, else the latest; then call
             :meth:`report_served` once it went out), or ``(None, error_frames, requester)``;
             a requester over its rate gets ``error: rate_limited`` (a ``rate_limited``
-            rejection in ``stats``).
+            rejection in ``stats``). Without ``serve_older``, a request for a round past every
+            state published gets ``error: not_ready``.
         """
         served = self._served
         round = served.header.round if served is not None else 0
@@ -543,6 +549,12 @@ class Transport(ABC):
             # A requester one round behind gets that round's state, as in the simulator's
             # lockstep rounds, not the newer one it would mix a round early.
             served = previous
+        if (
+            served is not None
+            and not self.config.serve_older
+            and served.header.round < header.round
+        ):
+            served = None  # nothing of the round asked for yet: not_ready
         if served is not None and header.base is not None and header.base in served.variants:
             served = served.variants[header.base]  # the updates since the copy it holds
         state = (served.header.round, served.header.payload_sha256) if served else None
