@@ -139,4 +139,6 @@ def test_swarm_central_runs_fedavg_and_measures_the_server_bytes(tmp_path: Path)
     headers = moved["header_sent"] + moved["header_received"]
     assert band["server_bytes"] == formula + headers
     assert headers <= messages * 512 < messages * wire.MAX_HEADER_BYTES
-    assert messages <= 2 * clients * rounds * 12  # a state each way, and a few polls per round
+    # A state each way and polls while a round is not ready: they back off to 0.5 s, so their
+    # number follows how long training takes (the machine's load), never the payload bytes.
+    assert messages <= 2 * clients * rounds * 60
