@@ -231,6 +231,9 @@ class SimConfig:
     attackers: int = 0
     attack_scale: float | None = None
     """The attack's scale (default per attack; see ``fedtorrent.adversary``)."""
+    compression: str = "none"
+    """What nodes send each other, as on the wire (``state.compress``): ``none``, ``fp16``,
+    ``bf16``, ``int8``, ``topk:F`` or ``topk:F,int8`` ...: public copies with error feedback."""
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")

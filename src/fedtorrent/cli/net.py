@@ -70,6 +70,13 @@ def create(
     mixing: Annotated[str, typer.Option(help="Mixing rule.")] = "learned",
     trust_lr: Annotated[float, typer.Option(help="Trust learning rate.")] = 5.0,
     trust_steps: Annotated[int, typer.Option(help="Trust SGD steps per round.")] = 10,
+    compression: Annotated[
+        str,
+        typer.Option(
+            help="What peers send each other: none, fp16, bf16, int8, topk:F or topk:F,int8 "
+            "(public copies with error feedback; docs/wire.md)."
+        ),
+    ] = "none",
     plausibility: Annotated[
         float,
         typer.Option(
@@ -163,6 +170,7 @@ def create(
         round_schedule=round_schedule,
         cohort_size=cohort,
         privacy=privacy,
+        compression=compression,
         allow_keys=allow_keys,
         name=name,
     )

@@ -91,6 +91,13 @@ def simulate(
             "this multiple of the median distance (own norm included); 0 turns it off."
         ),
     ] = _DEFAULT.mixing.plausibility,
+    compression: Annotated[
+        str,
+        typer.Option(
+            help="What nodes send each other, as on the wire: none, fp16, bf16, int8, topk:F or "
+            "topk:F,int8 (public copies with error feedback; docs/wire.md)."
+        ),
+    ] = _DEFAULT.compression,
     rounds: Annotated[int, typer.Option(help="Communication rounds.")] = _DEFAULT.rounds,
     round_schedule: Annotated[
         str, typer.Option(help="Local lr across rounds: constant, or cosine decay towards 0.")
@@ -196,6 +203,7 @@ def simulate(
         attack=attack,
         attackers=attackers,
         attack_scale=attack_scale,
+        compression=_compression(compression),
     )
     configs = [
         _with_rule(
@@ -406,3 +414,10 @@ def _log(message: str) -> None:
     import sys  # noqa: PLC0415
 
     print(message, file=sys.stderr, flush=True)
+
+
+def _compression(text: str) -> str:
+    """``--compression`` checked and in its canonical spelling (one line when it is not valid)."""
+    from fedtorrent.state.compress import Compression  # noqa: PLC0415
+
+    return str(Compression.parse(text))

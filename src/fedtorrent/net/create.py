@@ -30,6 +30,7 @@ from fedtorrent.net.torrent import (
     Torrent,
     save_session,
 )
+from fedtorrent.state.compress import Compression
 
 if TYPE_CHECKING:
     from torch import nn
@@ -53,6 +54,7 @@ def create_session(
     round_schedule: str = _SIM.round_schedule,
     cohort_size: int = DEFAULT_COHORT,
     privacy: PrivacyConfig | None = None,
+    compression: str = "none",
     allow_keys: Sequence[str] = (),
     name: str | None = None,
 ) -> tuple[Session, bytes]:
@@ -77,6 +79,9 @@ def create_session(
         round_schedule: the local learning rate across rounds, ``constant`` or ``cosine``.
         cohort_size: peers each peer mixes with per round.
         privacy: differential privacy of what peers share; None shares without noise.
+        compression: what peers send each other (``state.compress``: ``none``, ``int8``,
+            ``topk:0.1,int8`` ...), kept in the torrent as ``{"codec": canonical spelling}``;
+            ``none`` leaves the key out (the info-hash of such a session is unchanged).
         allow_keys: Ed25519 public keys (hex) of the only peers a closed swarm admits; empty:
             open.
         name: the session name; default ``<dataset>-<model>-<split>-<nodes>`` or
@@ -136,6 +141,7 @@ def create_session(
         state_sha256=state_digest(state),
         state_size=len(state),
         privacy=privacy,
+        compression=session_compression(compression),
         allow_keys=tuple(sorted({key.strip().lower() for key in allow_keys})),
         task=task_info,
     )
@@ -208,3 +214,9 @@ def _task_model(task: Task | str, *, train: TrainConfig, nodes: int) -> tuple[nn
     )  # the simulator's initial model
     label = TASK_MODEL if spec is None else task_label(spec)
     return net, TaskInfo(label=label, schema=state_schema(net, buffers=task.buffers))
+
+
+def session_compression(text: str) -> dict[str, str] | None:
+    """The torrent's ``compression`` entry for a spec (None for ``none``); ConfigError if bad."""
+    spec = Compression.parse(text)
+    return None if spec.is_none else {"codec": str(spec)}

@@ -154,8 +154,9 @@ class Session:
 
     ``data`` never carries a ``data_dir``: where a peer keeps its files is its own business.
     ``state_sha256`` and ``state_size`` pin the initial weights (a safetensors file).
-    ``privacy`` is None when peers share updates without noise; ``compression`` is a JSON-able dict
-    reserved for the issue that adds it. ``allow_keys`` makes the swarm closed: the Ed25519 public
+    ``privacy`` is None when peers share updates without noise; ``compression`` is None (whole
+    states) or ``{"codec": spec}``, the canonical spelling of a :mod:`fedtorrent.state.compress`
+    spec, parsed by every peer. ``allow_keys`` makes the swarm closed: the Ed25519 public
     keys (64 lowercase hex, sorted, no repeats) of the only peers that may take part; empty means
     open (any key) and leaves the key out of the ``info`` dict. ``round_schedule`` moves the local
     learning rate across rounds exactly as ``SimConfig.round_schedule`` does (``constant`` or
@@ -209,9 +210,14 @@ class Session:
         _check(bool(self.model.name), "model name must not be empty")
         if self.compression is not None:
             canonical_json(self.compression)  # raises ConfigError when not JSON-able
+            codec = self.compression.get("codec")
             _check(
-                all(isinstance(k, str) for k in self.compression),
-                "compression keys must be strings",
+                set(self.compression) == {"codec"}
+                and isinstance(codec, str)
+                and 0 < len(codec) <= 32
+                and codec.isascii()
+                and codec.isprintable(),
+                'compression must be {"codec": SPEC} (state.compress; checked by peers)',
             )
         canonical_json(self.model.kwargs)
         _check(

@@ -41,7 +41,9 @@ from fedtorrent.progress import Advance, progress_bar
 from fedtorrent.sim.engine import Engine, LinearBackend, ShareFn, make_backend, node_data
 from fedtorrent.sim.loop import ModuleLoopBackend, StateLayout, has_buffers
 from fedtorrent.sim.topology import Topology
+from fedtorrent.sim.traffic import Traffic
 from fedtorrent.state.codec import encode_state
+from fedtorrent.state.compress import Compression
 from fedtorrent.training.local import make_optimizer
 from fedtorrent.training.schedule import round_lr_scale
 from fedtorrent.training.seeds import Stream, derive_seed
@@ -79,6 +81,8 @@ class RunOutcome:
     """Every node's final state dict, when asked for (``keep_states``, ``save_models``)."""
     model_paths: list[Path] = dataclasses.field(default_factory=list)
     """Where each node's final model was saved (``save_models``); empty otherwise."""
+    traffic: dict[str, Any] | None = None
+    """The bytes real peers would move for this run (``sim.traffic.Traffic.summary``)."""
 
     @property
     def accuracies(self) -> list[float]:
@@ -160,9 +164,11 @@ def run_one(
         else backend.layout.flatten(model.state_dict())
     )
     outgoing: scenario.Outgoing | None = None
-    if config.attack is not None or config.privacy is not None:
+    if config.attack is not None or config.privacy is not None or config.compression != "none":
         if share is not None:
-            raise ConfigError("give a share hook or a config with privacy/attack, not both")
+            raise ConfigError(
+                "give a share hook or a config with privacy/attack/compression, not both"
+            )
         width = init.shape[0] if backend is None else backend.layout.num_params
         outgoing = share = scenario.Outgoing(config, initial=init[:width])
         if config.attack == "label_flip":
@@ -178,6 +184,8 @@ def run_one(
         share=share,
         device=device,
     )
+    width = init.shape[0] if backend is None else backend.layout.num_params
+    traffic = run_traffic(config, model, width=width)
     label_mix = _label_mix(dataset.y_train, [s.train for s in splits], dataset.num_classes)
     curve_x, curve_y = _curve_subset(config, data.x_test, data.y_test)
     tag = {"mixing": config.mixing.rule, "seed": config.seed}
@@ -187,6 +195,7 @@ def run_one(
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
+        traffic.record(engine.topology.cohorts(round_index), round_index)
         done = round_index + 1
         if outgoing is not None and outgoing.attackers:
             value = scenario.weight_on_attackers(
@@ -246,6 +255,17 @@ def run_one(
         rejected=engine_rejections(engine),
         engine_path=engine_path(engine),
         states=_states(engine) if keep_states else None,
+        traffic=traffic.summary(config.rounds),
+    )
+
+
+def run_traffic(config: SimConfig, model: torch.nn.Module, *, width: int) -> Traffic:
+    """The byte count of a run: ``width`` shared parameters per node, as the wire sends them."""
+    return Traffic(
+        num_nodes=config.data.num_nodes,
+        num_values=width,
+        full_bytes=len(encode_state(model.state_dict())),
+        compression=Compression.parse(config.compression),
     )
 
 
@@ -345,6 +365,18 @@ def _final_scores(
     return out
 
 
+def _mean_traffic(runs: Sequence[RunOutcome]) -> dict[str, Any] | None:
+    """The runs' traffic, numbers averaged over runs (None when no run counted any)."""
+    counted = [r.traffic for r in runs if r.traffic is not None]
+    if not counted:
+        return None
+    out: dict[str, Any] = dict(counted[0])
+    for key, value in counted[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(np.mean([float(t[key]) for t in counted]))
+    return out
+
+
 def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
     """Mean and std of final scores per mixing rule, over nodes and seeds.
 
@@ -362,6 +394,7 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
             "seeds": [r.config.seed for r in runs],
             "engine_path": runs[0].engine_path,
             "metrics": metric_stats(runs),
+            "traffic": _mean_traffic(runs),
         }
         if "accuracy" not in runs[0].final[0] or "own_accuracy" not in runs[0].final[0]:
             summary[rule] = {
@@ -391,6 +424,7 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
             "timings": _sum_timings(runs),
             "engine_path": common["engine_path"],
             "metrics": common["metrics"],
+            "traffic": common["traffic"],
         }
         secured = [r.security for r in runs if r.security is not None]
         if secured:

@@ -6,7 +6,10 @@
 shares ``public_i + privatize(theta_i - public_i)``, where ``public_i`` is what i's cohort can
 compute i held after the last mix (the mix with i's shared row as its own). The attackers' rows
 are then replaced by :func:`fedtorrent.adversary.attack_params` (``label_flip`` instead poisons
-their training labels: :func:`poison_labels`). Every node still mixes its own true row.
+their training labels: :func:`poison_labels`). Last, with ``compression``, every row goes through
+its node's public copy (:class:`~fedtorrent.state.compress.PublicCopy`, the code a real peer's
+sender runs): what the others receive is the copy after this round's compressed update, and the
+residual carries over. Every node still mixes its own true row.
 
 Accounting: every node releases one Gaussian mechanism per round with the same noise multiplier
 at ``sample_rate = 1``, so every node's epsilon is the same and one accountant stands for all.
@@ -25,6 +28,7 @@ from fedtorrent.config import SimConfig
 from fedtorrent.privacy.accountant import PrivacyAccountant, resolve_noise_multiplier
 from fedtorrent.privacy.mechanism import privatize_rows
 from fedtorrent.sim.engine import NodeData
+from fedtorrent.state.compress import Compression, PublicCopy
 from fedtorrent.training.seeds import Stream, node_generator
 
 Tensor = torch.Tensor
@@ -47,6 +51,9 @@ class Outgoing:
         )
         self.initial = initial.detach().clone()
         self.seed = config.seed
+        self.compression = Compression.parse(config.compression)
+        self.copies: PublicCopy | None = None
+        """Every node's public copy (``compression``), made at the first round."""
         privacy = config.privacy if config.privacy is not None and config.privacy.enabled else None
         self.clip = privacy.clip if privacy is not None else None
         self.noise_multiplier = (
@@ -92,6 +99,15 @@ class Outgoing:
                 initial=self.initial,
                 generator=generator,
             )
+        if not self.compression.is_none:
+            if self.copies is None:
+                self.copies = PublicCopy(self.initial.to(params.device).repeat(len(params), 1))
+            generators = [
+                node_generator(self.seed, Stream.COMPRESS, round_index, node)
+                for node in range(len(params))
+            ]
+            self.copies.update(shared, self.compression, generator=generators)
+            shared = self.copies.hat.clone()
         return shared
 
 

@@ -179,6 +179,7 @@ def run_task(
         RunWriters,
         engine_rejections,
         loop_backend,
+        run_traffic,
     )
 
     if config.attack is not None:
@@ -202,10 +203,10 @@ def run_task(
         backend = FunctionalBackend(model, like, loss=task.loss_fn)
         init = _flat(like)
     outgoing: scenario.Outgoing | None = None
-    if config.privacy is not None:
+    width = init.shape[0] if chosen != "loop" else backend.layout.num_params
+    if config.privacy is not None or config.compression != "none":
         if share is not None:
-            raise ConfigError("give a share hook or a config with privacy, not both")
-        width = init.shape[0] if chosen != "loop" else backend.layout.num_params
+            raise ConfigError("give a share hook or a config with privacy/compression, not both")
         outgoing = share = scenario.Outgoing(config, initial=init[:width])
     engine = Engine(
         backend=backend,
@@ -218,6 +219,7 @@ def run_task(
         share=share,
         device=device,
     )
+    traffic = run_traffic(config, model, width=width)
     split = eval_split(nodes)
     scorer = task.make_model(seed=0).to(device)
     tag = {"mixing": config.mixing.rule, "seed": config.seed}
@@ -227,6 +229,7 @@ def run_task(
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
+        traffic.record(engine.topology.cohorts(round_index), round_index)
         done = round_index + 1
         if done % config.eval_every == 0 or done == config.rounds:
             scores = [score(task, scorer, engine.node_state(i), nodes[i], split) for i in range(n)]
@@ -262,4 +265,5 @@ def run_task(
         rejected=engine_rejections(engine),
         engine_path=chosen,
         states=[engine.node_state(i) for i in range(n)] if keep_states else None,
+        traffic=traffic.summary(config.rounds),
     )

@@ -36,6 +36,8 @@ class Stream(IntEnum):
     """The simulator's privacy noise for every node in one round."""
     SIM_ATTACK = 9
     """The simulator's attackers' random draws in one round."""
+    COMPRESS = 10
+    """One node's stochastic rounding when it compresses its update (``state.compress``)."""
 
 
 def derive_seed(seed: int, *streams: int) -> int:
