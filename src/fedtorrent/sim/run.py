@@ -543,6 +543,8 @@ def simulate(
         configs = [SimConfig()]
     if not configs:
         raise ConfigError("nothing to simulate: no configurations")
+    for config in configs:  # a bad spec is one line before any data is loaded
+        Compression.parse(config.compression)
     if task is not None:
         builtin = _builtin_configs(task, configs)
         if builtin is not None:
