@@ -65,6 +65,7 @@ def make_torrent(
     round_schedule: str = "constant",
     plausibility: float = MixingConfig.plausibility,
     trust_margin: float = MixingConfig.trust_margin,
+    compression: str | None = None,
 ) -> Path:
     """A digits / logreg session (fast: ~200 examples per peer) and its initial state."""
     torch.manual_seed(0)
@@ -85,6 +86,7 @@ def make_torrent(
         rounds=rounds,
         round_schedule=round_schedule,
         cohort_size=cohort,
+        compression=None if compression is None else {"codec": compression},
         state_sha256=state_digest(state),
         state_size=len(state),
     )
@@ -377,6 +379,25 @@ def test_peers_learn_the_trust_weights_the_simulator_learns(tmp_path: Path, marg
     else:  # iid nodes: the held-out check keeps uniform weights on both sides
         assert peers[0].trust is not None and peers[0].trust.last_check is False
         assert int(engine.trust_kept.sum()) == 0
+
+
+def test_compressed_peers_move_a_fraction_of_the_bytes_and_learn_alike(tmp_path: Path) -> None:
+    """int8 public copies: a quarter of the payload per state, nearly the same models."""
+    results = {}
+    for codec in (None, "int8"):
+        folder = tmp_path / str(codec)
+        folder.mkdir()
+        swarm = Swarm(make_torrent(folder, nodes=3, cohort=2, rounds=4, compression=codec), folder)
+        peers = [swarm.peer(i, nodes=3) for i in range(3)]
+        assert swarm.run(peers) == ["done"] * 3
+        records = [read_records(p.out_dir / "metrics.jsonl") for p in peers]
+        assert all(r["heard"] == 2 for rs in records for r in rs)
+        payload = sum(r["payload_bytes_received"] for rs in records for r in rs)
+        loss = float(np.mean([rs[-1]["test_loss"] for rs in records]))
+        results[codec] = payload, loss
+    (plain, plain_loss), (small, small_loss) = results[None], results["int8"]
+    assert small < 0.35 * plain  # 650 values: the container's own header counts a little
+    assert small_loss == pytest.approx(plain_loss, rel=0.05)
 
 
 # -- hostile and silent neighbours ----------------------------------------------------------------

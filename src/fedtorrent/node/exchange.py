@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from fedtorrent.errors import FedTorrentError, MessageError, NetworkError
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fedtorrent.net.identity import UpdateVerifier
     from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
     from fedtorrent.net.transport import Endpoint, Reply, Transport
+    from fedtorrent.node.compressed import Replicas
 
 log = logging.getLogger(__name__)
 ReceiveHook = Callable[["Reply"], None]
@@ -216,6 +217,9 @@ class Fetcher:
     """Peer id -> the Ed25519 key (hex) it announced; the peer keeps it up to date."""
     stop: threading.Event
     receive_hook: ReceiveHook | None = None
+    replicas: Replicas | None = None
+    """Compressed sessions: the copies of others' public copies (``node.compressed``); each
+    request carries the round held, and a reply becomes the state it stands for."""
 
     def exchange(
         self,
@@ -313,6 +317,8 @@ class Fetcher:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 break
+            if self.replicas is not None:
+                endpoint = replace(endpoint, base=self.replicas.base(endpoint.peer_id))
             try:
                 reply = self.transport.fetch(
                     endpoint, round=round, timeout=remaining, like_state=self.like
@@ -326,6 +332,9 @@ class Fetcher:
             else:
                 try:
                     self.verifier.verify(reply.header, self.keys.get(endpoint.peer_id))
+                    if self.replicas is not None:
+                        state = self.replicas.receive(endpoint.peer_id, reply)
+                        reply = replace(reply, state=state)
                     if self.receive_hook is not None:
                         self.receive_hook(reply)
                 except MessageError as exc:

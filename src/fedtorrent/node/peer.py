@@ -124,6 +124,7 @@ if TYPE_CHECKING:
         Transport,
         TransportConfig,
     )
+    from fedtorrent.node.compressed import CompressedSender, Replicas
     from fedtorrent.privacy.sender import PrivateSender
     from fedtorrent.task import Task
 
@@ -440,6 +441,7 @@ class Peer:
         checkpoint = self._restore() if cfg.resume else None
         if self.private is not None and checkpoint is not None:
             self.private.resume(checkpoint.round, pick(self.current, self.layout.parameters))
+        self.sender, self.replicas = self._compression(initial, checkpoint)
         self.peer_id = (
             cfg.peer_id
             or (checkpoint.peer_id if checkpoint is not None else None)
@@ -500,6 +502,7 @@ class Peer:
             keys=self._keys,
             stop=self._stop,
             receive_hook=self._receive_hook,
+            replicas=self.replicas,
         )
         self.address = self.transport.address
         self.port = self.addressing.port_of(self.address)
@@ -590,9 +593,8 @@ class Peer:
         Returns the round's record, or None when a stop request cut the exchange short (the
         round is then abandoned and redone after ``--resume``).
         """
-        from fedtorrent.net import wire  # noqa: PLC0415
-        from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
-        from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
+        from fedtorrent.node.compressed import encode_updates  # noqa: PLC0415
+        from fedtorrent.state import encode_state, flatten, unflatten  # noqa: PLC0415
         from fedtorrent.training import round_lr_scale, train_local  # noqa: PLC0415
 
         began = time.perf_counter()
@@ -625,30 +627,21 @@ class Peer:
         # A CPU copy (as the clone it replaces on the CPU): sending, mixing, trust, checkpoints.
         trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         shared = self._outgoing(trained, before, round)
-        payload = encode_state(shared)
-        digest, nonce = state_digest(payload), new_nonce()
-        signature = sign_update(
-            self.identity,
-            info_hash=self.info_hash,
-            round=round,
-            sender=self.peer_id,
-            receiver=None,  # one signature for the whole cohort: the same state to everyone
-            payload_sha256=digest,
-            nonce=nonce,
-        )
-        self.transport.publish(
-            wire.encode_message(
-                payload,
-                info_hash=self.info_hash,
-                sender=self.peer_id,
-                round=round,
-                num_examples=len(self.data.y_train),
-                sig=signature,
-                nonce=nonce,
-                pubkey=self.identity.public_key,
-                payload_sha256=digest,
+        variants: dict[int, list[bytes]] = {}
+        if self.sender is not None:  # compression: serve the public copy, and its updates
+            self.sender.update(
+                flatten(pick(shared, self.layout.mix)),
+                round,
+                generator=node_generator(self.seed, Stream.COMPRESS, round - 1, self._salt),
             )
-        )
+            exact = pick(shared, self.layout.exact)
+            codec = str(self.sender.spec)
+            variants = {
+                base: self._signed(encode_updates(updates, exact), round, codec=codec, base=base)
+                for base, updates in self.sender.updates_from().items()
+            }
+            shared = {**shared, **unflatten(self.sender.hat, pick(self.like, self.layout.mix))}
+        self.transport.publish(self._signed(encode_state(shared), round), variants=variants)
         timings["train"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -763,6 +756,38 @@ class Peer:
             record["duration_s"],
         )
         return record
+
+    def _signed(
+        self, payload: bytes, round: int, *, codec: str | None = None, base: int | None = None
+    ) -> list[bytes]:
+        """``[header, payload]`` of this round's state, signed once for every requester."""
+        from fedtorrent.net import wire  # noqa: PLC0415
+        from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
+        from fedtorrent.state import state_digest  # noqa: PLC0415
+
+        digest, nonce = state_digest(payload), new_nonce()
+        signature = sign_update(
+            self.identity,
+            info_hash=self.info_hash,
+            round=round,
+            sender=self.peer_id,
+            receiver=None,  # one signature for the whole cohort: the same state to everyone
+            payload_sha256=digest,
+            nonce=nonce,
+        )
+        return wire.encode_message(
+            payload,
+            info_hash=self.info_hash,
+            sender=self.peer_id,
+            round=round,
+            num_examples=len(self.data.y_train),
+            sig=signature,
+            nonce=nonce,
+            pubkey=self.identity.public_key,
+            payload_sha256=digest,
+            codec=codec,
+            base=base,
+        )
 
     def _outgoing(self, trained: State, before: State, round: int) -> State:
         """What this round shares: privacy noise, then an attack (experiments), then the hook.
@@ -952,7 +977,10 @@ class Peer:
 
         shared = stacked(layout.mix)
         own = None
-        if self.private is not None and self.private.shared is not None:
+        if self.sender is not None:  # the cohort mixes this peer's public copy
+            own = shared[:1].clone()
+            shared[0] = self.sender.hat.to(device)
+        elif self.private is not None and self.private.shared is not None:
             own = shared[:1].clone()  # the true own row; the cohort saw the noised one
             shared[0] = flatten(pick({**trained, **self.private.shared}, layout.mix)).to(device)
         size = len(states)
@@ -1179,6 +1207,37 @@ class Peer:
             task, node=node, num_nodes=num_nodes, num_classes=report.num_classes
         )
         return model, data
+
+    def _compression(
+        self, initial: State, checkpoint: Checkpoint | None
+    ) -> tuple[CompressedSender | None, Replicas | None]:
+        """The public copy this peer serves and the copies it holds (None: no compression).
+
+        After ``--resume`` the copy starts at the restored state and serves updates only from
+        bases past the restored round plus one (any round published before the restart).
+        """
+        entry = self.session.compression
+        if entry is None:
+            return None, None
+        from fedtorrent.node.compressed import CompressedSender, Replicas  # noqa: PLC0415
+        from fedtorrent.state import flatten  # noqa: PLC0415
+        from fedtorrent.state.compress import Compression  # noqa: PLC0415
+
+        try:
+            spec = Compression.parse(str(entry["codec"]))
+        except ConfigError as exc:
+            raise ConfigError(f"the torrent's compression: {exc}") from None
+        if spec.is_none:
+            return None, None
+        mix, shared = self.layout.mix, pick(initial, self.layout.shared)
+        start = initial if checkpoint is None else self.current
+        sender = CompressedSender(
+            spec,
+            flatten(pick(start, mix)),
+            min_base=0 if checkpoint is None else checkpoint.round + 2,
+        )
+        replicas = Replicas(spec, shared, mix=mix, max_bytes=self.session.state_size * 4 + 4096)
+        return sender, replicas
 
     def _restore(self) -> Checkpoint | None:
         from fedtorrent.node.checkpoint import MODEL_FILE  # noqa: PLC0415

@@ -16,10 +16,8 @@ import torch
 
 from fedtorrent.net import wire
 from fedtorrent.net.identity import NONCE_BYTES
+from fedtorrent.node.compressed import HISTORY
 from fedtorrent.state.compress import Compression, packet_bytes
-
-HISTORY = 4
-"""Rounds of compressed updates a sender keeps to serve a requester that holds an older copy."""
 
 Tensor = torch.Tensor
 
