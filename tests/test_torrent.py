@@ -336,7 +336,9 @@ def test_cli_create_closes_a_swarm_with_allowed_keys(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and not bad.output.count("wrote")
 
 
-def test_skip_settings_are_written_only_off_their_defaults_so_old_torrents_keep_their_hash() -> None:
+def test_skip_settings_are_written_only_off_their_defaults_so_old_torrents_keep_their_hash() -> (
+    None
+):
     # The torrent at the default settings: no skip keys, and exactly the bytes of a torrent
     # written before they existed (its info dict, with the keys left out, re-encodes the same).
     default = make_torrent()
