@@ -7,7 +7,8 @@ A round ``r`` (1-based) is:
    ask get what the simulator would hand them: the round's trained parameters, before mixing;
 3. **announce** to the tracker (round done so far, accuracy, bytes), asking for several times
    the cohort; the neighbour book (``node.neighbours``) picks the cohort and a reserve from its
-   sample, preferring neighbours that answered before and skipping backed-off ones; when the
+   sample, preferring neighbours that answered before and skipping backed-off ones, and
+   ``node.skipping`` leaves out members learned trust shut out (``skip_below``); when the
    tracker is down the client's cached answer keeps the peer going;
 4. **exchange**: pull the cohort's states concurrently until the exchange deadline, waiting (by
    polling with backoff) for neighbours still behind round ``r``; a stale state is used when the
