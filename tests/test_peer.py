@@ -66,6 +66,8 @@ def make_torrent(
     plausibility: float = MixingConfig.plausibility,
     trust_margin: float = MixingConfig.trust_margin,
     compression: str | None = None,
+    skip_below: float = MixingConfig.skip_below,
+    skip_after: int = MixingConfig.skip_after,
 ) -> Path:
     """A digits / logreg session (fast: ~200 examples per peer) and its initial state."""
     torch.manual_seed(0)
@@ -82,6 +84,8 @@ def make_torrent(
             trust_batch_size=32,
             plausibility=plausibility,
             trust_margin=trust_margin,
+            skip_below=skip_below,
+            skip_after=skip_after,
         ),
         rounds=rounds,
         round_schedule=round_schedule,
@@ -272,6 +276,47 @@ def test_learned_trust_mixes_with_the_weights_it_records(tmp_path: Path) -> None
         assert peer.trust is not None
         logits = peer.trust.state_dict()
         assert set(logits["peers"]) == set(last["heard_from"])
+
+
+def test_honest_peers_stop_fetching_an_attacker_their_trust_shuts_out(tmp_path: Path) -> None:
+    # peer-2 shares Gaussian noise; the screen is off, so learned trust alone must catch it.
+    torrent = make_torrent(
+        tmp_path, rule="learned", rounds=9, plausibility=0.0, skip_below=0.05, skip_after=2
+    )
+    swarm = Swarm(torrent, tmp_path)
+    peers = [swarm.peer(0), swarm.peer(1), swarm.peer(2, attack="noise")]
+    assert swarm.run(peers) == ["done"] * 3
+    payload = len(encode_state(peers[0].current))  # what one state costs on the wire
+    for peer in peers[:2]:
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        honest = "peer-1" if peer.peer_id == "peer-0" else "peer-0"
+        dialled = ["peer-2" in r["cohort"] for r in records]
+        assert all(honest in r["heard_from"] for r in records)  # never skipped
+        first = dialled.index(False)
+        # Before: mixed each round, the last two with weights below 0.05. Then: skipped for two
+        # rounds, probed once (still low), skipped for two rounds again, and so on.
+        assert first >= 2 and all(dialled[:first])
+        assert all(records[i]["trust_weights"]["peer-2"] < 0.05 for i in (first - 2, first - 1))
+        probes = [(i - first) % 3 == 2 for i in range(first, len(records))]
+        assert dialled[first:] == probes
+        for record, fetched in zip(records[first:], probes, strict=True):
+            if fetched:
+                assert record["skipped_low_trust"] == [] and record["bytes_saved"] == 0
+                assert record["trust_weights"]["peer-2"] < 0.05
+                continue
+            assert record["skipped_low_trust"] == ["peer-2"]
+            assert record["skipped"]["peer-2"] == "low_trust"
+            assert record["bytes_saved"] == payload > 0
+            assert record["cohort"] == [honest]  # the slot was not refilled
+            assert record["neighbours"]["skipped"] == {"low_trust": 1}
+        summary = json.loads((peer.out_dir / "summary.json").read_text())
+        saved = sum(r["bytes_saved"] for r in records)
+        assert summary["neighbours"]["bytes_saved"] == saved >= 2 * payload
+        assert summary["neighbours"]["candidates_skipped"] == {"low_trust": dialled.count(False)}
+        assert peer.trust is not None and "peer-2" in peer.trust.state_dict()["peers"]
+    # The attacker runs learned trust too and trusts the honest peers: it skips nobody.
+    attacker = read_records(peers[2].out_dir / "metrics.jsonl")
+    assert all(r["skipped_low_trust"] == [] for r in attacker)
 
 
 def test_none_rule_keeps_its_own_model(tmp_path: Path) -> None:

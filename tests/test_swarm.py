@@ -26,6 +26,7 @@ from fedtorrent.node.swarm import (
     bandwidth,
     peer_folder,
     run_swarm,
+    swarm_neighbours,
     view_of,
 )
 
@@ -148,6 +149,22 @@ def test_bandwidth_prices_a_central_server_per_completed_peer_round() -> None:
         p2p_bytes_received=0,
     )
     assert unknown["tracker_bytes"] is None and unknown["tracker_vs_central"] is None
+
+
+def test_swarm_neighbours_sums_skips_and_bytes_saved_over_peers(tmp_path: Path) -> None:
+    parts = [
+        {"candidates_skipped": {"low_trust": 5, "backed_off": 1}, "bytes_saved": 700},
+        {"candidates_skipped": {"low_trust": 2}, "bytes_saved": 300, "heard_distinct": 2},
+    ]
+    folders = [tmp_path / f"p{i}" for i in range(3)]  # the last one wrote no summary
+    for i, part in enumerate(parts):
+        folders[i].mkdir()
+        text = json.dumps({"peer_id": f"peer-{i}", "neighbours": part})
+        (folders[i] / "summary.json").write_text(text)
+    totals = swarm_neighbours(folders)
+    assert totals["candidates_skipped"] == {"low_trust": 7, "backed_off": 1}
+    assert totals["skipped"] == 8 and totals["bytes_saved"] == 1000
+    assert totals["heard_distinct"] == {"peer-1": 2}
 
 
 def test_view_marks_a_peer_that_died_without_saying_so_as_failed() -> None:

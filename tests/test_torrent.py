@@ -336,6 +336,56 @@ def test_cli_create_closes_a_swarm_with_allowed_keys(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and not bad.output.count("wrote")
 
 
+def test_skip_settings_are_written_only_off_their_defaults_so_old_torrents_keep_their_hash() -> (
+    None
+):
+    # The torrent at the default settings: no skip keys, and exactly the bytes of a torrent
+    # written before they existed (its info dict, with the keys left out, re-encodes the same).
+    default = make_torrent()
+    mixing = raw(default)[b"info"][b"mixing"]
+    assert b"skip_below" not in mixing and b"skip_after" not in mixing
+    old = raw(default)
+    assert Torrent.from_bytes(encode(old)).to_bytes() == default.to_bytes() == encode(old)
+    # Pinned before the skip settings existed: the default session's identity is unchanged.
+    assert default.info_hash == "7fe7466ebbac43c883a55685b0ae6e82252ba985ca47dae42aa91d4ef9ae5b5a"
+    assert Torrent.from_bytes(encode(old)).session.mixing == MixingConfig(
+        rule="learned", trust_lr=2.5
+    )
+
+    skipping = make_torrent(mixing=MixingConfig(rule="learned", trust_lr=2.5, skip_below=0.05))
+    written = raw(skipping)[b"info"][b"mixing"]
+    assert written[b"skip_below"] == b"0.05" and b"skip_after" not in written
+    again = Torrent.from_bytes(skipping.to_bytes())
+    assert again.session.mixing.skip_below == 0.05 and again.session.mixing.skip_after == 3
+    assert again.info_hash == skipping.info_hash != default.info_hash
+    later = make_torrent(mixing=MixingConfig(rule="learned", skip_below=0.05, skip_after=5))
+    assert Torrent.from_bytes(later.to_bytes()).session.mixing.skip_after == 5
+
+    # One encoding per session: spelling out a default is not canonical.
+    old[b"info"][b"mixing"][b"skip_after"] = 3
+    with pytest.raises(TorrentError, match="canonical"):
+        Torrent.from_bytes(encode(old))
+    old[b"info"][b"mixing"][b"skip_after"] = 0
+    with pytest.raises(TorrentError, match="skip_after"):
+        Torrent.from_bytes(encode(old))
+
+
+def test_cli_create_writes_the_skip_settings(tmp_path: Path) -> None:
+    output = tmp_path / "skip.torrent"
+    args = ["create", "--output", str(output), "--dataset", "digits", "--nodes", "2"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--skip-below", "0.05", "--skip-after", "2"])
+    assert result.exit_code == 0, result.output
+    mixing = load_torrent(output).session.mixing
+    assert (mixing.skip_below, mixing.skip_after) == (0.05, 2)
+    plain = tmp_path / "plain.torrent"
+    assert runner.invoke(app, ["create", "--output", str(plain), *args[3:]]).exit_code == 0
+    assert b"skip_" not in plain.read_bytes()
+    refused = runner.invoke(app, [*args, "--mixing", "median", "--skip-below", "0.05"])
+    assert refused.exit_code != 0 and "wrote" not in refused.output
+    assert "--skip-below" in runner.invoke(app, ["create", "--help"]).output
+
+
 # -- the learning-rate schedule across rounds -----------------------------------------------------
 
 

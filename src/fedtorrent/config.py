@@ -145,6 +145,13 @@ class MixingConfig:
     """Plausibility screen (``mixing.screen``), before any rule mixes: a received state farther
     from the node's own trained vector than this multiple of the lower median of ``[own norm,
     every received distance]`` is rejected as ``implausible``. 0 turns the screen off."""
+    skip_below: float = 0.0
+    """Trust-aware fetching (``rule="learned"`` only; ``node.skipping``): a real peer does not
+    download a cohort member whose weight in its mix stayed below this for its last
+    ``skip_after`` mixed rounds, and probes it again after ``skip_after`` skipped rounds. 0 (the
+    default) turns it off. The simulator does not model it."""
+    skip_after: int = 3
+    """Rounds (mixed below ``skip_below``, then skipped) before a member is skipped, then probed."""
 
     def __post_init__(self) -> None:
         _require(
@@ -174,6 +181,19 @@ class MixingConfig:
             self.plausibility == 0 or 1 < self.plausibility < float("inf"),
             f"plausibility must be 0 (off) or a finite multiple > 1, got {self.plausibility}",
         )
+        _require(0 <= self.skip_below < 1, f"skip_below must be in [0, 1), got {self.skip_below}")
+        _require(self.skip_after >= 1, f"skip_after must be >= 1, got {self.skip_after}")
+        if self.skip_below > 0:
+            _require(
+                self.rule == "learned",
+                f"skip_below needs the learned mixing rule (it reads trust weights), "
+                f"not {self.rule!r}",
+            )
+            _require(
+                self.skip_below > self.weight_floor,
+                f"skip_below ({self.skip_below}) must exceed weight_floor ({self.weight_floor}): "
+                "no weight falls below the floor",
+            )
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,23 @@ def create(
             "this multiple of the median distance (own norm included); 0 turns it off."
         ),
     ] = _SIM.mixing.plausibility,
+    skip_below: Annotated[
+        float,
+        typer.Option(
+            help="Trust-aware fetching (learned trust only): a peer stops downloading a cohort "
+            "member whose weight in its mix stayed below this for --skip-after mixed rounds, "
+            "and probes it again after --skip-after skipped rounds; 0 turns it off.",
+            metavar="F",
+        ),
+    ] = _SIM.mixing.skip_below,
+    skip_after: Annotated[
+        int,
+        typer.Option(
+            help="Rounds below --skip-below before a member is skipped, and skipped rounds "
+            "before it is probed.",
+            metavar="R",
+        ),
+    ] = _SIM.mixing.skip_after,
     epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _SIM.train.epochs,
     steps: Annotated[
         int | None, typer.Option(help="Local batches per round (overrides epochs).")
@@ -164,7 +181,12 @@ def create(
             seed=seed,
         ),
         mixing=config.MixingConfig(
-            rule=mixing, trust_lr=trust_lr, trust_steps=trust_steps, plausibility=plausibility
+            rule=mixing,
+            trust_lr=trust_lr,
+            trust_steps=trust_steps,
+            plausibility=plausibility,
+            skip_below=skip_below,
+            skip_after=skip_after,
         ),
         rounds=rounds,
         round_schedule=round_schedule,

@@ -100,8 +100,9 @@ class Exchange:
     skipped: dict[str, str] = field(default_factory=dict)
     """Peers the tracker listed (or the book remembered) that this peer did not dial:
     ``no_key`` (announced no usable Ed25519 key), ``not_allowed`` (outside a closed swarm's
-    allow-list), ``bad_address`` (cannot be reached as listed) or ``backed_off`` (failed
-    recently, see ``node.neighbours``). Not dialled, so in none of the other dicts."""
+    allow-list), ``bad_address`` (cannot be reached as listed), ``backed_off`` (failed
+    recently, see ``node.neighbours``) or ``low_trust`` (its learned weight stayed too low, see
+    ``node.skipping``). Not dialled, so in none of the other dicts."""
     dialled: list[str] = field(default_factory=list)
     """Everyone asked this round, in order: the cohort, then reserve peers that replaced members
     that failed fast (so it may be longer than the cohort; at most ``cohort_size`` answer)."""

@@ -7,7 +7,8 @@ A round ``r`` (1-based) is:
    ask get what the simulator would hand them: the round's trained parameters, before mixing;
 3. **announce** to the tracker (round done so far, accuracy, bytes), asking for several times
    the cohort; the neighbour book (``node.neighbours``) picks the cohort and a reserve from its
-   sample, preferring neighbours that answered before and skipping backed-off ones; when the
+   sample, preferring neighbours that answered before and skipping backed-off ones, and
+   ``node.skipping`` leaves out members learned trust shut out (``skip_below``); when the
    tracker is down the client's cached answer keeps the peer going;
 4. **exchange**: pull the cohort's states concurrently until the exchange deadline, waiting (by
    polling with backoff) for neighbours still behind round ``r``; a stale state is used when the
@@ -103,6 +104,7 @@ from fedtorrent.node.report import (
     weights_by_peer,
     write_status,
 )
+from fedtorrent.node.skipping import LowTrustSkipper
 from fedtorrent.node.tracking import TrackerLink
 from fedtorrent.state.layout import StateLayout, pick
 from fedtorrent.state.schema import state_schema
@@ -438,6 +440,9 @@ class Peer:
             except PrivacyError as exc:
                 raise ConfigError(f"cannot apply the session's privacy settings: {exc}") from None
         self.trust = _make_trust(self.session.mixing)
+        self.skipper = (
+            LowTrustSkipper() if cfg.central else LowTrustSkipper.from_mixing(self.session.mixing)
+        )  # trust-aware fetching (node.skipping)
         checkpoint = self._restore() if cfg.resume else None
         if self.private is not None and checkpoint is not None:
             self.private.resume(checkpoint.round, pick(self.current, self.layout.parameters))
@@ -654,12 +659,14 @@ class Peer:
             cohort = self._await_swarm(cohort, deadline)
             self._formed = True
         selection = self._selection
+        skip = self.skipper.plan(cohort, selection.reserve)  # low-trust members stay undialled
+        cohort = skip.cohort
         exchange = self._fetcher.exchange(
             cohort,
             round=round,
             deadline=deadline,
-            skipped=selection.skipped,
-            reserve=selection.reserve,
+            skipped={**selection.skipped, **dict.fromkeys(skip.skipped, "low_trust")},
+            reserve=skip.reserve,
             first_contact=selection.first_contact,
             first_contact_s=self.book.first_contact_s(),
             refill=None if central else self._more_candidates,  # never another client
@@ -684,6 +691,14 @@ class Peer:
         )
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights, screened)
+        self.skipper.record(
+            skipped=skip.skipped,
+            heard=heard,
+            weights=weights.tolist() if weights is not None else None,
+            payload_bytes={
+                p: r.payload.nbytes for p, r in {**exchange.replies, **screened}.items()
+            },
+        )
         timings["mix"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -713,6 +728,8 @@ class Peer:
             "unmixed": bool(unmixed),
             "missing": exchange.missing,
             "skipped": exchange.skipped,
+            "skipped_low_trust": skip.skipped,
+            "bytes_saved": skip.bytes_saved,
             "neighbours": {
                 "listed": selection.listed,
                 "dialled": len(exchange.dialled),
@@ -865,9 +882,8 @@ class Peer:
         more = self._select(answer)
         self._keys.update(more.keys)
         self._candidates.update(more.candidates)
-        return [e for e in more.cohort + more.reserve if e.peer_id not in dialled], (
-            more.first_contact
-        )
+        fresh = self.skipper.keep(more.cohort + more.reserve)  # never a low-trust member
+        return [e for e in fresh if e.peer_id not in dialled], more.first_contact
 
     def _await_swarm(self, cohort: list[Endpoint], deadline: float) -> list[Endpoint]:
         """In this process's first round, re-announce until the tracker lists a full cohort.

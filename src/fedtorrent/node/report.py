@@ -316,12 +316,15 @@ def neighbour_totals(records: Sequence[Mapping[str, Any]], book: NeighbourCounts
     """Candidates skipped by reason and dials over the rounds of ``records``, and the book now.
 
     ``candidates_skipped``: per reason (``backed_off``, ``no_key``, ``not_allowed``,
-    ``bad_address``), summed over rounds (a peer skipped in 5 rounds counts 5);
-    ``heard_distinct``, ``known`` and ``backed_off``: ``book`` (see :class:`NeighbourCounts`).
+    ``bad_address``, ``low_trust``), summed over rounds (a peer skipped in 5 rounds counts 5);
+    ``bytes_saved``: the rounds' estimates of what skipping low-trust members saved
+    (``node.skipping``); ``heard_distinct``, ``known`` and ``backed_off``: ``book`` (see
+    :class:`NeighbourCounts`).
     """
     skipped: Counter[str] = Counter()
-    dialled = replaced = 0
+    dialled = replaced = saved = 0
     for record in records:
+        saved += int(record.get("bytes_saved") or 0)
         part = record.get("neighbours")
         if not isinstance(part, dict):
             continue
@@ -333,6 +336,7 @@ def neighbour_totals(records: Sequence[Mapping[str, Any]], book: NeighbourCounts
         "skipped": sum(skipped.values()),
         "dialled": dialled,
         "replaced": replaced,
+        "bytes_saved": saved,
         "heard_distinct": book.heard,
         "known": book.known,
         "backed_off": book.backed_off,

@@ -835,11 +835,12 @@ def swarm_neighbours(folders: Sequence[Path]) -> dict[str, Any]:
 
     ``candidates_skipped``: per reason, summed over peers and rounds; ``heard_distinct``: per
     peer id, how many distinct neighbours ever brought it a verified state; ``replaced``: cohort
-    members that failed fast and were replaced from the reserve, summed over peers.
+    members that failed fast and were replaced from the reserve, summed over peers;
+    ``bytes_saved``: trust-aware fetching's estimate of the downloads it saved, summed over peers.
     """
     skipped: dict[str, int] = {}
     heard: dict[str, int] = {}
-    replaced = 0
+    replaced = saved = 0
     for folder in folders:
         try:
             own = read_json(folder / "summary.json")
@@ -855,11 +856,14 @@ def swarm_neighbours(folders: Sequence[Path]) -> dict[str, Any]:
             heard[str(own.get("peer_id"))] = part["heard_distinct"]
         if isinstance(part.get("replaced"), int):
             replaced += part["replaced"]
+        if isinstance(part.get("bytes_saved"), int):
+            saved += part["bytes_saved"]
     return {
         "candidates_skipped": skipped,
         "skipped": sum(skipped.values()),
         "heard_distinct": heard,
         "replaced": replaced,
+        "bytes_saved": saved,
     }
 
 
