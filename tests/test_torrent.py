@@ -202,10 +202,10 @@ def test_any_finite_float_round_trips_exactly(lr: float, alpha: float) -> None:
 
 
 def test_save_and_load_from_a_path(tmp_path: Path) -> None:
-    torrent = make_torrent(compression={"kind": "topk", "ratio": 0.1})
+    torrent = make_torrent(compression={"codec": "topk:0.1,int8"})
     path = save_torrent(torrent, tmp_path / "s.torrent")
     assert load_torrent(path) == torrent
-    assert load_torrent(str(path)).session.compression == {"kind": "topk", "ratio": 0.1}
+    assert load_torrent(str(path)).session.compression == {"codec": "topk:0.1,int8"}
     assert state_path_for(path) == tmp_path / "s.state"
     with pytest.raises(TorrentError, match="cannot read"):
         load_torrent(tmp_path / "missing.torrent")
