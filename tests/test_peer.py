@@ -7,8 +7,10 @@ in-process announcer that answers exactly as the HTTP client would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -519,6 +521,60 @@ def test_hostile_peers_are_rejected_counted_backed_off_and_the_peer_keeps_going(
         assert set(status["rejections"]) == expected
         assert summary["neighbours"]["candidates_skipped"] == {"backed_off": 4 * 5}
         assert summary["neighbours"]["heard_distinct"] == 1
+
+
+def test_hostile_compressed_updates_are_rejected_counted_and_the_peer_keeps_going(
+    tmp_path: Path,
+) -> None:
+    """Signed by their senders' announced keys, so only the compressed decoders can refuse them."""
+    from fedtorrent.net.identity import new_nonce, sign_update
+    from fedtorrent.node.compressed import encode_updates
+    from fedtorrent.state.compress import HEADER, Compression, compress, encode_packet
+
+    swarm = Swarm(make_torrent(tmp_path, rounds=3, cohort=6, nodes=3, compression="int8"), tmp_path)
+    loaded = load_torrent(swarm.torrent)
+    spec = Compression.parse("int8")
+    packet = encode_packet(compress(torch.ones(650), spec, generator=torch.Generator()))
+    nan_scale = packet[: HEADER.size] + struct.pack("<f", float("nan")) + packet[HEADER.size + 4 :]
+    fields = list(HEADER.unpack_from(packet))
+    fields[4] = 2**31  # declares two billion values
+    huge = HEADER.pack(*fields) + packet[HEADER.size :]
+    bodies = {
+        "nan-scale": (encode_updates([nan_scale], {}), "int8"),
+        "truncated": (encode_updates([packet[:-5]], {}), "int8"),
+        "huge-count": (encode_updates([huge], {}), "int8"),
+        "other-codec": (encode_updates([packet], {}), "topk:0.1,int8"),
+        "bad-container": (encode_state({"__packets__": torch.zeros(3, dtype=torch.uint8)}), "int8"),
+    }
+    evil = list(bodies)
+    for i, (sender, (payload, codec)) in enumerate(bodies.items()):
+        identity = PeerIdentity.generate()
+        digest, nonce = hashlib.sha256(payload).hexdigest(), new_nonce()
+        sig = sign_update(identity, info_hash=loaded.info_hash, round=1, sender=sender,
+                          receiver=None, payload_sha256=digest, nonce=nonce)  # fmt: skip
+        frames = wire.encode_message(
+            payload, info_hash=loaded.info_hash, sender=sender, round=1, num_examples=1,
+            sig=sig, nonce=nonce, pubkey=identity.public_key, payload_sha256=digest,
+            codec=codec, base=0,
+        )  # fmt: skip
+        swarm.network.add_raw_peer(f"mem://{2000 + 10 * i}", lambda request, f=frames: f)
+        swarm.tracker.announce(
+            loaded.info_hash, sender, port=2001 + 10 * i, event="started",
+            pubkey=identity.public_key_hex,
+        )  # fmt: skip
+    honest = [swarm.peer(i) for i in range(2)]
+    assert swarm.run(honest) == ["done", "done"]
+    for peer in honest:
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        assert [r["round"] for r in records] == [1, 2, 3]
+        assert all(r["heard"] == 1 for r in records)  # the honest neighbour, every round
+        assert set(records[0]["rejected_from"]) == set(evil)
+        reasons = set(records[0]["rejected_from"].values())
+        assert (
+            reasons <= {"bad_compressed", "oversized", "non_finite"} and "bad_compressed" in reasons
+        )
+        status = json.loads((peer.out_dir / "status.json").read_text())
+        assert status["state"] == "done" and status["rejected"] == len(evil)
 
 
 def test_a_receive_hook_can_reject_a_valid_state(swarm: Swarm) -> None:
