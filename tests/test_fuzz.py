@@ -14,6 +14,7 @@ from typing import Any
 import fastbencode
 import msgpack
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,9 @@ from fedtorrent.net import wire
 from fedtorrent.net.identity import PeerIdentity, UpdateVerifier, new_nonce, sign_update
 from fedtorrent.net.torrent import Session, Torrent, load_torrent
 from fedtorrent.net.tracker.registry import ANNOUNCE_PARAMS, RequestRejected, parse_announce
+from fedtorrent.net.transport import Reply
+from fedtorrent.node.compressed import CompressedSender, Replicas, encode_updates
+from fedtorrent.state.compress import Compression
 
 FUZZ = settings(
     max_examples=200,
@@ -294,3 +298,65 @@ def test_fuzz_torrent_integers_of_any_size(value: int, field: str) -> None:
     else:
         meta[b"info"][field.encode()] = value
     only_torrent_errors(fastbencode.bencode(meta))
+
+
+# -- compressed replies (node.compressed) ----------------------------------------------------------
+
+
+def _compressed_reply(payload: bytes, *, round: int, base: int) -> Reply:
+    header = wire.decode_header(
+        wire.encode_message(
+            payload, info_hash="ab" * 32, sender="p", round=round, num_examples=1,
+            codec="topk:0.1,int8", base=base,
+        )[0],
+        info_hash="ab" * 32,
+    )  # fmt: skip
+    return Reply(peer_id="p", header=header, payload=memoryview(payload), rtt_s=0.0)
+
+
+def _replicas() -> Replicas:
+    like = {"w": torch.zeros(40, 10), "b": torch.zeros(10)}
+    return Replicas(Compression.parse("topk:0.1,int8"), like, mix=("b", "w"), max_bytes=1 << 16)
+
+
+def _valid_updates(rounds: int) -> bytes:
+    sender = CompressedSender(Compression.parse("topk:0.1,int8"), torch.zeros(410))
+    for r in range(1, rounds + 1):
+        sender.update(torch.randn(410, generator=torch.Generator().manual_seed(r)), r,
+                      generator=torch.Generator().manual_seed(r))  # fmt: skip
+    return encode_updates(sender.updates_from()[0], {})
+
+
+def only_compressed_errors(payload: bytes, *, round: int = 2, base: int = 0) -> None:
+    replicas = _replicas()
+    try:
+        state = replicas.receive("p", _compressed_reply(payload, round=round, base=base))
+    except MessageError:
+        assert replicas.base("p") == 0  # a rejected reply leaves the copy held as it was
+        return
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())
+    assert replicas.base("p") == round
+
+
+def test_valid_compressed_updates_are_applied() -> None:
+    only_compressed_errors(_valid_updates(2))
+    replicas = _replicas()
+    state = replicas.receive("p", _compressed_reply(_valid_updates(2), round=2, base=0))
+    assert set(state) == {"b", "w"} and replicas.base("p") == 2
+
+
+@FUZZ
+@given(st.binary(max_size=3000))
+def test_fuzz_compressed_reply_arbitrary_bytes(payload: bytes) -> None:
+    only_compressed_errors(payload)
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_compressed_reply_mutated_bytes(data: st.DataObject) -> None:
+    payload = bytearray(_valid_updates(2))
+    for _ in range(data.draw(st.integers(1, 6))):
+        payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    rounds = data.draw(st.sampled_from([(2, 0), (3, 0), (2, 1), (1, 0)]))
+    only_compressed_errors(bytes(payload[:cut]), round=rounds[0], base=rounds[1])
