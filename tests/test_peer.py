@@ -457,6 +457,30 @@ def test_compressed_peers_move_a_fraction_of_the_bytes_and_learn_alike(tmp_path:
     assert small_loss == pytest.approx(plain_loss, rel=0.05)
 
 
+def test_a_compressed_peers_public_copy_survives_resume(tmp_path: Path) -> None:
+    from fedtorrent.node.checkpoint import load_checkpoint
+
+    swarm = Swarm(make_torrent(tmp_path, nodes=2, cohort=1, rounds=2, compression="int8"), tmp_path)
+    peers = [swarm.peer(i, nodes=2) for i in range(2)]
+    assert swarm.run(peers) == ["done"] * 2
+    assert peers[0].sender is not None
+    hat = peers[0].sender.hat.clone()
+    assert not torch.equal(hat, flatten(peers[0].current))  # a residual is left to send
+    saved = load_checkpoint(
+        peers[0].out_dir, info_hash=peers[0].info_hash, like=peers[0].like,
+        public_like={"hat": torch.zeros_like(hat)},
+    )  # fmt: skip
+    assert torch.equal(saved.public["hat"], hat)
+    again = Swarm(swarm.torrent, tmp_path)
+    resumed = again.peer(0, nodes=2, resume=True, rounds=3)
+    resumed.start()
+    try:
+        assert resumed.sender is not None and torch.equal(resumed.sender.hat, hat)
+        assert resumed.sender.min_base == 4  # nothing from before the restart is extended
+    finally:
+        resumed.close()
+
+
 # -- hostile and silent neighbours ----------------------------------------------------------------
 
 

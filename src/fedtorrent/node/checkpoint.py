@@ -34,6 +34,9 @@ MODEL_FILE = "checkpoint.safetensors"
 RECORD_FILE = "checkpoint.json"
 FORMAT = 1
 _META_KEY = "fedtorrent"
+PUBLIC = "__public__."
+"""Prefix of the sender-state tensors in a checkpoint (never a model key: state keys are module
+paths)."""
 _MAX_META_BYTES = 16 << 20
 """The record (mostly trust logits, one float per peer ever seen) stays far below this."""
 
@@ -59,6 +62,9 @@ class Checkpoint:
     totals: Mapping[str, Any] = field(default_factory=dict)
     neighbours: Mapping[str, Any] = field(default_factory=dict)
     """``NeighbourBook.state_dict()``: who answered, who is backed off (``node.neighbours``)."""
+    public: State = field(default_factory=dict, repr=False)
+    """A compressed session's sender state (``CompressedSender.state_dict()``: the public copy,
+    so its residual survives a restart); saved beside the model in the same file."""
 
     def record(self) -> dict[str, Any]:
         """The JSON record (everything but the tensors)."""
@@ -82,6 +88,9 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     record = checkpoint.record()
     text = json.dumps(clean(record), sort_keys=True, allow_nan=False)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(checkpoint.state.items())}
+    tensors.update(
+        {PUBLIC + k: v.detach().to("cpu").contiguous() for k, v in checkpoint.public.items()}
+    )
     payload = bytes(st_save(tensors, metadata={_META_KEY: text}))
     target = directory / MODEL_FILE
     write_atomic(target, payload)
@@ -90,9 +99,17 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
 
 
 def load_checkpoint(
-    directory: Path, *, info_hash: str, like: Mapping[str, torch.Tensor]
+    directory: Path,
+    *,
+    info_hash: str,
+    like: Mapping[str, torch.Tensor],
+    public_like: Mapping[str, torch.Tensor] | None = None,
 ) -> Checkpoint:
     """Read the checkpoint in ``directory`` and check it belongs to this session and model.
+
+    ``public_like``: the sender state a compressed session saves (its keys, shapes, dtypes);
+    None when the session is not compressed. A checkpoint without it (written before, or by a
+    session that was not compressed) loads with ``public`` empty.
 
     Raises:
         StateError: missing, oversized, malformed, of another session, or tensors whose keys,
@@ -109,7 +126,11 @@ def load_checkpoint(
     record = _read_record(payload, path)
     if record["info_hash"] != info_hash:
         raise StateError(f"{path} belongs to session {record['info_hash'][:16]}..., not this one")
-    state = decode_state(payload, like=like, max_bytes=MAX_STATE_BYTES + _MAX_META_BYTES)
+    expected = dict(like)
+    if public_like is not None and _has_public(payload):
+        expected.update({PUBLIC + k: v for k, v in public_like.items()})
+    state = decode_state(payload, like=expected, max_bytes=MAX_STATE_BYTES + _MAX_META_BYTES)
+    public = {k[len(PUBLIC) :]: state.pop(k) for k in [k for k in state if k.startswith(PUBLIC)]}
     return Checkpoint(
         info_hash=record["info_hash"],
         peer_id=record["peer_id"],
@@ -120,7 +141,14 @@ def load_checkpoint(
         seeds=record["seeds"],
         totals=record["totals"],
         neighbours=record["neighbours"],
+        public=public,
     )
+
+
+def _has_public(payload: bytes) -> bool:
+    """Whether a checkpoint's safetensors header names sender-state tensors."""
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    return f'"{PUBLIC}'.encode() in payload[8 : 8 + header_len]
 
 
 def _read_record(payload: bytes, path: Path) -> dict[str, Any]:

@@ -11,9 +11,10 @@ it would share against ``hat``, adds the decoded change to ``hat`` and serves, s
 
 A receiver keeps one copy per sender (:class:`Replicas`), applies the updates in order and mixes
 that copy; the error the compression made stays in the sender's residual ``x - hat`` and is sent
-in later rounds, so nothing is lost over rounds. After ``--resume`` a sender offers updates only
-from bases it published after the restart, so a copy held from before a crash is never extended
-with updates made against another ``hat``. Integer (exact) keys travel whole in every reply.
+in later rounds, so nothing is lost over rounds. The copy is saved in the peer's checkpoint, so
+the residual survives ``--resume``; after a restart a sender still offers updates only from bases
+it published after it, since a round may have been published before the crash but not saved.
+Integer (exact) keys travel whole in every reply.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class CompressedSender:
     def hat(self) -> Tensor:
         """The public copy after the last :meth:`update` (read only)."""
         return self.copy.hat
+
+    def state_dict(self) -> State:
+        """For a checkpoint: the public copy (the residual is what it lacks of the model)."""
+        return self.copy.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore :meth:`state_dict` (StateError when it does not fit)."""
+        self.copy.load_state_dict(dict(state))
 
     def update(self, x: Tensor, round: int, *, generator: torch.Generator) -> None:
         """Round ``round``'s update of the copy towards ``x`` (kept for :meth:`updates_from`)."""

@@ -1229,8 +1229,9 @@ class Peer:
     ) -> tuple[CompressedSender | None, Replicas | None]:
         """The public copy this peer serves and the copies it holds (None: no compression).
 
-        After ``--resume`` the copy starts at the restored state and serves updates only from
-        bases past the restored round plus one (any round published before the restart).
+        After ``--resume`` the copy is the checkpoint's (or the restored state, from a
+        checkpoint without one) and updates are served only from bases past the restored round
+        plus one (a round may have been published before the crash but not saved).
         """
         entry = self.session.compression
         if entry is None:
@@ -1252,6 +1253,8 @@ class Peer:
             flatten(pick(start, mix)),
             min_base=0 if checkpoint is None else checkpoint.round + 2,
         )
+        if checkpoint is not None and checkpoint.public:
+            sender.load_state_dict(checkpoint.public)  # the residual survives the restart
         replicas = Replicas(spec, shared, mix=mix, max_bytes=self.session.state_size * 4 + 4096)
         return sender, replicas
 
@@ -1261,7 +1264,13 @@ class Peer:
         if not (self.out_dir / MODEL_FILE).exists():
             log.info("--resume: no checkpoint in %s, starting from round 1", self.out_dir)
             return None
-        checkpoint = load_checkpoint(self.out_dir, info_hash=self.info_hash, like=self.like)
+        public_like = None
+        if self.session.compression is not None:  # the sender's public copy is saved too
+            size = sum(self.like[k].numel() for k in self.layout.mix)
+            public_like = {"hat": torch.zeros(size)}
+        checkpoint = load_checkpoint(
+            self.out_dir, info_hash=self.info_hash, like=self.like, public_like=public_like
+        )
         if self.config.peer_id is not None and checkpoint.peer_id != self.config.peer_id:
             raise StateError(
                 f"checkpoint belongs to peer {checkpoint.peer_id!r}, not {self.config.peer_id!r}"
@@ -1288,6 +1297,7 @@ class Peer:
                 seeds={"seed": self.seed, "salt": self._salt},
                 totals=traffic_totals(self.snapshot()),
                 neighbours=self.book.state_dict(),
+                public=self.sender.state_dict() if self.sender is not None else {},
             ),
         )
 
