@@ -451,3 +451,46 @@ def _read_seed(path: Path) -> bytes:
     if not _HEX64.fullmatch(text):
         raise ConfigError(f"key file {path} does not hold a 64-hex-character Ed25519 seed")
     return bytes.fromhex(text)
+
+
+def signed_state(
+    identity: PeerIdentity,
+    payload: bytes,
+    *,
+    info_hash: str,
+    sender: str,
+    round: int,
+    num_examples: int,
+    codec: str | None = None,
+    base: int | None = None,
+) -> list[bytes]:
+    """``[header, payload]`` of one state, signed once for every requester (a peer, the server).
+
+    ``codec`` and ``base`` mark compressed updates (``node.compressed``).
+    """
+    from fedtorrent.net import wire  # noqa: PLC0415 (torch: the tracker imports this module)
+    from fedtorrent.state import state_digest  # noqa: PLC0415
+
+    digest, nonce = state_digest(payload), new_nonce()
+    signature = sign_update(
+        identity,
+        info_hash=info_hash,
+        round=round,
+        sender=sender,
+        receiver=None,  # one signature for the whole cohort: the same state to everyone
+        payload_sha256=digest,
+        nonce=nonce,
+    )
+    return wire.encode_message(
+        payload,
+        info_hash=info_hash,
+        sender=sender,
+        round=round,
+        num_examples=num_examples,
+        sig=signature,
+        nonce=nonce,
+        pubkey=identity.public_key,
+        payload_sha256=digest,
+        codec=codec,
+        base=base,
+    )

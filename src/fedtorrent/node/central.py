@@ -494,34 +494,15 @@ class CentralServer:
 
     def _publish(self, round: int, *, num_examples: int) -> None:
         """Serve the current average as the server's round-``round`` state, signed once."""
-        from fedtorrent.net import wire  # noqa: PLC0415
-        from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
-        from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
+        from fedtorrent.net.identity import signed_state  # noqa: PLC0415
+        from fedtorrent.state import encode_state  # noqa: PLC0415
 
-        payload = encode_state(self.current)
-        digest, nonce = state_digest(payload), new_nonce()
-        signature = sign_update(
-            self.identity,
-            info_hash=self.info_hash,
-            round=round,
-            sender=CENTRAL_ID,
-            receiver=None,
-            payload_sha256=digest,
-            nonce=nonce,
-        )
         self.transport.publish(
-            wire.encode_message(
-                payload,
-                info_hash=self.info_hash,
-                sender=CENTRAL_ID,
-                round=round,
-                num_examples=num_examples,
-                sig=signature,
-                nonce=nonce,
-                pubkey=self.identity.public_key,
-                payload_sha256=digest,
+            signed_state(
+                self.identity, encode_state(self.current), info_hash=self.info_hash,
+                sender=CENTRAL_ID, round=round, num_examples=num_examples,
             )
-        )
+        )  # fmt: skip
 
     # -- clients and the tracker ------------------------------------------------------------
 

@@ -778,33 +778,12 @@ class Peer:
         self, payload: bytes, round: int, *, codec: str | None = None, base: int | None = None
     ) -> list[bytes]:
         """``[header, payload]`` of this round's state, signed once for every requester."""
-        from fedtorrent.net import wire  # noqa: PLC0415
-        from fedtorrent.net.identity import new_nonce, sign_update  # noqa: PLC0415
-        from fedtorrent.state import state_digest  # noqa: PLC0415
+        from fedtorrent.net.identity import signed_state  # noqa: PLC0415
 
-        digest, nonce = state_digest(payload), new_nonce()
-        signature = sign_update(
-            self.identity,
-            info_hash=self.info_hash,
-            round=round,
-            sender=self.peer_id,
-            receiver=None,  # one signature for the whole cohort: the same state to everyone
-            payload_sha256=digest,
-            nonce=nonce,
-        )
-        return wire.encode_message(
-            payload,
-            info_hash=self.info_hash,
-            sender=self.peer_id,
-            round=round,
-            num_examples=len(self.data.y_train),
-            sig=signature,
-            nonce=nonce,
-            pubkey=self.identity.public_key,
-            payload_sha256=digest,
-            codec=codec,
-            base=base,
-        )
+        return signed_state(
+            self.identity, payload, info_hash=self.info_hash, sender=self.peer_id, round=round,
+            num_examples=len(self.data.y_train), codec=codec, base=base,
+        )  # fmt: skip
 
     def _outgoing(self, trained: State, before: State, round: int) -> State:
         """What this round shares: privacy noise, then an attack (experiments), then the hook.
