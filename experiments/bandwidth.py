@@ -20,7 +20,8 @@ Three parts, every number from runs:
   test accuracy, the peers' bytes (payload and headers), the tracker's and the server's, measured.
 
 Runs go to ``--work`` (``runs/bandwidth``, not tracked); ``--only`` re-measures some parts and
-keeps the others of an existing ``results/bandwidth.json``. Full run: about 25 minutes on 2 cores.
+keeps the others of an existing ``results/bandwidth.json`` (``--only`` alone rewrites the md and
+plots from it). Full run: 18 minutes on 2 shared cores (swarm 4, sim 12, scale 3).
 """
 
 from __future__ import annotations
@@ -302,22 +303,27 @@ def report(results: dict[str, Any]) -> str:
             f"## Real swarm: the `make demo` session ({swarm['rounds']} rounds, 6 peers)",
             "",
             "| run | accuracy % | p2p MiB | payload MiB | headers MiB | tracker KiB | "
-            "server MiB (measured) | vs none | s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "server MiB (measured) | vs none | KiB / peer-round | simulator's | s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        predicted = results.get("sim", {}).get("mnist/logreg", {}).get("codecs", {})
         for name, row in runs.items():
+            guess = None if row["central"] else predicted.get(name, {}).get("bytes_per_peer_round")
             lines.append(
                 f"| {'swarm --central' if row['central'] else name} | "
                 f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} | "
                 f"{_mib(row['p2p_bytes'])} | {_mib(row['payload_bytes'])} | "
                 f"{_mib(row['header_bytes'])} | {_kib(row['tracker_bytes'])} | "
                 f"{_mib(row['server_bytes'])} | "
-                f"{row['p2p_bytes'] / runs['none']['p2p_bytes']:.3f} | {row['seconds']:.0f} |"
+                f"{row['p2p_bytes'] / runs['none']['p2p_bytes']:.3f} | "
+                f"{_kib(row['p2p_bytes'] / row['peer_rounds'])} | {_kib(guess)} | "
+                f"{row['seconds']:.0f} |"
             )
         server = runs["central"]["server_bytes"]
         lines += [
             "",
-            "With `--central` the peers' bytes are their traffic with the server; the "
+            "`simulator's`: the same codec's bytes per peer-round in the MNIST logreg sweep "
+            "below. With `--central` the peers' bytes are their traffic with the server; the "
             f"server's own count (sent + received) is {_mib(server)} MiB, the formula "
             f"(2 x peer-rounds x state) {_mib(runs['central']['central_formula_bytes'])} MiB.",
             "",
@@ -360,6 +366,8 @@ def report(results: dict[str, Any]) -> str:
         ]
         for key, part in sim.items():
             steps = f", {part['steps']} local steps a round" if part["steps"] else ", 1 epoch"
+            if part["steps"]:
+                steps += "; reduced (codecs, rounds, seeds, steps) to fit 2 CPU cores"
             lines += [
                 f"### {key} ({part['rounds']} rounds, {part['seeds']} seed(s){steps}; "
                 f"target {100 * part['target']:.2f} %)",
