@@ -38,6 +38,24 @@ def test_traffic_counts_updates_since_the_copy_held_and_whole_copies_past_the_hi
     assert int(plain.received[0]) == whole and plain.full_fetches == 1
 
 
+def test_traffic_lists_the_bytes_of_each_round_and_they_sum_to_the_total() -> None:
+    spec = Compression.parse("int8")
+    traffic = Traffic(num_nodes=3, num_values=1000, full_bytes=4100, compression=spec)
+    update = packet_bytes(spec, 1000) + state_header_bytes(codec=str(spec), num_nodes=3)
+    request = request_bytes(num_nodes=3, base=True)
+    everyone = ~torch.eye(3, dtype=torch.bool)
+    traffic.record(everyone, 0)  # six fetches of one update each
+    traffic.record(torch.zeros(3, 3, dtype=torch.bool), 1)  # nobody fetches
+    traffic.record(everyone, 2)  # two rounds behind: two updates per reply
+    summary = traffic.summary(3)
+    assert summary["received_per_round"] == [
+        6 * (update + request),
+        0,
+        6 * (update + packet_bytes(spec, 1000) + request),
+    ]
+    assert sum(summary["received_per_round"]) == summary["p2p_bytes"]
+
+
 def _run(compression: str) -> dict:
     config = SimConfig(
         data=DataConfig(dataset="digits", num_nodes=4),

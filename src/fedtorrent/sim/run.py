@@ -366,7 +366,10 @@ def _final_scores(
 
 
 def _mean_traffic(runs: Sequence[RunOutcome]) -> dict[str, Any] | None:
-    """The runs' traffic, numbers averaged over runs (None when no run counted any)."""
+    """The runs' traffic, numbers (and lists of numbers, item by item) averaged over runs.
+
+    None when no run counted any.
+    """
     counted = [r.traffic for r in runs if r.traffic is not None]
     if not counted:
         return None
@@ -374,6 +377,8 @@ def _mean_traffic(runs: Sequence[RunOutcome]) -> dict[str, Any] | None:
     for key, value in counted[0].items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = float(np.mean([float(t[key]) for t in counted]))
+        elif isinstance(value, list):
+            out[key] = [float(v) for v in np.mean([t[key] for t in counted], axis=0)]
     return out
 
 

@@ -76,6 +76,8 @@ class Traffic:
         """Bytes each node received (headers included), all rounds."""
         self.sent = torch.zeros(n, dtype=torch.long)
         """Bytes each node sent (its states and its requests), all rounds."""
+        self.received_per_round: list[int] = []
+        """Bytes all nodes received in each recorded round (headers and requests included)."""
         self.fetches = 0
         self.full_fetches = 0
 
@@ -99,9 +101,14 @@ class Traffic:
         self.sent.index_add_(0, cols, size)
         self.received.index_add_(0, cols, torch.full_like(cols, self._request))
         self.sent.index_add_(0, rows, torch.full_like(rows, self._request))
+        self.received_per_round.append(int(size.sum()) + int(rows.numel()) * self._request)
 
-    def summary(self, rounds: int) -> dict[str, float | int | str]:
-        """Totals and per peer-round means (bytes), JSON-ready."""
+    def summary(self, rounds: int) -> dict[str, float | int | str | list[int]]:
+        """Totals and per peer-round means (bytes), JSON-ready.
+
+        ``received_per_round`` lists what all nodes received round by round (it sums to
+        ``p2p_bytes``): the byte axis of an accuracy-against-bytes curve.
+        """
         peer_rounds = max(1, self.num_nodes * rounds)
         return {
             "compression": str(self.compression),
@@ -112,4 +119,5 @@ class Traffic:
             "fetches": self.fetches,
             "full_fetches": self.full_fetches,
             "central_server_bytes": 2 * self.num_nodes * rounds * self._full,
+            "received_per_round": list(self.received_per_round),
         }
