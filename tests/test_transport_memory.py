@@ -132,6 +132,20 @@ def test_a_requester_holding_a_base_gets_that_variant_undecoded(
         server.publish(state_frames("p0", round=6), variants={4: update})  # round 5's, not 6's
 
 
+def test_a_requester_holding_the_served_state_is_told_not_ready_not_sent_it_again(
+    peers: list[MemoryTransport],
+) -> None:
+    server, client = peers[0], peers[1]
+    server.publish(state_frames("p0", round=3))
+    target = endpoint(server)
+    assert client.fetch(target, round=4, timeout=1.0).header.round == 3  # stale, whole
+    holding = Endpoint(target.peer_id, target.address, base=3)
+    with pytest.raises(PeerRefusedError, match="not_ready"):
+        client.fetch(holding, round=4, timeout=1.0)
+    server.publish(state_frames("p0", round=4))
+    assert client.fetch(holding, round=4, timeout=1.0).header.round == 4  # news: sent
+
+
 def test_fetch_without_like_state_verifies_but_does_not_decode(
     peers: list[MemoryTransport],
 ) -> None:

@@ -345,6 +345,8 @@ class Fetcher:
                 if reply.header.round >= round:
                     return "fresh", reply, ""
                 stale, until = reply, deadline
+                if self.replicas is None:  # polls say what they hold: no whole state again
+                    endpoint = replace(endpoint, base=reply.header.round)
             if self.stop.wait(min(delay, max(0.0, until - time.monotonic()))):
                 break
             delay = min(2 * delay, POLL_MAX_S)

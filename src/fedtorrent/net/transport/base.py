@@ -557,6 +557,8 @@ class Transport(ABC):
             served = None  # nothing of the round asked for yet: not_ready
         if served is not None and header.base is not None and header.base in served.variants:
             served = served.variants[header.base]  # the updates since the copy it holds
+        elif served is not None and header.base is not None and header.base >= served.header.round:
+            served = None  # it holds this state already: not_ready, not the whole state again
         state = (served.header.round, served.header.payload_sha256) if served else None
         requester = f"curve:{client_key}" if client_key else f"id:{header.sender}"
         if not self._limiter.allow(requester, connection=connection, state=state):
