@@ -348,9 +348,10 @@ def report(results: dict[str, Any]) -> str:
             "",
             f"The uncompressed swarm's payload ({_mib(none['payload_bytes'])} MiB) is "
             f"{none['payload_bytes'] / once:.2f} x one whole state per cohort member per round "
-            f"(peer-rounds x {COHORT} x {state:.0f} B = {_mib(once)} MiB): a peer that polls a "
-            "neighbour not yet done is sent the neighbour's previous state whole and asks again, "
-            "where a compressed reply to a poll is empty. Against that one-state-per-fetch "
+            f"(peer-rounds x {COHORT} x {state:.0f} B = {_mib(once)} MiB): a peer that is ahead "
+            "of a neighbour is sent the neighbour's previous state whole once (then its polls "
+            "say they hold it and get `not_ready`), and the new state when it comes, where a "
+            "compressed reply to a poll is empty. Against that one-state-per-fetch "
             f"figure int8 moves {runs['int8']['p2p_bytes'] / once:.3f} x (headers included).",
             "",
         ]
