@@ -18,10 +18,21 @@ import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fedtorrent.config import DataConfig, MixingConfig, ModelConfig, SimConfig, TrainConfig
+import torch
+from torch import nn
+
+from fedtorrent.config import (
+    DataConfig,
+    MixingConfig,
+    ModelConfig,
+    PrivacyConfig,
+    SimConfig,
+    TrainConfig,
+)
+from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES
 from fedtorrent.errors import ConfigError
+from fedtorrent.models import build_model
 from fedtorrent.net.torrent import (
     MAX_TASK_LABEL_CHARS,
     TASK_MODEL,
@@ -30,13 +41,11 @@ from fedtorrent.net.torrent import (
     Torrent,
     save_session,
 )
+from fedtorrent.state import encode_state, state_digest
 from fedtorrent.state.compress import Compression
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from fedtorrent.config import PrivacyConfig
-    from fedtorrent.task import Task
+from fedtorrent.state.schema import state_schema
+from fedtorrent.task import Task, check_task, load_task, task_spec
+from fedtorrent.training.seeds import Stream, derive_seed
 
 _SIM = SimConfig()
 DEFAULT_COHORT = 3
@@ -92,12 +101,6 @@ def create_session(
             load or check, or settings a session refuses (each one line).
         DataError: the task's data fails its checks on node 0.
     """
-    import torch  # noqa: PLC0415 (lazy: the CLI's --help stays fast)
-
-    from fedtorrent.models import build_model  # noqa: PLC0415
-    from fedtorrent.state import encode_state, state_digest  # noqa: PLC0415
-    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
-
     data = data or DataConfig()
     train = train or _SIM.train
     task_info: TaskInfo | None = None
@@ -108,8 +111,6 @@ def create_session(
         model = ModelConfig(TASK_MODEL, {})
         data = dataclasses.replace(data, dataset=TASK_MODEL, data_dir=None)
     else:
-        from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES  # noqa: PLC0415
-
         model = model or ModelConfig()
         if data.dataset not in INPUT_SHAPES:
             raise ConfigError(
@@ -194,10 +195,6 @@ def _task_model(task: Task | str, *, train: TrainConfig, nodes: int) -> tuple[nn
     The task is checked on node 0 of ``nodes`` first (``check_task``), so a task that cannot
     train fails here, once, rather than in every peer.
     """
-    from fedtorrent.state.schema import state_schema  # noqa: PLC0415
-    from fedtorrent.task import Task, check_task, load_task, task_spec  # noqa: PLC0415
-    from fedtorrent.training.seeds import Stream, derive_seed  # noqa: PLC0415
-
     if isinstance(task, str):
         spec: str | None = task
         task = load_task(task)

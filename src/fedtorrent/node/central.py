@@ -39,12 +39,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import torch
 
 from fedtorrent.errors import ConfigError
+from fedtorrent.ledger import Ledger
 from fedtorrent.metrics.records import write_json
+from fedtorrent.mixing.round import mix_exact
+from fedtorrent.mixing.rules import mix
+from fedtorrent.net import torrent as torrents
+from fedtorrent.net.identity import (
+    PeerIdentity,
+    UpdateVerifier,
+    curve_public_key,
+    load_or_create_identity,
+    signed_state,
+)
+from fedtorrent.net.torrent import Session, Torrent
+from fedtorrent.net.tracker.client import TrackerAnswer, TrackerClient
+from fedtorrent.net.transport import Endpoint, ServedEvent, Transport, TransportConfig, ZmqTransport
 from fedtorrent.node.exchange import (
     POLL_FIRST_S,
     POLL_MAX_S,
@@ -67,14 +81,8 @@ from fedtorrent.node.report import (
     write_status,
 )
 from fedtorrent.node.tracking import TrackerLink
+from fedtorrent.state import encode_state, flatten, unflatten
 from fedtorrent.state.layout import StateLayout, pick
-
-if TYPE_CHECKING:
-    from fedtorrent.ledger import Ledger
-    from fedtorrent.net.identity import PeerIdentity, UpdateVerifier
-    from fedtorrent.net.torrent import Session, Torrent
-    from fedtorrent.net.tracker.client import TrackerAnswer
-    from fedtorrent.net.transport import Endpoint, ServedEvent, Transport, TransportConfig
 
 __all__ = ["CENTRAL_ID", "CentralServer", "ServerConfig", "fedavg", "server_layout"]
 
@@ -112,10 +120,6 @@ def fedavg(
     Raises:
         ConfigError: no states, or counts that do not match them.
     """
-    from fedtorrent.mixing.round import mix_exact  # noqa: PLC0415
-    from fedtorrent.mixing.rules import mix  # noqa: PLC0415
-    from fedtorrent.state import flatten, unflatten  # noqa: PLC0415
-
     if not states or len(states) != len(num_examples) or min(num_examples) < 0:
         raise ConfigError(
             f"fedavg needs one count >= 0 per state: {len(states)} states, {list(num_examples)}"
@@ -260,13 +264,6 @@ class CentralServer:
             raise
 
     def _start(self) -> None:
-        from fedtorrent.net import torrent as torrents  # noqa: PLC0415
-        from fedtorrent.net.identity import (  # noqa: PLC0415
-            UpdateVerifier,
-            curve_public_key,
-            load_or_create_identity,
-        )
-        from fedtorrent.net.transport import TransportConfig  # noqa: PLC0415
 
         cfg = self.config
         self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
@@ -304,15 +301,11 @@ class CentralServer:
             serve_older=False,  # a client asking for round r before it is averaged: not_ready
         )
         if self._make_transport is None:
-            from fedtorrent.net.transport import ZmqTransport  # noqa: PLC0415
-
             self.transport: Transport = ZmqTransport(transport_config)
         else:
             self.transport = self._make_transport(transport_config)
         self.transport.on_served = self._served.put
         if self.tracker.announcer is None:
-            from fedtorrent.net.tracker.client import TrackerClient  # noqa: PLC0415
-
             self.tracker.announcer = TrackerClient(
                 cfg.tracker or self.torrent.announce,
                 timeout=cfg.tracker_timeout,
@@ -494,9 +487,6 @@ class CentralServer:
 
     def _publish(self, round: int, *, num_examples: int) -> None:
         """Serve the current average as the server's round-``round`` state, signed once."""
-        from fedtorrent.net.identity import signed_state  # noqa: PLC0415
-        from fedtorrent.state import encode_state  # noqa: PLC0415
-
         self.transport.publish(
             signed_state(
                 self.identity, encode_state(self.current), info_hash=self.info_hash,

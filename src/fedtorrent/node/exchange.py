@@ -17,18 +17,17 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+
+import torch
 
 from fedtorrent.errors import FedTorrentError, MessageError, NetworkError
+from fedtorrent.net.identity import UpdateVerifier, curve_public_key
+from fedtorrent.net.torrent import is_info_hash
+from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
+from fedtorrent.net.transport import Endpoint, PeerRefusedError, Reply, Transport
+from fedtorrent.node.compressed import Replicas
 from fedtorrent.node.neighbours import Candidate, NeighbourBook
-
-if TYPE_CHECKING:
-    import torch
-
-    from fedtorrent.net.identity import UpdateVerifier
-    from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
-    from fedtorrent.net.transport import Endpoint, Reply, Transport
-    from fedtorrent.node.compressed import Replicas
 
 log = logging.getLogger(__name__)
 ReceiveHook = Callable[["Reply"], None]
@@ -82,8 +81,6 @@ class TcpAddressing:
 
     def endpoint(self, peer: PeerAddress) -> Endpoint:
         """``tcp://ip:port`` (IPv6 in brackets)."""
-        from fedtorrent.net.transport import Endpoint  # noqa: PLC0415
-
         host = f"[{peer.ip}]" if ":" in peer.ip else peer.ip
         return Endpoint(peer_id=peer.peer_id, address=f"tcp://{host}:{peer.port}")
 
@@ -157,9 +154,6 @@ def select_cohort(
     are skipped; the book then prefers neighbours that answered before, skips backed-off ones
     (``backed_off``) and keeps room for exploration (``NeighbourBook.plan``).
     """
-    from fedtorrent.net.identity import curve_public_key  # noqa: PLC0415
-    from fedtorrent.net.torrent import is_info_hash  # noqa: PLC0415 (64 lowercase hex)
-
     skipped: dict[str, str] = {}
     candidates: list[Candidate] = []
     endpoints: dict[str, Endpoint] = {}
@@ -188,7 +182,6 @@ def select_cohort(
         known = endpoints.get(candidate.peer_id)
         if known is not None:
             return known
-        from fedtorrent.net.transport import Endpoint  # noqa: PLC0415
 
         public = curve_public_key(candidate.pubkey)  # checked when it was listed
         return Endpoint(candidate.peer_id, candidate.address, public_key=public)
@@ -306,8 +299,6 @@ class Fetcher:
         Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
         ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
         """
-        from fedtorrent.net.transport import PeerRefusedError  # noqa: PLC0415
-
         stale: Reply | None = None
         why = "timeout"
         delay = POLL_FIRST_S

@@ -61,21 +61,48 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import torch
 from torch import nn
 
+from fedtorrent.adversary import AttackConfig, attack_params, flip_labels
 from fedtorrent.config import MixingConfig
+from fedtorrent.device import resolve_device
 from fedtorrent.errors import (
     ConfigError,
     DataError,
     PrivacyError,
     StateError,
 )
+from fedtorrent.ledger import Ledger
 from fedtorrent.metrics.records import write_json
-from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedtorrent.node.data import PeerData, load_peer_data, read_examples
+from fedtorrent.mixing.round import Cohorts, Trust, mix_round, validation_rows
+from fedtorrent.mixing.trust import TrustLearner, model_loss_fn
+from fedtorrent.models import build_model
+from fedtorrent.net import torrent as torrents
+from fedtorrent.net.identity import (
+    PeerIdentity,
+    UpdateVerifier,
+    curve_public_key,
+    load_or_create_identity,
+    signed_state,
+)
+from fedtorrent.net.torrent import Session, Torrent
+from fedtorrent.net.tracker.client import TrackerAnswer, TrackerClient
+from fedtorrent.net.tracker.registry import PEER_ID
+from fedtorrent.net.transport import (
+    Endpoint,
+    Reply,
+    ServedEvent,
+    Transport,
+    TransportConfig,
+    ZmqTransport,
+)
+from fedtorrent.node.central import CENTRAL_ID
+from fedtorrent.node.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from fedtorrent.node.compressed import CompressedSender, Replicas, encode_updates
+from fedtorrent.node.data import PeerData, load_peer_data, load_task_data, read_examples, task_node
 from fedtorrent.node.exchange import (
     POLL_FIRST_S,
     POLL_MAX_S,
@@ -106,29 +133,17 @@ from fedtorrent.node.report import (
 )
 from fedtorrent.node.skipping import LowTrustSkipper
 from fedtorrent.node.tracking import TrackerLink
+from fedtorrent.privacy.sender import PrivateSender
+from fedtorrent.state import encode_state, flatten, unflatten
+from fedtorrent.state.codec import check_state_like
+from fedtorrent.state.compress import Compression
 from fedtorrent.state.layout import StateLayout, pick
-from fedtorrent.state.schema import state_schema
+from fedtorrent.state.schema import check_schema, state_schema
+from fedtorrent.task import Task, check_task, load_task
+from fedtorrent.task.drive import evaluate_task, train_task
+from fedtorrent.training import evaluate, round_lr_scale, train_local
 from fedtorrent.training.evaluate import Metrics
 from fedtorrent.training.seeds import Stream, derive_seed, node_generator
-
-if TYPE_CHECKING:
-    from fedtorrent.adversary import AttackConfig
-    from fedtorrent.ledger import Ledger
-    from fedtorrent.mixing.round import Trust
-    from fedtorrent.mixing.trust import TrustLearner
-    from fedtorrent.net.identity import PeerIdentity, UpdateVerifier
-    from fedtorrent.net.torrent import Session, Torrent
-    from fedtorrent.net.tracker.client import TrackerAnswer
-    from fedtorrent.net.transport import (
-        Endpoint,
-        Reply,
-        ServedEvent,
-        Transport,
-        TransportConfig,
-    )
-    from fedtorrent.node.compressed import CompressedSender, Replicas
-    from fedtorrent.privacy.sender import PrivateSender
-    from fedtorrent.task import Task
 
 __all__ = [
     "METRIC_FIELDS",
@@ -218,12 +233,9 @@ class PeerConfig:
     round fetch the server's state of the round and adopt it, instead of a cohort and a mix."""
 
     def __post_init__(self) -> None:
-        from fedtorrent.device import resolve_device  # noqa: PLC0415
 
         resolve_device(self.device)  # an absent device is one line before anything starts
         if self.attack is not None:
-            from fedtorrent.adversary import AttackConfig  # noqa: PLC0415
-
             AttackConfig(self.attack, self.attack_scale)  # validates both
         elif self.attack_scale is not None:
             raise ConfigError("an attack scale needs an attack")
@@ -252,7 +264,6 @@ class PeerConfig:
             raise ConfigError(
                 f"peer id must be 1 to 64 characters from [A-Za-z0-9._-], got {self.peer_id!r}"
             )
-        from fedtorrent.node.central import CENTRAL_ID  # noqa: PLC0415
 
         if self.central and self.peer_id == CENTRAL_ID:
             raise ConfigError(f"peer id {CENTRAL_ID!r} is the central server's")
@@ -271,7 +282,6 @@ class PeerConfig:
 
 
 def _is_peer_id(text: str) -> bool:
-    from fedtorrent.net.tracker.registry import PEER_ID  # noqa: PLC0415
 
     return PEER_ID.fullmatch(text) is not None
 
@@ -364,14 +374,6 @@ class Peer:
             raise
 
     def _start(self) -> None:
-        from fedtorrent.net import torrent as torrents  # noqa: PLC0415
-        from fedtorrent.net.identity import (  # noqa: PLC0415
-            UpdateVerifier,
-            curve_public_key,
-            load_or_create_identity,
-        )
-        from fedtorrent.net.transport import TransportConfig  # noqa: PLC0415
-        from fedtorrent.state.codec import check_state_like  # noqa: PLC0415
 
         cfg = self.config
         self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
@@ -418,7 +420,6 @@ class Peer:
         self.current: State = initial
         self.initial: State = {k: v.clone() for k, v in initial.items()}
         self.attack = self._make_attack()
-        from fedtorrent.device import resolve_device  # noqa: PLC0415
 
         self.device = resolve_device(cfg.device)
         """Where this peer trains and evaluates; what it sends, saves and records is CPU."""
@@ -428,8 +429,6 @@ class Peer:
         self.private: PrivateSender | None = None
         privacy = self.session.privacy
         if privacy is not None and privacy.enabled:
-            from fedtorrent.privacy.sender import PrivateSender  # noqa: PLC0415
-
             try:
                 self.private = PrivateSender(
                     privacy,
@@ -478,15 +477,11 @@ class Peer:
             serve_older=not cfg.central,  # the server asks for round r: not_ready until then
         )
         if self._make_transport is None:
-            from fedtorrent.net.transport import ZmqTransport  # noqa: PLC0415
-
             self.transport: Transport = ZmqTransport(transport_config)
         else:
             self.transport = self._make_transport(transport_config)
         self.transport.on_served = self._served.put
         if self.tracker.announcer is None:
-            from fedtorrent.net.tracker.client import TrackerClient  # noqa: PLC0415
-
             self.tracker.announcer = TrackerClient(
                 cfg.tracker or self.torrent.announce,
                 timeout=cfg.tracker_timeout,
@@ -598,10 +593,6 @@ class Peer:
         Returns the round's record, or None when a stop request cut the exchange short (the
         round is then abandoned and redone after ``--resume``).
         """
-        from fedtorrent.node.compressed import encode_updates  # noqa: PLC0415
-        from fedtorrent.state import encode_state, flatten, unflatten  # noqa: PLC0415
-        from fedtorrent.training import round_lr_scale, train_local  # noqa: PLC0415
-
         began = time.perf_counter()
         rejected_before = self.transport.stats.rejections()
         timings: dict[str, float] = {}
@@ -622,8 +613,6 @@ class Peer:
                 dataclasses.replace(train, lr=lr), generator=generator,
             )  # fmt: skip
         else:
-            from fedtorrent.task.drive import train_task  # noqa: PLC0415
-
             train_loss = train_task(
                 self.task, self.model, x_train, y_train, train,
                 generator=generator, round=round - 1, lr_scale=scale,
@@ -778,8 +767,6 @@ class Peer:
         self, payload: bytes, round: int, *, codec: str | None = None, base: int | None = None
     ) -> list[bytes]:
         """``[header, payload]`` of this round's state, signed once for every requester."""
-        from fedtorrent.net.identity import signed_state  # noqa: PLC0415
-
         return signed_state(
             self.identity, payload, info_hash=self.info_hash, sender=self.peer_id, round=round,
             num_examples=len(self.data.y_train), codec=codec, base=base,
@@ -791,15 +778,11 @@ class Peer:
         Only the schema's shared keys leave (never ``local`` ones); noise and attacks touch the
         parameters only, never buffers.
         """
-        from fedtorrent.state import flatten, unflatten  # noqa: PLC0415
-
         keys = self.layout.parameters
         params = pick(trained, keys)
         params = params if self.private is None else self.private(params, round)
         attack = self.attack
         if attack is not None and not attack.poisons_data:
-            from fedtorrent.adversary import attack_params  # noqa: PLC0415
-
             generator = node_generator(self.seed, Stream.ATTACK, round - 1, self._salt)
             vector = attack_params(
                 attack,
@@ -816,7 +799,6 @@ class Peer:
         """The configured attack; ``label_flip`` flips this peer's training labels here."""
         if self.config.attack is None:
             return None
-        from fedtorrent.adversary import AttackConfig, flip_labels  # noqa: PLC0415
 
         attack = AttackConfig(self.config.attack, self.config.attack_scale)
         if attack.poisons_data:
@@ -891,8 +873,6 @@ class Peer:
         deadline passes), else where it was last listed; empty when it never was. No other
         peer the tracker lists is ever dialled.
         """
-        from fedtorrent.node.central import CENTRAL_ID  # noqa: PLC0415
-
         delay = POLL_FIRST_S
         while not self._stop.is_set():
             listed = [p for p in answer.peers if p.peer_id == CENTRAL_ID] if answer else []
@@ -956,9 +936,6 @@ class Peer:
             robust rules), the peers trust excluded, the screened replies by peer, and whether
             the mix was not finite (the own state was kept).
         """
-        from fedtorrent.mixing.round import Cohorts, mix_round  # noqa: PLC0415
-        from fedtorrent.state import flatten, unflatten  # noqa: PLC0415
-
         layout, mixing, device = self.layout, self.session.mixing, self.device
         heard = [
             p for p in exchange.dialled
@@ -1033,9 +1010,6 @@ class Peer:
         Batches come from this peer's ``TRUST`` generator of the round (the simulator's draws for
         the same node); with no validation data or nobody heard the logits are used unfitted.
         """
-        from fedtorrent.mixing.round import Trust, validation_rows  # noqa: PLC0415
-        from fedtorrent.mixing.trust import model_loss_fn  # noqa: PLC0415
-
         if self.trust is None:
             return None
         mixing = self.session.mixing
@@ -1065,13 +1039,9 @@ class Peer:
         A built-in session gets :class:`Metrics`; a task session the task's metrics and its
         loss (``evaluate_task``).
         """
-        from fedtorrent.training import evaluate  # noqa: PLC0415
-
         if len(y) == 0:
             return None
         if self.task is not None:
-            from fedtorrent.task.drive import evaluate_task  # noqa: PLC0415
-
             return evaluate_task(self.task, self.model, x, y)
         return evaluate(self.model, x, y, num_classes=self.data.num_classes)
 
@@ -1145,7 +1115,6 @@ class Peer:
     # -- state, records and files -----------------------------------------------------------
 
     def _build_model(self) -> nn.Module:
-        from fedtorrent.models import build_model  # noqa: PLC0415
 
         try:
             model = build_model(
@@ -1178,7 +1147,6 @@ class Peer:
         check_task_flag(self.session, spec)
         if spec is None:
             return None
-        from fedtorrent.task import load_task  # noqa: PLC0415
 
         return load_task(spec)
 
@@ -1189,10 +1157,6 @@ class Peer:
             StateError: the model does not match the torrent's state schema (first key named).
             ConfigError, DataError: what ``check_task`` finds wrong with the task on its data.
         """
-        from fedtorrent.node.data import load_task_data, task_node  # noqa: PLC0415
-        from fedtorrent.state.schema import check_schema  # noqa: PLC0415
-        from fedtorrent.task import check_task  # noqa: PLC0415
-
         assert self.session.task is not None
         model = task.make_model(seed=self.session.train.seed)
         check_schema(self.session.task.schema, model)  # before any data is read
@@ -1215,9 +1179,6 @@ class Peer:
         entry = self.session.compression
         if entry is None:
             return None, None
-        from fedtorrent.node.compressed import CompressedSender, Replicas  # noqa: PLC0415
-        from fedtorrent.state import flatten  # noqa: PLC0415
-        from fedtorrent.state.compress import Compression  # noqa: PLC0415
 
         try:
             spec = Compression.parse(str(entry["codec"]))
@@ -1238,7 +1199,6 @@ class Peer:
         return sender, replicas
 
     def _restore(self) -> Checkpoint | None:
-        from fedtorrent.node.checkpoint import MODEL_FILE  # noqa: PLC0415
 
         if not (self.out_dir / MODEL_FILE).exists():
             log.info("--resume: no checkpoint in %s, starting from round 1", self.out_dir)
@@ -1378,7 +1338,6 @@ def _score_fields(
 def _make_trust(mixing: MixingConfig) -> TrustLearner | None:
     if mixing.rule != "learned":
         return None
-    from fedtorrent.mixing.trust import TrustLearner  # noqa: PLC0415
 
     return TrustLearner(mixing)
 
