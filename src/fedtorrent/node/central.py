@@ -264,7 +264,6 @@ class CentralServer:
             raise
 
     def _start(self) -> None:
-
         cfg = self.config
         self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
         self.session: Session = self.torrent.session

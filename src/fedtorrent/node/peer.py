@@ -233,7 +233,6 @@ class PeerConfig:
     round fetch the server's state of the round and adopt it, instead of a cohort and a mix."""
 
     def __post_init__(self) -> None:
-
         resolve_device(self.device)  # an absent device is one line before anything starts
         if self.attack is not None:
             AttackConfig(self.attack, self.attack_scale)  # validates both
@@ -282,7 +281,6 @@ class PeerConfig:
 
 
 def _is_peer_id(text: str) -> bool:
-
     return PEER_ID.fullmatch(text) is not None
 
 
@@ -374,7 +372,6 @@ class Peer:
             raise
 
     def _start(self) -> None:
-
         cfg = self.config
         self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
         self.session: Session = self.torrent.session
@@ -1115,7 +1112,6 @@ class Peer:
     # -- state, records and files -----------------------------------------------------------
 
     def _build_model(self) -> nn.Module:
-
         try:
             model = build_model(
                 self.session.model.name,
@@ -1199,7 +1195,6 @@ class Peer:
         return sender, replicas
 
     def _restore(self) -> Checkpoint | None:
-
         if not (self.out_dir / MODEL_FILE).exists():
             log.info("--resume: no checkpoint in %s, starting from round 1", self.out_dir)
             return None
