@@ -48,15 +48,12 @@ from fedtorrent.ledger import Ledger
 from fedtorrent.metrics.records import write_json
 from fedtorrent.mixing.round import mix_exact
 from fedtorrent.mixing.rules import mix
-from fedtorrent.net import torrent as torrents
 from fedtorrent.net.identity import (
     PeerIdentity,
-    UpdateVerifier,
     curve_public_key,
-    load_or_create_identity,
     signed_state,
 )
-from fedtorrent.net.torrent import Session, Torrent
+from fedtorrent.net.torrent import Session
 from fedtorrent.net.tracker.client import TrackerAnswer, TrackerClient
 from fedtorrent.net.transport import Endpoint, ServedEvent, Transport, TransportConfig, ZmqTransport
 from fedtorrent.node.exchange import (
@@ -69,6 +66,7 @@ from fedtorrent.node.exchange import (
     TcpAddressing,
     select_cohort,
 )
+from fedtorrent.node.joining import join
 from fedtorrent.node.neighbours import NeighbourBook
 from fedtorrent.node.report import (
     PeerSnapshot,
@@ -265,21 +263,14 @@ class CentralServer:
 
     def _start(self) -> None:
         cfg = self.config
-        self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
-        self.session: Session = self.torrent.session
+        joined = join(
+            cfg.torrent, state_path=cfg.state_path, key_dir=cfg.key_dir or self.out_dir / "keys",
+            rounds=cfg.rounds, role="the server's",
+        )  # fmt: skip
+        self.torrent, self.session = joined.torrent, joined.session
         self.info_hash = self.torrent.info_hash
-        self.identity: PeerIdentity = load_or_create_identity(cfg.key_dir or self.out_dir / "keys")
-        allowed = self.session.allow_keys
-        if allowed and self.identity.public_key_hex not in allowed:
-            log.warning("the server's key %s is not in the closed swarm's allow-list: clients "
-                        "will refuse it", self.identity.public_key_hex)  # fmt: skip
-        self.rounds = cfg.rounds or self.session.rounds
-        self.verifier: UpdateVerifier = UpdateVerifier(
-            info_hash=self.info_hash, last_round=max(self.rounds, self.session.rounds)
-        )
-        initial = torrents.load_initial_state(
-            self.torrent, cfg.state_path or torrents.state_path_for(cfg.torrent)
-        )
+        self.identity, self.rounds, self.verifier = joined.identity, joined.rounds, joined.verifier
+        initial = joined.initial
         self.layout = server_layout(self.session, initial)
         self.like = pick(initial, self.layout.shared)
         self.current: State = {k: v.clone() for k, v in self.like.items()}
@@ -288,6 +279,7 @@ class CentralServer:
             self.out_dir, self.identity, peer_id=CENTRAL_ID, info_hash=self.info_hash, resume=False
         )
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        allowed = self.session.allow_keys
         transport_config = TransportConfig(
             info_hash=self.info_hash,
             peer_id=CENTRAL_ID,

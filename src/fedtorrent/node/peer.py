@@ -80,15 +80,12 @@ from fedtorrent.metrics.records import write_json
 from fedtorrent.mixing.round import Cohorts, Trust, mix_round, validation_rows
 from fedtorrent.mixing.trust import TrustLearner, model_loss_fn
 from fedtorrent.models import build_model
-from fedtorrent.net import torrent as torrents
 from fedtorrent.net.identity import (
     PeerIdentity,
-    UpdateVerifier,
     curve_public_key,
-    load_or_create_identity,
     signed_state,
 )
-from fedtorrent.net.torrent import Session, Torrent
+from fedtorrent.net.torrent import Session
 from fedtorrent.net.tracker.client import TrackerAnswer, TrackerClient
 from fedtorrent.net.tracker.registry import PEER_ID
 from fedtorrent.net.transport import (
@@ -115,6 +112,7 @@ from fedtorrent.node.exchange import (
     TcpAddressing,
     select_cohort,
 )
+from fedtorrent.node.joining import join
 from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
     METRIC_FIELDS,
@@ -373,25 +371,17 @@ class Peer:
 
     def _start(self) -> None:
         cfg = self.config
-        self.torrent: Torrent = torrents.load_torrent(cfg.torrent)
-        self.session: Session = self.torrent.session
+        joined = join(
+            cfg.torrent, state_path=cfg.state_path, key_dir=cfg.key_dir or self.out_dir / "keys",
+            rounds=cfg.rounds, role="this peer's",
+        )  # fmt: skip
+        self.torrent, self.session = joined.torrent, joined.session
         self.info_hash = self.torrent.info_hash
-        self.identity: PeerIdentity = load_or_create_identity(cfg.key_dir or self.out_dir / "keys")
-        allowed = self.session.allow_keys
-        if allowed and self.identity.public_key_hex not in allowed:
-            log.warning(
-                "this peer's key %s is not in the closed swarm's allow-list: peers will refuse it",
-                self.identity.public_key_hex,
-            )
-        self.rounds = cfg.rounds or self.session.rounds
-        self.verifier: UpdateVerifier = UpdateVerifier(
-            info_hash=self.info_hash, last_round=max(self.rounds, self.session.rounds)
-        )
+        self.identity, self.rounds, self.verifier = joined.identity, joined.rounds, joined.verifier
         swarm_size = cfg.num_nodes or self.session.data.num_nodes
         self._expected = max(0, min(self.session.cohort_size, swarm_size - 1))
         self.seed = self.session.train.seed if cfg.seed is None else cfg.seed
-        state_path = cfg.state_path or torrents.state_path_for(cfg.torrent)
-        initial = torrents.load_initial_state(self.torrent, state_path)
+        initial = joined.initial
         self.task: Task | None = self._load_task()
         if self.task is None:
             self.data = self._data or load_peer_data(
@@ -462,6 +452,7 @@ class Peer:
             info_hash=self.info_hash,
             resume=cfg.resume,
         )
+        allowed = self.session.allow_keys
         transport_config = TransportConfig(
             info_hash=self.info_hash,
             peer_id=self.peer_id,
