@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import os
 import socket
 import tarfile
@@ -19,10 +20,13 @@ import pytest
 from fedtorrent.data import datasets
 from fedtorrent.data.datasets import (
     DATASET_NAMES,
+    PARSED_VERSION,
+    SHA256,
     Dataset,
     download_file,
     extract_cifar_archive,
     load_dataset,
+    parsed_folder,
     read_cifar_batches,
     read_idx,
     verify_file,
@@ -76,8 +80,10 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
         (folder / name).write_bytes(data)
 
 
-def all_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+def all_files(root: Path, under: str = "") -> list[str]:
+    """Every file below ``root`` (or below ``root / under``), relative to ``root``."""
+    files = (p for p in (root / under).rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(root)) for p in files)
 
 
 @pytest.fixture
@@ -415,10 +421,80 @@ def test_download_then_load_offline(
     ds = load_dataset("mnist", data_dir=tmp_path, mirrors=[server.url + "/mnist/"], progress=True)
     assert isinstance(ds, Dataset) and ds.x_train.shape == (20, 1, 28, 28)
     assert ds.y_test.tolist() == list(range(10))
-    assert all_files(tmp_path) == sorted(f"mnist/{name}" for name in files)
+    parsed = [f"parsed/mnist-v{PARSED_VERSION}/{n}.npy" for n in ARRAYS]
+    expected = [*(f"mnist/{name}" for name in files), *parsed]
+    assert all_files(tmp_path) == sorted(
+        [*expected, f"parsed/mnist-v{PARSED_VERSION}/manifest.json"]
+    )
     assert not clean_env.exists() or all_files(clean_env) == []
     offline = load_dataset("mnist", data_dir=tmp_path, download=False)
     assert np.array_equal(offline.x_train, ds.x_train)
+
+
+# --- the parsed, memory-mapped copy -------------------------------------------------------------
+
+
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _parsed_copy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Dataset, Path]:
+    files = tiny_mnist(1)
+    pin(monkeypatch, "mnist", files)
+    for name, data in files.items():
+        (tmp_path / "mnist").mkdir(exist_ok=True)
+        (tmp_path / "mnist" / name).write_bytes(data)
+    return load_dataset("mnist", data_dir=tmp_path), parsed_folder(tmp_path, "mnist")
+
+
+def test_a_parsed_copy_is_memory_mapped_and_needs_no_sources(
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path
+) -> None:
+    first, folder = _parsed_copy(monkeypatch, tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*(f"{n}.npy" for n in ARRAYS), "manifest.json"]
+    )
+    for path in (tmp_path / "mnist").iterdir():
+        path.unlink()  # the arrays alone suffice from now on
+    again = load_dataset("mnist", data_dir=tmp_path, download=False)
+    for name in ARRAYS:
+        array = getattr(again, name)
+        assert isinstance(array, np.memmap) and array.flags.writeable  # copy-on-write
+        assert np.array_equal(array, getattr(first, name))
+    again.x_train[0] = 7.0  # a caller's write stays in its own pages, never in the file
+    assert np.array_equal(load_dataset("mnist", data_dir=tmp_path).x_train, first.x_train)
+
+
+def test_a_corrupt_parsed_array_is_a_checksum_error(
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path
+) -> None:
+    _, folder = _parsed_copy(monkeypatch, tmp_path)
+    path = folder / "x_test.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="x_test.npy"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["other_sources", "garbage_manifest", "missing_array"])
+def test_a_stale_or_partial_parsed_copy_is_parsed_again(
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path, damage: str
+) -> None:
+    first, folder = _parsed_copy(monkeypatch, tmp_path)
+    manifest = folder / "manifest.json"
+    if damage == "other_sources":
+        document = json.loads(manifest.read_text())
+        document["sources"] = {k: "0" * 64 for k in document["sources"]}
+        manifest.write_text(json.dumps(document))
+    elif damage == "garbage_manifest":
+        manifest.write_bytes(b"\x00not json")
+    else:
+        (folder / "y_train.npy").unlink()
+    again = load_dataset("mnist", data_dir=tmp_path)
+    assert np.array_equal(again.x_train, first.x_train)
+    assert json.loads(manifest.read_text())["sources"] == {
+        f"mnist/{n}": SHA256[f"mnist/{n}"] for n in tiny_mnist(1)
+    }
 
 
 @pytest.mark.network
@@ -435,7 +511,7 @@ def test_downloads_go_to_the_cache_not_to_env_folder(
     monkeypatch.setenv(datasets.ENV_VAR, str(env_root))
     load_dataset("mnist", mirrors=[server.url], progress=False)
     assert all_files(env_root) == []
-    assert all_files(clean_env) == sorted(f"mnist/{name}" for name in files)
+    assert all_files(clean_env, "mnist") == sorted(f"mnist/{name}" for name in files)
 
 
 @pytest.mark.network
@@ -509,5 +585,5 @@ def test_cifar_downloads_verifies_and_extracts(
     assert np.array_equal(ds.x_test, x_test) and np.array_equal(ds.y_test, y_test)
     expected = ["cifar10/cifar-10-binary.tar.gz"]
     expected += [f"cifar10/cifar-10-batches-bin/{b}" for b in batches]
-    assert all_files(tmp_path) == sorted(expected)
+    assert all_files(tmp_path, "cifar10") == sorted(expected)
     assert not (tmp_path / "escape.bin").exists()

@@ -6,12 +6,16 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from fedtorrent.cli import app
 from fedtorrent.device import DEFAULT_DEVICE, DEVICE_HELP
+from fedtorrent.node.host import LOG_FORMAT
+
+if TYPE_CHECKING:
+    from fedtorrent.node.peer import Peer
 
 
 @app.command("peer")
@@ -111,60 +115,14 @@ def peer_command(
     SIGTERM or Ctrl-C stop the peer cleanly after the current phase (status "stopped"); exit
     status 0 when the last round is done or the peer was stopped, 2 on an error.
     """
+    options = dict(locals())  # the parsed command line, before anything else is defined
     import logging  # noqa: PLC0415
 
-    from fedtorrent.config import ATTACKS  # noqa: PLC0415
-    from fedtorrent.errors import UnknownNameError  # noqa: PLC0415
-    from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
-
-    if attack is not None and attack not in ATTACKS:  # a flag's mistake before any file or URL
-        raise UnknownNameError("attack", attack, ATTACKS)
-    # The output folder is made, and the torrent fetched and checked, before torch is imported:
-    # a first mistake or a hostile torrent is refused at once and in a few megabytes.
-    out.mkdir(parents=True, exist_ok=True)
-    torrent_path = Path(torrent)
-    if torrent.startswith(("http://", "https://")):
-        from fedtorrent.net.tracker.client import download_session  # noqa: PLC0415
-
-        torrent_path = download_session(torrent, out, timeout=download_timeout)
-    session = load_torrent(torrent_path).session
-    check_model_size(session)
-
-    from fedtorrent.node.peer import Peer, PeerConfig, check_task_flag  # noqa: PLC0415
-
-    check_task_flag(session, task)  # before the flags that depend on it are checked
-
-    config = PeerConfig(
-        torrent=torrent_path,
-        out_dir=out,
-        state_path=state,
-        data_dir=data_dir,
-        node_index=node_index,
-        num_nodes=num_nodes,
-        examples=examples,
-        host=host,
-        port=port,
-        advertise_ip=advertise_ip,
-        peer_id=peer_id,
-        tracker=tracker,
-        resume=resume,
-        exchange_timeout=exchange_timeout,
-        seed=seed,
-        rounds=rounds,
-        key_dir=key_dir,
-        attack=attack,
-        attack_scale=attack_scale,
-        task=task,
-        device=device,
-        central=central,
-    )
+    peer = build_peer(options)
     handlers: list[logging.Handler] = [logging.FileHandler(out / "peer.log", encoding="utf-8")]
     if verbose:
         handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers
-    )
-    peer = Peer(config)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after this phase", signum)
@@ -179,3 +137,57 @@ def peer_command(
         peer.close()
     spent = f", epsilon {peer.private.epsilon:.3f}" if peer.private is not None else ""
     typer.echo(f"{peer.peer_id}: {outcome} after round {peer.round_done} of {peer.rounds}{spent}")
+
+
+def build_peer(options: dict[str, Any]) -> Peer:
+    """The peer ``fedtorrent peer`` runs for these parsed options (not started).
+
+    The output folder is made, and the torrent fetched and checked, before torch is imported: a
+    first mistake or a hostile torrent is refused at once and in a few megabytes.
+    """
+    from fedtorrent.config import ATTACKS  # noqa: PLC0415
+    from fedtorrent.errors import UnknownNameError  # noqa: PLC0415
+    from fedtorrent.net.torrent import check_model_size, load_torrent  # noqa: PLC0415
+
+    options = dict(options)
+    torrent, out = str(options.pop("torrent")), Path(options.pop("out"))
+    download_timeout = options.pop("download_timeout")
+    options.pop("verbose", None)
+    attack = options["attack"]
+    if attack is not None and attack not in ATTACKS:  # a flag's mistake before any file or URL
+        raise UnknownNameError("attack", attack, ATTACKS)
+    out.mkdir(parents=True, exist_ok=True)
+    torrent_path = Path(torrent)
+    if torrent.startswith(("http://", "https://")):
+        from fedtorrent.net.tracker.client import download_session  # noqa: PLC0415
+
+        torrent_path = download_session(torrent, out, timeout=download_timeout)
+    session = load_torrent(torrent_path).session
+    check_model_size(session)
+
+    from fedtorrent.node.peer import Peer, PeerConfig, check_task_flag  # noqa: PLC0415
+
+    check_task_flag(session, options["task"])  # before the flags that depend on it are checked
+    state = options.pop("state")
+    return Peer(PeerConfig(torrent=torrent_path, out_dir=out, state_path=state, **options))
+
+
+@app.command("host", hidden=True)
+def host_command(
+    plan: Annotated[Path, typer.Argument(help='JSON: {"peers": [[peer arguments], ...]}.')],
+) -> None:
+    """Run several peers in this process, one thread each (``swarm --processes``).
+
+    Each entry of the plan holds the arguments of one ``fedtorrent peer`` command line, parsed
+    and checked exactly as that command does; each peer logs to its own ``peer.log``. SIGTERM or
+    Ctrl-C stop every peer; exit status 2 when any of them failed.
+    """
+    from fedtorrent.node.host import host_peers, read_plan  # noqa: PLC0415 (loads torch)
+
+    parser = typer.main.get_command(app).commands["peer"]  # type: ignore[attr-defined]
+    peers = []
+    for arguments in read_plan(plan):
+        with parser.make_context("peer", list(arguments)) as context:
+            peers.append(build_peer(context.params))
+    if not host_peers(peers):
+        raise typer.Exit(2)

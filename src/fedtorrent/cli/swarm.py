@@ -1,4 +1,4 @@
-"""Command: ``swarm``, a tracker and N peer processes on this machine with a live table."""
+"""Command: ``swarm``, a tracker and N peers on this machine with a live table."""
 
 from __future__ import annotations
 
@@ -27,7 +27,14 @@ _STATE_STYLE = {"done": "green", "failed": "red", "stopped": "yellow", "exited":
 def swarm_command(
     torrent: Annotated[Path, typer.Argument(help="Session torrent (its .state file beside it).")],
     *,
-    peers: Annotated[int, typer.Option(help="Peer processes to start (node 0 to N-1).")] = 6,
+    peers: Annotated[int, typer.Option(help="Peers to start (nodes 0 to N-1).")] = 6,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes that host the peers, one thread per peer (default: one per peer up "
+            "to 8 peers, else one per core and at least one per 25 peers)."
+        ),
+    ] = None,
     task: Annotated[
         str | None,
         typer.Option(
@@ -104,6 +111,7 @@ def swarm_command(
         torrent=torrent,
         out=folder,
         peers=peers,
+        processes=processes,
         data_dir=data_dir,
         tracker=tracker,
         host=host,
@@ -284,6 +292,15 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
             f"distinct neighbours heard per peer: {min(heard)} to {max(heard)}; candidate peers "
             f"skipped: {neighbours.get('skipped', 0)} {neighbours.get('candidates_skipped', {})}"
         )
+    used = summary.get("resources") or {}
+    if used.get("processes"):
+        peak, wall = used.get("peak_memory_bytes"), summary.get("wall_seconds") or 0.0
+        console.print(
+            f"{summary['peers']} peers in {used['processes']} processes: {wall:.1f} s wall, "
+            f"{used['cpu_seconds']:.1f} s CPU"
+            + ("" if peak is None else f", peak memory {human_bytes(peak)} (PSS) = "
+               f"{human_bytes(used['memory_per_peer_bytes'])} per peer")
+        )  # fmt: skip
     if summary["interrupted"]:
         console.print("[yellow]stopped before the peers finished[/yellow]")
     console.print(f"records, plots and summary.json in {folder}")

@@ -12,13 +12,21 @@ CIFAR-10 pins the sha256 of ``cifar-10-binary.tar.gz`` that TensorFlow Datasets 
 (``c4a38c50...``; the same archive has the published MD5 ``c32a1d4ab5d03f1284b67883e8d87530``) and
 the sha256 of each extracted batch as recorded by torchvision-ruby.
 
-Parsing uses numpy only: no pickle, no torchvision.
+Parsing uses numpy only: no pickle, no torchvision. A parsed dataset is kept as uncompressed
+``.npy`` arrays under ``<cache>/parsed/<name>-v<N>/`` (:func:`parsed_folder`) and memory-mapped
+copy-on-write from then on, so every process that loads it shares one copy in the page cache and a
+peer touches only its own shard's rows. Each array is checked against the sha256 its
+``manifest.json`` recorded when it was written from the verified source files, and the manifest
+names those sources' pinned sha256, so a cache made from other bytes is parsed again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import json
+import logging
 import math
 import os
 import tarfile
@@ -32,8 +40,10 @@ from typing import IO
 import numpy as np
 
 from fedtorrent.errors import ChecksumError, DataError, NetworkError, UnknownNameError
-from fedtorrent.files import atomic_writer
+from fedtorrent.files import atomic_writer, write_atomic
 from fedtorrent.net.download import fetch_to_file
+
+log = logging.getLogger(__name__)
 
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "digits")
 ENV_VAR = "FEDTORRENT_DATA"
@@ -59,6 +69,11 @@ _MAX_DOWNLOAD = 512 * 2**20
 _MAX_IDX_ELEMENTS = 64 * 2**20
 """The largest canonical IDX payload is 47,040,000 bytes; refuse headers that claim more."""
 _CHUNK = 2**20
+PARSED_VERSION = 1
+"""Bumped whenever parsing changes what the arrays hold, so older caches are parsed again."""
+_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+_MANIFEST = "manifest.json"
+_MAX_MANIFEST = 64 << 10
 
 SHA256: dict[str, str] = {
     "mnist/train-images-idx3-ubyte.gz": (
@@ -218,9 +233,94 @@ def load_dataset(
         progress=progress,
         mirrors=tuple(mirrors) if mirrors is not None else MIRRORS[name],
     )
-    if name == "cifar10":
-        return _load_cifar10(store)
-    return _load_idx_dataset(name, store)
+    sources = _CIFAR_SOURCES if name == "cifar10" else tuple(f"{name}/{f}" for f in _IDX_FILES)
+    cached = _read_parsed(name, store, sources)
+    if cached is not None:
+        return cached
+    dataset = _load_cifar10(store) if name == "cifar10" else _load_idx_dataset(name, store)
+    return _write_parsed(dataset, store, sources)
+
+
+def parsed_folder(root: Path, name: str) -> Path:
+    """Where the parsed arrays of dataset ``name`` live under a data root."""
+    return root / "parsed" / f"{name}-v{PARSED_VERSION}"
+
+
+def _read_parsed(name: str, store: _Store, sources: Sequence[str]) -> Dataset | None:
+    """The memory-mapped arrays of the first complete, verified parsed copy; None if there is none.
+
+    A copy whose manifest is unreadable or names other sources is ignored (parsed again); an
+    array that differs from its recorded sha256 is a ``ChecksumError``, as for any file.
+    """
+    for root in store.roots:
+        folder = parsed_folder(root, name)
+        manifest = _manifest(folder / _MANIFEST)
+        if manifest is None or manifest.get("sources") != {s: SHA256[s] for s in sources}:
+            continue
+        arrays = {}
+        for key in _ARRAYS:
+            path = folder / f"{key}.npy"
+            digest = manifest["arrays"].get(key)
+            if not isinstance(digest, str) or not path.is_file():
+                break
+            verify_file(path, digest)
+            try:  # copy-on-write: writable views, no copy unless a caller writes into one
+                arrays[key] = np.load(path, mmap_mode="c", allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise DataError(f"{path}: cannot map ({error}); delete {folder}") from error
+        else:
+            return _checked(name, arrays, folder)
+    return None
+
+
+def _manifest(path: Path) -> dict[str, dict[str, str]] | None:
+    try:
+        if path.stat().st_size > _MAX_MANIFEST:
+            return None
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(document, dict) and all(
+        isinstance(document.get(k), dict) for k in ("sources", "arrays")
+    )
+    return document if ok else None
+
+
+def _checked(name: str, arrays: dict[str, np.ndarray], folder: Path) -> Dataset:
+    shape = INPUT_SHAPES[name]
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.float32 or x.shape[1:] != shape:
+            raise DataError(
+                f"{folder}: x_{split} is {x.dtype} {x.shape}, not float32 (N, *{shape})"
+            )
+        if y.dtype != np.int64 or y.shape != x.shape[:1]:
+            raise DataError(f"{folder}: y_{split} is {y.dtype} {y.shape}, not int64 ({len(x)},)")
+    return Dataset(name, arrays["x_train"], arrays["y_train"], arrays["x_test"],
+                   arrays["y_test"], CLASSES[name])  # fmt: skip
+
+
+def _write_parsed(dataset: Dataset, store: _Store, sources: Sequence[str]) -> Dataset:
+    """Save the parsed arrays (then their manifest) and return them memory-mapped.
+
+    Where no folder is writable the in-memory arrays are returned as they are.
+    """
+    try:
+        folder = parsed_folder(store.target_root(), dataset.name)
+        digests = {}
+        for key in _ARRAYS:
+            path = folder / f"{key}.npy"
+            with atomic_writer(path) as handle:
+                np.save(handle, getattr(dataset, key), allow_pickle=False)
+            digests[key] = _sha256(path)
+        manifest = {"sources": {s: SHA256[s] for s in sources}, "arrays": digests}
+        write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
+    except (OSError, DataError) as error:
+        log.info("keeping %s in memory: cannot write its parsed copy (%s)", dataset.name, error)
+        return dataset
+    mapped = _read_parsed(dataset.name, dataclasses.replace(store, roots=(folder.parent.parent,)),
+                          sources)  # fmt: skip
+    return dataset if mapped is None else mapped
 
 
 def default_cache_dir() -> Path:
@@ -315,12 +415,16 @@ def verify_file(path: Path, sha256: str) -> None:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, sha256)
     if key in _verified_cache:
         return
+    _check_digest(path, sha256, _sha256(path), hint="delete it to download it again")
+    _verified_cache.add(key)
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-    _check_digest(path, sha256, digest.hexdigest(), hint="delete it to download it again")
-    _verified_cache.add(key)
+    return digest.hexdigest()
 
 
 def _check_digest(path: Path, expected: str, actual: str, *, hint: str) -> None:
@@ -481,6 +585,9 @@ def _labels(raw: np.ndarray, num_classes: int, path: Path) -> np.ndarray:
 
 def _cifar_relpath(member: str) -> str:
     return f"cifar10/{_CIFAR_FOLDER}/{member}"
+
+
+_CIFAR_SOURCES = tuple(_cifar_relpath(m) for m in (*_CIFAR_TRAIN, _CIFAR_TEST))
 
 
 def _load_cifar10(store: _Store) -> Dataset:

@@ -8,6 +8,8 @@ the data is what the user's task returns (:func:`load_task_data`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,8 @@ import torch
 from fedtorrent.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from fedtorrent.config import DataConfig
+    from fedtorrent.data import NodeSplit
     from fedtorrent.net.torrent import Session
     from fedtorrent.task import Task
 
@@ -70,22 +74,24 @@ def load_peer_data(
         ConfigError: neither a shard nor ``examples`` is given, or ``num_nodes`` is impossible
             for the dataset.
     """
-    from fedtorrent.data import load_dataset, split_nodes, train_val_split  # noqa: PLC0415
+    from fedtorrent.data import load_dataset, train_val_split  # noqa: PLC0415
     from fedtorrent.data.datasets import CLASSES  # noqa: PLC0415
 
     num_classes = len(CLASSES[session.data.dataset])
     if examples is None:
         if node_index is None or num_nodes is None:
             raise ConfigError("give either a node index with a number of nodes, or examples")
+        # Memory-mapped (data.datasets): only this shard's rows are read and copied; the test set
+        # stays one shared copy in the page cache for every peer on the machine.
         dataset = load_dataset(session.data.dataset, data_dir=data_dir, progress=False)
         data_config = dataclasses.replace(session.data, num_nodes=num_nodes)
-        split = split_nodes(dataset.y_train, data_config)[node_index]
+        split = _splits(dataset.y_train, data_config)[node_index]
         return PeerData(
-            x_train=torch.from_numpy(dataset.x_train[split.train]),
+            x_train=torch.from_numpy(np.asarray(dataset.x_train[split.train])),
             y_train=torch.from_numpy(dataset.y_train[split.train].astype(np.int64)),
-            x_val=torch.from_numpy(dataset.x_train[split.val]),
+            x_val=torch.from_numpy(np.asarray(dataset.x_train[split.val])),
             y_val=torch.from_numpy(dataset.y_train[split.val].astype(np.int64)),
-            x_test=torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32)),
+            x_test=torch.from_numpy(dataset.x_test),
             y_test=torch.from_numpy(dataset.y_test.astype(np.int64)),
             num_classes=dataset.num_classes,
         )
@@ -111,6 +117,21 @@ def load_peer_data(
         y_test=torch.from_numpy(y_test),
         num_classes=num_classes,
     )
+
+
+_SPLITS: dict[tuple[bytes, DataConfig], list[NodeSplit]] = {}
+_SPLITS_LOCK = threading.Lock()
+
+
+def _splits(labels: np.ndarray, config: DataConfig) -> list[NodeSplit]:
+    """``split_nodes(labels, config)``, computed once per process for the peers it hosts."""
+    from fedtorrent.data import split_nodes  # noqa: PLC0415
+
+    key = (hashlib.sha256(labels.tobytes()).digest(), config)
+    with _SPLITS_LOCK:
+        if key not in _SPLITS:
+            _SPLITS[key] = split_nodes(labels, config)
+        return _SPLITS[key]
 
 
 def task_node(node_index: int | None, num_nodes: int | None) -> tuple[int, int]:

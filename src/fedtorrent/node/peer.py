@@ -95,6 +95,7 @@ from fedtorrent.net.transport import (
     Transport,
     TransportConfig,
     ZmqTransport,
+    child_thread_name,
 )
 from fedtorrent.node.central import CENTRAL_ID
 from fedtorrent.node.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint, save_checkpoint
@@ -480,7 +481,7 @@ class Peer:
             )
         self.transport.start()
         self._executor = ThreadPoolExecutor(
-            max(1, min(32, self.session.cohort_size)), thread_name_prefix="fedtorrent-pull"
+            max(1, min(32, self.session.cohort_size)), thread_name_prefix=child_thread_name("pull")
         )
         self._fetcher = Fetcher(
             transport=self.transport,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
     from fedtorrent.task import Task
 
 PEERS_FOLDER = "peers"
+MEMORY_EVERY_S = 2.0
+"""How often ``Swarm.wait`` samples the peer processes' memory."""
+HOSTS_FOLDER = "hosts"
+"""``<out>/hosts/host-NN/``: the plan and console log of a process hosting several peers."""
 SERVER_FOLDER = "server"
 """With ``SwarmConfig.central``: the central server's ``--out`` inside the run folder."""
 SERVER_INDEX = -1
@@ -131,6 +136,12 @@ class SwarmConfig:
     central: bool = False
     """Centralized FL on the same session: start a ``fedtorrent server`` process (its folder
     ``out/server``, the next port after the peers') and run every peer with ``--central``."""
+    processes: int | None = None
+    """How many processes host the peers (``node.host``: one thread per peer); None picks
+    :func:`default_processes`. Equal to ``peers``: one process per peer."""
+    solo: frozenset[int] = frozenset()
+    """Peers that get a process of their own whatever ``processes`` says (a peer that is to be
+    killed or restarted alone)."""
 
     def __post_init__(self) -> None:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
@@ -162,6 +173,12 @@ class SwarmConfig:
             raise ConfigError(f"exchange_timeout must be > 0, got {self.exchange_timeout}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if self.processes is not None and not 1 <= self.processes <= self.peers:
+            raise ConfigError(f"processes must be in [1, {self.peers}], got {self.processes}")
+        if self.processes is not None and self.processes < self.peers and self.peer_command:
+            raise ConfigError("a custom peer command runs one peer per process")
+        if not self.solo <= set(range(self.peers)):
+            raise ConfigError(f"solo peers must be node indices below {self.peers}")
         if not self.stop_grace >= 0:
             raise ConfigError(f"stop_grace must be >= 0, got {self.stop_grace}")
         if self.tracker is not None and not self.tracker.startswith(("http://", "https://")):
@@ -244,6 +261,37 @@ class _Peer:
     command: list[str]
     process: subprocess.Popen[bytes]
     console: IO[bytes]
+    """The process's stdout and stderr (shared by the peers of one host process)."""
+
+
+SOLO_UP_TO = 8
+"""Swarms up to this size run one process per peer by default (isolation costs little there)."""
+PEERS_PER_PROCESS = 25
+"""Beyond ``SOLO_UP_TO``: at least one process per this many peers, and one per core."""
+
+
+def default_processes(peers: int, cpus: int | None = None) -> int:
+    """How many processes host ``peers`` peers when ``--processes`` is not given.
+
+    Up to :data:`SOLO_UP_TO` peers each peer is a process; larger swarms share processes (each
+    costs the interpreter, torch and a thread pool once), one per core but at least one per
+    :data:`PEERS_PER_PROCESS` peers, measured in ``benchmarks/swarm_scale.py``.
+    """
+    if peers <= SOLO_UP_TO:
+        return peers
+    cores = cpus or os.cpu_count() or 1
+    return min(peers, max(cores, math.ceil(peers / PEERS_PER_PROCESS)))
+
+
+def host_groups(peers: int, processes: int, solo: frozenset[int] = frozenset()) -> list[list[int]]:
+    """Node indices per process: each ``solo`` peer alone, the others dealt round-robin.
+
+    The solo peers count towards ``processes``; at least one process hosts the rest.
+    """
+    rest = [i for i in range(peers) if i not in solo]
+    shared = max(1, processes - len(solo)) if rest else 0
+    groups = [rest[k::shared] for k in range(shared)]
+    return [*([i] for i in sorted(solo)), *(g for g in groups if g)]
 
 
 class Swarm:
@@ -262,6 +310,9 @@ class Swarm:
         self.started_at: float | None = None
         self.tracker_traffic: dict[str, int] | None = None
         """The swarm's tracker bytes in and out, as last read (``close()`` reads it once more)."""
+        self.peak_memory: int | None = None
+        """The largest total proportional set size (PSS) of the peer processes seen by ``wait``:
+        shared pages (torch, the memory-mapped dataset) count once; None where unmeasured."""
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -304,15 +355,30 @@ class Swarm:
         try:
             if self.tracker_url is None:
                 self.tracker_url = self._start_tracker()
+            self._warm_dataset()
             self.started_at = time.time()
             if config.central:  # first, so that it is listed when the clients look for it
                 self._spawn(SERVER_INDEX)
-            for index in range(config.peers):
-                self._spawn(index)
+            processes = config.processes or default_processes(config.peers)
+            for group in host_groups(config.peers, processes, config.solo):
+                self._spawn(group[0]) if len(group) == 1 else self._spawn_host(group)
             self._write_launch()
         except BaseException:
             self.close()
             raise
+
+    def _warm_dataset(self) -> None:
+        """Parse (or download) a built-in session's dataset once, before any peer needs it.
+
+        The peers then memory-map the parsed arrays (``data.datasets``) instead of each parsing
+        the files at the same time; a missing dataset is one error here, not one per peer.
+        """
+        assert self.torrent is not None
+        if self.torrent.session.task is not None or self.config.peer_command:
+            return
+        from fedtorrent.data import load_dataset  # noqa: PLC0415
+
+        load_dataset(self.torrent.session.data.dataset, data_dir=self.config.data_dir)
 
     def _start_tracker(self) -> str:
         from fedtorrent.config import TrackerConfig  # noqa: PLC0415
@@ -354,13 +420,16 @@ class Swarm:
 
     def peer_command(self, index: int) -> list[str]:
         """The command line that runs peer ``index`` (``start()`` must have read the torrent)."""
+        base = list(self.config.peer_command) or [sys.executable, "-c", _CLI, "peer"]
+        return [*base, *self.peer_arguments(index)]
+
+    def peer_arguments(self, index: int) -> list[str]:
+        """The ``fedtorrent peer`` arguments of peer ``index`` (after ``peer``)."""
         if self.torrent is None or self.tracker_url is None:
             raise RuntimeError("swarm is not started")
         config = self.config
-        base = list(config.peer_command) or [sys.executable, "-c", _CLI, "peer"]
         port = config.port_base + index if config.port_base else 0
         command = [
-            *base,
             str(config.torrent),
             "--out",
             str(peer_folder(config.out, index)),
@@ -397,8 +466,9 @@ class Swarm:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        # N peers on C cores: give each C // N torch threads unless the user chose already.
-        threads = str(max(1, (os.cpu_count() or 1) // self.config.peers))
+        # P processes on C cores: give each C // P torch threads unless the user chose already.
+        processes = self.config.processes or default_processes(self.config.peers)
+        threads = str(max(1, (os.cpu_count() or 1) // processes))
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(name, threads)
         env.update(self.config.env)
@@ -406,13 +476,34 @@ class Swarm:
         return env
 
     def _spawn(self, index: int) -> None:
-        """Start peer ``index``, or the central server for ``SERVER_INDEX``."""
+        """Start peer ``index`` in a process of its own, or the server (``SERVER_INDEX``)."""
         server = index == SERVER_INDEX
         folder = self.config.out / SERVER_FOLDER if server else peer_folder(self.config.out, index)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "status.json").unlink(missing_ok=True)  # a stale one would read as progress
         command = self.server_command() if server else self.peer_command(index)
-        console = (folder / "console.log").open("ab")
+        process, console = self._popen(command, folder / "console.log", [folder])
+        self._peers.append(_Peer(index, folder, command, process, console))
+
+    def _spawn_host(self, indices: Sequence[int]) -> None:
+        """Start one ``fedtorrent host`` process that runs the peers ``indices`` on threads."""
+        from fedtorrent.node.host import write_plan  # noqa: PLC0415
+
+        folder = self.config.out / HOSTS_FOLDER / f"host-{indices[0]:02d}"
+        folders = [peer_folder(self.config.out, i) for i in indices]
+        commands = [self.peer_command(i) for i in indices]
+        write_plan(folder / "plan.json", [self.peer_arguments(i) for i in indices])
+        host = [sys.executable, "-c", _CLI, "host", str(folder / "plan.json")]
+        process, console = self._popen(host, folder / "console.log", folders)
+        for index, peer, command in zip(indices, folders, commands, strict=True):
+            self._peers.append(_Peer(index, peer, command, process, console))
+
+    def _popen(
+        self, command: list[str], log: Path, folders: Sequence[Path]
+    ) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "status.json").unlink(missing_ok=True)  # a stale one would read as progress
+        log.parent.mkdir(parents=True, exist_ok=True)
+        console = log.open("ab")
         try:
             process = subprocess.Popen(
                 command,
@@ -425,7 +516,7 @@ class Swarm:
         except BaseException:
             console.close()
             raise
-        self._peers.append(_Peer(index, folder, command, process, console))
+        return process, console
 
     def _write_launch(self) -> None:
         assert self.torrent is not None
@@ -445,25 +536,30 @@ class Swarm:
             },
         )
 
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """Every process this launcher started, once each (a host process runs several peers)."""
+        return list({id(p.process): p.process for p in self._peers}.values())
+
     def stop(self) -> None:
-        """Send SIGTERM to every live peer, wait up to ``stop_grace`` s, then SIGKILL the rest."""
-        for peer in self._peers:
-            if peer.process.poll() is None:
+        """SIGTERM every live process, wait up to ``stop_grace`` s, then SIGKILL the rest."""
+        processes = self.processes()
+        for process in processes:
+            if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    peer.process.send_signal(signal.SIGTERM)
+                    process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.config.stop_grace
-        for peer in self._peers:
+        for process in processes:
             try:
-                peer.process.wait(max(0.0, deadline - time.monotonic()))
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                peer.process.kill()
-                peer.process.wait()
+                process.kill()
+                process.wait()
 
     def close(self) -> None:
         """Stop the peers, read the tracker's byte counters one last time, stop the tracker."""
         self.stop()
-        for peer in self._peers:
-            peer.console.close()
+        for console in {id(p.console): p.console for p in self._peers}.values():
+            console.close()
         if self.torrent is not None and self.tracker_url is not None:
             self.tracker_traffic = self.read_tracker_traffic() or self.tracker_traffic
         if self._tracker is not None:
@@ -507,6 +603,22 @@ class Swarm:
         """Exit status per node index (None while running; negative: killed by that signal)."""
         return {p.index: p.process.poll() for p in self._peers}
 
+    def sample_memory(self) -> int | None:
+        """The peer processes' total PSS now (Linux ``smaps_rollup``); updates ``peak_memory``."""
+        total = 0
+        for process in self.processes():
+            try:
+                text = Path(f"/proc/{process.pid}/smaps_rollup").read_text()
+            except OSError:
+                continue  # gone, or no /proc here
+            pss = next(
+                (line.split()[1] for line in text.splitlines() if line.startswith("Pss:")), 0
+            )
+            total += int(pss) * 1024
+        if total:
+            self.peak_memory = max(self.peak_memory or 0, total)
+        return total or None
+
     def read_tracker_traffic(self) -> dict[str, int] | None:
         """This swarm's tracker bytes in and out (``/swarms/<info-hash>``); None if unreachable."""
         from fedtorrent.net.tracker.client import TrackerClient  # noqa: PLC0415
@@ -540,13 +652,16 @@ class Swarm:
         """
         stop = stop or threading.Event()
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_traffic = 0.0
+        last_traffic = last_memory = 0.0
         while True:
             views = self.views()
             now = time.monotonic()
             if now - last_traffic >= 5.0:  # the tracker may vanish; keep a recent reading
                 self.read_tracker_traffic()
                 last_traffic = now
+            if now - last_memory >= MEMORY_EVERY_S:
+                self.sample_memory()
+                last_memory = now
             if on_update is not None:
                 on_update(views)
             if all(not v.alive for v in views):
@@ -676,6 +791,7 @@ def summarize_swarm(
     returncodes: Mapping[int, int | None] | None = None,
     interrupted: bool = False,
     wall_seconds: float | None = None,
+    resources: Mapping[str, Any] | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
     """Merge every peer folder under ``out/peers`` into ``rounds.jsonl``, ``summary.json``, plots.
@@ -687,6 +803,8 @@ def summarize_swarm(
         returncodes: exit status per node index, when the peers were processes of this launcher.
         interrupted: the run was stopped before the peers finished.
         wall_seconds: how long the run took.
+        resources: what the launcher measured of its processes (``processes``, ``cpu_seconds``,
+            ``peak_memory_bytes``); the summary adds ``memory_per_peer_bytes``.
         plots: draw ``plots/accuracy.png``, ``bytes.png`` and ``bandwidth.png``.
 
     Returns:
@@ -720,6 +838,7 @@ def summarize_swarm(
         "finished": sum(p["state"] == "done" for p in peers),
         "interrupted": interrupted,
         "wall_seconds": wall_seconds,
+        "resources": _resources(resources, len(peers)),
         "test_accuracy_mean": mean,
         "test_accuracy_std": std,
         "task": torrent.session.task.label if torrent.session.task is not None else None,
@@ -743,6 +862,14 @@ def summarize_swarm(
     if plots and folders:
         plot_swarm(out)
     return summary
+
+
+def _resources(measured: Mapping[str, Any] | None, peers: int) -> dict[str, Any] | None:
+    if measured is None:
+        return None
+    peak = measured.get("peak_memory_bytes")
+    per_peer = round(peak / peers) if isinstance(peak, int) and peers else None
+    return {**measured, "memory_per_peer_bytes": per_peer}
 
 
 def central_server(folder: Path, returncode: int | None = None) -> dict[str, Any] | None:
@@ -894,6 +1021,8 @@ def run_swarm(
     from fedtorrent.progress import progress_bar  # noqa: PLC0415
 
     started = time.monotonic()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
     swarm = Swarm(config)
     with swarm, progress_bar("swarm", total=None, enabled=progress) as advance:
         assert swarm.torrent is not None
@@ -909,6 +1038,19 @@ def run_swarm(
         finished = swarm.wait(stop=stop, on_update=update, timeout=timeout)
     if on_update is not None:
         on_update(swarm.views())
+    cpu = [
+        (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        for before, after in (
+            (children, resource.getrusage(resource.RUSAGE_CHILDREN)),
+            (own, resource.getrusage(resource.RUSAGE_SELF)),
+        )
+    ]
+    resources = {
+        "processes": len(swarm.processes()),
+        "cpu_seconds": round(sum(cpu), 2),
+        "peer_cpu_seconds": round(cpu[0], 2),
+        "peak_memory_bytes": swarm.peak_memory,
+    }
     return summarize_swarm(
         config.out,
         torrent=swarm.torrent,
@@ -916,6 +1058,7 @@ def run_swarm(
         returncodes=swarm.returncodes(),
         interrupted=not finished,
         wall_seconds=time.monotonic() - started,
+        resources=resources,
         plots=plots,
     )
 

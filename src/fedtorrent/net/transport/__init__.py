@@ -10,6 +10,7 @@ from fedtorrent.net.transport.base import (
     TrafficStats,
     Transport,
     TransportConfig,
+    child_thread_name,
 )
 from fedtorrent.net.transport.memory import MemoryNetwork, MemoryTransport
 from fedtorrent.net.transport.zmq import ZmqTransport
@@ -27,4 +28,5 @@ __all__ = [
     "Transport",
     "TransportConfig",
     "ZmqTransport",
+    "child_thread_name",
 ]

@@ -48,6 +48,15 @@ MAX_LOGGED_REQUESTERS = 256
 None stands for all the others (a ledger row "sent to everyone")."""
 
 
+def child_thread_name(role: str) -> str:
+    """A name for a thread the current thread starts: ``<current name>/<role>``.
+
+    Several peers may share a process (``node.host``); a peer's log keeps the records of the
+    threads whose names start with its own thread's name.
+    """
+    return f"{threading.current_thread().name}/{role}"
+
+
 @dataclass(frozen=True)
 class TransportConfig:
     """Settings of one peer's transport; validated here, used from ``start``."""
@@ -422,7 +431,7 @@ class Transport(ABC):
                 raise NetworkError("a closed transport cannot start again")
             self._start()
             self._executor = ThreadPoolExecutor(
-                self.config.max_concurrent_fetches, thread_name_prefix="fedtorrent-fetch"
+                self.config.max_concurrent_fetches, thread_name_prefix=child_thread_name("fetch")
             )
 
     def close(self) -> None:

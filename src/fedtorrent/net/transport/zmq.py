@@ -49,6 +49,7 @@ from fedtorrent.net.transport.base import (
     Served,
     Transport,
     TransportConfig,
+    child_thread_name,
 )
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,10 @@ class ZmqTransport(Transport):
         self._wake.connect(wake_name)
         self._context = context
         self._thread = threading.Thread(
-            target=self._serve, args=(router, wake_rx, zap), name="fedtorrent-serve", daemon=True
+            target=self._serve,
+            args=(router, wake_rx, zap),
+            name=child_thread_name("serve"),
+            daemon=True,
         )
         self._thread.start()
 
