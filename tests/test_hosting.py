@@ -116,3 +116,24 @@ def test_hosted_peers_share_processes_but_keep_their_own_sockets_folders_and_log
     hosted = [f for f in (out / "hosts").iterdir()]
     assert len(hosted) == 2 and all((f / "plan.json").exists() for f in hosted)
     assert os.environ.get("FEDTORRENT_SWARM_PEER") is None
+
+
+def test_the_live_table_folds_peers_beyond_the_screen_into_one_row() -> None:
+    from rich.console import Console
+
+    from fedtorrent.cli.swarm import peer_table
+    from fedtorrent.node.swarm import view_of
+
+    views = [
+        view_of(i, pid=100 + i, returncode=None,
+                status={"state": "done" if i % 3 == 0 else "running", "round": i % 5, "rounds": 9})
+        for i in range(100)
+    ]  # fmt: skip
+    console = Console(width=120, record=True)
+    console.print(peer_table(views, max_rows=10))
+    text = console.export_text()
+    assert "+91 more" in text
+    hidden = views[9:]
+    done = sum(v.state == "done" for v in hidden)
+    assert f"{done} done, {len(hidden) - done} running" in text
+    assert text.count("running") + text.count("done") == 9 + 2

@@ -165,8 +165,15 @@ def _stop_on_signals(stop: threading.Event) -> Any:
     return handlers()
 
 
-def peer_table(views: list[PeerView], *, title: str = "swarm") -> Table:
-    """The live table: one row per peer with state, round, accuracy and bytes."""
+def peer_table(
+    views: list[PeerView], *, title: str = "swarm", max_rows: int | None = None
+) -> Table:
+    """The live table: one row per peer with state, round, accuracy and bytes.
+
+    With ``max_rows``, peers beyond it share one last row: how many, and their states counted.
+    """
+    from collections import Counter  # noqa: PLC0415
+
     from rich.table import Table  # noqa: PLC0415
 
     from fedtorrent.node.swarm import human_bytes  # noqa: PLC0415
@@ -174,6 +181,9 @@ def peer_table(views: list[PeerView], *, title: str = "swarm") -> Table:
     table = Table(title=title)
     for header in ("peer", "pid", "state", "round", "accuracy %", "sent", "received"):
         table.add_column(header, justify="left" if header in ("peer", "state") else "right")
+    hidden: list[PeerView] = []
+    if max_rows is not None and len(views) > max_rows:
+        views, hidden = views[: max(1, max_rows - 1)], views[max(1, max_rows - 1) :]
     for view in views:
         progress = f"{view.round}/{view.rounds}" if view.rounds else str(view.round)
         style = _STATE_STYLE.get(view.state, "")
@@ -186,6 +196,16 @@ def peer_table(views: list[PeerView], *, title: str = "swarm") -> Table:
             human_bytes(view.bytes_sent),
             human_bytes(view.bytes_received),
         )
+    if hidden:
+        states = Counter(view.state for view in hidden)
+        rounds = [view.round for view in hidden]
+        table.add_row(
+            f"+{len(hidden)} more",
+            "",
+            ", ".join(f"{n} {state}" for state, n in sorted(states.items())),
+            f"{min(rounds)}..{max(rounds)}",
+            "", "", "",
+        )  # fmt: skip
     return table
 
 
@@ -201,7 +221,8 @@ def _display(*, live: bool) -> Any:
         console = Console()
         if live and console.is_terminal:  # piped output gets the plain lines
             with Live(console=console, refresh_per_second=4) as screen:
-                yield lambda views: screen.update(peer_table(views))
+                rows = max(4, console.height - 8)  # the title, header, borders and a margin
+                yield lambda views: screen.update(peer_table(views, max_rows=rows))
             return
         seen: dict[int, tuple[str, int]] = {}
 
