@@ -83,10 +83,11 @@ from fedtorrent.models import build_model
 from fedtorrent.net.identity import (
     PeerIdentity,
     curve_public_key,
+    signed_hello,
     signed_state,
 )
 from fedtorrent.net.torrent import Session
-from fedtorrent.net.tracker.client import TrackerAnswer, TrackerClient
+from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer, TrackerClient
 from fedtorrent.net.tracker.registry import PEER_ID
 from fedtorrent.net.transport import (
     Endpoint,
@@ -112,6 +113,7 @@ from fedtorrent.node.exchange import (
     TcpAddressing,
     select_cohort,
 )
+from fedtorrent.node.hello import Introductions
 from fedtorrent.node.joining import join
 from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
@@ -342,6 +344,8 @@ class Peer:
         self._candidates: dict[str, Candidate] = {}
         """Who answered, failed or lied before; picks each round's cohort (``node.neighbours``)."""
         self.ledger: Ledger | None = None
+        self.hellos: Introductions | None = None
+        """Peers a BitTorrent tracker listed by address, resolved by hello (``node.hello``)."""
         self._central: list[Endpoint] = []
         """``--central``: the server where it was last listed (empty before)."""
 
@@ -494,6 +498,13 @@ class Peer:
         )
         self.address = self.transport.address
         self.port = self.addressing.port_of(self.address)
+        if self.transport.hello_port is not None:
+            self.transport.introduce(
+                signed_hello(
+                    self.identity, info_hash=self.info_hash, peer_id=self.peer_id, port=self.port
+                )
+            )
+        self.hellos = Introductions(self.transport)
         log.info(
             "peer %s of session %s listening on %s, %d training examples, rounds %d..%d",
             self.peer_id,
@@ -814,7 +825,7 @@ class Peer:
     def _select(self, answer: TrackerAnswer) -> Selection:
         """:func:`select_cohort` over a tracker answer, with this peer's book and settings."""
         return select_cohort(
-            answer.peers,
+            self._listed(answer),
             peer_id=self.peer_id,
             cohort_size=self.session.cohort_size,
             allowed=self.session.allow_keys,
@@ -822,6 +833,10 @@ class Peer:
             book=self.book,
             round=self.round_done + 1,
         )
+
+    def _listed(self, answer: TrackerAnswer) -> Sequence[PeerAddress]:
+        """The answer's peers with keys: a BitTorrent tracker's addresses resolved by hello."""
+        return answer.peers if self.hellos is None else self.hellos.listed(answer)
 
     def _more_candidates(self, dialled: set[str]) -> tuple[list[Endpoint], frozenset[str]]:
         """Announce again for a fresh sample: the candidates in it not dialled yet this round."""
@@ -863,7 +878,7 @@ class Peer:
         """
         delay = POLL_FIRST_S
         while not self._stop.is_set():
-            listed = [p for p in answer.peers if p.peer_id == CENTRAL_ID] if answer else []
+            listed = [p for p in self._listed(answer) if p.peer_id == CENTRAL_ID] if answer else []
             found = select_cohort(
                 listed,
                 peer_id=self.peer_id,
@@ -1048,6 +1063,7 @@ class Peer:
             bytes_received=totals["bytes_received"],
             pubkey=self.identity.public_key_hex,
             ip=self.config.advertise_ip,
+            hello_port=self.transport.hello_port,
         )
 
     def _linger(self) -> None:
