@@ -339,7 +339,10 @@ class TrackerClient:
     ) -> bytes:
         attempt = 0
         while True:
-            query = urllib.parse.urlencode(params if sign is None else sign())
+            # %20, not +, for a space: BitTorrent trackers read a raw info-hash byte by byte
+            query = urllib.parse.urlencode(
+                params if sign is None else sign(), quote_via=urllib.parse.quote
+            )
             url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
             try:
                 return _fetch(url, timeout=self.timeout, limit=limit)
