@@ -83,7 +83,7 @@ def main() -> None:
         for name, tracker in (("opentracker", url), ("fedtorrent", None)):
             started = time.monotonic()
             config = SwarmConfig(
-                torrent=torrent, out=args.work / name, peers=args.peers, data_dir=data,
+                torrent=torrent, out=args.work / f"swarm-{name}", peers=args.peers, data_dir=data,
                 tracker=tracker, exchange_timeout=60,
             )  # fmt: skip
             summary = run_swarm(config, timeout=600, plots=False)

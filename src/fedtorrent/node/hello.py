@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fedtorrent.errors import MessageError, NetworkError
-from fedtorrent.net.identity import verify_hello
+from fedtorrent.net.identity import PeerIdentity, signed_hello, verify_hello
 from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
 from fedtorrent.net.transport import Transport
 
@@ -42,6 +42,19 @@ MAX_PARALLEL = 16
 class _Failed:
     until: float
     why: str
+
+
+def introduce(
+    transport: Transport, identity: PeerIdentity, *, info_hash: str, peer_id: str, port: int
+) -> Introductions:
+    """Serve this node's signed hello (data ``port``) on a started transport; its resolver.
+
+    A transport without a hello socket (``hello_port`` None) serves none; the resolver still
+    works for it (every hello it asks then fails).
+    """
+    if transport.hello_port is not None:
+        transport.introduce(signed_hello(identity, info_hash=info_hash, peer_id=peer_id, port=port))
+    return Introductions(transport)
 
 
 class Introductions:

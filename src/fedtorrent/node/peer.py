@@ -83,7 +83,6 @@ from fedtorrent.models import build_model
 from fedtorrent.net.identity import (
     PeerIdentity,
     curve_public_key,
-    signed_hello,
     signed_state,
 )
 from fedtorrent.net.torrent import Session
@@ -113,7 +112,7 @@ from fedtorrent.node.exchange import (
     TcpAddressing,
     select_cohort,
 )
-from fedtorrent.node.hello import Introductions
+from fedtorrent.node.hello import Introductions, introduce
 from fedtorrent.node.joining import join
 from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
@@ -498,13 +497,10 @@ class Peer:
         )
         self.address = self.transport.address
         self.port = self.addressing.port_of(self.address)
-        if self.transport.hello_port is not None:
-            self.transport.introduce(
-                signed_hello(
-                    self.identity, info_hash=self.info_hash, peer_id=self.peer_id, port=self.port
-                )
-            )
-        self.hellos = Introductions(self.transport)
+        self.hellos = introduce(
+            self.transport, self.identity, info_hash=self.info_hash, peer_id=self.peer_id,
+            port=self.port,
+        )  # fmt: skip
         log.info(
             "peer %s of session %s listening on %s, %d training examples, rounds %d..%d",
             self.peer_id,
