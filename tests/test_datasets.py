@@ -472,7 +472,7 @@ def test_a_corrupt_parsed_array_is_a_checksum_error(
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ChecksumError, match="x_test.npy"):
+    with pytest.raises(ChecksumError, match=r"x_test\.npy"):
         load_dataset("mnist", data_dir=tmp_path)
 
 

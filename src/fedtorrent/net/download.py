@@ -43,13 +43,23 @@ _MAX_MESSAGE_CHARS = 200
 
 
 class HTTPStatusError(NetworkError):
-    """The server answered with an error status; ``reason`` is its short explanation if any."""
+    """The server answered with an error status; ``reason`` is its short explanation if any.
+
+    ``json_reason``: the reason came from a JSON ``failure reason`` body (our tracker's).
+    """
 
     def __init__(
-        self, url: str, status: int, reason: str, *, retry_after: float | None = None
+        self,
+        url: str,
+        status: int,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        json_reason: bool = False,
     ) -> None:
         super().__init__(f"{_short(url)} answered {status}: {_clip(reason)}")
         self.status, self.reason, self.retry_after = status, reason, retry_after
+        self.json_reason = json_reason
 
 
 def fetch_bytes(url: str, *, deadline: float, limit: int) -> bytes:
@@ -287,8 +297,13 @@ def _status_error(url: str, response: http.client.HTTPResponse) -> HTTPStatusErr
         body = b""
     header = response.getheader("Retry-After", "") or ""
     retry_after = float(header) if header.isdigit() and len(header) < 9 else None
+    reason = _reason(body)
     return HTTPStatusError(
-        url, response.status, _reason(body) or response.reason, retry_after=retry_after
+        url,
+        response.status,
+        reason or response.reason,
+        retry_after=retry_after,
+        json_reason=bool(reason),
     )
 
 

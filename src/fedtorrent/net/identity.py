@@ -268,6 +268,56 @@ def verify_announce(public_key: bytes | str, signature: bytes, message: bytes) -
         raise SignatureError("announce signature does not verify") from exc
 
 
+HELLO_DOMAIN = "fedtorrent/hello/v1"
+"""First field of every signed hello (see :func:`hello_message`)."""
+
+
+def hello_message(*, info_hash: str, peer_id: str, pubkey: bytes, port: int) -> bytes:
+    """The canonical bytes a hello signature covers: msgpack of a fixed, domain-tagged list.
+
+    ``[HELLO_DOMAIN, info_hash, peer_id, pubkey (32 raw bytes), port]``: this key speaks for this
+    peer id in this session, and serves its state on ``port``.
+    """
+    return bytes(msgpack.packb([HELLO_DOMAIN, info_hash, peer_id, pubkey, port], use_bin_type=True))
+
+
+def signed_hello(identity: PeerIdentity, *, info_hash: str, peer_id: str, port: int) -> list[bytes]:
+    """``[header]`` of this peer's hello for one session, signed once (it never changes)."""
+    from fedtorrent.net import wire  # noqa: PLC0415 (torch: the tracker imports this module)
+
+    pubkey = identity.public_key
+    message = hello_message(info_hash=info_hash, peer_id=peer_id, pubkey=pubkey, port=port)
+    return wire.encode_hello(
+        info_hash=info_hash, sender=peer_id, pubkey=pubkey, port=port, sig=identity.sign(message)
+    )
+
+
+def verify_hello(header: Header) -> str:
+    """Check a decoded ``hello`` header's signature by the key it carries; return that key (hex).
+
+    A good signature shows that whoever holds the key vouches for the peer id, session and port;
+    not that the key is the one the peer id should have (first contact trusts it: docs/wire.md).
+
+    Raises:
+        SignatureError: reason ``bad_signature``.
+    """
+    pubkey, sig = header.pubkey or b"", header.sig or b""
+    message = hello_message(
+        info_hash=header.info_hash, peer_id=header.sender, pubkey=pubkey, port=header.port
+    )
+    try:
+        verify_key = _verify_key(pubkey, error=SignatureError)
+        if len(sig) != SIGNATURE_BYTES:
+            raise SignatureError(f"a signature is {SIGNATURE_BYTES} bytes")
+        verify_key.verify(message, sig)
+    except (SignatureError, nacl.exceptions.BadSignatureError) as exc:
+        raise SignatureError(
+            f"bad_signature: hello from {header.sender!r} does not verify ({exc})",
+            reason="bad_signature",
+        ) from None
+    return pubkey.hex()
+
+
 class ReplayGuard:
     """Rejects, per sender, updates from an old round and nonces seen before.
 

@@ -7,6 +7,10 @@ then the payload's length and sha256, and only then the tensors, which must have
 shapes and dtypes of the session's model and hold only finite values. Every failure is a
 ``MessageError`` whose ``reason`` is one of ``REASONS``, so a peer can count rejections by cause.
 Nothing here ever unpickles.
+
+A ``hello`` introduces a peer to one that found it through a standard BitTorrent tracker, which
+lists addresses only: its peer id, Ed25519 key and data port, signed by that key
+(``identity.signed_hello``), sent on the plain hello socket in answer to a ``hello_request``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ MAX_HEADER_BYTES = 4096
 MAX_TENSOR_HEADER_BYTES = 8 << 20
 """Upper bound on the JSON header inside a safetensors payload (about 50k tensors)."""
 
-KINDS = ("state", "request", "error")
+KINDS = ("state", "request", "error", "hello_request", "hello")
 REASONS = (
     "bad_frames",  # wrong number of frames, or frames that are not bytes
     "bad_header",  # not a msgpack map, unknown or missing fields, wrong types or ranges
@@ -52,22 +56,29 @@ REASONS = (
     "rate_limited",  # (sent by a server) this requester asked too often; ask again later
     "implausible",  # (after decoding) too far from the receiver's own model (mixing.screen)
     "bad_compressed",  # a compressed payload that breaks its format (state.compress)
+    "key_changed",  # (a hello) a key other than the one already known for that peer id
 )
 
 _MAX_INT = 2**53
 _MAX_ID_CHARS = 128
 _MAX_REASON_CHARS = 64
 _BYTES_LIMITS = {"sig": 128, "nonce": 64, "pubkey": 64}
+_EXACT_BYTES = {"hello": {"sig": 64, "pubkey": 32}}
+"""Kinds whose byte fields have one exact length."""
 _COMMON = ("v", "kind", "info_hash", "sender", "round")
 _REQUIRED = {
     "state": (*_COMMON, "num_examples", "payload_len", "payload_sha256"),
     "request": _COMMON,
     "error": (*_COMMON, "reason"),
+    "hello_request": _COMMON,
+    "hello": (*_COMMON, "pubkey", "port", "sig"),
 }
 _OPTIONAL = {
     "state": ("sig", "nonce", "pubkey", "codec", "base"),
     "request": ("sig", "nonce", "pubkey", "base"),
     "error": (),
+    "hello_request": (),
+    "hello": (),
 }
 _MAX_CODEC_CHARS = 32
 _HEX = frozenset("0123456789abcdef")
@@ -123,6 +134,8 @@ class Header:
     base: int | None = None
     """``state`` with ``codec``: the round of the public copy the updates apply to; ``request``:
     the round of the server's public copy the requester holds (absent: none)."""
+    port: int = 0
+    """``hello``: the TCP port where the sender serves its state (on the hello's host)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,7 @@ def encode_header(header: Header) -> bytes:
         "pubkey": header.pubkey,
         "codec": header.codec,
         "base": header.base,
+        "port": header.port or None,
     }
     allowed = _REQUIRED.get(header.kind, ()) + _OPTIONAL.get(header.kind, ())
     fields = {k: v for k, v in fields.items() if k in allowed and v is not None}
@@ -226,6 +240,28 @@ def encode_error(*, info_hash: str, sender: str, round: int, reason: str) -> lis
     return [encode_header(header)]
 
 
+def encode_hello_request(*, info_hash: str, sender: str) -> list[bytes]:
+    """Frames ``[header]`` asking whoever listens at an address to introduce itself."""
+    header = Header(kind="hello_request", info_hash=info_hash, sender=sender, round=0)
+    return [encode_header(header)]
+
+
+def encode_hello(
+    *, info_hash: str, sender: str, pubkey: bytes, port: int, sig: bytes
+) -> list[bytes]:
+    """Frames ``[header]`` of a hello (``identity.signed_hello`` makes ``sig``)."""
+    header = Header(
+        kind="hello",
+        info_hash=info_hash,
+        sender=sender,
+        round=0,
+        pubkey=pubkey,
+        port=port,
+        sig=sig,
+    )
+    return [encode_header(header)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding (hostile input; every failure is a MessageError with a reason)
 
@@ -273,6 +309,7 @@ def decode_header(
         version=fields["v"],
         codec=fields.get("codec"),
         base=fields.get("base"),
+        port=fields.get("port", 0),
     )
 
 
@@ -282,11 +319,21 @@ def decode_request(frames: Sequence[Any], *, info_hash: str) -> Header:
     Raises:
         MessageError: any reason ``decode_header`` gives, or ``bad_frames``.
     """
+    return decode_single(frames, info_hash=info_hash, kind="request")
+
+
+def decode_single(frames: Sequence[Any], *, info_hash: str, kind: str) -> Header:
+    """Check a one-frame message of ``kind`` (``request``, ``hello_request``, ``hello``).
+
+    Raises:
+        MessageError: any reason ``decode_header`` gives, ``bad_frames``, or ``bad_header``
+            for another kind (a peer's ``error`` raises too: the caller reads its reason).
+    """
     if not isinstance(frames, Sequence) or len(frames) != 1:
-        raise reject("bad_frames", f"a request has 1 frame, got {_count(frames)}")
+        raise reject("bad_frames", f"a {kind} has 1 frame, got {_count(frames)}")
     header = decode_header(as_buffer(frames[0]), info_hash=info_hash)
-    if header.kind != "request":
-        raise reject("bad_header", f"expected a request, got {header.kind!r}")
+    if header.kind != kind:
+        raise reject("bad_header", f"expected a {kind}, got {header.kind!r}")
     return header
 
 
@@ -442,6 +489,7 @@ def _check_fields(fields: dict[Any, Any]) -> None:
         "reason": lambda v: _is_text(v, _MAX_REASON_CHARS),
         "codec": lambda v: _is_text(v, _MAX_CODEC_CHARS),
         "base": lambda v: _is_int(v, 0, _MAX_INT),
+        "port": lambda v: _is_int(v, 1, 65535),
     }
     for key, ok in checks.items():
         if key in fields and not ok(fields[key]):
@@ -450,6 +498,9 @@ def _check_fields(fields: dict[Any, Any]) -> None:
         value = fields.get(key)
         if value is not None and not (isinstance(value, bytes) and 0 < len(value) <= limit):
             raise reject("bad_header", f"field {key!r} must be 1 to {limit} bytes")
+    for key, size in _EXACT_BYTES.get(kind, {}).items():
+        if len(fields[key]) != size:
+            raise reject("bad_header", f"field {key!r} of a {kind} must be {size} bytes")
     if kind == "state" and ("codec" in fields) != ("base" in fields):
         raise reject("bad_header", "a compressed state needs both codec and base")
     if kind == "state" and "base" in fields and fields["base"] > fields["round"]:

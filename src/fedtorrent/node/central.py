@@ -66,6 +66,7 @@ from fedtorrent.node.exchange import (
     TcpAddressing,
     select_cohort,
 )
+from fedtorrent.node.hello import Introductions, introduce
 from fedtorrent.node.joining import join
 from fedtorrent.node.neighbours import NeighbourBook
 from fedtorrent.node.report import (
@@ -233,6 +234,8 @@ class CentralServer:
         """Every client listed so far, by peer id (a client the tracker stops listing stays)."""
         self._keys: dict[str, str] = {}
         self._skipped: dict[str, str] = {}
+        self.hellos: Introductions | None = None
+        """Clients a BitTorrent tracker listed by address, resolved by hello (``node.hello``)."""
         self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
         self._executor: ThreadPoolExecutor | None = None
         self._final = Exchange()
@@ -319,6 +322,10 @@ class CentralServer:
         )
         self.address = self.transport.address
         self.port = self.addressing.port_of(self.address)
+        self.hellos = introduce(
+            self.transport, self.identity, info_hash=self.info_hash, peer_id=CENTRAL_ID,
+            port=self.port,
+        )  # fmt: skip
         log.info("central server of session %s listening on %s for %d clients, %d rounds",
                  self.info_hash[:16], self.address, cfg.clients, self.rounds)  # fmt: skip
         write_status(self.snapshot())
@@ -500,16 +507,18 @@ class CentralServer:
             bytes_received=totals["bytes_received"],
             pubkey=self.identity.public_key_hex,
             ip=self.config.advertise_ip,
+            hello_port=self.transport.hello_port,
         )
 
     def _add_clients(self, answer: TrackerAnswer | None) -> None:
         """Every peer ``answer`` lists that may be dialled becomes (or stays) a client."""
         if answer is None:
             return
+        listed = answer.peers if self.hellos is None else self.hellos.listed(answer)
         selection = select_cohort(
-            answer.peers,
+            listed,
             peer_id=CENTRAL_ID,
-            cohort_size=max(1, len(answer.peers)),
+            cohort_size=max(1, len(listed)),
             allowed=self.session.allow_keys,
             addressing=self.addressing,
             book=NeighbourBook(),  # no backoff: FedAvg asks every client every round

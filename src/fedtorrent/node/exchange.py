@@ -58,8 +58,13 @@ class Announcer(Protocol):
         bytes_received: int = 0,
         pubkey: str | None = None,
         ip: str | None = None,
+        hello_port: int | None = None,
     ) -> TrackerAnswer:
-        """Announce and return a sample of other peers (raise ``TrackerError`` when down)."""
+        """Announce and return a sample of other peers (raise ``TrackerError`` when down).
+
+        ``hello_port``: where this peer answers hellos, announced instead of ``port`` to a
+        standard BitTorrent tracker (``node.hello``).
+        """
 
 
 class Addressing(Protocol):

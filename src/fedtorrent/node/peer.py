@@ -86,7 +86,7 @@ from fedtorrent.net.identity import (
     signed_state,
 )
 from fedtorrent.net.torrent import Session
-from fedtorrent.net.tracker.client import TrackerAnswer, TrackerClient
+from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer, TrackerClient
 from fedtorrent.net.tracker.registry import PEER_ID
 from fedtorrent.net.transport import (
     Endpoint,
@@ -113,6 +113,7 @@ from fedtorrent.node.exchange import (
     TcpAddressing,
     select_cohort,
 )
+from fedtorrent.node.hello import Introductions, introduce
 from fedtorrent.node.joining import join
 from fedtorrent.node.neighbours import Candidate, NeighbourBook
 from fedtorrent.node.report import (
@@ -343,6 +344,8 @@ class Peer:
         self._candidates: dict[str, Candidate] = {}
         """Who answered, failed or lied before; picks each round's cohort (``node.neighbours``)."""
         self.ledger: Ledger | None = None
+        self.hellos: Introductions | None = None
+        """Peers a BitTorrent tracker listed by address, resolved by hello (``node.hello``)."""
         self._central: list[Endpoint] = []
         """``--central``: the server where it was last listed (empty before)."""
 
@@ -495,6 +498,10 @@ class Peer:
         )
         self.address = self.transport.address
         self.port = self.addressing.port_of(self.address)
+        self.hellos = introduce(
+            self.transport, self.identity, info_hash=self.info_hash, peer_id=self.peer_id,
+            port=self.port,
+        )  # fmt: skip
         log.info(
             "peer %s of session %s listening on %s, %d training examples, rounds %d..%d",
             self.peer_id,
@@ -815,7 +822,7 @@ class Peer:
     def _select(self, answer: TrackerAnswer) -> Selection:
         """:func:`select_cohort` over a tracker answer, with this peer's book and settings."""
         return select_cohort(
-            answer.peers,
+            self._listed(answer),
             peer_id=self.peer_id,
             cohort_size=self.session.cohort_size,
             allowed=self.session.allow_keys,
@@ -823,6 +830,10 @@ class Peer:
             book=self.book,
             round=self.round_done + 1,
         )
+
+    def _listed(self, answer: TrackerAnswer) -> Sequence[PeerAddress]:
+        """The answer's peers with keys: a BitTorrent tracker's addresses resolved by hello."""
+        return answer.peers if self.hellos is None else self.hellos.listed(answer)
 
     def _more_candidates(self, dialled: set[str]) -> tuple[list[Endpoint], frozenset[str]]:
         """Announce again for a fresh sample: the candidates in it not dialled yet this round."""
@@ -864,7 +875,7 @@ class Peer:
         """
         delay = POLL_FIRST_S
         while not self._stop.is_set():
-            listed = [p for p in answer.peers if p.peer_id == CENTRAL_ID] if answer else []
+            listed = [p for p in self._listed(answer) if p.peer_id == CENTRAL_ID] if answer else []
             found = select_cohort(
                 listed,
                 peer_id=self.peer_id,
@@ -1049,6 +1060,7 @@ class Peer:
             bytes_received=totals["bytes_received"],
             pubkey=self.identity.public_key_hex,
             ip=self.config.advertise_ip,
+            hello_port=self.transport.hello_port,
         )
 
     def _linger(self) -> None:

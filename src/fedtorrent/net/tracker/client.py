@@ -5,6 +5,11 @@ got for that swarm (marked ``cached``), so a peer keeps training with the cohort
 stopping. Answers are checked like any bytes from outside: size first, then every field. A client
 given the peer's identity signs every announce (fresh ``ts`` on every attempt), so the tracker lets
 the peer stop, move or change key while nobody else can.
+
+The client speaks two flavours: ours (JSON answers that carry keys; signed announces) and that of
+a standard BitTorrent tracker (``tracker.bittorrent``: 20-byte info-hash, compact lists, no keys).
+By default it asks in ours first and, when the tracker answers that with something other than
+our JSON, asks again in BitTorrent's; the first flavour that gets an answer is kept.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from fedtorrent.net.torrent import (
     state_path_for,
     verify_initial_state,
 )
+from fedtorrent.net.tracker import bittorrent
 from fedtorrent.net.tracker.registry import (
     PEER_ID,
     RequestRejected,
@@ -46,7 +52,8 @@ if TYPE_CHECKING:
     from fedtorrent.net.identity import PeerIdentity
 
 MAX_ANSWER_BYTES = 1 << 20
-MAX_PEERS_IN_ANSWER = 10_000
+MAX_PEERS_IN_ANSWER = bittorrent.MAX_PEERS
+FLAVOURS = ("auto", "fedtorrent", "bittorrent")
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
 
 
@@ -71,14 +78,29 @@ class TrackerAnswer:
     received_at: float
     """``time.time()`` when the tracker sent it."""
     cached: bool = False
+    flavour: str = "fedtorrent"
+    """``bittorrent``: a standard tracker listed addresses only, each peer's ``peer_id`` is
+    ``bittorrent.address_label`` and its ``port`` its hello port (``node.hello`` resolves them)."""
 
 
 class TrackerRefusedError(TrackerError):
-    """The tracker answered with an error status; ``status`` and ``reason`` say which and why."""
+    """The tracker answered with an error status; ``status`` and ``reason`` say which and why.
 
-    def __init__(self, status: int, reason: str, *, retry_after: float | None = None) -> None:
+    A BitTorrent tracker's ``failure reason`` comes with status 200. ``json_reason``: the reason
+    came as our tracker's JSON ``failure reason``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        json_reason: bool = False,
+    ) -> None:
         super().__init__(f"tracker refused ({status}): {reason}")
         self.status, self.reason, self.retry_after = status, reason, retry_after
+        self.json_reason = json_reason
 
 
 class TrackerClient:
@@ -92,6 +114,7 @@ class TrackerClient:
             by ``max_backoff``. A ``Retry-After`` header from the tracker takes precedence.
         sleep: how to wait between attempts (tests pass a fake).
         identity: the peer's key; when given, every announce carries ``sig`` and ``ts``.
+        flavour: ``auto`` (see the module), ``fedtorrent`` or ``bittorrent``.
     """
 
     def __init__(
@@ -105,7 +128,10 @@ class TrackerClient:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         identity: PeerIdentity | None = None,
+        flavour: str = "auto",
     ) -> None:
+        if flavour not in FLAVOURS:
+            raise TrackerError(f"tracker flavour must be one of {', '.join(FLAVOURS)}")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise TrackerError(f"tracker URL must be http(s)://host[:port][/announce], got {url!r}")
@@ -124,6 +150,12 @@ class TrackerClient:
         self._cache: dict[str, TrackerAnswer] = {}
         self.identity = identity
         self._last_ts = 0
+        self.flavour = flavour
+        """``auto`` until an answer came, then the flavour that got it."""
+        self.announce_url = urllib.parse.urlunsplit(
+            (parts.scheme, parts.netloc, path + "/announce", parts.query, "")
+        )
+        """Where BitTorrent announces go: the URL as given, ending in ``/announce``."""
 
     def announce(
         self,
@@ -139,8 +171,12 @@ class TrackerClient:
         bytes_received: int = 0,
         pubkey: str | None = None,
         ip: str | None = None,
+        hello_port: int | None = None,
     ) -> TrackerAnswer:
         """Announce this peer and get a random sample of other live peers.
+
+        A BitTorrent tracker hears ``hello_port`` (when given) instead of ``port``, the bytes and
+        the event, nothing else; its answer lists addresses only (``flavour`` ``bittorrent``).
 
         Raises:
             TrackerRefusedError: the tracker rejected the announce (4xx other than 429).
@@ -170,8 +206,18 @@ class TrackerClient:
         optional["accuracy"] = None if accuracy is None else format_float(accuracy)
         params.update({k: v for k, v in optional.items() if v is not None})
         sign = None if self.identity is None else self._signer(params)
+        bt_query = bittorrent.announce_query(
+            info_hash,
+            peer_id,
+            port=hello_port or port,
+            event=event,
+            numwant=numwant,
+            uploaded=bytes_sent,
+            downloaded=bytes_received,
+            ip=ip,
+        )
         try:
-            body = self._get("/announce", params, MAX_ANSWER_BYTES, sign=sign)
+            answer = self._announce_as(self.flavour, params, sign, bt_query)
         except TrackerError as exc:
             if isinstance(exc, TrackerRefusedError) and exc.status not in _RETRYABLE:
                 raise
@@ -180,9 +226,49 @@ class TrackerClient:
             if cached is None or event == "stopped":
                 raise
             return replace(cached, cached=True)
-        answer = parse_answer(body)
         with self._lock:
             self._cache[info_hash] = answer
+        return answer
+
+    def _announce_as(
+        self,
+        flavour: str,
+        params: dict[str, str],
+        sign: Callable[[], dict[str, str]] | None,
+        bt_query: list[tuple[str, str | bytes]],
+    ) -> TrackerAnswer:
+        """One announce in ``flavour``; ``auto`` tries ours, then BitTorrent's, keeps what works."""
+        if flavour == "bittorrent":
+            body = self._get("/announce", bt_query, MAX_ANSWER_BYTES)
+            listing = bittorrent.parse_answer(body)
+            if listing.failure is not None:
+                raise TrackerRefusedError(200, listing.failure)
+            self.flavour = "bittorrent"
+            return TrackerAnswer(
+                interval=listing.interval,
+                complete=listing.complete,
+                incomplete=listing.incomplete,
+                peers=tuple(
+                    PeerAddress(peer_id=bittorrent.address_label(ip, port), ip=ip, port=port)
+                    for ip, port in listing.addresses
+                ),
+                received_at=time.time(),
+                flavour="bittorrent",
+            )
+        try:
+            answer = parse_answer(self._get("/announce", params, MAX_ANSWER_BYTES, sign=sign))
+        except TrackerError as exc:
+            if flavour == "fedtorrent" or not _maybe_bittorrent(exc):
+                raise
+            try:
+                return self._announce_as("bittorrent", params, sign, bt_query)
+            except TrackerRefusedError as refused:
+                if refused.status == 200:  # a bencoded failure reason: a BitTorrent tracker
+                    raise
+                raise exc from None
+            except TrackerError:
+                raise exc from None
+        self.flavour = "fedtorrent"
         return answer
 
     def _signer(self, params: dict[str, str]) -> Callable[[], dict[str, str]]:
@@ -246,14 +332,17 @@ class TrackerClient:
     def _get(
         self,
         path: str,
-        params: dict[str, str] | list[tuple[str, str]],
+        params: dict[str, str] | list[tuple[str, str]] | list[tuple[str, str | bytes]],
         limit: int,
         *,
         sign: Callable[[], dict[str, str]] | None = None,
     ) -> bytes:
         attempt = 0
         while True:
-            query = urllib.parse.urlencode(params if sign is None else sign())
+            # %20, not +, for a space: BitTorrent trackers read a raw info-hash byte by byte
+            query = urllib.parse.urlencode(
+                params if sign is None else sign(), quote_via=urllib.parse.quote
+            )
             url = f"{self.base_url}{path}" + (f"?{query}" if query else "")
             try:
                 return _fetch(url, timeout=self.timeout, limit=limit)
@@ -335,10 +424,24 @@ def _fetch(url: str, *, timeout: float, limit: int) -> bytes:
         return fetch_bytes(url, deadline=time.monotonic() + timeout, limit=limit)
     except HTTPStatusError as exc:
         raise TrackerRefusedError(
-            exc.status, exc.reason[:300] or "refused", retry_after=exc.retry_after
+            exc.status,
+            exc.reason[:300] or "refused",
+            retry_after=exc.retry_after,
+            json_reason=exc.json_reason,
         ) from None
     except NetworkError as exc:
         raise TrackerError(f"tracker unreachable at {url.partition('?')[0]}: {exc}") from exc
+
+
+def _maybe_bittorrent(exc: TrackerError) -> bool:
+    """Whether our announce failed the way it does at a BitTorrent tracker.
+
+    Such a tracker refuses our 64-digit info-hash (a 4xx status) or answers in bencode (not
+    JSON); an unreachable tracker, a retryable status or our own JSON refusal is no sign of one.
+    """
+    if isinstance(exc, TrackerRefusedError):
+        return exc.status not in _RETRYABLE and not exc.json_reason
+    return isinstance(exc, _NotJSONError)
 
 
 def _failure_reason(body: bytes) -> str:
@@ -349,11 +452,15 @@ def _failure_reason(body: bytes) -> str:
     return reason[:300] if isinstance(reason, str) else ""
 
 
+class _NotJSONError(TrackerError):
+    """An answer that is not JSON at all (a sign of a BitTorrent tracker, for announces)."""
+
+
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
-    except ValueError as exc:
-        raise TrackerError(f"{what} answer is not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _NotJSONError(f"{what} answer is not JSON: {str(exc)[:80]}") from None
     if not isinstance(document, dict):
         raise TrackerError(f"{what} answer is not a JSON object")
     return document

@@ -414,6 +414,8 @@ class Transport(ABC):
         self._reported = _ReportedOnce()
         self.on_served: OnServed | None = None
         """Set before ``start`` to learn of the states served (see :class:`ServedEvent`)."""
+        self._hello: list[bytes] | None = None
+        """This peer's signed hello (``introduce``), answered on the hello socket."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -602,6 +604,91 @@ class Transport(ABC):
         )
         self.stats.record_sent(peer, round, header=len(frames[0]))
         return frames
+
+    # -- hellos -------------------------------------------------------------------------------
+
+    @property
+    def hello_port(self) -> int | None:
+        """The TCP port of the plain socket that answers hellos (None: this transport has none).
+
+        What a peer announces to a standard BitTorrent tracker, which carries no keys.
+        """
+        return None
+
+    def introduce(self, frames: Sequence[bytes]) -> None:
+        """Answer hello requests with these ``identity.signed_hello`` frames from now on.
+
+        Raises:
+            ConfigError: not a hello of this session and peer.
+        """
+        try:
+            header = wire.decode_single(frames, info_hash=self.config.info_hash, kind="hello")
+        except MessageError as exc:
+            raise ConfigError(f"cannot introduce: {exc}") from None
+        if header.sender != self.config.peer_id:
+            raise ConfigError("cannot introduce: a hello sent by another peer")
+        self._hello = [bytes(frames[0])]
+
+    def answer_hello(self, request: Sequence[Any], *, connection: str) -> list[bytes]:
+        """Server side of one hello request: this peer's hello, or error frames; counts it.
+
+        Rate-limited like state requests (each one takes a token: a hello never changes), and
+        ``not_ready`` before :meth:`introduce`.
+        """
+        round = self.serving_round
+        request_bytes = sum(len(memoryview(f)) for f in request if not isinstance(f, str))
+        try:
+            header = wire.decode_single(
+                request, info_hash=self.config.info_hash, kind="hello_request"
+            )
+        except MessageError as exc:
+            self.stats.record_received(UNKNOWN, round, header=request_bytes)
+            self.stats.record_rejection(UNKNOWN, exc.reason)
+            return self._error(UNKNOWN, round, exc.reason)
+        self.stats.record_received(header.sender, round, header=request_bytes)
+        if not self._limiter.allow(f"hello:{header.sender}", connection=connection, state=None):
+            self.stats.record_rejection(header.sender, "rate_limited")
+            return self._error(header.sender, round, "rate_limited")
+        hello = self._hello
+        if hello is None:
+            return self._error(header.sender, round, "not_ready")
+        self.stats.record_sent(header.sender, round, header=len(hello[0]))
+        return hello
+
+    def hello(self, address: str, *, timeout: float) -> Header:
+        """Ask whatever listens at ``address`` (a hello socket) to introduce itself.
+
+        Returns the decoded ``hello`` header of this session; its signature is not checked here
+        (``identity.verify_hello`` does that). Traffic and rejections count under ``address``.
+
+        Raises:
+            MessageError: the answer failed a check (counted).
+            NetworkError: no answer within ``timeout`` seconds, a refusal, or no hello support.
+        """
+        if self._executor is None or self._closing.is_set():
+            raise NetworkError("transport is not running")
+        request = wire.encode_hello_request(
+            info_hash=self.config.info_hash, sender=self.config.peer_id
+        )
+        self.stats.record_sent(address, 0, header=len(request[0]))
+        try:
+            frames = self._hello_exchange(address, request, time.monotonic() + timeout)
+            self.stats.record_received(address, 0, header=sum(len(f) for f in frames))
+            if len(frames) == 1:
+                header = wire.decode_header(frames[0], info_hash=self.config.info_hash)
+                if header.kind == "error":
+                    raise PeerRefusedError(address, header.reason)
+            return wire.decode_single(frames, info_hash=self.config.info_hash, kind="hello")
+        except MessageError as exc:
+            self.stats.record_rejection(address, exc.reason)
+            raise
+        except NetworkError as exc:
+            self.stats.record_failure(address, getattr(exc, "kind", "unreachable"))
+            raise
+
+    def _hello_exchange(self, address: str, request: list[bytes], deadline: float) -> list[bytes]:
+        """Send ``request`` to a hello socket; return the answer's frames (one when well formed)."""
+        raise NetworkError(f"{type(self).__name__} cannot ask {address} for a hello")
 
     # -- fetching -----------------------------------------------------------------------------
 

@@ -22,6 +22,11 @@ handshake's client key is admitted when ``curve_allow`` is None (an open swarm) 
 closed swarm), and refused otherwise, counted as a ``not_allowed`` rejection. A refused client
 never gets a byte of application data; to it the fetch looks like a silent peer. The admitted key
 (ZeroMQ's ``User-Id``) and the connection's ROUTER id are what requests are rate-limited by.
+
+A TCP transport also binds a plain (unencrypted) ROUTER on the same host and a free port, the
+hello socket (``hello_port``): it answers only ``hello_request`` with the peer's signed hello,
+so a peer that found this one through a standard BitTorrent tracker (addresses, no keys) learns
+the key its CurveZMQ link needs. The same server thread serves it.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ class ZmqTransport(Transport):
         self._thread: threading.Thread | None = None
         self._wake: zmq.Socket[Any] | None = None
         self._address = ""
+        self._hello_port: int | None = None
         self._cut: tuple[Served, tuple[zmq.Frame, ...]] | None = None
         self._buffers = BufferPool(keep=config.max_concurrent_fetches)
         self._keys_lock = threading.Lock()
@@ -90,6 +96,11 @@ class ZmqTransport(Transport):
         if not self._address:
             raise NetworkError("transport not started")
         return self._address
+
+    @property
+    def hello_port(self) -> int | None:
+        """The hello socket's port (TCP binds; valid after ``start``), else None."""
+        return self._hello_port
 
     def _start(self) -> None:
         context: zmq.Context[Any] = zmq.Context(io_threads=1)
@@ -117,6 +128,7 @@ class ZmqTransport(Transport):
             context.term()
             raise NetworkError(f"cannot bind {self.config.bind}: {exc}") from None
         self._address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        hello = self._bind_hello(context)
         wake_name = f"inproc://fedtorrent-wake-{id(self)}"
         wake_rx = context.socket(zmq.PAIR)
         wake_rx.bind(wake_name)
@@ -126,11 +138,31 @@ class ZmqTransport(Transport):
         self._context = context
         self._thread = threading.Thread(
             target=self._serve,
-            args=(router, wake_rx, zap),
+            args=(router, wake_rx, zap, hello),
             name=child_thread_name("serve"),
             daemon=True,
         )
         self._thread.start()
+
+    def _bind_hello(self, context: zmq.Context[Any]) -> zmq.Socket[Any] | None:
+        """The plain hello ROUTER on the data socket's host and a free port (TCP only)."""
+        if not self._address.startswith("tcp://"):
+            return None
+        host = self._address[len("tcp://") :].rsplit(":", 1)[0]
+        hello: zmq.Socket[Any] = context.socket(zmq.ROUTER)
+        hello.setsockopt(zmq.LINGER, 0)
+        hello.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        hello.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)
+        if host.startswith("["):
+            hello.setsockopt(zmq.IPV6, 1)
+        try:
+            hello.bind(f"tcp://{host}:0")
+        except zmq.ZMQError as exc:  # the data socket is up: serve without hellos
+            log.warning("no hello socket on %s: %s", host, exc)
+            hello.close(linger=0)
+            return None
+        self._hello_port = int(hello.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        return hello
 
     def _close(self) -> None:
         if self._wake is not None:
@@ -161,13 +193,18 @@ class ZmqTransport(Transport):
         return cut[1]
 
     def _serve(
-        self, router: zmq.Socket[Any], wake: zmq.Socket[Any], zap: zmq.Socket[Any] | None
+        self,
+        router: zmq.Socket[Any],
+        wake: zmq.Socket[Any],
+        zap: zmq.Socket[Any] | None,
+        hello: zmq.Socket[Any] | None,
     ) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
-        if zap is not None:
-            poller.register(zap, zmq.POLLIN)
+        for optional in (zap, hello):
+            if optional is not None:
+                poller.register(optional, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll())
@@ -175,6 +212,8 @@ class ZmqTransport(Transport):
                     return
                 if zap is not None and zap in events:
                     self._authenticate(zap)
+                if hello is not None and hello in events:
+                    self._introduce_to(hello)
                 while True:
                     try:
                         frames = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -187,8 +226,9 @@ class ZmqTransport(Transport):
         finally:
             router.close(linger=0)
             wake.close(linger=0)
-            if zap is not None:
-                zap.close(linger=0)
+            for optional in (zap, hello):
+                if optional is not None:
+                    optional.close(linger=0)
 
     def _authenticate(self, zap: zmq.Socket[Any]) -> None:
         """Answer one ZAP request: admit a CurveZMQ client key that the swarm allows."""
@@ -206,6 +246,20 @@ class ZmqTransport(Transport):
                 self.stats.record_rejection(label, "not_allowed")
                 log.info("refused a handshake from CurveZMQ key %s", label)
         zap.send_multipart([b"1.0", request_id, status, text, user, b""])
+
+    def _introduce_to(self, hello: zmq.Socket[Any]) -> None:
+        """Answer every queued hello request (never blocking: a full queue drops the answer)."""
+        while True:
+            try:
+                frames = hello.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity = frames[0]
+            answer = self.answer_hello(frames[1:], connection=f"hello:{identity.hex()}")
+            try:
+                hello.send_multipart([identity, *answer], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.stats.record_failure(UNKNOWN, "dropped")
 
     def _handle(self, router: zmq.Socket[Any], frames: list[zmq.Frame], *, curve: bool) -> None:
         """Answer one request; the link's CurveZMQ key and its ROUTER id name it for limits."""
@@ -296,6 +350,40 @@ class ZmqTransport(Transport):
                     header=min(header_bytes, wire.MAX_HEADER_BYTES),
                     payload=payload_bytes,
                 )
+
+    def _hello_exchange(self, address: str, request: list[bytes], deadline: float) -> list[bytes]:
+        """One plain DEALER to ``address``: send the request, take one answer (header-sized)."""
+        if self._context is None:
+            raise NetworkError("transport not started")
+        try:
+            sock = self._context.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:
+            raise NetworkError(f"transport closing: {exc}") from None
+        endpoint = Endpoint(peer_id=address, address=address)
+        monitor: zmq.Socket[Any] | None = None
+        try:
+            monitor = sock.get_monitor_socket(sum(_LINK_EVENTS))
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)
+            try:
+                sock.connect(address)
+            except zmq.ZMQError as exc:
+                raise NetworkError(f"bad address {address!r}: {exc}") from None
+            sock.send_multipart(request, flags=zmq.NOBLOCK)
+            head = memoryview(bytearray(wire.MAX_HEADER_BYTES + 1))
+            size = self._receive_into(sock, head, endpoint, deadline, monitor)
+            if size > wire.MAX_HEADER_BYTES:
+                raise wire.reject("oversized", f"hello of {size} bytes")
+            if sock.getsockopt(zmq.RCVMORE):
+                raise wire.reject("bad_frames", "a hello came with extra frames")
+            return [bytes(head[:size])]
+        except zmq.ZMQError as exc:
+            raise NetworkError(f"hello from {address} failed: {exc}") from None
+        finally:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
+            sock.close(linger=0)
 
     def _configure_client(self, sock: zmq.Socket[Any], endpoint: Endpoint) -> None:
         sock.setsockopt(zmq.LINGER, 0)
