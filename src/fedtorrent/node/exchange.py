@@ -133,8 +133,8 @@ class Exchange:
 
         ``requests``: fetch requests sent; ``retries``: requests re-sent to a neighbour already
         asked this round (after a stale answer or a refusal such as ``not_ready``: polling a
-        neighbour that is behind; a request that timed out or failed is not re-sent in the same
-        round); ``failed``: {kind: n} requests that brought no state (a kind of
+        neighbour that is behind; a timeout, an unreachable peer or a rejected reply ends the
+        pull instead); ``failed``: {kind: n} requests that brought no state (a kind of
         :class:`Attempts.failed`); ``time_lost_s``: see the field.
         """
         asked = [a for a in self.attempts.values() if a.requests]
