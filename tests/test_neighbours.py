@@ -331,3 +331,43 @@ def test_a_dry_reserve_is_refilled_from_the_tracker_a_bounded_number_of_times(
     assert exchange.dialled == ["liar-0", "liar-1", "liar-2", "good"]
     assert asked[0] <= {"liar-0", "liar-1"} and len(asked) <= 2  # stops once nothing is new
     server.close()
+
+
+def test_the_exchange_counts_retries_failed_requests_and_the_time_lost(
+    network: MemoryNetwork,
+) -> None:
+    good, identity = serving(network, "good")
+    late = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="late"))
+    late.start()  # never publishes: every request is refused as not_ready
+    network.silence("mem://silent")
+    client = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="me"))
+    with client, ThreadPoolExecutor(3) as executor:
+        fetcher = Fetcher(
+            transport=client, executor=executor, like=LIKE,
+            verifier=UpdateVerifier(info_hash=INFO_HASH, last_round=5),
+            keys={"good": identity.public_key_hex}, stop=threading.Event(),
+        )  # fmt: skip
+        endpoints = [
+            Endpoint("good", good.address),
+            Endpoint("late", late.address),
+            Endpoint("silent", "mem://silent"),
+        ]
+        start = time.monotonic()
+        faulty = fetcher.exchange(
+            endpoints, round=1, deadline=time.monotonic() + 0.6, skipped={}
+        ).costs()
+        elapsed = time.monotonic() - start
+        healthy = fetcher.exchange(
+            endpoints[:1], round=1, deadline=time.monotonic() + 5.0, skipped={}
+        ).costs()
+    polls = faulty["failed"]["refused:not_ready"]
+    assert polls >= 2  # the late peer was asked again and again until the deadline
+    assert faulty["failed"] == {"refused:not_ready": polls, "timeout": 1}
+    assert faulty["requests"] == 1 + polls + 1
+    assert faulty["retries"] == polls - 1
+    # The good state came at once; the rest of the deadline went on the other two.
+    assert 0.4 <= faulty["time_lost_s"] <= elapsed
+    assert healthy["requests"] == 1 and healthy["retries"] == 0 and healthy["failed"] == {}
+    assert healthy["time_lost_s"] < 0.2
+    good.close()
+    late.close()

@@ -5,6 +5,10 @@ only interface is a veth link into that bridge (10.77.0.11, .12, ...). Both ends
 created directly inside the namespaces, so no interface or address ever appears on this machine's
 own network, and nothing leaves the namespaces. Needs root and iproute2; skips with the reason
 otherwise. Namespaces are always deleted, and processes in them killed, by the fixture.
+
+The fault test puts packet loss (nftables), a rate limit (tbf) or a partition that heals
+(nftables) on those links, inside the namespaces only, and checks that the swarm finishes and
+that its summary reports the retries and the time lost (docs/swarm.md).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -19,10 +24,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fedtorrent.metrics.records import read_json, read_records
+from fedtorrent.net.torrent import Torrent, load_torrent
 from fedtorrent.node.swarm import peer_folder, summarize_swarm
 
 PEERS = 3
@@ -157,23 +164,27 @@ def _wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float) 
     pytest.fail(f"no line with {needle!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
 
 
-@pytest.mark.network
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_peers_in_separate_namespaces_exchange_and_finish(hosts: Hosts, tmp_path: Path) -> None:
+def _swarm_torrent(tmp_path: Path, *, dataset: str, rounds: int) -> Path:
+    """A torrent for ``PEERS`` peers, cohorts of all the others, announcing to the tracker here."""
     from fedtorrent.cli.net import create
-    from fedtorrent.net.torrent import load_torrent
 
-    torrent_path = tmp_path / "digits.torrent"
+    torrent_path = tmp_path / f"{dataset}.torrent"
     create(
         output=torrent_path,
         tracker=f"http://{TRACKER_IP}:{TRACKER_PORT}/announce",
-        dataset="digits",
+        dataset=dataset,
         model="logreg",
         nodes=PEERS,
-        rounds=3,
+        rounds=rounds,
         cohort=PEERS - 1,
     )
+    return torrent_path
+
+
+def _start_swarm(
+    hosts: Hosts, torrent_path: Path, out: Path, *, exchange_timeout: float
+) -> list[subprocess.Popen[str]]:
+    """Start the tracker in its namespace, wait until it listens, then one peer per namespace."""
     tracker = hosts.start(
         hosts.tracker_ns,
         "tracker",
@@ -187,7 +198,6 @@ def test_peers_in_separate_namespaces_exchange_and_finish(hosts: Hosts, tmp_path
         "5",
     )
     _wait_for_line(tracker, "tracker listening", timeout=60)
-    out = tmp_path / "run"
     peers = []
     for i, ns in enumerate(hosts.peer_ns):
         folder = peer_folder(out, i)
@@ -208,11 +218,16 @@ def test_peers_in_separate_namespaces_exchange_and_finish(hosts: Hosts, tmp_path
                 "--port",
                 str(PEER_PORT),
                 "--exchange-timeout",
-                "20",
+                str(exchange_timeout),
                 log=folder / "console.log",
             )
         )
-    deadline = time.monotonic() + 180
+    return peers
+
+
+def _wait_for_peers(peers: list[subprocess.Popen[str]], out: Path, timeout: float) -> None:
+    """Every peer exits 0 within ``timeout`` seconds, else fail with its console's tail."""
+    deadline = time.monotonic() + timeout
     for i, process in enumerate(peers):
         try:
             code = process.wait(max(1.0, deadline - time.monotonic()))
@@ -220,18 +235,9 @@ def test_peers_in_separate_namespaces_exchange_and_finish(hosts: Hosts, tmp_path
             pytest.fail(f"peer {i} did not finish: {_tail(peer_folder(out, i) / 'console.log')}")
         assert code == 0, _tail(peer_folder(out, i) / "console.log")
 
-    for i in range(PEERS):
-        folder = peer_folder(out, i)
-        assert read_json(folder / "status.json")["state"] == "done"
-        records = read_records(folder / "metrics.jsonl")
-        assert [r["round"] for r in records] == [1, 2, 3]
-        heard = [r["heard_from"] for r in records]
-        assert any(heard), f"peer {i} never heard from another peer across the namespaces"
-        assert sum(r["bytes_received"] for r in records) > 0
-        assert sum(r["bytes_sent"] for r in records) > 0
 
-    # The tracker is only reachable inside the namespaces: ask it from there.
-    torrent = load_torrent(torrent_path)
+def _tracker_stats(hosts: Hosts, torrent: Torrent) -> dict[str, Any]:
+    """The swarm's stats, asked from inside the tracker's namespace (reachable only there)."""
     query = (
         "import json; from fedtorrent.net.tracker.client import TrackerClient; "
         f"print(json.dumps(TrackerClient({torrent.announce!r}).swarm({torrent.info_hash!r})))"
@@ -243,7 +249,31 @@ def test_peers_in_separate_namespaces_exchange_and_finish(hosts: Hosts, tmp_path
         timeout=60,
         check=True,
     )
-    stats = json.loads(answer.stdout)
+    stats: dict[str, Any] = json.loads(answer.stdout)
+    return stats
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_peers_in_separate_namespaces_exchange_and_finish(hosts: Hosts, tmp_path: Path) -> None:
+    torrent_path = _swarm_torrent(tmp_path, dataset="digits", rounds=3)
+    out = tmp_path / "run"
+    peers = _start_swarm(hosts, torrent_path, out, exchange_timeout=20)
+    _wait_for_peers(peers, out, timeout=180)
+
+    for i in range(PEERS):
+        folder = peer_folder(out, i)
+        assert read_json(folder / "status.json")["state"] == "done"
+        records = read_records(folder / "metrics.jsonl")
+        assert [r["round"] for r in records] == [1, 2, 3]
+        heard = [r["heard_from"] for r in records]
+        assert any(heard), f"peer {i} never heard from another peer across the namespaces"
+        assert sum(r["bytes_received"] for r in records) > 0
+        assert sum(r["bytes_sent"] for r in records) > 0
+
+    torrent = load_torrent(torrent_path)
+    stats = _tracker_stats(hosts, torrent)
     assert stats["announces"] >= PEERS * 3
     traffic = {"bytes_in": stats["tracker_bytes_in"], "bytes_out": stats["tracker_bytes_out"]}
     summary = summarize_swarm(out, torrent=torrent, tracker_traffic=traffic, plots=False)
@@ -255,3 +285,222 @@ def test_peers_in_separate_namespaces_exchange_and_finish(hosts: Hosts, tmp_path
 
 def _tail(path: Path, chars: int = 3000) -> str:
     return path.read_text()[-chars:] if path.exists() else f"(no {path.name})"
+
+
+# -- faults between the hosts ----------------------------------------------------------------
+
+FAULT_ROUNDS = 5
+FAULT_DEADLINE_S = 5.0
+"""Exchange deadline of the fault runs: what waiting on a partitioned neighbour costs a round."""
+FAULT_TABLE = "fedtorrent_faults"
+"""The nftables table that carries a fault inside a peer's namespace (gone with the namespace)."""
+LOSS_PERCENT = 5
+"""Packets dropped at random on every peer link, each way (about twice that per peer-to-peer
+path, which crosses two links)."""
+RATE_BITS = 10_000_000
+BURST_BYTES = 10 * 1024
+"""Token bucket of the rate limit (tbf), on both ends of every peer link."""
+FAULTS = ("none", "loss", "rate", "partition")
+
+
+def _run(*command: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, input=stdin, capture_output=True, text=True, timeout=20, check=False
+    )
+
+
+def _fault_unavailable(hosts: Hosts, fault: str) -> str | None:
+    """Why ``fault`` cannot be made in these namespaces, or None when it can."""
+    ns = hosts.tracker_ns
+    if fault in ("loss", "partition"):
+        if shutil.which("nft") is None:
+            return "nftables' `nft` command is not installed (apt-get install nftables)"
+        probe = _run("ip", "netns", "exec", ns, "nft", "add", "table", "inet", "ftprobe")
+        if probe.returncode != 0:
+            return f"nftables does not work in a namespace here: {probe.stderr.strip()}"
+        _run("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "ftprobe")
+    if fault == "rate":
+        if shutil.which("tc") is None:
+            return "iproute2's `tc` command is not installed"
+        probe = _run("tc", "-n", ns, "qdisc", "add", "dev", "v0", "root", *_tbf())
+        if probe.returncode != 0:
+            return f"the tbf queueing discipline is not available: {probe.stderr.strip()}"
+        _run("tc", "-n", ns, "qdisc", "del", "dev", "v0", "root")
+    return None
+
+
+def _tbf() -> list[str]:
+    return ["tbf", "rate", f"{RATE_BITS // 1_000_000}mbit", "burst", f"{BURST_BYTES // 1024}kb",
+            "latency", "200ms"]  # fmt: skip
+
+
+def _nft(ns: str, script: str) -> None:
+    done = _run("ip", "netns", "exec", ns, "nft", "-f", "-", stdin=script)
+    assert done.returncode == 0, f"nft in {ns}: {done.stderr.strip()}\n{script}"
+
+
+def _drop_rules(input_match: str, output_match: str) -> str:
+    """An nftables table that drops (and counts) what the two matches select, each way."""
+    return f"""
+table inet {FAULT_TABLE} {{
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        {input_match} counter drop
+    }}
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        {output_match} counter drop
+    }}
+}}
+"""
+
+
+def _dropped(ns: str) -> int:
+    """Packets the fault table of ``ns`` dropped so far."""
+    listed = _run("ip", "netns", "exec", ns, "nft", "list", "table", "inet", FAULT_TABLE)
+    assert listed.returncode == 0, listed.stderr
+    return sum(int(n) for n in re.findall(r"counter packets (\d+)", listed.stdout))
+
+
+def _tcp_retransmits(ns: str) -> int:
+    """TCP segments the kernel re-sent in ``ns`` (``RetransSegs`` of its ``/proc/net/snmp``)."""
+    text = _run("ip", "netns", "exec", ns, "cat", "/proc/net/snmp").stdout
+    names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Tcp:"))
+    return int(values[names.index("RetransSegs")])
+
+
+def _overlimits(ns: str, dev: str) -> int:
+    """Packets the rate limit on ``dev`` held back (tbf's ``overlimits``)."""
+    shown = _run("tc", "-n", ns, "-s", "qdisc", "show", "dev", dev).stdout
+    return sum(int(n) for n in re.findall(r"overlimits (\d+)", shown))
+
+
+def _complete_records(path: Path) -> list[dict[str, Any]]:
+    """The records a running peer has written so far (whole lines only)."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def _poll_records(
+    path: Path, process: subprocess.Popen[str], until: Any, what: str, timeout: float
+) -> dict[str, Any]:
+    """The first record of ``path`` that ``until`` accepts, polled while ``process`` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = next((r for r in _complete_records(path) if until(r)), None)
+        if found is not None:
+            return found
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)  # a poll of the file, bounded by the deadline
+    pytest.fail(f"no record of {what} within {timeout} s: {_tail(path.parent / 'console.log')}")
+
+
+def _partition_until_it_shows(
+    hosts: Hosts, out: Path, peers: list[subprocess.Popen[str]]
+) -> tuple[int, int]:
+    """Cut peer 0 off the other peers (the tracker stays reachable) once it finished a round;
+    heal the link as soon as one of its rounds timed out on a neighbour.
+
+    Returns that round and the packets the partition dropped.
+    """
+    ns, metrics = hosts.peer_ns[0], peer_folder(out, 0) / "metrics.jsonl"
+    first = _poll_records(metrics, peers[0], lambda r: True, "peer 0's first round", 150)
+    others = ", ".join(hosts.peer_ip(i) for i in range(1, PEERS))
+    _nft(ns, _drop_rules(f"ip saddr {{ {others} }}", f"ip daddr {{ {others} }}"))
+    try:
+        cut = _poll_records(
+            metrics,
+            peers[0],
+            lambda r: r["round"] > first["round"] and r["failed"].get("timeout", 0) > 0,
+            "peer 0 timing out on a partitioned neighbour",
+            120,
+        )
+    finally:
+        dropped = _dropped(ns)
+        _nft(ns, f"delete table inet {FAULT_TABLE}")
+    return int(cut["round"]), dropped
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_the_swarm_finishes_through_faults_between_hosts_and_reports_their_cost(
+    hosts: Hosts, tmp_path: Path, fault: str
+) -> None:
+    """Loss, a rate limit or a healing partition on the links; every peer finishes every round.
+
+    Each run prints its figures (``-s`` shows them): wall time, the summary's retries, failed
+    requests and time lost, and what the kernel saw of the fault.
+    """
+    reason = _fault_unavailable(hosts, fault)
+    if reason is not None:
+        pytest.skip(reason)
+    torrent_path = _swarm_torrent(tmp_path, dataset="mnist", rounds=FAULT_ROUNDS)
+    torrent = load_torrent(torrent_path)
+    out = tmp_path / "run"
+    if fault == "loss":
+        rules = _drop_rules(
+            f'iifname "eth0" numgen random mod 100 < {LOSS_PERCENT}',
+            f'oifname "eth0" numgen random mod 100 < {LOSS_PERCENT}',
+        )
+        for ns in hosts.peer_ns:
+            _nft(ns, rules)
+    if fault == "rate":
+        for i, ns in enumerate(hosts.peer_ns):  # uplink and downlink of every peer
+            subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", *_tbf()],
+                           check=True, timeout=20)  # fmt: skip
+            subprocess.run(["tc", "-n", hosts.tracker_ns, "qdisc", "add", "dev", f"v{i}",
+                            "root", *_tbf()], check=True, timeout=20)  # fmt: skip
+    peers = _start_swarm(hosts, torrent_path, out, exchange_timeout=FAULT_DEADLINE_S)
+    started = time.monotonic()
+    seen: dict[str, Any] = {}
+    if fault == "partition":
+        seen["partitioned_round"], seen["dropped"] = _partition_until_it_shows(hosts, out, peers)
+    _wait_for_peers(peers, out, timeout=240)
+    wall = time.monotonic() - started
+    if fault == "loss":
+        seen["dropped"] = sum(_dropped(ns) for ns in hosts.peer_ns)
+    seen["tcp_retransmits"] = sum(_tcp_retransmits(ns) for ns in hosts.peer_ns)
+    if fault == "rate":
+        seen["overlimits"] = sum(_overlimits(ns, "eth0") for ns in hosts.peer_ns)
+
+    summary = summarize_swarm(out, torrent=torrent, tracker_traffic=None, plots=False)
+    records = [read_records(peer_folder(out, i) / "metrics.jsonl") for i in range(PEERS)]
+    faults = summary["faults"]
+    figures = {
+        "fault": fault,
+        "wall_s": round(wall, 1),
+        "retries": faults["retries"],
+        "failed": faults["failed"],
+        "time_lost_s": round(faults["time_lost_s"], 2),
+        "worst_round_lost_s": round(
+            max(p["worst_round_lost_s"] for p in faults["per_peer"].values()), 2
+        ),
+        "test_accuracy_mean": summary["test_accuracy_mean"],
+        **seen,
+    }
+    print(f"\nnetns fault figures: {json.dumps(figures)}")
+
+    assert summary["finished"] == PEERS
+    for i, peer_records in enumerate(records):
+        assert [r["round"] for r in peer_records] == list(range(1, FAULT_ROUNDS + 1)), i
+        assert any(r["heard_from"] for r in peer_records), f"peer {i} never heard anyone"
+    assert summary["test_accuracy_mean"] > 0.8
+    # "none" is the control: its figures are what a healthy run costs on this machine (a peer
+    # starved of CPU can still fall a round behind and cost a neighbour time, so no bound here).
+    if fault == "loss":
+        assert seen["dropped"] > 0 and seen["tcp_retransmits"] > 0, figures
+    if fault == "rate":
+        assert seen["overlimits"] > 0, figures
+        # Every full state crossed a 10 Mbit/s link: none came faster than the bucket allows.
+        floor_s = (torrent.session.state_size - BURST_BYTES) * 8 / RATE_BITS
+        fastest = min(s for peer in records for r in peer for s in r["rtts"].values())
+        assert fastest >= 0.8 * floor_s, (fastest, floor_s)
+    if fault == "partition":
+        assert seen["dropped"] > 0 and faults["failed"].get("timeout", 0) > 0, figures
+        cut = next(r for r in records[0] if r["round"] == seen["partitioned_round"])
+        assert cut["time_lost_s"] >= 0.5, cut  # it waited on the cut-off neighbours
+        healed = [r for r in records[0] if r["round"] > seen["partitioned_round"]]
+        assert any(r["heard_from"] for r in healed), "peer 0 never heard anyone after the heal"

@@ -26,6 +26,7 @@ from fedtorrent.node.swarm import (
     bandwidth,
     peer_folder,
     run_swarm,
+    swarm_faults,
     swarm_neighbours,
     view_of,
 )
@@ -165,6 +166,23 @@ def test_swarm_neighbours_sums_skips_and_bytes_saved_over_peers(tmp_path: Path) 
     assert totals["candidates_skipped"] == {"low_trust": 7, "backed_off": 1}
     assert totals["skipped"] == 8 and totals["bytes_saved"] == 1000
     assert totals["heard_distinct"] == {"peer-1": 2}
+
+
+def test_swarm_faults_sums_retries_failed_requests_and_time_lost_over_rounds() -> None:
+    records = {
+        0: [
+            {"retries": 2, "failed": {"timeout": 1}, "time_lost_s": 4.5},
+            {"retries": 1, "failed": {"timeout": 1, "refused:not_ready": 3}, "time_lost_s": 0.5},
+        ],
+        1: [{"retries": 0, "failed": {}, "time_lost_s": 0.0}, {"round": 2}],  # an older record
+    }
+    faults = swarm_faults(records)
+    assert faults["retries"] == 3 and faults["time_lost_s"] == 5.0
+    assert faults["failed"] == {"timeout": 2, "refused:not_ready": 3}
+    assert faults["per_peer"]["0"]["worst_round_lost_s"] == 4.5
+    assert faults["per_peer"]["1"] == {
+        "retries": 0, "failed": {}, "time_lost_s": 0.0, "worst_round_lost_s": 0.0,
+    }  # fmt: skip
 
 
 def test_view_marks_a_peer_that_died_without_saying_so_as_failed() -> None:

@@ -5,6 +5,10 @@ The tracker's list goes through the key and allow-list checks, then the peer's n
 until the round's deadline, re-asked with backoff while it is behind, and every reply is verified
 (signature, replay guard, receive hook) before anything else looks at it; nobody waits on anybody
 else (no barrier). A member that fails fast is replaced from the reserve.
+
+What the faults of a round cost is counted too (:meth:`Exchange.costs`, in every round's record):
+the requests re-sent, the attempts that brought no state, and the time lost waiting on neighbours
+that in the end brought nothing newer.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -91,6 +95,19 @@ class TcpAddressing:
 
 
 @dataclass
+class Attempts:
+    """What one pull did, written by its own thread and read once it ended."""
+
+    requests: int = 0
+    """Fetch requests sent to the neighbour."""
+    failed: list[str] = field(default_factory=list)
+    """One entry per request that brought no state: ``timeout``, ``unreachable``,
+    ``handshake_failed``, ``refused:<why>`` or ``rejected:<reason>``."""
+    kept_at: float | None = None
+    """``time.monotonic()`` when the reply the pull ended with arrived; None without one."""
+
+
+@dataclass
 class Exchange:
     """What one round's exchange produced; every dialled peer is in exactly one of the dicts."""
 
@@ -108,6 +125,30 @@ class Exchange:
     dialled: list[str] = field(default_factory=list)
     """Everyone asked this round, in order: the cohort, then reserve peers that replaced members
     that failed fast (so it may be longer than the cohort; at most ``cohort_size`` answer)."""
+    attempts: dict[str, Attempts] = field(default_factory=dict)
+    """Dialled peer id -> what its pull did (see :meth:`costs`)."""
+    time_lost_s: float = 0.0
+    """Seconds from the arrival of the last reply kept (or from the start, when none came) to
+    the end of the exchange: time spent waiting on neighbours that in the end brought nothing
+    newer (silent, partitioned, too slow, or behind until the deadline). About 0 when every
+    member answered fresh, since the exchange ends with its last answer."""
+
+    def costs(self) -> dict[str, Any]:
+        """The round's fault figures, JSON-ready.
+
+        ``requests``: fetch requests sent; ``retries``: requests re-sent to a neighbour already
+        asked this round (after a stale answer or a refusal such as ``not_ready``: polling a
+        neighbour that is behind; a timeout, an unreachable peer or a rejected reply ends the
+        pull instead); ``failed``: {kind: n} requests that brought no state (a kind of
+        :class:`Attempts.failed`); ``time_lost_s``: see the field.
+        """
+        asked = [a for a in self.attempts.values() if a.requests]
+        return {
+            "requests": sum(a.requests for a in asked),
+            "retries": sum(a.requests - 1 for a in asked),
+            "failed": dict(Counter(kind for a in self.attempts.values() for kind in a.failed)),
+            "time_lost_s": self.time_lost_s,
+        }
 
     def outcomes(self, round: int) -> dict[str, str]:
         """Peer id -> ``fresh``, ``stale``, ``rejected:<reason>`` or the missing reason."""
@@ -247,6 +288,7 @@ class Fetcher:
         outcome = Exchange(skipped=dict(skipped))
         if not cohort:
             return outcome
+        started = time.monotonic()
         spare = deque(reserve)
         fresh = set(first_contact)
         futures: dict[Future[tuple[str, Reply | None, str]], str] = {}
@@ -254,7 +296,10 @@ class Fetcher:
 
         def dial(endpoint: Endpoint) -> Future[tuple[str, Reply | None, str]]:
             first = first_contact_s if endpoint.peer_id in fresh else None
-            future = self.executor.submit(self.pull, endpoint, round, deadline, first)
+            tally = outcome.attempts.setdefault(endpoint.peer_id, Attempts())
+            future = self.executor.submit(
+                self.pull, endpoint, round, deadline, first, attempts=tally
+            )
             futures[future] = endpoint.peer_id
             return future
 
@@ -279,10 +324,14 @@ class Fetcher:
                         refills = max_refills  # the tracker has nothing new this round
                 if spare:
                     pending.add(dial(spare.popleft()))
+        ended = time.monotonic()
         for future, peer_id in futures.items():
             outcome.dialled.append(peer_id)
             if not future.done():
                 outcome.missing[peer_id] = "timeout"
+                # Still running: a copy, whose request in flight counts as one timeout.
+                tally = outcome.attempts[peer_id]
+                outcome.attempts[peer_id] = Attempts(tally.requests, [*tally.failed, "timeout"])
                 continue
             kind, reply, reason = future.result()
             if reply is not None:
@@ -291,19 +340,29 @@ class Fetcher:
                 outcome.rejected[peer_id] = reason
             else:
                 outcome.missing[peer_id] = reason
+        kept = [outcome.attempts[p].kept_at for p in outcome.replies]
+        outcome.time_lost_s = max(0.0, ended - max([started, *(t for t in kept if t is not None)]))
         return outcome
 
     def pull(
-        self, endpoint: Endpoint, round: int, deadline: float, first_contact_s: float | None = None
+        self,
+        endpoint: Endpoint,
+        round: int,
+        deadline: float,
+        first_contact_s: float | None = None,
+        *,
+        attempts: Attempts | None = None,
     ) -> tuple[str, Reply | None, str]:
         """Fetch one neighbour until it is at ``round`` or the deadline passes.
 
         With ``first_contact_s``, the neighbour must give a first answer (a state or a refusal)
-        within that many seconds, else the pull ends then as a ``timeout``.
+        within that many seconds, else the pull ends then as a ``timeout``. ``attempts``, when
+        given, counts the requests, the failed ones and when the reply kept arrived.
 
         Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
         ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
         """
+        tally = Attempts() if attempts is None else attempts
         stale: Reply | None = None
         why = "timeout"
         delay = POLL_FIRST_S
@@ -316,15 +375,19 @@ class Fetcher:
                 break
             if self.replicas is not None:
                 endpoint = replace(endpoint, base=self.replicas.base(endpoint.peer_id))
+            tally.requests += 1
             try:
                 reply = self.transport.fetch(
                     endpoint, round=round, timeout=remaining, like_state=self.like
                 )
             except MessageError as exc:  # the transport counted and logged it
+                tally.failed.append(f"rejected:{exc.reason}")
                 return "rejected", None, exc.reason
             except PeerRefusedError as exc:  # e.g. not_ready: it has not trained a round yet
+                tally.failed.append(exc.kind)
                 why, until = exc.kind, deadline
             except NetworkError as exc:  # timeout, or the transport is closing
+                tally.failed.append(getattr(exc, "kind", "unreachable"))
                 return "missing", stale, getattr(exc, "kind", "unreachable")
             else:
                 try:
@@ -337,7 +400,9 @@ class Fetcher:
                 except MessageError as exc:
                     self.transport.stats.record_rejection(endpoint.peer_id, exc.reason)
                     log.warning("rejected the state of peer %s: %s", endpoint.peer_id, exc)
+                    tally.failed.append(f"rejected:{exc.reason}")
                     return "rejected", None, exc.reason
+                tally.kept_at = time.monotonic()
                 if reply.header.round >= round:
                     return "fresh", reply, ""
                 stale, until = reply, deadline

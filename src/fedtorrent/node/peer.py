@@ -712,6 +712,7 @@ class Peer:
             "excluded": excluded,
             "unmixed": bool(unmixed),
             "missing": exchange.missing,
+            **exchange.costs(),  # requests, retries, failed, time_lost_s
             "skipped": exchange.skipped,
             "skipped_low_trust": skip.skipped,
             "bytes_saved": skip.bytes_saved,

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ ROUND_FIELDS = (
     "bytes_sent",
     "bytes_received",
     "tracker_rtt_s",
+    "retries",
+    "time_lost_s",
     "duration_s",
 )
 """CSV columns of the merged ``rounds.csv`` (the JSON Lines file keeps every key)."""
@@ -816,11 +819,12 @@ def summarize_swarm(
     for path in (out / "rounds.jsonl", out / "rounds.csv"):
         path.unlink(missing_ok=True)  # rebuilt from the peer folders each time
     peers = []
+    records_of: dict[int, list[dict[str, Any]]] = {}
     with RecordWriter(out, name="rounds", fields=ROUND_FIELDS) as writer:
         for folder in folders:
             index = int(folder.name.removeprefix("peer-"))
             metrics = folder / "metrics.jsonl"
-            records = list(iter_records(metrics)) if metrics.exists() else []
+            records = records_of[index] = list(iter_records(metrics)) if metrics.exists() else []
             for record in records:
                 writer.write({"node": index, **record})
             peers.append(_peer_result(index, folder, records, returncodes.get(index)))
@@ -857,6 +861,7 @@ def summarize_swarm(
         "per_peer": peers,
         "security": swarm_security(folders, peers),
         "neighbours": swarm_neighbours(folders),
+        "faults": swarm_faults(records_of),
     }
     write_json(out / "summary.json", summary)
     if plots and folders:
@@ -991,6 +996,41 @@ def swarm_neighbours(folders: Sequence[Path]) -> dict[str, Any]:
         "heard_distinct": heard,
         "replaced": replaced,
         "bytes_saved": saved,
+    }
+
+
+def swarm_faults(records_of: Mapping[int, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """What faults cost the exchanges, from the peers' round records (``Exchange.costs``).
+
+    ``retries``: requests re-sent to a neighbour within a round, summed over peers and rounds;
+    ``failed``: {kind: n} requests that brought no state (``timeout``, ``unreachable``,
+    ``refused:not_ready``, ...), summed likewise; ``time_lost_s``: seconds the peers' exchanges
+    waited on neighbours that in the end brought nothing newer, summed over peers and rounds
+    (peer-seconds, not wall time); ``per_peer``: node index -> the same three for that peer, and
+    ``worst_round_lost_s``, its largest ``time_lost_s`` of one round. Records without these
+    fields (older runs) count as zero.
+    """
+    per_peer: dict[str, dict[str, Any]] = {}
+    failed_all: Counter[str] = Counter()
+    for index, records in sorted(records_of.items()):
+        failed: Counter[str] = Counter()
+        lost = [_number(r.get("time_lost_s"), float) or 0.0 for r in records]
+        for record in records:
+            kinds = record.get("failed")
+            if isinstance(kinds, dict):
+                failed.update({str(k): v for k, n in kinds.items() if (v := _number(n, int))})
+        failed_all.update(failed)
+        per_peer[str(index)] = {
+            "retries": sum(_number(r.get("retries"), int) or 0 for r in records),
+            "failed": dict(failed),
+            "time_lost_s": sum(lost),
+            "worst_round_lost_s": max(lost, default=0.0),
+        }
+    return {
+        "retries": sum(p["retries"] for p in per_peer.values()),
+        "failed": dict(failed_all),
+        "time_lost_s": sum(p["time_lost_s"] for p in per_peer.values()),
+        "per_peer": per_peer,
     }
 
 
