@@ -21,6 +21,7 @@ A run folder::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -36,6 +37,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from fedtorrent.errors import ConfigError, DataError, TrackerError
 from fedtorrent.metrics.records import RecordWriter, iter_records, read_json, write_json
+from fedtorrent.node.churn import JOINED_FILE, ChurnDriver, ChurnSpec, churn_summary, plan_churn
 
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Torrent
@@ -131,6 +133,9 @@ class SwarmConfig:
     central: bool = False
     """Centralized FL on the same session: start a ``fedtorrent server`` process (its folder
     ``out/server``, the next port after the peers') and run every peer with ``--central``."""
+    churn: str | None = None
+    """A churn scenario (``node.churn``), e.g. ``join=10%@r5,leave=2@r8,kill=5%@r6,tracker@r4``:
+    peers that join late, leave, are killed and resumed, and a tracker restart."""
 
     def __post_init__(self) -> None:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
@@ -166,6 +171,16 @@ class SwarmConfig:
             raise ConfigError(f"stop_grace must be >= 0, got {self.stop_grace}")
         if self.tracker is not None and not self.tracker.startswith(("http://", "https://")):
             raise ConfigError(f"tracker must be an http(s) announce URL, got {self.tracker!r}")
+        if self.churn is not None:
+            spec = ChurnSpec.parse(self.churn)
+            if self.central or self.resume:
+                raise ConfigError(
+                    f"--churn does not go with --{'central' if self.central else 'resume'}"
+                )
+            if self.tracker is not None and any(e.kind == "tracker" for e in spec.events):
+                raise ConfigError(
+                    "--churn tracker@rN restarts the swarm's own tracker: drop --tracker"
+                )
 
 
 @dataclass(frozen=True)
@@ -259,6 +274,10 @@ class Swarm:
         """The announce URL the peers use (known after ``start()`` when the swarm owns one)."""
         self._tracker: BackgroundTracker | None = None
         self._peers: list[_Peer] = []
+        self._tracker_config: Any = None
+        """The ``TrackerConfig`` the tracker was started with (its bound port), for a restart."""
+        self.churn: ChurnDriver | None = None
+        """The churn scenario being carried out (``SwarmConfig.churn``), after ``start()``."""
         self.started_at: float | None = None
         self.tracker_traffic: dict[str, int] | None = None
         """The swarm's tracker bytes in and out, as last read (``close()`` reads it once more)."""
@@ -302,13 +321,26 @@ class Swarm:
         self.torrent = torrent
         config.out.mkdir(parents=True, exist_ok=True)
         try:
+            if config.churn is not None:
+                self.churn = ChurnDriver(
+                    plan_churn(
+                        ChurnSpec.parse(config.churn),
+                        peers=config.peers,
+                        rounds=config.rounds or torrent.session.rounds,
+                        seed=torrent.session.train.seed,
+                        exclude=range(config.peers - config.attackers, config.peers),
+                    ),
+                    out=config.out,
+                )
+            late = self.churn.plan.joiners if self.churn is not None else frozenset()
             if self.tracker_url is None:
                 self.tracker_url = self._start_tracker()
             self.started_at = time.time()
             if config.central:  # first, so that it is listed when the clients look for it
                 self._spawn(SERVER_INDEX)
             for index in range(config.peers):
-                self._spawn(index)
+                if index not in late:  # late joiners start when the churn driver says so
+                    self._spawn(index)
             self._write_launch()
         except BaseException:
             self.close()
@@ -324,6 +356,7 @@ class Swarm:
         # Every peer runs from this one address: raise the per-address limits by the peer count.
         peers = self.config.peers + self.config.central  # the central server is one more
         limits = TrackerConfig()
+        restarts = self.churn is not None and self.churn.plan.restarts_tracker
         tracker_config = TrackerConfig(
             host=self.config.host,
             port=self.config.tracker_port,
@@ -331,11 +364,37 @@ class Swarm:
             rate_limit=limits.rate_limit * peers,
             rate_burst=limits.rate_burst * peers,
             max_connections_per_address=limits.max_connections_per_address + 2 * peers,
+            # A tracker that restarts mid-run remembers swarms and keys in its SQLite store.
+            db_path=self.config.out / "tracker.sqlite" if restarts else None,
         )
         tracker = BackgroundTracker(tracker_config, torrents=served)
         tracker.start()
         self._tracker = tracker
+        bound = tracker.server.port or tracker_config.port  # the port a restart binds again
+        self._tracker_config = dataclasses.replace(tracker_config, port=bound)
         return tracker.server.announce_url
+
+    def stop_tracker(self) -> None:
+        """Stop the tracker this swarm started (a churn scenario's ``tracker@rN``)."""
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def start_tracker(self) -> None:
+        """Start the tracker again on the port and store it had (after :meth:`stop_tracker`).
+
+        Raises:
+            OSError: the port was taken meanwhile.
+        """
+        from fedtorrent.net.torrent import state_path_for  # noqa: PLC0415
+        from fedtorrent.net.tracker.server import BackgroundTracker  # noqa: PLC0415
+
+        if self._tracker is not None or self._tracker_config is None:
+            return
+        served = [self.config.torrent] if state_path_for(self.config.torrent).exists() else []
+        tracker = BackgroundTracker(self._tracker_config, torrents=served)
+        tracker.start()
+        self._tracker = tracker
 
     def server_command(self) -> list[str]:
         """The command line that runs the central server (``SwarmConfig.central``)."""
@@ -405,13 +464,21 @@ class Swarm:
         env[PEER_MARK] = "1"
         return env
 
-    def _spawn(self, index: int) -> None:
-        """Start peer ``index``, or the central server for ``SERVER_INDEX``."""
+    def _spawn(self, index: int, extra: Sequence[str] = ()) -> None:
+        """Start peer ``index`` (``extra`` appended), or the central server (``SERVER_INDEX``).
+
+        A peer started again (a churn restart) replaces its earlier, exited, process.
+        """
         server = index == SERVER_INDEX
         folder = self.config.out / SERVER_FOLDER if server else peer_folder(self.config.out, index)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "status.json").unlink(missing_ok=True)  # a stale one would read as progress
-        command = self.server_command() if server else self.peer_command(index)
+        command = self.server_command() if server else [*self.peer_command(index), *extra]
+        for old in [p for p in self._peers if p.index == index]:
+            if old.process.poll() is None:
+                raise RuntimeError(f"peer {index} is still running")
+            old.console.close()
+            self._peers.remove(old)
         console = (folder / "console.log").open("ab")
         try:
             process = subprocess.Popen(
@@ -426,6 +493,19 @@ class Swarm:
             console.close()
             raise
         self._peers.append(_Peer(index, folder, command, process, console))
+
+    def spawn_peer(self, index: int, extra: Sequence[str]) -> None:
+        """Start peer ``index`` in a process of its own, with ``extra`` arguments (churn)."""
+        self._spawn(index, extra)
+
+    def signal_peer(self, index: int, signum: int) -> bool:
+        """Send ``signum`` to peer ``index``; False when it has no running process."""
+        for peer in self._peers:
+            if peer.index == index and peer.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    peer.process.send_signal(signum)
+                    return True
+        return False
 
     def _write_launch(self) -> None:
         assert self.torrent is not None
@@ -543,13 +623,15 @@ class Swarm:
         last_traffic = 0.0
         while True:
             views = self.views()
+            if self.churn is not None and self.churn.step(self, views):
+                views = self.views()
             now = time.monotonic()
             if now - last_traffic >= 5.0:  # the tracker may vanish; keep a recent reading
                 self.read_tracker_traffic()
                 last_traffic = now
             if on_update is not None:
                 on_update(views)
-            if all(not v.alive for v in views):
+            if all(not v.alive for v in views) and not (self.churn and self.churn.pending):
                 return True
             if deadline is not None and now >= deadline:
                 return False
@@ -738,11 +820,25 @@ def summarize_swarm(
         "per_peer": peers,
         "security": swarm_security(folders, peers),
         "neighbours": swarm_neighbours(folders),
+        "churn": churn_summary(out, peers, joined=_joined_rounds(folders)),
     }
     write_json(out / "summary.json", summary)
     if plots and folders:
         plot_swarm(out)
     return summary
+
+
+def _joined_rounds(folders: Sequence[Path]) -> dict[int, int | None]:
+    """Per node: the round a ``--join`` peer says it joined at (its ``joined.json``)."""
+    rounds: dict[int, int | None] = {}
+    for folder in folders:
+        try:
+            joined = read_json(folder / JOINED_FILE)
+        except DataError:
+            continue
+        value = joined.get("round") if isinstance(joined, dict) else None
+        rounds[int(folder.name.removeprefix("peer-"))] = _number(value, int)
+    return rounds
 
 
 def central_server(folder: Path, returncode: int | None = None) -> dict[str, Any] | None:
