@@ -949,8 +949,7 @@ class Gate:
 def run_in_threads(peers: Sequence[Peer]) -> tuple[list[threading.Thread], dict[str, str]]:
     outcomes: dict[str, str] = {}
     threads = [
-        threading.Thread(target=lambda p=p: outcomes.__setitem__(p.peer_id, p.run()))
-        for p in peers
+        threading.Thread(target=lambda p=p: outcomes.__setitem__(p.peer_id, p.run())) for p in peers
     ]
     for thread in threads:
         thread.start()
