@@ -10,6 +10,7 @@ summary says is read back from the files the peers wrote (``status.json`` while 
 A run folder::
 
     <out>/swarm.json              the launch: torrent, info-hash, tracker URL, peer command lines
+    <out>/churn.json              with ``SwarmConfig.churn``: the scenario, plan and events
     <out>/peers/peer-00/          peer 0's --out (metrics.jsonl, status.json, summary.json,
                                   checkpoint.*, peer.log) plus console.log (stdout and stderr)
     <out>/server/                 with ``central``: the FedAvg server's --out (the same files)
@@ -275,6 +276,7 @@ class Swarm:
         self._tracker: BackgroundTracker | None = None
         self._peers: list[_Peer] = []
         self._tracker_config: Any = None
+        self._served_torrents: list[Path] = []
         """The ``TrackerConfig`` the tracker was started with (its bound port), for a restart."""
         self.churn: ChurnDriver | None = None
         """The churn scenario being carried out (``SwarmConfig.churn``), after ``start()``."""
@@ -353,6 +355,7 @@ class Swarm:
 
         # Serving the torrent lets peers on other machines fetch it and its initial state.
         served = [self.config.torrent] if state_path_for(self.config.torrent).exists() else []
+        self._served_torrents = served
         # Every peer runs from this one address: raise the per-address limits by the peer count.
         peers = self.config.peers + self.config.central  # the central server is one more
         limits = TrackerConfig()
@@ -386,13 +389,11 @@ class Swarm:
         Raises:
             OSError: the port was taken meanwhile.
         """
-        from fedtorrent.net.torrent import state_path_for  # noqa: PLC0415
         from fedtorrent.net.tracker.server import BackgroundTracker  # noqa: PLC0415
 
         if self._tracker is not None or self._tracker_config is None:
             return
-        served = [self.config.torrent] if state_path_for(self.config.torrent).exists() else []
-        tracker = BackgroundTracker(self._tracker_config, torrents=served)
+        tracker = BackgroundTracker(self._tracker_config, torrents=self._served_torrents)
         tracker.start()
         self._tracker = tracker
 
