@@ -913,3 +913,175 @@ def test_transport_factory_gets_the_session_and_a_payload_limit(swarm: Swarm) ->
     assert seen[0].peer_id == "peer-0"
     assert seen[0].info_hash == peer.info_hash
     assert seen[0].max_payload_bytes == 2 * peer.session.state_size + (64 << 10)
+
+
+# -- churn: late joiners and leavers --------------------------------------------------------------
+
+
+class Gate:
+    """A send hook that records what each peer shares and holds it before publishing ``at``."""
+
+    def __init__(self, recorder: Recorder, *, at: int) -> None:
+        self.recorder, self.at = recorder, at
+        self.opened = threading.Event()
+        self.arrived: set[str] = set()
+        self.lock = threading.Condition()
+
+    def hook(self, name: str) -> Callable[[State, int], State]:
+        record = self.recorder.hook(name)
+
+        def send(state: State, round: int) -> State:
+            state = record(state, round)
+            if round == self.at:
+                with self.lock:
+                    self.arrived.add(name)
+                    self.lock.notify_all()
+                assert self.opened.wait(30), "the gate never opened"
+            return state
+
+        return send
+
+    def wait_for(self, names: set[str]) -> None:
+        with self.lock:
+            assert self.lock.wait_for(lambda: names <= self.arrived, timeout=30), self.arrived
+
+
+def run_in_threads(peers: Sequence[Peer]) -> tuple[list[threading.Thread], dict[str, str]]:
+    outcomes: dict[str, str] = {}
+    threads = [
+        threading.Thread(target=lambda p=p: outcomes.__setitem__(p.peer_id, p.run())) for p in peers
+    ]
+    for thread in threads:
+        thread.start()
+    return threads, outcomes
+
+
+def test_a_late_joiner_starts_from_the_mean_of_its_neighbours_verified_states(
+    tmp_path: Path,
+) -> None:
+    swarm = Swarm(make_torrent(tmp_path, nodes=4, cohort=2, rounds=6), tmp_path)
+    gate = Gate(Recorder(), at=4)  # the early peers wait after round 3 until the joiner is in
+    early = [swarm.peer(i, nodes=4, send_hook=gate.hook(f"peer-{i}")) for i in range(3)]
+    for peer in early:
+        peer.start()
+    threads, outcomes = run_in_threads(early)
+    try:
+        gate.wait_for({"peer-0", "peer-1", "peer-2"})
+        joiner = swarm.peer(3, nodes=4, join=True)
+        joiner.start()
+        assert joiner.round_done == 3
+        joined = json.loads((joiner.out_dir / "joined.json").read_text())
+        assert joined["round"] == 3
+        assert joined["sources"] == {"peer-0": 3, "peer-1": 3, "peer-2": 3}
+        shared = [flatten(gate.recorder.shared[(f"peer-{i}", 3)]) for i in range(3)]
+        assert torch.allclose(flatten(joiner.current), torch.stack(shared).mean(0), atol=1e-6)
+        joiner_thread, joiner_outcome = run_in_threads([joiner])
+    finally:
+        gate.opened.set()
+    for thread in [*threads, *joiner_thread]:
+        thread.join(50)
+    assert set(outcomes.values()) == {"done"} and joiner_outcome == {"peer-3": "done"}
+    assert joiner.ledger is not None  # it names the three states the joiner started from
+    entries = joiner.ledger.entries()
+    received = [e for e in entries if e.direction == "received" and e.round == 3]
+    assert sorted(e.sender for e in received) == ["peer-0", "peer-1", "peer-2"]
+    assert [e.weight for e in received] == pytest.approx([1 / 3] * 3)
+    for peer in [*early, joiner]:
+        peer.close()
+    records = read_records(joiner.out_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == [4, 5, 6]  # from the round after the one joined
+    assert records[0]["heard"] >= 1
+    others = [read_records(p.out_dir / "metrics.jsonl")[-1]["test_accuracy"] for p in early]
+    assert abs(records[-1]["test_accuracy"] - sum(others) / 3) < 0.1
+    summary = json.loads((joiner.out_dir / "summary.json").read_text())
+    assert summary["rounds_done"] == 6
+
+
+def test_a_late_joiner_screens_out_an_implausible_source(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, nodes=4, cohort=2, rounds=4), tmp_path)
+    gate = Gate(Recorder(), at=3)
+    early = [
+        swarm.peer(0, nodes=4, send_hook=gate.hook("peer-0")),
+        swarm.peer(1, nodes=4, send_hook=gate.hook("peer-1")),
+        swarm.peer(2, nodes=4, send_hook=gate.hook("peer-2"), attack="scale", attack_scale=100.0),
+    ]
+    for peer in early:
+        peer.start()
+    threads, _ = run_in_threads(early)
+    try:
+        gate.wait_for({"peer-0", "peer-1", "peer-2"})
+        joiner = swarm.peer(3, nodes=4, join=True)
+        joiner.start()
+    finally:
+        gate.opened.set()
+    for thread in threads:
+        thread.join(50)
+    joined = json.loads((joiner.out_dir / "joined.json").read_text())
+    assert joined["implausible"] == ["peer-2"]
+    assert joined["sources"] == {"peer-0": 2, "peer-1": 2}
+    assert joiner.transport.stats.rejections()["implausible"] == 1
+    honest = [flatten(gate.recorder.shared[(f"peer-{i}", 2)]) for i in range(2)]
+    assert torch.allclose(flatten(joiner.current), torch.stack(honest).mean(0), atol=1e-6)
+    for peer in [*early, joiner]:
+        peer.close()
+
+
+def test_a_late_joiner_of_a_compressed_session_serves_whole_copies_first(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, nodes=3, cohort=2, rounds=5, compression="int8"), tmp_path)
+    gate = Gate(Recorder(), at=3)
+    early = [swarm.peer(i, send_hook=gate.hook(f"peer-{i}")) for i in range(2)]
+    for peer in early:
+        peer.start()
+    threads, outcomes = run_in_threads(early)
+    try:
+        gate.wait_for({"peer-0", "peer-1"})
+        joiner = swarm.peer(2, join=True)
+        joiner.start()
+        assert joiner.round_done == 2 and joiner.sender is not None
+        assert joiner.sender.min_base == 4  # nobody holds a copy of its own yet
+        joiner_threads, joiner_outcome = run_in_threads([joiner])
+    finally:
+        gate.opened.set()
+    for thread in [*threads, *joiner_threads]:
+        thread.join(50)
+    assert set(outcomes.values()) == {"done"} and joiner_outcome == {"peer-2": "done"}
+    for peer in [*early, joiner]:
+        peer.close()
+    records = read_records(joiner.out_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == [3, 4, 5]
+    assert not records[-1]["rejected"]
+    for peer in early:  # the joiner's states were taken, none refused
+        last = read_records(peer.out_dir / "metrics.jsonl")[-1]
+        assert "peer-2" in last["heard_from"] and not last["rejected"]
+
+
+def test_neighbours_stop_waiting_for_a_peer_that_leaves(tmp_path: Path) -> None:
+    swarm = Swarm(make_torrent(tmp_path, nodes=2, cohort=1, rounds=4), tmp_path)
+    gate = Gate(Recorder(), at=3)  # peer-1 stalls before publishing round 3...
+    peers = [swarm.peer(0, nodes=2, exchange_timeout=20.0)]
+    peers.append(swarm.peer(1, nodes=2, exchange_timeout=20.0, send_hook=gate.hook("peer-1")))
+    for peer in peers:
+        peer.start()
+    threads, outcomes = run_in_threads(peers)
+    try:
+        gate.wait_for({"peer-1"})
+        peers[1].request_stop()  # ...and leaves: peer-0 must not wait out its 20 s deadline
+        deadline = time.monotonic() + 8
+        while peers[0].round_done < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)  # a poll interval
+    finally:
+        gate.opened.set()
+    for thread in threads:
+        thread.join(50)
+    assert outcomes == {"peer-0": "done", "peer-1": "stopped"}
+    records = read_records(peers[0].out_dir / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    # Round 3 took peer-1's round-2 state at once (when peer-0 had polled it before it left),
+    # or went without it; round 4 found it gone (or no longer listed).
+    assert records[2]["staleness"] == {"peer-1": 1} or records[2]["missing"] == {
+        "peer-1": "refused:gone"
+    }
+    assert records[3]["missing"] in ({}, {"peer-1": "refused:gone"}, {"peer-1": "unreachable"})
+    assert all(r["duration_s"] < 6 for r in records[2:])
+    for peer in peers:
+        peer.close()

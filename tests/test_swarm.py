@@ -7,8 +7,10 @@ files as ``fedtorrent peer``), so launcher logic is checked in seconds; the slow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +53,8 @@ FAKE_PEER = textwrap.dedent(
     parser.add_argument("--round-seconds", type=float, default=0.05)
     parser.add_argument("--ignore-term", action="store_true")
     parser.add_argument("--fail-at", type=int, default=-1)
+    parser.add_argument("--join", action="store_true")
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     stopping = []
     if args.ignore_term:
@@ -70,8 +74,12 @@ FAKE_PEER = textwrap.dedent(
         os.replace(path + ".tmp", path)
 
     status("starting", 0)
+    done = 0
+    if args.resume and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:
+            done = sum(1 for line in f if line.strip())
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as metrics:
-        for r in range(1, args.rounds + 1):
+        for r in range(done + 1, args.rounds + 1):
             if stopping:
                 status("stopped", r - 1)
                 sys.exit(0)
@@ -296,6 +304,35 @@ def test_a_failing_peer_is_reported_and_the_others_finish(
     assert "boom" in (peer_folder(config.out, 1) / "console.log").read_text()
 
 
+@pytest.mark.network
+@pytest.mark.timeout(90)
+def test_churn_starts_joiners_late_stops_leavers_and_resumes_the_killed(
+    tmp_path: Path, digits_torrent: Path
+) -> None:
+    config = dataclasses.replace(
+        _fake_config(tmp_path, digits_torrent, "--round-seconds", "0.4", peers=5),
+        rounds=8,
+        churn="join=1@r2,leave=1@r3,kill=1@r3+1",
+    )
+    summary = run_swarm(config, timeout=75, plots=False)
+    churn = summary["churn"]
+    assert (churn["joined"], churn["left"], churn["killed"], churn["resumed"]) == (1, 1, 1, 1)
+    assert churn["survivors"] == 4 and churn["survivors_finished"] == 4
+    fates = {p["node"]: p["fate"] for p in summary["per_peer"]}
+    plan = {a["kind"]: a["node"] for a in read_json(config.out / "churn.json")["plan"]}
+    assert fates[plan["join"]].startswith("joined@r") and fates[plan["join"]].endswith("finished")
+    assert re.fullmatch(r"left@r[34]", fates[plan["leave"]])
+    assert re.fullmatch(r"killed@r[34], resumed@r[4-7], finished", fates[plan["kill"]])
+    states = {p["node"]: p["state"] for p in summary["per_peer"]}
+    assert states[plan["leave"]] == "stopped" and list(states.values()).count("done") == 4
+    by_node = {p["node"]: p for p in summary["per_peer"]}
+    assert by_node[plan["kill"]]["rounds_completed"] == 8  # it went on from where it was killed
+    assert by_node[plan["kill"]]["exit_code"] == 0  # the resumed process's
+    assert by_node[plan["leave"]]["rounds_completed"] < 8
+    launched = [p["index"] for p in read_json(config.out / "swarm.json")["peers"]]
+    assert plan["join"] not in launched and len(launched) == 4
+
+
 # --- real peers ----------------------------------------------------------------------------------
 
 
@@ -409,3 +446,72 @@ def test_six_peer_mnist_swarm_matches_the_simulator(tmp_path: Path) -> None:
     simulated = sum(outcome.accuracies) / len(outcome.accuracies)
     swarm_mean = summary["test_accuracy_mean"]
     assert abs(swarm_mean - simulated) <= 0.01, (swarm_mean, simulated)
+
+
+def _churn_run(tmp_path: Path, churn: str, *, rounds: int) -> tuple[dict, dict[str, int]]:
+    """Six real digits peers under ``churn``; the summary and the plan (kind -> node).
+
+    Rounds are made slower than digits needs (20 epochs of batches of 8, about 0.2 s) so that
+    the run outlasts a late joiner's start (importing torch, a few seconds).
+    """
+    torrent = _create(
+        tmp_path / "churn.torrent", dataset="digits", rounds=rounds, nodes=6, epochs=20,
+        batch_size=8,
+    )  # fmt: skip
+    config = SwarmConfig(
+        torrent=torrent, out=tmp_path / "run", peers=6, exchange_timeout=20.0, churn=churn,
+        env={"OMP_NUM_THREADS": "1"}, stop_grace=5.0,
+    )  # fmt: skip
+    summary = run_swarm(config, timeout=200, plots=False, progress=False)
+    plan = {a["kind"]: a["node"] for a in read_json(config.out / "churn.json")["plan"]}
+    return summary, plan
+
+
+def _records(tmp_path: Path, node: int) -> list[dict]:
+    return read_records(peer_folder(tmp_path / "run", node) / "metrics.jsonl")
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_late_joiner_and_a_graceful_leaver_in_a_real_swarm(tmp_path: Path) -> None:
+    summary, plan = _churn_run(tmp_path, "join=1@r3,leave=1@r3", rounds=40)
+    churn, joiner, leaver = summary["churn"], plan["join"], plan["leave"]
+    assert churn["survivors_finished"] == 5, summary["per_peer"]
+    joined = read_json(peer_folder(tmp_path / "run", joiner) / "joined.json")
+    assert 3 <= joined["round"] < 40 and len(joined["sources"]) >= 2  # neighbours' states
+    rounds = [r["round"] for r in _records(tmp_path, joiner)]
+    assert rounds == list(range(joined["round"] + 1, 41))  # from the round after, not round 1
+    fate = next(p["fate"] for p in summary["per_peer"] if p["node"] == joiner)
+    assert fate == f"joined@r{joined['round']}, finished"
+    assert churn["joiner_accuracy_mean"] > 0.5
+    assert abs(churn["joiner_accuracy_mean"] - churn["others_accuracy_mean"]) < 0.1
+    left_at = max(r["round"] for r in _records(tmp_path, leaver))
+    assert 3 <= left_at < 40
+    # Nobody waited out the 20 s exchange timeout for the leaver: it said it was gone, or the
+    # tracker had already dropped it.
+    for node in set(range(6)) - {leaver}:
+        for record in _records(tmp_path, node):
+            assert record["missing"].get(f"peer-{leaver}") in (None, "refused:gone", "unreachable")
+            if record["round"] > left_at:
+                assert record["duration_s"] < 10, record
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_killed_peer_resumes_and_the_tracker_restarts_in_a_real_swarm(tmp_path: Path) -> None:
+    summary, plan = _churn_run(tmp_path, "kill=1@r3+2,tracker@r5+2", rounds=20)
+    churn, killed = summary["churn"], plan["kill"]
+    assert summary["finished"] == 6, summary["per_peer"]
+    assert (churn["killed"], churn["resumed"], churn["tracker_restarts"]) == (1, 1, 1)
+    assert [r["round"] for r in _records(tmp_path, killed)] == list(range(1, 21))  # each once
+    fate = next(p["fate"] for p in summary["per_peer"] if p["node"] == killed)
+    assert re.fullmatch(r"killed@r\d+, resumed@r\d+, finished", fate), fate
+    log = (peer_folder(tmp_path / "run", killed) / "peer.log").read_text()
+    assert "resuming after round" in log
+    # The peers trained through the restart on cached answers and found the tracker again.
+    words = [r["tracker"] for n in range(6) for r in _records(tmp_path, n)]
+    assert {"cached", "down"} & set(words), words
+    assert all(_records(tmp_path, n)[-1]["tracker"] == "ok" for n in range(6))
+    assert (tmp_path / "run" / "tracker.sqlite").exists()

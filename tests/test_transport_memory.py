@@ -188,6 +188,17 @@ def test_a_transport_that_serves_no_older_rounds_refuses_until_the_round_is_publ
         assert traffic["messages_sent"] == 4
 
 
+def test_a_leaving_peer_answers_gone_instead_of_its_state(peers: list[MemoryTransport]) -> None:
+    server, client = peers[0], peers[1]
+    server.publish(state_frames("p0", round=3))
+    assert client.fetch(endpoint(server), round=3, timeout=1.0).header.round == 3
+    server.leave()
+    with pytest.raises(PeerRefusedError, match="gone") as caught:
+        client.fetch(endpoint(server), round=4, timeout=1.0)
+    assert caught.value.kind == "refused:gone"
+    assert server.stats.snapshot()["totals"]["payload_sent"] == len(state_frames("p0", 3)[1])
+
+
 def test_not_ready_peer_refuses(peers: list[MemoryTransport]) -> None:
     with pytest.raises(PeerRefusedError, match="not_ready"):
         peers[1].fetch(endpoint(peers[0]), round=0, timeout=1.0)

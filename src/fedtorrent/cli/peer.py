@@ -71,6 +71,15 @@ def peer_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
     ] = False,
+    join: Annotated[
+        bool,
+        typer.Option(
+            "--join",
+            help="Join a swarm already under way: without a checkpoint to resume, start from "
+            "the state up to 3 listed neighbours serve now (verified and screened, then "
+            "averaged) and go on from the round after theirs (writes joined.json).",
+        ),
+    ] = False,
     download_timeout: Annotated[
         float,
         typer.Option(

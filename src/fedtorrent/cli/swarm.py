@@ -100,6 +100,17 @@ def swarm_command(
             "puts the server's measured bytes beside the tracker's and the peers'.",
         ),
     ] = False,
+    churn: Annotated[
+        str | None,
+        typer.Option(
+            help="A churn scenario, comma-separated KIND=AMOUNT@rROUND entries: join=10%@r5 "
+            "(started late with --join once the leading peer did round 5), leave=2@r8 (SIGTERM "
+            "once they did round 8), kill=5%@r6 (SIGKILL at round 6, restarted with --resume a "
+            "round later; kill=5%@r6+3 waits 3), tracker@r4 (the tracker restarts; +K as for "
+            "kill). AMOUNT is a count or a % of --peers; the peers are drawn from the session's "
+            "seed. The summary gives each peer's fate (see docs/swarm.md).",
+        ),
+    ] = None,
 ) -> None:
     """Run a tracker and N peers here; Ctrl-C stops them all; ends with a summary and plots."""
     import time  # noqa: PLC0415
@@ -128,6 +139,7 @@ def swarm_command(
         task=task,
         device=device,
         central=central,
+        churn=churn,
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:
@@ -136,7 +148,9 @@ def swarm_command(
     if summary["interrupted"]:
         raise typer.Exit(130)
     server = summary.get("central")
-    if summary["finished"] < summary["peers"] or (server is not None and server["state"] != "done"):
+    churned = summary.get("churn")
+    expected = churned["survivors"] if churned else summary["peers"]  # leavers do not finish
+    if summary["finished"] < expected or (server is not None and server["state"] != "done"):
         raise typer.Exit(1)
 
 
@@ -248,8 +262,10 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
 
     console = Console()
     table = Table(title=f"{summary['session']}: {summary['finished']}/{summary['peers']} finished")
-    for header in ("peer", "state", "rounds", "test accuracy %", "sent", "received"):
-        table.add_column(header, justify="left" if header in ("peer", "state") else "right")
+    churn = summary.get("churn")
+    headers = ["peer", "state", "rounds", "test accuracy %", "sent", "received"]
+    for header in headers + (["fate"] if churn else []):
+        table.add_column(header, justify="left" if header in ("peer", "state", "fate") else "right")
     for peer in summary["per_peer"]:
         accuracy = peer["test_accuracy"]
         table.add_row(
@@ -259,8 +275,18 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
             "" if accuracy is None else f"{100 * accuracy:.2f}",
             human_bytes(peer["bytes_sent"]),
             human_bytes(peer["bytes_received"]),
+            *([peer.get("fate", "")] if churn else []),
         )
     console.print(table)
+    if churn:
+        survivors = churn["survivor_accuracy_mean"]
+        console.print(
+            f"churn {churn['spec']}: {churn['joined']} joined, {churn['left']} left, "
+            f"{churn['killed']} killed ({churn['resumed']} resumed), tracker restarted "
+            f"{churn['tracker_restarts']}x; {churn['survivors_finished']}/{churn['survivors']} "
+            "survivors finished"
+            + ("" if survivors is None else f", their mean test accuracy {100 * survivors:.2f}%")
+        )
     mean, std = summary["test_accuracy_mean"], summary["test_accuracy_std"]
     if summary.get("task") is not None:  # a task's own metrics, each as mean ± std over peers
         for name, spread in (summary.get("test_metrics") or {}).items():

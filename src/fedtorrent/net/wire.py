@@ -54,6 +54,7 @@ REASONS = (
     "replay",  # an old round, a reused nonce, or a round past the end of the session
     "not_allowed",  # (a handshake) a CurveZMQ key outside the closed swarm's allow-list
     "rate_limited",  # (sent by a server) this requester asked too often; ask again later
+    "gone",  # (sent by a server) this peer is leaving the swarm: do not wait for it
     "implausible",  # (after decoding) too far from the receiver's own model (mixing.screen)
     "bad_compressed",  # a compressed payload that breaks its format (state.compress)
     "key_changed",  # (a hello) a key other than the one already known for that peer id

@@ -115,7 +115,8 @@ class Exchange:
     rejected: dict[str, str] = field(default_factory=dict)
     """Peer id -> rejection reason (a ``wire.REASONS`` code)."""
     missing: dict[str, str] = field(default_factory=dict)
-    """Peer id -> why nothing usable came (``timeout``, ``unreachable``, ``refused:not_ready``)."""
+    """Peer id -> why nothing usable came (``timeout``, ``unreachable``, ``refused:not_ready``,
+    ``refused:gone``: it is leaving the swarm)."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Peers the tracker listed (or the book remembered) that this peer did not dial:
     ``no_key`` (announced no usable Ed25519 key), ``not_allowed`` (outside a closed swarm's
@@ -385,6 +386,8 @@ class Fetcher:
                 return "rejected", None, exc.reason
             except PeerRefusedError as exc:  # e.g. not_ready: it has not trained a round yet
                 tally.failed.append(exc.kind)
+                if exc.kind == "refused:gone":  # it is leaving the swarm: wait no longer
+                    return "missing", stale, exc.kind
                 why, until = exc.kind, deadline
             except NetworkError as exc:  # timeout, or the transport is closing
                 tally.failed.append(getattr(exc, "kind", "unreachable"))

@@ -97,8 +97,10 @@ from fedtorrent.net.transport import (
     ZmqTransport,
     child_thread_name,
 )
+from fedtorrent.node.catchup import JOIN_SOURCES, catch_up
 from fedtorrent.node.central import CENTRAL_ID
 from fedtorrent.node.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from fedtorrent.node.churn import JOINED_FILE
 from fedtorrent.node.compressed import CompressedSender, Replicas, encode_updates
 from fedtorrent.node.data import PeerData, load_peer_data, load_task_data, read_examples, task_node
 from fedtorrent.node.exchange import (
@@ -205,6 +207,10 @@ class PeerConfig:
     tracker: str | None = None
     """Tracker URL; default the torrent's ``announce``."""
     resume: bool = False
+    join: bool = False
+    """Join a swarm already under way: without a checkpoint to resume, start from the state
+    neighbours hold now, checked like any update (``node.catchup``), and go on from the round
+    after theirs instead of round 1."""
     exchange_timeout: float = 10.0
     """Seconds a round waits for its cohort at most: the cost of a dead or silent neighbour."""
     seed: int | None = None
@@ -264,6 +270,10 @@ class PeerConfig:
                 f"peer id must be 1 to 64 characters from [A-Za-z0-9._-], got {self.peer_id!r}"
             )
 
+        if self.central and self.join:
+            raise ConfigError(
+                "--join does not go with --central: a client adopts the server's state"
+            )
         if self.central and self.peer_id == CENTRAL_ID:
             raise ConfigError(f"peer id {CENTRAL_ID!r} is the central server's")
         for name in ("exchange_timeout", "tracker_timeout"):
@@ -512,7 +522,69 @@ class Peer:
             self.rounds,
         )
         write_status(self.snapshot())
-        self._announce(event="started")
+        answer, _, _ = self._announce(event="started")
+        if cfg.join and checkpoint is None:
+            self._join(answer)
+
+    def _join(self, answer: TrackerAnswer | None) -> None:
+        """``--join``: adopt the swarm's current state and round (``node.catchup``).
+
+        Re-announces with backoff until the tracker lists someone, then pulls up to
+        ``JOIN_SOURCES`` of them, all within one exchange timeout. What it adopted goes into
+        ``joined.json`` and the ledger (weight ``1/k`` for each of the ``k`` sources).
+        """
+        deadline = time.monotonic() + self.config.exchange_timeout
+        delay = POLL_FIRST_S
+        while True:
+            listed = answer.peers if answer is not None else ()
+            selection = select_cohort(
+                listed, peer_id=self.peer_id, cohort_size=JOIN_SOURCES,
+                allowed=self.session.allow_keys, addressing=self.addressing, book=self.book,
+                round=1,
+            )  # fmt: skip
+            remaining = deadline - time.monotonic()
+            if selection.cohort or remaining <= 0 or self._stop.wait(min(delay, remaining)):
+                break
+            delay = min(2 * delay, POLL_MAX_S)
+            answer, _, _ = self._announce(event="")
+        self._keys.update(selection.keys)
+        exchange = self._fetcher.exchange(
+            selection.cohort, round=0, deadline=deadline, skipped=selection.skipped,
+            reserve=selection.reserve,
+        )  # fmt: skip
+        adopted = catch_up(
+            exchange.replies, initial=self.initial, mix=self.layout.mix, exact=self.layout.exact,
+            plausibility=self.session.mixing.plausibility,
+        )  # fmt: skip
+        write_json(
+            self.out_dir / JOINED_FILE,
+            {
+                "round": adopted.round if adopted is not None else 0,
+                "sources": adopted.sources if adopted is not None else {},
+                "implausible": sorted(adopted.screened) if adopted is not None else [],
+                "left_out": adopted.left_out if adopted is not None else {},
+                "missing": exchange.missing,
+                "rejected": exchange.rejected,
+            },
+        )
+        if adopted is None:
+            log.warning("--join: no neighbour's state to start from; starting from round 1")
+            return
+        for peer_id in adopted.screened:
+            self.transport.stats.record_rejection(peer_id, "implausible")
+        self.current = {**self.current, **adopted.state}
+        self.round_done = adopted.round
+        if self.private is not None:  # the mean of shared (noised) states: public
+            self.private.mixed(pick(self.current, self.layout.parameters))
+        if self.sender is not None:  # receivers hold no copy of ours: whole ones until then
+            mix = flatten(pick(self.current, self.layout.mix))
+            self.sender = CompressedSender(self.sender.spec, mix, min_base=adopted.round + 2)
+        sources = list(adopted.sources)
+        weights = torch.tensor([0.0, *[1.0 / len(sources)] * len(sources)])
+        assert self.ledger is not None
+        log_mixed(self.ledger, sources, exchange, weights, screened=adopted.screened)
+        log.info("joined the swarm at round %d from %s", adopted.round, adopted.sources)
+        write_status(self.snapshot())
 
     def run(self) -> str:
         """Run rounds until the last one or a stop request; returns the final state name.
@@ -542,8 +614,15 @@ class Peer:
         return self.state
 
     def request_stop(self) -> None:
-        """Ask ``run`` to return at the next phase boundary (safe from a signal handler)."""
+        """Ask ``run`` to return at the next phase boundary (safe from a signal handler).
+
+        The peer is leaving: from now on it answers requests with ``error: gone``, so neighbours
+        waiting for its state stop waiting at once (``Transport.leave``).
+        """
         self._stop.set()
+        transport: Transport | None = getattr(self, "transport", None)
+        if transport is not None:
+            transport.leave()
 
     def close(self) -> None:
         """Announce ``stopped``, stop serving, write the summary; safe to call twice."""

@@ -10,6 +10,7 @@ summary says is read back from the files the peers wrote (``status.json`` while 
 A run folder::
 
     <out>/swarm.json              the launch: torrent, info-hash, tracker URL, peer command lines
+    <out>/churn.json              with ``SwarmConfig.churn``: the scenario, plan and events
     <out>/peers/peer-00/          peer 0's --out (metrics.jsonl, status.json, summary.json,
                                   checkpoint.*, peer.log) plus console.log (stdout and stderr)
     <out>/server/                 with ``central``: the FedAvg server's --out (the same files)
@@ -21,6 +22,7 @@ A run folder::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -38,6 +40,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from fedtorrent.errors import ConfigError, DataError, TrackerError
 from fedtorrent.metrics.records import RecordWriter, iter_records, read_json, write_json
+from fedtorrent.node.churn import JOINED_FILE, ChurnDriver, ChurnSpec, churn_summary, plan_churn
 
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Torrent
@@ -145,6 +148,9 @@ class SwarmConfig:
     solo: frozenset[int] = frozenset()
     """Peers that get a process of their own whatever ``processes`` says (a peer that is to be
     killed or restarted alone)."""
+    churn: str | None = None
+    """A churn scenario (``node.churn``), e.g. ``join=10%@r5,leave=2@r8,kill=5%@r6,tracker@r4``:
+    peers that join late, leave, are killed and resumed, and a tracker restart."""
 
     def __post_init__(self) -> None:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
@@ -186,6 +192,16 @@ class SwarmConfig:
             raise ConfigError(f"stop_grace must be >= 0, got {self.stop_grace}")
         if self.tracker is not None and not self.tracker.startswith(("http://", "https://")):
             raise ConfigError(f"tracker must be an http(s) announce URL, got {self.tracker!r}")
+        if self.churn is not None:
+            spec = ChurnSpec.parse(self.churn)
+            if self.central or self.resume:
+                raise ConfigError(
+                    f"--churn does not go with --{'central' if self.central else 'resume'}"
+                )
+            if self.tracker is not None and any(e.kind == "tracker" for e in spec.events):
+                raise ConfigError(
+                    "--churn tracker@rN restarts the swarm's own tracker: drop --tracker"
+                )
 
 
 @dataclass(frozen=True)
@@ -310,6 +326,11 @@ class Swarm:
         """The announce URL the peers use (known after ``start()`` when the swarm owns one)."""
         self._tracker: BackgroundTracker | None = None
         self._peers: list[_Peer] = []
+        self._tracker_config: Any = None
+        self._served_torrents: list[Path] = []
+        """The ``TrackerConfig`` the tracker was started with (its bound port), for a restart."""
+        self.churn: ChurnDriver | None = None
+        """The churn scenario being carried out (``SwarmConfig.churn``), after ``start()``."""
         self.started_at: float | None = None
         self.tracker_traffic: dict[str, int] | None = None
         """The swarm's tracker bytes in and out, as last read (``close()`` reads it once more)."""
@@ -356,6 +377,18 @@ class Swarm:
         self.torrent = torrent
         config.out.mkdir(parents=True, exist_ok=True)
         try:
+            if config.churn is not None:
+                self.churn = ChurnDriver(
+                    plan_churn(
+                        ChurnSpec.parse(config.churn),
+                        peers=config.peers,
+                        rounds=config.rounds or torrent.session.rounds,
+                        seed=torrent.session.train.seed,
+                        exclude=range(config.peers - config.attackers, config.peers),
+                    ),
+                    out=config.out,
+                )
+            late = self.churn.plan.joiners if self.churn is not None else frozenset()
             if self.tracker_url is None:
                 self.tracker_url = self._start_tracker()
             self._warm_dataset()
@@ -363,7 +396,10 @@ class Swarm:
             if config.central:  # first, so that it is listed when the clients look for it
                 self._spawn(SERVER_INDEX)
             processes = config.processes or default_processes(config.peers)
-            for group in host_groups(config.peers, processes, config.solo):
+            churned = self.churn.plan.churned if self.churn is not None else frozenset()
+            for group in host_groups(config.peers, processes, config.solo | churned):
+                if group[0] in late:  # late joiners start when the churn driver says so
+                    continue
                 self._spawn(group[0]) if len(group) == 1 else self._spawn_host(group)
             self._write_launch()
         except BaseException:
@@ -390,9 +426,11 @@ class Swarm:
 
         # Serving the torrent lets peers on other machines fetch it and its initial state.
         served = [self.config.torrent] if state_path_for(self.config.torrent).exists() else []
+        self._served_torrents = served
         # Every peer runs from this one address: raise the per-address limits by the peer count.
         peers = self.config.peers + self.config.central  # the central server is one more
         limits = TrackerConfig()
+        restarts = self.churn is not None and self.churn.plan.restarts_tracker
         tracker_config = TrackerConfig(
             host=self.config.host,
             port=self.config.tracker_port,
@@ -400,11 +438,35 @@ class Swarm:
             rate_limit=limits.rate_limit * peers,
             rate_burst=limits.rate_burst * peers,
             max_connections_per_address=limits.max_connections_per_address + 2 * peers,
+            # A tracker that restarts mid-run remembers swarms and keys in its SQLite store.
+            db_path=self.config.out / "tracker.sqlite" if restarts else None,
         )
         tracker = BackgroundTracker(tracker_config, torrents=served)
         tracker.start()
         self._tracker = tracker
+        bound = tracker.server.port or tracker_config.port  # the port a restart binds again
+        self._tracker_config = dataclasses.replace(tracker_config, port=bound)
         return tracker.server.announce_url
+
+    def stop_tracker(self) -> None:
+        """Stop the tracker this swarm started (a churn scenario's ``tracker@rN``)."""
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def start_tracker(self) -> None:
+        """Start the tracker again on the port and store it had (after :meth:`stop_tracker`).
+
+        Raises:
+            OSError: the port was taken meanwhile.
+        """
+        from fedtorrent.net.tracker.server import BackgroundTracker  # noqa: PLC0415
+
+        if self._tracker is not None or self._tracker_config is None:
+            return
+        tracker = BackgroundTracker(self._tracker_config, torrents=self._served_torrents)
+        tracker.start()
+        self._tracker = tracker
 
     def server_command(self) -> list[str]:
         """The command line that runs the central server (``SwarmConfig.central``)."""
@@ -478,11 +540,20 @@ class Swarm:
         env[PEER_MARK] = "1"
         return env
 
-    def _spawn(self, index: int) -> None:
-        """Start peer ``index`` in a process of its own, or the server (``SERVER_INDEX``)."""
+    def _spawn(self, index: int, extra: Sequence[str] = ()) -> None:
+        """Start peer ``index`` alone in a process, or the central server (``SERVER_INDEX``).
+
+        ``extra`` is appended to the peer's arguments. A peer started again (a churn restart)
+        replaces its earlier, exited, process.
+        """
         server = index == SERVER_INDEX
         folder = self.config.out / SERVER_FOLDER if server else peer_folder(self.config.out, index)
-        command = self.server_command() if server else self.peer_command(index)
+        command = self.server_command() if server else [*self.peer_command(index), *extra]
+        for old in [p for p in self._peers if p.index == index]:
+            if old.process.poll() is None:
+                raise RuntimeError(f"peer {index} is still running")
+            old.console.close()
+            self._peers.remove(old)
         process, console = self._popen(command, folder / "console.log", [folder])
         self._peers.append(_Peer(index, folder, command, process, console))
 
@@ -520,6 +591,19 @@ class Swarm:
             console.close()
             raise
         return process, console
+
+    def spawn_peer(self, index: int, extra: Sequence[str]) -> None:
+        """Start peer ``index`` in a process of its own, with ``extra`` arguments (churn)."""
+        self._spawn(index, extra)
+
+    def signal_peer(self, index: int, signum: int) -> bool:
+        """Send ``signum`` to peer ``index``; False when it has no running process."""
+        for peer in self._peers:
+            if peer.index == index and peer.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    peer.process.send_signal(signum)
+                    return True
+        return False
 
     def _write_launch(self) -> None:
         assert self.torrent is not None
@@ -658,6 +742,8 @@ class Swarm:
         last_traffic = last_memory = 0.0
         while True:
             views = self.views()
+            if self.churn is not None and self.churn.step(self, views):
+                views = self.views()
             now = time.monotonic()
             if now - last_traffic >= 5.0:  # the tracker may vanish; keep a recent reading
                 self.read_tracker_traffic()
@@ -667,7 +753,7 @@ class Swarm:
                 last_memory = now
             if on_update is not None:
                 on_update(views)
-            if all(not v.alive for v in views):
+            if all(not v.alive for v in views) and not (self.churn and self.churn.pending):
                 return True
             if deadline is not None and now >= deadline:
                 return False
@@ -862,6 +948,7 @@ def summarize_swarm(
         "security": swarm_security(folders, peers),
         "neighbours": swarm_neighbours(folders),
         "faults": swarm_faults(records_of),
+        "churn": churn_summary(out, peers, joined=_joined_rounds(folders)),
     }
     write_json(out / "summary.json", summary)
     if plots and folders:
@@ -875,6 +962,19 @@ def _resources(measured: Mapping[str, Any] | None, peers: int) -> dict[str, Any]
     peak = measured.get("peak_memory_bytes")
     per_peer = round(peak / peers) if isinstance(peak, int) and peers else None
     return {**measured, "memory_per_peer_bytes": per_peer}
+
+
+def _joined_rounds(folders: Sequence[Path]) -> dict[int, int | None]:
+    """Per node: the round a ``--join`` peer says it joined at (its ``joined.json``)."""
+    rounds: dict[int, int | None] = {}
+    for folder in folders:
+        try:
+            joined = read_json(folder / JOINED_FILE)
+        except DataError:
+            continue
+        value = joined.get("round") if isinstance(joined, dict) else None
+        rounds[int(folder.name.removeprefix("peer-"))] = _number(value, int)
+    return rounds
 
 
 def central_server(folder: Path, returncode: int | None = None) -> dict[str, Any] | None:

@@ -407,6 +407,7 @@ class Transport(ABC):
         """The state published before ``_served``: what a requester one round behind gets."""
         self._executor: ThreadPoolExecutor | None = None
         self._closing = threading.Event()
+        self._leaving = False
         self._lifecycle = threading.Lock()
         self._limiter = RateLimiter(
             rate=config.request_rate, burst=config.request_burst, max_keys=config.max_requesters
@@ -445,6 +446,15 @@ class Transport(ABC):
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
             self._close()
+
+    def leave(self) -> None:
+        """Answer every request from now on with ``error: gone``: this peer is leaving.
+
+        Neighbours waiting for its next state stop at once instead of polling until their
+        deadline (``node.exchange`` ends a pull on ``refused:gone``). Only sets a flag, so it is
+        safe from a signal handler; :meth:`close` still stops serving.
+        """
+        self._leaving = True
 
     def __enter__(self) -> Self:
         self.start()
@@ -551,6 +561,8 @@ class Transport(ABC):
             self.stats.record_rejection(UNKNOWN, exc.reason)
             return None, self._error(UNKNOWN, round, exc.reason), UNKNOWN
         self.stats.record_received(header.sender, round, header=request_bytes)
+        if self._leaving:  # a graceful leave: the requester stops waiting for this peer now
+            return None, self._error(header.sender, round, "gone"), header.sender
         previous = self._previous
         if (
             served is not None
