@@ -5,6 +5,10 @@ The tracker's list goes through the key and allow-list checks, then the peer's n
 until the round's deadline, re-asked with backoff while it is behind, and every reply is verified
 (signature, replay guard, receive hook) before anything else looks at it; nobody waits on anybody
 else (no barrier). A member that fails fast is replaced from the reserve.
+
+The asynchronous mode (``max_staleness`` K, the peer's ``--staleness``) waits for nobody: each
+member is asked once and its newest state taken when it is at most K rounds behind this peer's
+round (newer is fine), else it is dropped as ``too_stale``.
 """
 
 from __future__ import annotations
@@ -103,6 +107,9 @@ class Exchange:
     dialled: list[str] = field(default_factory=list)
     """Everyone asked this round, in order: the cohort, then reserve peers that replaced members
     that failed fast (so it may be longer than the cohort; at most ``cohort_size`` answer)."""
+    arrived: dict[str, float] = field(default_factory=dict)
+    """Peer id (of ``replies``) -> ``time.monotonic()`` when its fetch ended with that reply: at
+    once for a fresh one, at the deadline for one still behind (``node.deadline``'s lags)."""
 
     def outcomes(self, round: int) -> dict[str, str]:
         """Peer id -> ``fresh``, ``stale``, ``rejected:<reason>`` or the missing reason."""
@@ -227,6 +234,7 @@ class Fetcher:
         first_contact_s: float | None = None,
         refill: Refill | None = None,
         max_refills: int = MAX_REFILLS,
+        max_staleness: int | None = None,
     ) -> Exchange:
         """Pull every cohort member's state concurrently, each on its own until ``deadline``.
 
@@ -237,7 +245,8 @@ class Fetcher:
         Peers in ``first_contact`` (never answered before) get ``first_contact_s`` seconds, when
         given, for their first answer of any kind. When the reserve runs dry while a slot is
         free, ``refill`` (given the ids dialled so far) is asked for more, at most
-        ``max_refills`` times a round and never again after it found nothing new.
+        ``max_refills`` times a round and never again after it found nothing new. With
+        ``max_staleness`` (the asynchronous mode) each member is asked once (:meth:`pull`).
         """
         outcome = Exchange(skipped=dict(skipped))
         if not cohort:
@@ -249,7 +258,9 @@ class Fetcher:
 
         def dial(endpoint: Endpoint) -> Future[tuple[str, Reply | None, str]]:
             first = first_contact_s if endpoint.peer_id in fresh else None
-            future = self.executor.submit(self.pull, endpoint, round, deadline, first)
+            future = self.executor.submit(
+                self.pull, endpoint, round, deadline, first, max_staleness=max_staleness
+            )
             futures[future] = endpoint.peer_id
             return future
 
@@ -261,8 +272,11 @@ class Fetcher:
             done, pending = wait(
                 pending, timeout=min(remaining, POLL_MAX_S), return_when=FIRST_COMPLETED
             )
+            ended = time.monotonic()
             for future in done:
                 kind, reply, reason = future.result()
+                if reply is not None:
+                    outcome.arrived[futures[future]] = ended
                 if reply is not None or reason == "timeout" or deadline <= time.monotonic():
                     continue
                 if not spare and refill is not None and refills < max_refills:
@@ -282,6 +296,7 @@ class Fetcher:
             kind, reply, reason = future.result()
             if reply is not None:
                 outcome.replies[peer_id] = reply
+                outcome.arrived.setdefault(peer_id, time.monotonic())
             elif kind == "rejected":
                 outcome.rejected[peer_id] = reason
             else:
@@ -289,12 +304,21 @@ class Fetcher:
         return outcome
 
     def pull(
-        self, endpoint: Endpoint, round: int, deadline: float, first_contact_s: float | None = None
+        self,
+        endpoint: Endpoint,
+        round: int,
+        deadline: float,
+        first_contact_s: float | None = None,
+        *,
+        max_staleness: int | None = None,
     ) -> tuple[str, Reply | None, str]:
         """Fetch one neighbour until it is at ``round`` or the deadline passes.
 
         With ``first_contact_s``, the neighbour must give a first answer (a state or a refusal)
-        within that many seconds, else the pull ends then as a ``timeout``.
+        within that many seconds, else the pull ends then as a ``timeout``. With
+        ``max_staleness`` K it is asked once: its state, whatever its round, is taken when it is
+        at most K rounds behind ``round`` (else ``("missing", None, "too_stale")``), and a
+        refusal ends the pull at once.
 
         Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
         ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
@@ -319,6 +343,8 @@ class Fetcher:
                 return "rejected", None, exc.reason
             except PeerRefusedError as exc:  # e.g. not_ready: it has not trained a round yet
                 why, until = exc.kind, deadline
+                if max_staleness is not None:
+                    break
             except NetworkError as exc:  # timeout, or the transport is closing
                 return "missing", stale, getattr(exc, "kind", "unreachable")
             else:
@@ -335,6 +361,10 @@ class Fetcher:
                     return "rejected", None, exc.reason
                 if reply.header.round >= round:
                     return "fresh", reply, ""
+                if max_staleness is not None:
+                    if round - reply.header.round > max_staleness:
+                        return "missing", None, "too_stale"
+                    return "stale", reply, ""
                 stale, until = reply, deadline
                 if self.replicas is None:  # polls say what they hold: no whole state again
                     endpoint = replace(endpoint, base=reply.header.round)
