@@ -79,7 +79,7 @@ def test_failures_back_off_exponentially_up_to_the_cap() -> None:
     assert plan.skipped == {"dead": "backed_off"} and plan.cohort == []
 
 
-def test_a_rejection_backs_off_longer_and_a_good_neighbours_first_fast_failure_is_forgiven() -> None:
+def test_a_rejection_backs_off_longer_a_good_neighbours_first_fast_failure_is_forgiven() -> None:
     book = NeighbourBook()
     liar, good = cand("liar"), cand("good")
     book.record(1, {"good": "fresh", "liar": "rejected:bad_sig"}, [liar, good])
@@ -361,8 +361,13 @@ def test_a_dry_reserve_is_refilled_from_the_tracker_a_bounded_number_of_times(
 # -- the asynchronous mode: each member asked once ------------------------------------------------
 
 
-def behind_peer(network: MemoryNetwork, peer_id: str, round: int) -> tuple[list[float], str]:
-    """A raw peer whose newest state is of ``round``; returns the times it was asked, its key."""
+def behind_peer(
+    network: MemoryNetwork, peer_id: str, round: int, *, answers: int | None = None
+) -> tuple[list[float], str]:
+    """A raw peer whose newest state is of ``round``; returns the times it was asked, its key.
+
+    With ``answers`` it goes silent (killed) after that many answers.
+    """
     from fedtorrent.net.identity import new_nonce, sign_update
     from fedtorrent.state import state_digest
 
@@ -377,6 +382,8 @@ def behind_peer(network: MemoryNetwork, peer_id: str, round: int) -> tuple[list[
 
     def respond(request: list[bytes]) -> list[bytes]:
         asked.append(time.monotonic())
+        if answers is not None and len(asked) >= answers:
+            network.silence(f"mem://{peer_id}")
         return list(frames)
 
     network.add_raw_peer(f"mem://{peer_id}", respond)
@@ -439,3 +446,24 @@ def test_the_synchronous_mode_waits_for_a_peer_behind_and_its_lag_is_the_deadlin
     assert exchange.outcomes(2) == {"behind": "stale"}
     assert len(asked) >= 3  # re-asked while it stayed behind
     assert 0.55 <= exchange.arrived["behind"] - start <= 1.2  # a censored lag: the deadline
+
+
+def test_a_neighbour_that_answers_then_goes_silent_is_a_timeout_with_its_state_kept(
+    network: MemoryNetwork,
+) -> None:
+    asked, key = behind_peer(network, "dying", 1, answers=1)
+    assert not asked
+    client = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="me"))
+    with client, ThreadPoolExecutor(1) as executor:
+        fetcher = Fetcher(
+            transport=client, executor=executor, like=LIKE,
+            verifier=UpdateVerifier(info_hash=INFO_HASH, last_round=9),
+            keys={"dying": key}, stop=threading.Event(),
+        )  # fmt: skip
+        exchange = fetcher.exchange(
+            [Endpoint("dying", "mem://dying")], round=2, deadline=time.monotonic() + 1.6,
+            skipped={},
+        )  # fmt: skip
+    assert exchange.replies["dying"].header.round == 1  # its last state is still mixed
+    assert exchange.silent == {"dying"} and exchange.outcomes(2) == {"dying": "timeout"}
+    assert len(asked) >= 2  # asked again after its answer, in vain

@@ -39,6 +39,9 @@ ReceiveHook = Callable[["Reply"], None]
 POLL_FIRST_S = 0.02
 POLL_MAX_S = 0.5
 """Backoff between re-asking a neighbour that is not yet at this peer's round."""
+SILENT_S = 1.0
+"""A neighbour that answered (behind) and then let a request of at least this many seconds time
+out went silent (it died mid-round): its older state is still used, its outcome is ``timeout``."""
 MAX_REFILLS = 4
 """Times a round may ask the tracker for more candidates when every one tried failed fast."""
 Refill = Callable[[set[str]], tuple[list["Endpoint"], frozenset[str]]]
@@ -107,6 +110,8 @@ class Exchange:
     dialled: list[str] = field(default_factory=list)
     """Everyone asked this round, in order: the cohort, then reserve peers that replaced members
     that failed fast (so it may be longer than the cohort; at most ``cohort_size`` answer)."""
+    silent: set[str] = field(default_factory=set)
+    """Peers of ``replies`` that went silent after that reply (``SILENT_S``): outcome timeout."""
     arrived: dict[str, float] = field(default_factory=dict)
     """Peer id (of ``replies``) -> ``time.monotonic()`` when its fetch ended with that reply: at
     once for a fresh one, at the deadline for one still behind (``node.deadline``'s lags)."""
@@ -118,6 +123,7 @@ class Exchange:
         words.update(
             {p: "fresh" if r.header.round >= round else "stale" for p, r in self.replies.items()}
         )
+        words.update(dict.fromkeys(self.silent, "timeout"))
         return words
 
 
@@ -297,6 +303,8 @@ class Fetcher:
             if reply is not None:
                 outcome.replies[peer_id] = reply
                 outcome.arrived.setdefault(peer_id, time.monotonic())
+                if kind == "silent":
+                    outcome.silent.add(peer_id)
             elif kind == "rejected":
                 outcome.rejected[peer_id] = reason
             else:
@@ -321,7 +329,8 @@ class Fetcher:
         refusal ends the pull at once.
 
         Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
-        ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
+        ``("missing", None, why)``; a stale reply is the newest one that came while it was behind,
+        and ``("silent", reply, "timeout")`` says it stopped answering after it (``SILENT_S``).
         """
         stale: Reply | None = None
         why = "timeout"
@@ -336,6 +345,7 @@ class Fetcher:
             if self.replicas is not None:
                 endpoint = replace(endpoint, base=self.replicas.base(endpoint.peer_id))
             try:
+                asked = time.monotonic()
                 reply = self.transport.fetch(
                     endpoint, round=round, timeout=remaining, like_state=self.like
                 )
@@ -346,7 +356,11 @@ class Fetcher:
                 if max_staleness is not None:
                     break
             except NetworkError as exc:  # timeout, or the transport is closing
-                return "missing", stale, getattr(exc, "kind", "unreachable")
+                kind = getattr(exc, "kind", "unreachable")
+                if stale is None:
+                    return "missing", None, kind
+                silent = kind == "timeout" and time.monotonic() - asked >= SILENT_S
+                return ("silent", stale, kind) if silent else ("stale", stale, "")
             else:
                 try:
                     self.verifier.verify(reply.header, self.keys.get(endpoint.peer_id))

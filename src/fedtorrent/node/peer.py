@@ -745,6 +745,7 @@ class Peer:
             "excluded": excluded,
             "unmixed": bool(unmixed),
             "missing": exchange.missing,
+            "silent": sorted(exchange.silent),
             "skipped": exchange.skipped,
             "skipped_low_trust": skip.skipped,
             "bytes_saved": skip.bytes_saved,
