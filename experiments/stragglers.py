@@ -19,6 +19,12 @@ Measured, from the peers' records (``rounds.jsonl``: each record's ``finished_at
 - **time to accuracy**: the seconds until the mean accuracy first reaches the synchronous run's
   final accuracy (``TARGET`` x it), in each run.
 
+The asynchronous run gets 1.5 times the rounds (``--async-rounds``): its fast peers do more rounds
+in the time the synchronous swarm spends waiting for the slow ones, which is the point of the
+mode; time to accuracy stops at the first time the target is reached, so the extra rounds cost
+it nothing. (With the same rounds its final accuracy is within noise of the synchronous one and
+may stay a hair below it.)
+
 Writes ``results/stragglers.json`` and ``results/stragglers.md``; runs go to ``--work``
 (``runs/stragglers``, not tracked). A tiny check: ``--peers 4 --rounds 3``.
 """
@@ -139,7 +145,8 @@ def report(results: dict[str, Any]) -> str:
         f"`python experiments/stragglers.py {results['args']}` ({results['date']}); MNIST, "
         f"logistic regression, {results['peers']} real peer processes, cohorts of 3, learned "
         f"trust, `--slow {results['slow']}` (peers {', '.join(map(str, sync['slow_peers']))} "
-        "wait 3x their measured training time after training: a simulated slow device).",
+        f"wait {results['factor'] - 1:g}x their shortest training time after training: a "
+        "simulated slow device).",
         "",
         "| mode | rounds | final accuracy % | wall s | time to "
         f"{100 * target:.2f}% s | mean exchange s | mean deadline s | dropped too stale |",
@@ -183,13 +190,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--async-rounds", type=int, default=None, help="default --rounds")
+    parser.add_argument(
+        "--async-rounds", type=int, default=None, help="default 1.5 x --rounds (see the docstring)"
+    )
     parser.add_argument("--slow", default="25%x4")
     parser.add_argument("--staleness", type=int, default=2)
     parser.add_argument("--exchange-timeout", type=float, default=None)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "stragglers")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     args = parser.parse_args()
+    args.async_rounds = args.async_rounds or (3 * args.rounds + 1) // 2
     args.work.mkdir(parents=True, exist_ok=True)
     torrent = args.work / "session.torrent"
     _cli(

@@ -103,7 +103,7 @@ def peer_command(
         typer.Option(
             min=1.0,
             help="Experiments: simulate a device F times slower: after training, wait (F-1) "
-            "times the measured training time before publishing.",
+            "times the shortest training time measured so far before publishing.",
         ),
     ] = 1.0,
     seed: Annotated[

@@ -215,7 +215,8 @@ class PeerConfig:
     at most this many rounds behind (``node.exchange``). None or 0: the synchronous mode."""
     slowdown: float = 1.0
     """Simulate a slow device (experiments): after training, wait ``slowdown - 1`` times the
-    measured training time before publishing. 1: no slowdown."""
+    shortest training time this peer measured so far (its own speed, without the load of other
+    processes) before publishing. 1: no slowdown."""
     seed: int | None = None
     """Seed of batch order and trust batches; default the torrent's ``train.seed``."""
     rounds: int | None = None
@@ -352,6 +353,8 @@ class Peer:
         self._formed = config.central  # a --central client waits for the server instead
         self._executor: ThreadPoolExecutor | None = None
         self.error: str | None = None
+        self._fastest_train = math.inf
+        """Seconds of the shortest local training so far (``--slowdown`` multiplies it)."""
         self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
         self._keys: dict[str, str] = {}
         """Peer id -> the Ed25519 key (hex) it announced, as the tracker last listed it."""
@@ -633,7 +636,10 @@ class Peer:
         train_s = time.perf_counter() - tick
         slowed = time.perf_counter()
         if self.config.slowdown > 1:  # a simulated slow device: its result comes later
-            self._stop.wait((self.config.slowdown - 1) * train_s)
+            # The shortest training seen is the device's own speed; a longer one also counts
+            # the other processes on a shared machine, which a slower device would not multiply.
+            self._fastest_train = min(self._fastest_train, train_s)
+            self._stop.wait((self.config.slowdown - 1) * self._fastest_train)
         timings["slowdown"] = slowed = time.perf_counter() - slowed
         shared = self._outgoing(trained, before, round)
         variants: dict[int, list[bytes]] = {}
