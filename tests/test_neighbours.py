@@ -79,18 +79,43 @@ def test_failures_back_off_exponentially_up_to_the_cap() -> None:
     assert plan.skipped == {"dead": "backed_off"} and plan.cohort == []
 
 
-def test_a_rejection_backs_off_longer_and_a_good_neighbours_first_failure_is_forgiven() -> None:
+def test_a_rejection_backs_off_longer_a_good_neighbours_first_fast_failure_is_forgiven() -> None:
     book = NeighbourBook()
     liar, good = cand("liar"), cand("good")
     book.record(1, {"good": "fresh", "liar": "rejected:bad_sig"}, [liar, good])
     assert book.entries["liar"].skip_until == 1 + 4
-    book.record(2, {"good": "timeout"}, [good])
-    assert book.entries["good"].skip_until == 0  # one slow round: still dialled
-    assert names(book.plan([good], round=3, cohort_size=1).cohort) == ["good"]
-    book.record(3, {"good": "timeout"}, [good])
+    book.record(2, {"good": "unreachable"}, [good])
+    assert book.entries["good"].skip_until == 0  # one glitch that cost nothing: still dialled
+    plan = book.plan([good], round=3, cohort_size=1)
+    assert names(plan.cohort) == ["good"]
+    assert "good" in plan.first_contact  # it failed last time: the short first-contact timeout
+    book.record(3, {"good": "unreachable"}, [good])
     assert book.entries["good"].skip_until == 3 + 2  # second failure in a row: backed off
     book.record(6, {"good": "stale"}, [good])
     assert book.entries["good"].good and book.entries["good"].skip_until == 0
+    assert "good" not in book.plan([good], round=7, cohort_size=1).first_contact
+
+
+def test_a_timeout_is_never_forgiven_a_dead_neighbour_costs_one_deadline() -> None:
+    """A neighbour silent for a whole deadline is skipped at once, until it is listed anew."""
+    book = NeighbourBook()
+    dead, other = cand("dead"), cand("other")
+    book.record(1, {"dead": "fresh", "other": "fresh"}, [dead, other])
+    book.record(2, {"dead": "timeout", "other": "fresh"}, [dead, other])
+    plan = book.plan([dead, other], round=3, cohort_size=2)
+    assert names(plan.cohort) == ["other"] and plan.skipped == {"dead": "backed_off"}
+    moved = Candidate("dead", "tcp://10.0.0.9:1", dead.pubkey)  # it announced again, elsewhere
+    plan = book.plan([moved, other], round=3, cohort_size=2)
+    assert sorted(names(plan.cohort)) == ["dead", "other"] and "dead" in plan.first_contact
+
+
+def test_too_stale_is_neutral_and_alive() -> None:
+    book = NeighbourBook()
+    behind = cand("behind")
+    book.record(1, {"behind": "fresh"}, [behind])
+    book.record(2, {"behind": "too_stale"}, [behind])
+    entry = book.entries["behind"]
+    assert entry.failures == 0 and entry.skip_until == 0 and book.alive("behind")
 
 
 def test_not_ready_is_neutral_and_alive() -> None:
@@ -371,3 +396,114 @@ def test_the_exchange_counts_retries_failed_requests_and_the_time_lost(
     assert healthy["time_lost_s"] < 0.2
     good.close()
     late.close()
+
+
+# -- the asynchronous mode: each member asked once ------------------------------------------------
+
+
+def behind_peer(
+    network: MemoryNetwork, peer_id: str, round: int, *, answers: int | None = None
+) -> tuple[list[float], str]:
+    """A raw peer whose newest state is of ``round``; returns the times it was asked, its key.
+
+    With ``answers`` it goes silent (killed) after that many answers.
+    """
+    from fedtorrent.net.identity import new_nonce, sign_update
+    from fedtorrent.state import state_digest
+
+    identity = PeerIdentity.generate()
+    payload, nonce = encode_state(LIKE), new_nonce()
+    signed = {"info_hash": INFO_HASH, "round": round, "sender": peer_id}
+    sig = sign_update(
+        identity, receiver=None, payload_sha256=state_digest(payload), nonce=nonce, **signed
+    )
+    frames = wire.encode_message(payload, num_examples=1, sig=sig, nonce=nonce, **signed)
+    asked: list[float] = []
+
+    def respond(request: list[bytes]) -> list[bytes]:
+        asked.append(time.monotonic())
+        if answers is not None and len(asked) >= answers:
+            network.silence(f"mem://{peer_id}")
+        return list(frames)
+
+    network.add_raw_peer(f"mem://{peer_id}", respond)
+    return asked, identity.public_key_hex
+
+
+def test_the_asynchronous_mode_asks_once_keeps_at_most_k_behind_and_replaces_older_ones(
+    network: MemoryNetwork,
+) -> None:
+    peers = {name: behind_peer(network, name, round) for name, round in
+             (("two-behind", 1), ("ahead", 5), ("three-behind", 0), ("spare", 2))}  # fmt: skip
+    client = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="me"))
+
+    def endpoint(name: str) -> Endpoint:
+        return Endpoint(name, f"mem://{name}")
+
+    with client, ThreadPoolExecutor(3) as executor:
+        fetcher = Fetcher(
+            transport=client, executor=executor, like=LIKE,
+            verifier=UpdateVerifier(info_hash=INFO_HASH, last_round=9),
+            keys={name: key for name, (_, key) in peers.items()}, stop=threading.Event(),
+        )  # fmt: skip
+        start = time.monotonic()
+        exchange = fetcher.exchange(
+            [endpoint("two-behind"), endpoint("ahead"), endpoint("three-behind")],
+            round=3,
+            deadline=start + 10.0,
+            skipped={},
+            reserve=[endpoint("spare")],
+            max_staleness=2,
+        )
+        elapsed = time.monotonic() - start
+    assert elapsed < 2.0  # nobody waited for: far below the deadline
+    assert {p: r.header.round for p, r in exchange.replies.items()} == {
+        "two-behind": 1, "ahead": 5, "spare": 2,
+    }  # fmt: skip
+    assert exchange.missing == {"three-behind": "too_stale"}  # replaced by the reserve peer
+    assert exchange.outcomes(3)["two-behind"] == "stale"
+    assert exchange.outcomes(3)["ahead"] == "fresh"
+    assert [len(asked) for asked, _ in peers.values()] == [1, 1, 1, 1]  # each asked once
+    assert set(exchange.arrived) == set(exchange.replies)
+    assert all(start <= t <= start + elapsed for t in exchange.arrived.values())
+
+
+def test_the_synchronous_mode_waits_for_a_peer_behind_and_its_lag_is_the_deadline(
+    network: MemoryNetwork,
+) -> None:
+    asked, key = behind_peer(network, "behind", 1)
+    client = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="me"))
+    with client, ThreadPoolExecutor(1) as executor:
+        fetcher = Fetcher(
+            transport=client, executor=executor, like=LIKE,
+            verifier=UpdateVerifier(info_hash=INFO_HASH, last_round=9),
+            keys={"behind": key}, stop=threading.Event(),
+        )  # fmt: skip
+        start = time.monotonic()
+        exchange = fetcher.exchange(
+            [Endpoint("behind", "mem://behind")], round=2, deadline=start + 0.6, skipped={}
+        )
+    assert exchange.outcomes(2) == {"behind": "stale"}
+    assert len(asked) >= 3  # re-asked while it stayed behind
+    assert 0.55 <= exchange.arrived["behind"] - start <= 1.2  # a censored lag: the deadline
+
+
+def test_a_neighbour_that_answers_then_goes_silent_is_a_timeout_with_its_state_kept(
+    network: MemoryNetwork,
+) -> None:
+    asked, key = behind_peer(network, "dying", 1, answers=1)
+    assert not asked
+    client = MemoryTransport(network, TransportConfig(info_hash=INFO_HASH, peer_id="me"))
+    with client, ThreadPoolExecutor(1) as executor:
+        fetcher = Fetcher(
+            transport=client, executor=executor, like=LIKE,
+            verifier=UpdateVerifier(info_hash=INFO_HASH, last_round=9),
+            keys={"dying": key}, stop=threading.Event(),
+        )  # fmt: skip
+        exchange = fetcher.exchange(
+            [Endpoint("dying", "mem://dying")], round=2, deadline=time.monotonic() + 1.6,
+            skipped={},
+        )  # fmt: skip
+    assert exchange.replies["dying"].header.round == 1  # its last state is still mixed
+    assert exchange.silent == {"dying"} and exchange.outcomes(2) == {"dying": "timeout"}
+    assert len(asked) == 1  # it answered once; the next request went unanswered

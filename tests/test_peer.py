@@ -1085,3 +1085,73 @@ def test_neighbours_stop_waiting_for_a_peer_that_leaves(tmp_path: Path) -> None:
     assert all(r["duration_s"] < 6 for r in records[2:])
     for peer in peers:
         peer.close()
+
+
+# -- deadlines, stragglers and the asynchronous mode ----------------------------------------------
+
+
+def test_a_neighbour_that_dies_costs_one_short_deadline_then_is_skipped(tmp_path: Path) -> None:
+    """After a few rounds the deadline follows the lags (far below the cap); a neighbour silenced
+    mid-run costs its neighbours that short deadline once, then it is backed off."""
+    swarm = Swarm(make_torrent(tmp_path, rounds=6, cohort=2, nodes=3), tmp_path)
+    cap = 8.0
+
+    in_round_4 = threading.Barrier(3, timeout=30)  # every peer is past round 3 when it dies
+
+    def meet(state: State, round: int) -> State:
+        if round == 4:
+            in_round_4.wait()
+        return state
+
+    def die_at_round_4(state: State, round: int) -> State:
+        if round == 4:
+            in_round_4.wait()
+            swarm.network.silence(swarm.peers[2].address)  # before it publishes round 4
+        return state
+
+    peers = [swarm.peer(i, exchange_timeout=cap, send_hook=meet) for i in range(2)]
+    peers.append(swarm.peer(2, exchange_timeout=cap, send_hook=die_at_round_4))
+    assert swarm.run(peers) == ["done"] * 3
+    for peer in peers[:2]:
+        records = read_records(peer.out_dir / "metrics.jsonl")
+        assert records[0]["deadline_s"] == records[1]["deadline_s"] == cap  # nothing measured yet
+        died = records[3]
+        assert died["missing"] == {"peer-2": "timeout"}
+        assert died["deadline_s"] <= cap / 2  # adapted: a short deadline, not the cap
+        assert died["timings"]["exchange"] <= died["deadline_s"] + 1.0
+        assert records[4]["skipped"].get("peer-2") == "backed_off"  # skipped: no deadline lost
+        for record in records[4:]:
+            assert record["timings"]["exchange"] <= died["deadline_s"] + 1.0
+        assert all(set(r["lags"]) == set(r["heard_from"]) for r in records)
+
+
+def test_the_asynchronous_mode_does_not_wait_for_a_slow_neighbour(tmp_path: Path) -> None:
+    """With --staleness 2 the fast peers go on without the slow one; its states are mixed when
+    at most 2 rounds old, and the slow peer mixes the fast peers' newer states."""
+    swarm = Swarm(make_torrent(tmp_path, rounds=4, cohort=2, nodes=3), tmp_path)
+    peers = [swarm.peer(i, staleness=2, exchange_timeout=5.0) for i in range(2)]
+    peers.append(swarm.peer(2, staleness=2, exchange_timeout=5.0, slowdown=60.0))
+    assert swarm.run(peers) == ["done"] * 3
+    records = [read_records(p.out_dir / "metrics.jsonl") for p in peers]
+    slow_rounds = [r["duration_s"] for r in records[2][1:]]
+    for fast in records[:2]:
+        assert all(r["max_staleness"] == 2 and r["slowdown"] == 1.0 for r in fast)
+        durations = [r["duration_s"] for r in fast[1:]]  # the first round waits for the swarm
+        assert max(durations) < min(slow_rounds) / 2
+        for record in fast:
+            assert all(s <= 2 for s in record["staleness"].values())
+            assert set(record["missing"].values()) <= {"too_stale", "refused:not_ready"}
+    assert records[2][-1]["slowdown"] == 60.0
+    assert records[2][-1]["timings"]["slowdown"] > 0
+    assert any(s < 0 for r in records[2] for s in r["staleness"].values())  # newer states mixed
+
+
+def test_staleness_and_slowdown_are_checked(tmp_path: Path) -> None:
+    base = {"torrent": tmp_path / "t.torrent", "out_dir": tmp_path, "node_index": 0, "num_nodes": 2}
+    with pytest.raises(ConfigError, match="staleness"):
+        PeerConfig(**base, staleness=-1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="--central"):
+        PeerConfig(**base, staleness=2, central=True)  # type: ignore[arg-type]
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="slowdown"):
+            PeerConfig(**base, slowdown=bad)  # type: ignore[arg-type]

@@ -471,6 +471,79 @@ def _records(tmp_path: Path, node: int) -> list[dict]:
     return read_records(peer_folder(tmp_path / "run", node) / "metrics.jsonl")
 
 
+# --- stragglers and the asynchronous mode --------------------------------------------------------
+
+
+def test_slow_specs_parse_and_pick_the_last_peers() -> None:
+    from fedtorrent.node.swarm import SlowPeers
+
+    assert SlowPeers.parse("25%x4") == SlowPeers(0.25, 4.0)
+    assert SlowPeers.parse("0.25") == SlowPeers(0.25, 4.0)
+    assert SlowPeers.parse(" 10% X 2.5 ") == SlowPeers(0.10, 2.5)
+    assert SlowPeers.parse("100%x1") == SlowPeers(1.0, 1.0)
+    assert SlowPeers(0.25).nodes(12) == [9, 10, 11]
+    assert SlowPeers(0.25).nodes(6) == [4, 5]  # ceil
+    assert SlowPeers(0.1).nodes(30) == [27, 28, 29]  # no float rounding up to 4
+    assert SlowPeers(1.0).nodes(2) == [0, 1]
+    for bad, says in (
+        ("", "expected FRACTION"), ("abc", "expected FRACTION"), ("25%x", "expected FRACTION"),
+        ("-5%", "expected FRACTION"), ("0%", "in \\(0, 1\\]"), ("150%", "in \\(0, 1\\]"),
+        ("25%x0.5", ">= 1"), ("1.5", "in \\(0, 1\\]"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=says) as caught:
+            SlowPeers.parse(bad)
+        assert "\n" not in str(caught.value)
+
+
+def test_slow_peers_and_staleness_reach_the_peer_command_lines(digits_torrent: Path) -> None:
+    from fedtorrent.net.torrent import load_torrent
+    from fedtorrent.node.swarm import Swarm
+
+    config = SwarmConfig(
+        torrent=digits_torrent, out=Path("unused"), peers=4, slow="25%x3", staleness=2
+    )
+    swarm = Swarm(config)
+    swarm.torrent, swarm.tracker_url = load_torrent(digits_torrent), "http://127.0.0.1:1/announce"
+    commands = [swarm.peer_command(i) for i in range(4)]
+    assert all(c[c.index("--staleness") + 1] == "2" for c in commands)
+    assert ["--slowdown" in c for c in commands] == [False, False, False, True]
+    assert commands[3][commands[3].index("--slowdown") + 1] == "3.0"
+    with pytest.raises(ConfigError, match="--slow"):
+        SwarmConfig(torrent=digits_torrent, out=Path("unused"), slow="fast")
+    with pytest.raises(ConfigError, match="staleness"):
+        SwarmConfig(torrent=digits_torrent, out=Path("unused"), staleness=-1)
+
+
+def _mnist_torrent(folder: Path, *, rounds: int, nodes: int) -> Path:
+    if not (DATA / "mnist").is_dir():
+        pytest.skip(f"MNIST is not in {DATA} (set FEDTORRENT_DATA)")
+    return _create(folder / "mnist.torrent", dataset="mnist", rounds=rounds, nodes=nodes, cohort=3)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_asynchronous_peers_do_not_wait_for_a_slow_one(tmp_path: Path) -> None:
+    """4 real peers, one 12x slower, --staleness 2: the others' rounds are far shorter than its."""
+    torrent = _mnist_torrent(tmp_path, rounds=3, nodes=4)
+    out = tmp_path / "run"
+    config = SwarmConfig(
+        torrent=torrent, out=out, peers=4, data_dir=DATA, exchange_timeout=20, slow="25%x12",
+        staleness=2, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    summary = run_swarm(config, timeout=240, plots=False, progress=False)
+    assert summary["finished"] == 4, summary["per_peer"]
+    assert summary["slow_peers"] == [3]
+    records = {i: read_records(peer_folder(out, i) / "metrics.jsonl") for i in range(4)}
+    slow = [r["duration_s"] for r in records[3][1:]]  # the first round waits for the swarm
+    for i in range(3):
+        fast = [r["duration_s"] for r in records[i][1:]]
+        assert sum(fast) / len(fast) < 0.6 * sum(slow) / len(slow), (fast, slow)
+        assert all(r["max_staleness"] == 2 for r in records[i])
+        assert all(s <= 2 for r in records[i] for s in r["staleness"].values())
+    assert all(r["slowdown"] == 12.0 and r["timings"]["slowdown"] > 0 for r in records[3])
+
+
 @pytest.mark.network
 @pytest.mark.slow
 @pytest.mark.timeout(240)
@@ -515,3 +588,39 @@ def test_a_killed_peer_resumes_and_the_tracker_restarts_in_a_real_swarm(tmp_path
     assert {"cached", "down"} & set(words), words
     assert all(_records(tmp_path, n)[-1]["tracker"] == "ok" for n in range(6))
     assert (tmp_path / "run" / "tracker.sqlite").exists()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_killed_peer_costs_its_neighbours_at_most_one_short_deadline(tmp_path: Path) -> None:
+    """SIGKILL one of 4 real peers after round 3: it costs its neighbours no more than a short,
+    adapted deadline (on loopback its closed port refuses at once: ``unreachable``), far below
+    the 20 s cap, and then it is skipped."""
+    from fedtorrent.node.swarm import Swarm
+
+    cap = 20.0
+    torrent = _mnist_torrent(tmp_path, rounds=6, nodes=4)
+    out = tmp_path / "run"
+    config = SwarmConfig(
+        torrent=torrent, out=out, peers=4, data_dir=DATA, exchange_timeout=cap,
+        env={"OMP_NUM_THREADS": "1"}, stop_grace=5,
+    )  # fmt: skip
+    with Swarm(config) as swarm:
+        _wait_for_rounds(out, 4, at_least=3, timeout=240)
+        victim = next(v for v in swarm.views() if v.index == 3)
+        os.kill(victim.pid, signal.SIGKILL)
+        assert swarm.wait(timeout=240)
+    for i in range(3):
+        records = read_records(peer_folder(out, i) / "metrics.jsonl")
+        assert len(records) == 6
+        lost = [r for r in records if "peer-3" in r["silent"] or "peer-3" in r["missing"]]
+        assert lost, "the dead peer was never dialled"
+        assert {r["missing"].get("peer-3", "timeout") for r in lost} <= {"unreachable", "timeout"}
+        after = [r for r in records if r["round"] >= lost[0]["round"]]
+        assert all(r["deadline_s"] < cap / 2 for r in after), [r["deadline_s"] for r in after]
+        assert all(r["timings"]["exchange"] < cap / 2 for r in after)
+        assert (
+            records[-1]["skipped"].get("peer-3") == "backed_off"
+            or "peer-3" not in (records[-1]["cohort"])
+        )

@@ -87,8 +87,38 @@ def peer_command(
         ),
     ] = 60.0,
     exchange_timeout: Annotated[
-        float, typer.Option(help="Seconds a round waits for its cohort at most.")
+        float,
+        typer.Option(
+            help="Seconds a round waits for its cohort at most: the cap of the adaptive "
+            "deadline (a high quantile of the lags measured in recent rounds, times a margin), "
+            "and the deadline of the first rounds."
+        ),
     ] = 10.0,
+    adaptive_deadline: Annotated[
+        bool,
+        typer.Option(
+            "--adaptive-deadline/--fixed-deadline",
+            help="Adapt each round's deadline to the measured lags of the neighbours' states, "
+            "or always wait --exchange-timeout.",
+        ),
+    ] = True,
+    staleness: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Asynchronous mode: wait for nobody; ask each cohort member once and mix its "
+            "newest state if it is at most K rounds behind this peer's round. 0 or absent: "
+            "the synchronous mode (wait for the neighbours' state of the round).",
+        ),
+    ] = None,
+    slowdown: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="Experiments: simulate a device F times slower: after training, wait (F-1) "
+            "times the shortest training time measured so far before publishing.",
+        ),
+    ] = 1.0,
     seed: Annotated[
         int | None, typer.Option(help="Seed for batch order and trust batches.")
     ] = None,

@@ -62,7 +62,27 @@ def swarm_command(
         int, typer.Option(help="Peer i binds port-base + i (0: each picks a free port).")
     ] = 0,
     exchange_timeout: Annotated[
-        float | None, typer.Option(help="Seconds a peer waits for its cohort each round.")
+        float | None,
+        typer.Option(
+            help="Seconds a peer waits for its cohort each round at most (the cap of "
+            "its adaptive deadline; default the peer's, 10)."
+        ),
+    ] = None,
+    slow: Annotated[
+        str | None,
+        typer.Option(
+            help="Stragglers: FRACTION[xF], e.g. 25%x4 (factor 4 by default): the last "
+            "ceil(FRACTION x peers) peers run --slowdown F, a simulated device F times slower; "
+            "the summary lists them."
+        ),
+    ] = None,
+    staleness: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Run every peer in the asynchronous mode (peer --staleness K): mix each "
+            "neighbour's newest state at most K rounds old, waiting for nobody.",
+        ),
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds (default: the torrent's).")] = None,
     peer_arg: Annotated[
@@ -140,6 +160,8 @@ def swarm_command(
         device=device,
         central=central,
         churn=churn,
+        slow=slow,
+        staleness=staleness,
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:
@@ -348,6 +370,8 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
             + ("" if peak is None else f", peak memory {human_bytes(peak)} (PSS) = "
                f"{human_bytes(used['memory_per_peer_bytes'])} per peer")
         )  # fmt: skip
+    if summary.get("slow_peers"):
+        console.print(f"slow peers (simulated): {', '.join(map(str, summary['slow_peers']))}")
     if summary["interrupted"]:
         console.print("[yellow]stopped before the peers finished[/yellow]")
     console.print(f"records, plots and summary.json in {folder}")

@@ -9,6 +9,9 @@ else (no barrier). A member that fails fast is replaced from the reserve.
 What the faults of a round cost is counted too (:meth:`Exchange.costs`, in every round's record):
 the requests re-sent, the attempts that brought no state, and the time lost waiting on neighbours
 that in the end brought nothing newer.
+The asynchronous mode (``max_staleness`` K, the peer's ``--staleness``) waits for nobody: each
+member is asked once and its newest state taken when it is at most K rounds behind this peer's
+round (newer is fine), else it is dropped as ``too_stale``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ ReceiveHook = Callable[["Reply"], None]
 POLL_FIRST_S = 0.02
 POLL_MAX_S = 0.5
 """Backoff between re-asking a neighbour that is not yet at this peer's round."""
+SILENT_S = 1.0
+"""A neighbour that answered (behind) and then let a request of at least this many seconds time
+out went silent (it died mid-round): its older state is still used, its outcome is ``timeout``."""
 MAX_REFILLS = 4
 """Times a round may ask the tracker for more candidates when every one tried failed fast."""
 Refill = Callable[[set[str]], tuple[list["Endpoint"], frozenset[str]]]
@@ -151,6 +157,12 @@ class Exchange:
             "time_lost_s": self.time_lost_s,
         }
 
+    silent: set[str] = field(default_factory=set)
+    """Peers of ``replies`` that went silent after that reply (``SILENT_S``): outcome timeout."""
+    arrived: dict[str, float] = field(default_factory=dict)
+    """Peer id (of ``replies``) -> ``time.monotonic()`` when its fetch ended with that reply: at
+    once for a fresh one, at the deadline for one still behind (``node.deadline``'s lags)."""
+
     def outcomes(self, round: int) -> dict[str, str]:
         """Peer id -> ``fresh``, ``stale``, ``rejected:<reason>`` or the missing reason."""
         words = {p: f"rejected:{r}" for p, r in self.rejected.items()}
@@ -158,6 +170,7 @@ class Exchange:
         words.update(
             {p: "fresh" if r.header.round >= round else "stale" for p, r in self.replies.items()}
         )
+        words.update(dict.fromkeys(self.silent, "timeout"))
         return words
 
 
@@ -274,6 +287,7 @@ class Fetcher:
         first_contact_s: float | None = None,
         refill: Refill | None = None,
         max_refills: int = MAX_REFILLS,
+        max_staleness: int | None = None,
     ) -> Exchange:
         """Pull every cohort member's state concurrently, each on its own until ``deadline``.
 
@@ -284,7 +298,8 @@ class Fetcher:
         Peers in ``first_contact`` (never answered before) get ``first_contact_s`` seconds, when
         given, for their first answer of any kind. When the reserve runs dry while a slot is
         free, ``refill`` (given the ids dialled so far) is asked for more, at most
-        ``max_refills`` times a round and never again after it found nothing new.
+        ``max_refills`` times a round and never again after it found nothing new. With
+        ``max_staleness`` (the asynchronous mode) each member is asked once (:meth:`pull`).
         """
         outcome = Exchange(skipped=dict(skipped))
         if not cohort:
@@ -299,8 +314,9 @@ class Fetcher:
             first = first_contact_s if endpoint.peer_id in fresh else None
             tally = outcome.attempts.setdefault(endpoint.peer_id, Attempts())
             future = self.executor.submit(
-                self.pull, endpoint, round, deadline, first, attempts=tally
-            )
+                self.pull, endpoint, round, deadline, first, attempts=tally,
+                max_staleness=max_staleness,
+            )  # fmt: skip
             futures[future] = endpoint.peer_id
             return future
 
@@ -312,8 +328,11 @@ class Fetcher:
             done, pending = wait(
                 pending, timeout=min(remaining, POLL_MAX_S), return_when=FIRST_COMPLETED
             )
+            ended = time.monotonic()
             for future in done:
                 kind, reply, reason = future.result()
+                if reply is not None:
+                    outcome.arrived[futures[future]] = ended
                 if reply is not None or reason == "timeout" or deadline <= time.monotonic():
                     continue
                 if not spare and refill is not None and refills < max_refills:
@@ -337,6 +356,9 @@ class Fetcher:
             kind, reply, reason = future.result()
             if reply is not None:
                 outcome.replies[peer_id] = reply
+                outcome.arrived.setdefault(peer_id, time.monotonic())
+                if kind == "silent":
+                    outcome.silent.add(peer_id)
             elif kind == "rejected":
                 outcome.rejected[peer_id] = reason
             else:
@@ -353,15 +375,20 @@ class Fetcher:
         first_contact_s: float | None = None,
         *,
         attempts: Attempts | None = None,
+        max_staleness: int | None = None,
     ) -> tuple[str, Reply | None, str]:
         """Fetch one neighbour until it is at ``round`` or the deadline passes.
 
         With ``first_contact_s``, the neighbour must give a first answer (a state or a refusal)
         within that many seconds, else the pull ends then as a ``timeout``. ``attempts``, when
-        given, counts the requests, the failed ones and when the reply kept arrived.
+        given, counts the requests, the failed ones and when the reply kept arrived. With
+        ``max_staleness`` K it is asked once: its state, whatever its round, is taken when it is
+        at most K rounds behind ``round`` (else ``("missing", None, "too_stale")``), and a
+        refusal ends the pull at once.
 
         Returns ``("fresh" | "stale", reply, "")``, ``("rejected", None, reason)`` or
-        ``("missing", None, why)``; a stale reply is the newest one that came while it was behind.
+        ``("missing", None, why)``; a stale reply is the newest one that came while it was behind,
+        and ``("silent", reply, "timeout")`` says it stopped answering after it (``SILENT_S``).
         """
         tally = Attempts() if attempts is None else attempts
         stale: Reply | None = None
@@ -378,6 +405,7 @@ class Fetcher:
                 endpoint = replace(endpoint, base=self.replicas.base(endpoint.peer_id))
             tally.requests += 1
             try:
+                asked = time.monotonic()
                 reply = self.transport.fetch(
                     endpoint, round=round, timeout=remaining, like_state=self.like
                 )
@@ -389,9 +417,15 @@ class Fetcher:
                 if exc.kind == "refused:gone":  # it is leaving the swarm: wait no longer
                     return "missing", stale, exc.kind
                 why, until = exc.kind, deadline
+                if max_staleness is not None:
+                    break
             except NetworkError as exc:  # timeout, or the transport is closing
-                tally.failed.append(getattr(exc, "kind", "unreachable"))
-                return "missing", stale, getattr(exc, "kind", "unreachable")
+                kind = getattr(exc, "kind", "unreachable")
+                tally.failed.append(kind)
+                if stale is None:
+                    return "missing", None, kind
+                silent = kind == "timeout" and time.monotonic() - asked >= SILENT_S
+                return ("silent", stale, kind) if silent else ("stale", stale, "")
             else:
                 try:
                     self.verifier.verify(reply.header, self.keys.get(endpoint.peer_id))
@@ -408,6 +442,10 @@ class Fetcher:
                 tally.kept_at = time.monotonic()
                 if reply.header.round >= round:
                     return "fresh", reply, ""
+                if max_staleness is not None:
+                    if round - reply.header.round > max_staleness:
+                        return "missing", None, "too_stale"
+                    return "stale", reply, ""
                 stale, until = reply, deadline
                 if self.replicas is None:  # polls say what they hold: no whole state again
                     endpoint = replace(endpoint, base=reply.header.round)

@@ -8,16 +8,23 @@ it dialled: how each exchange with it ended, and until which round it is backed 
 Outcomes of one exchange (what :meth:`NeighbourBook.record` takes):
 
 - ``fresh`` or ``stale``: a verified state came; the neighbour is *good*, its failures reset;
-- ``refused:not_ready``: it answered but has no state yet (it just started): alive, neutral;
+- ``refused:not_ready``: it answered but has no state yet (it just started), or ``too_stale``:
+  its newest state is older than the asynchronous mode accepts (``--staleness``): alive, neutral;
 - ``rejected:<reason>``: it sent something that failed a check (a lie);
 - anything else (``timeout``, ``unreachable``, ``handshake_failed``, ``refused:<reason>``): a
   failure.
 
 Backoff, counted in rounds: after its ``n``-th failure in a row a neighbour is skipped for
 ``min(2 ** (n - 1), max_backoff)`` rounds, after a rejection for ``rejected_factor`` times that
-(capped at ``max_rejected_backoff``). A good neighbour's first failure is forgiven (one slow round
-should not cost a round without it). A neighbour listed at a new address gets one retry at once,
-keeping its failure count (a restarted peer comes back; a liar that moves gains one dial).
+(capped at ``max_rejected_backoff``). A good neighbour's first fast failure (``unreachable``,
+``refused:...``) is forgiven: it cost nothing and one glitch should not cost a round without it.
+A ``timeout`` never is: the neighbour said nothing at all for a whole deadline (one that is
+merely behind answers with its older state), so it is dead or silent, and dialling it again would
+cost another deadline. A neighbour listed at a new address gets one retry at once, keeping its
+failure count (a restarted peer announces again from a new port; a liar that moves gains one
+dial). The tracker's list says nothing about when a peer last announced, so a dead neighbour
+still listed at its old address is probed again only when its backoff ends, and with the short
+first-contact timeout (below), not a whole deadline.
 
 Cohort choice (:meth:`NeighbourBook.plan`), over the tracker's list after the key and allow-list
 checks, in order of preference:
@@ -31,7 +38,9 @@ checks, in order of preference:
 4. the rest of the good ones, then candidates whose backoff expired.
 
 The first ``cohort_size`` are the cohort, the rest its reserve (what the exchange dials instead
-of a member that fails fast). Backed-off candidates are skipped (``backed_off``). When every
+of a member that fails fast). Backed-off candidates are skipped (``backed_off``). Candidates
+that never brought a state, or failed the last time they were dialled, are *first contacts*: the
+exchange gives them ``first_contact_s`` (a few round trips) to say anything at all. When every
 neighbour always answers and the tracker lists them all, the cohort is the tracker's first
 ``cohort_size`` peers: today's choice. Nothing here touches the network or the clock.
 """
@@ -47,7 +56,7 @@ from typing import Any
 from fedtorrent.errors import ConfigError, StateError
 
 ANSWERED = frozenset({"fresh", "stale"})
-ALIVE = frozenset({"refused:not_ready"})
+ALIVE = frozenset({"refused:not_ready", "too_stale"})
 MAX_NUMWANT = 200
 """The most candidates a peer asks the tracker for (the tracker's default ``max_numwant``)."""
 
@@ -170,7 +179,8 @@ class Plan:
 
     ``cohort`` has at most ``cohort_size`` candidates; ``reserve`` is what the exchange dials, in
     order, in place of a member that failed fast; ``skipped`` maps a peer id to ``backed_off``;
-    ``first_contact`` holds the ids of candidates that never brought a state.
+    ``first_contact`` holds the ids of candidates that never brought a state or failed the last
+    time they were dialled (they get the short first-contact timeout).
     """
 
     cohort: list[Candidate]
@@ -265,7 +275,7 @@ class NeighbourBook:
         ordered = first + unknown + good[len(first) :] + retry
         fresh = frozenset(
             c.peer_id for c in ordered
-            if (e := self.entries.get(c.peer_id)) is None or e.answers == 0
+            if (e := self.entries.get(c.peer_id)) is None or e.answers == 0 or e.failures > 0
         )  # fmt: skip
         return Plan(
             cohort=ordered[:cohort_size],
@@ -304,9 +314,9 @@ class NeighbourBook:
                 continue
             if outcome in ALIVE:
                 continue
-            forgiven = entry.good  # a good neighbour's first failure costs it nothing
+            forgiven = entry.good  # a good neighbour's first fast failure costs it nothing
             entry.failures += 1
-            if forgiven and not outcome.startswith("rejected:"):
+            if forgiven and outcome != "timeout" and not outcome.startswith("rejected:"):
                 continue
             steps = 2 ** min(entry.failures - 1, 30)
             if outcome.startswith("rejected:"):

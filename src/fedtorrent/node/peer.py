@@ -103,6 +103,7 @@ from fedtorrent.node.checkpoint import MODEL_FILE, Checkpoint, load_checkpoint, 
 from fedtorrent.node.churn import JOINED_FILE
 from fedtorrent.node.compressed import CompressedSender, Replicas, encode_updates
 from fedtorrent.node.data import PeerData, load_peer_data, load_task_data, read_examples, task_node
+from fedtorrent.node.deadline import DeadlinePolicy, DeadlineSettings
 from fedtorrent.node.exchange import (
     POLL_FIRST_S,
     POLL_MAX_S,
@@ -212,7 +213,18 @@ class PeerConfig:
     neighbours hold now, checked like any update (``node.catchup``), and go on from the round
     after theirs instead of round 1."""
     exchange_timeout: float = 10.0
-    """Seconds a round waits for its cohort at most: the cost of a dead or silent neighbour."""
+    """Seconds a round waits for its cohort at most: the cap of the adaptive deadline
+    (``node.deadline``), and the deadline of the first rounds."""
+    adaptive_deadline: bool = True
+    """Derive each round's deadline from measured lags (``node.deadline``); False: always wait
+    ``exchange_timeout``."""
+    staleness: int | None = None
+    """The asynchronous mode: never wait for a neighbour; mix each one's newest state when it is
+    at most this many rounds behind (``node.exchange``). None or 0: the synchronous mode."""
+    slowdown: float = 1.0
+    """Simulate a slow device (experiments): after training, wait ``slowdown - 1`` times the
+    shortest training time this peer measured so far (its own speed, without the load of other
+    processes) before publishing. 1: no slowdown."""
     seed: int | None = None
     """Seed of batch order and trust batches; default the torrent's ``train.seed``."""
     rounds: int | None = None
@@ -276,6 +288,13 @@ class PeerConfig:
             )
         if self.central and self.peer_id == CENTRAL_ID:
             raise ConfigError(f"peer id {CENTRAL_ID!r} is the central server's")
+        if self.staleness is not None and self.staleness < 0:
+            raise ConfigError(f"staleness must be >= 0, got {self.staleness}")
+        if self.central and self.staleness:
+            raise ConfigError("--staleness does not go with --central: a client adopts the "
+                              "server's average of its own round")  # fmt: skip
+        if not (math.isfinite(self.slowdown) and self.slowdown >= 1):
+            raise ConfigError(f"slowdown must be a finite number >= 1, got {self.slowdown}")
         for name in ("exchange_timeout", "tracker_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -346,11 +365,17 @@ class Peer:
         self._formed = config.central  # a --central client waits for the server instead
         self._executor: ThreadPoolExecutor | None = None
         self.error: str | None = None
+        self._fastest_train = math.inf
+        """Seconds of the shortest local training so far (``--slowdown`` multiplies it)."""
         self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
         self._keys: dict[str, str] = {}
         """Peer id -> the Ed25519 key (hex) it announced, as the tracker last listed it."""
         self._selection = Selection.empty()
         self.book = NeighbourBook()
+        self.deadlines = DeadlinePolicy(
+            DeadlineSettings(cap_s=config.exchange_timeout, adaptive=config.adaptive_deadline)
+        )
+        """Each round's exchange deadline from measured lags (``node.deadline``)."""
         self._candidates: dict[str, Candidate] = {}
         """Who answered, failed or lied before; picks each round's cohort (``node.neighbours``)."""
         self.ledger: Ledger | None = None
@@ -695,6 +720,14 @@ class Peer:
             )  # fmt: skip
         # A CPU copy (as the clone it replaces on the CPU): sending, mixing, trust, checkpoints.
         trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        train_s = time.perf_counter() - tick
+        slowed = time.perf_counter()
+        if self.config.slowdown > 1:  # a simulated slow device: its result comes later
+            # The shortest training seen is the device's own speed; a longer one also counts
+            # the other processes on a shared machine, which a slower device would not multiply.
+            self._fastest_train = min(self._fastest_train, train_s)
+            self._stop.wait((self.config.slowdown - 1) * self._fastest_train)
+        timings["slowdown"] = slowed = time.perf_counter() - slowed
         shared = self._outgoing(trained, before, round)
         variants: dict[int, list[bytes]] = {}
         if self.sender is not None:  # compression: serve the public copy, and its updates
@@ -711,12 +744,18 @@ class Peer:
             }
             shared = {**shared, **unflatten(self.sender.hat, pick(self.like, self.layout.mix))}
         self.transport.publish(self._signed(encode_state(shared), round), variants=variants)
-        timings["train"] = time.perf_counter() - tick
+        timings["train"] = time.perf_counter() - tick - slowed
 
         tick = time.perf_counter()
         # --central: the server alone, waited for twice as long (it waits for its slowest client).
         central = self.config.central
-        deadline = time.monotonic() + self.config.exchange_timeout * (2 if central else 1)
+        published = time.monotonic()
+        if central:
+            deadline_s = 2 * self.config.exchange_timeout
+        else:
+            deadline_s = self.deadlines.seconds(train_s=train_s)
+        deadline = published + deadline_s
+        formed = self._formed
         answer, tracker_rtt, tracker_status = self._announce(event="")
         cohort = self._central_server(answer, deadline) if central else self._cohort(answer)
         if not self._formed:
@@ -734,10 +773,14 @@ class Peer:
             first_contact=selection.first_contact,
             first_contact_s=self.book.first_contact_s(),
             refill=None if central else self._more_candidates,  # never another client
+            max_staleness=self.config.staleness or None,
         )
         timings["exchange"] = time.perf_counter() - tick
         if self._stop.is_set():
             return None
+        lags = {p: t - published for p, t in exchange.arrived.items()}
+        if formed:  # the first round's lags hold the swarm's start-up, not its pace
+            self.deadlines.observe(lags.values())
         self._final_exchange = exchange
         self._last_cohort = exchange.dialled
         self.book.record(
@@ -785,6 +828,10 @@ class Peer:
             "heard_from": heard,
             "heard": len(heard),
             "staleness": {p: round - exchange.replies[p].header.round for p in heard},
+            "max_staleness": self.config.staleness or None,
+            "deadline_s": deadline_s,
+            "lags": {p: lags[p] for p in heard if p in lags},
+            "slowdown": self.config.slowdown,
             "trust_weights": weights_by_peer(weights, heard),
             "self_weight": float(weights[0]) if weights is not None else None,
             "rejected_from": exchange.rejected,
@@ -792,6 +839,7 @@ class Peer:
             "unmixed": bool(unmixed),
             "missing": exchange.missing,
             **exchange.costs(),  # requests, retries, failed, time_lost_s
+            "silent": sorted(exchange.silent),
             "skipped": exchange.skipped,
             "skipped_low_trust": skip.skipped,
             "bytes_saved": skip.bytes_saved,
@@ -817,6 +865,7 @@ class Peer:
             "tracker_rtt_s": tracker_rtt,
             "timings": timings,
             "duration_s": time.perf_counter() - began,
+            "finished_at": time.time(),  # wall clock: time-to-accuracy across peers
         }
         self._last_test = test
         self.round_done = round

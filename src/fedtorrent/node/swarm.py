@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -94,6 +95,51 @@ def absolute_task_spec(spec: str) -> str:
     return spec
 
 
+_SLOW = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(%?)(?:x(\d+(?:\.\d*)?|\.\d+))?")
+
+
+@dataclass(frozen=True)
+class SlowPeers:
+    """A straggler scenario: ``fraction`` of the peers run ``--slowdown factor``.
+
+    The slow ones are the last ``ceil(fraction * peers)`` node indices (:meth:`nodes`), so a
+    run is repeatable and a summary names them.
+    """
+
+    fraction: float
+    factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
+            raise ConfigError(f"the slow fraction must be in (0, 1], got {self.fraction}")
+        if not (math.isfinite(self.factor) and self.factor >= 1):
+            raise ConfigError(f"the slowdown factor must be a number >= 1, got {self.factor}")
+
+    @classmethod
+    def parse(cls, spec: str) -> SlowPeers:
+        """``FRACTION[xF]``: ``25%``, ``0.25``, ``25%x4`` or ``0.25x8`` (default factor 4).
+
+        Raises:
+            ConfigError: one line naming the spec and the expected form.
+        """
+        match = _SLOW.fullmatch(spec.strip().lower().replace(" ", ""))
+        if match is None:
+            raise ConfigError(
+                f"--slow {spec!r}: expected FRACTION[xF], e.g. 25%x4 or 0.25 (factor 4)"
+            )
+        value, percent, factor = match.groups()
+        fraction = float(value) / (100 if percent else 1)
+        try:
+            return cls(fraction, float(factor) if factor else 4.0)
+        except ConfigError as exc:
+            raise ConfigError(f"--slow {spec!r}: {exc}") from None
+
+    def nodes(self, peers: int) -> list[int]:
+        """The slow node indices of a swarm of ``peers``: the last ``ceil(fraction * peers)``."""
+        count = min(peers, math.ceil(self.fraction * peers - 1e-9))
+        return list(range(peers - count, peers))
+
+
 def peer_folder(out: Path, index: int) -> Path:
     """Where peer ``index`` of a swarm writes (its ``--out``)."""
     return Path(out) / PEERS_FOLDER / f"peer-{index:02d}"
@@ -151,6 +197,15 @@ class SwarmConfig:
     churn: str | None = None
     """A churn scenario (``node.churn``), e.g. ``join=10%@r5,leave=2@r8,kill=5%@r6,tracker@r4``:
     peers that join late, leave, are killed and resumed, and a tracker restart."""
+    slow: str | None = None
+    """Stragglers (``--slow``, :meth:`SlowPeers.parse`): these peers run ``--slowdown F``."""
+    staleness: int | None = None
+    """The asynchronous mode for every peer (``--staleness K``); None: synchronous."""
+
+    @property
+    def slow_peers(self) -> SlowPeers | None:
+        """The parsed ``slow`` scenario (None without one)."""
+        return None if self.slow is None else SlowPeers.parse(self.slow)
 
     def __post_init__(self) -> None:
         from fedtorrent.device import resolve_device  # noqa: PLC0415
@@ -174,6 +229,11 @@ class SwarmConfig:
         for label, port in (("tracker_port", self.tracker_port), ("port_base", self.port_base)):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{label} must be in [0, 65535], got {port}")
+        _ = self.slow_peers  # a bad spec is one line before anything starts
+        if self.staleness is not None and self.staleness < 0:
+            raise ConfigError(f"staleness must be >= 0, got {self.staleness}")
+        if self.central and self.staleness:
+            raise ConfigError("--staleness does not go with --central")
         if self.central and self.resume:
             raise ConfigError("--central does not resume: the server starts from round 1")
         if self.port_base and self.port_base + self.peers - 1 + self.central > 65535:
@@ -523,6 +583,11 @@ class Swarm:
             command.append("--resume")
         if config.central:
             command.append("--central")
+        if config.staleness:
+            command += ["--staleness", str(config.staleness)]
+        slow = config.slow_peers
+        if slow is not None and index in slow.nodes(config.peers):
+            command += ["--slowdown", repr(slow.factor)]
         if config.attack is not None and index >= config.peers - config.attackers:
             command += ["--attack", config.attack]
             if config.attack_scale is not None:
@@ -820,6 +885,7 @@ def _peer_result(
     sent = sum(_number(r.get("bytes_sent"), int) or 0 for r in records)
     received = sum(_number(r.get("bytes_received"), int) or 0 for r in records)
     peer_id = view.peer_id or next((r["peer_id"] for r in records if "peer_id" in r), None)
+    slowdown = next((_number(r.get("slowdown"), float) for r in reversed(records)), None)
     return {
         "test_metrics": _final_metrics(records),
         "node": index,
@@ -829,6 +895,7 @@ def _peer_result(
         "rounds_completed": len(rounds_done),
         "last_round": max(rounds_done, default=0),
         "test_accuracy": float(accuracies[-1]) if accuracies else None,
+        "slowdown": slowdown or 1.0,
         # status.json counts every byte of the run; the per-round records are the fallback.
         "bytes_sent": max(view.bytes_sent, sent),
         "bytes_received": max(view.bytes_received, received),
@@ -945,6 +1012,7 @@ def summarize_swarm(
         ),
         "central": server,
         "per_peer": peers,
+        "slow_peers": [p["node"] for p in peers if p["slowdown"] > 1],
         "security": swarm_security(folders, peers),
         "neighbours": swarm_neighbours(folders),
         "faults": swarm_faults(records_of),
