@@ -147,7 +147,7 @@ def _markdown(results: dict[str, Any]) -> str:
         f"--peers {results['peers']} --rounds {results['rounds']} --dataset {results['dataset']} "
         f"--churn {results['churn']}`",
         "",
-        f"{results['peers']} real peer processes on this machine, {results['dataset']}, logistic "
+        f"{results['peers']} real peers on this machine, {results['dataset']}, logistic "
         f"regression, learned trust, cohorts of {COHORT}, {results['rounds']} rounds; the same "
         f"session without churn, then with `--churn {results['churn']}`: "
         f"{counts['joined']} joined late, {counts['left']} left, {counts['killed']} killed "
