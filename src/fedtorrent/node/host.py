@@ -18,13 +18,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fedtorrent.errors import ConfigError
 from fedtorrent.metrics.records import write_json
-
-if TYPE_CHECKING:
-    from fedtorrent.node.peer import Peer
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -58,6 +55,31 @@ def read_plan(path: Path) -> list[list[str]]:
     return peers
 
 
+class _Config(Protocol):
+    @property
+    def out_dir(self) -> Path: ...
+
+
+class Hosted(Protocol):
+    """What the host needs of a peer (``node.peer.Peer`` is one)."""
+
+    @property
+    def config(self) -> _Config:
+        """Its settings; ``out_dir`` names its thread and holds its ``peer.log``."""
+
+    def start(self) -> None:
+        """Load, bind, announce."""
+
+    def run(self) -> str:
+        """Run its rounds."""
+
+    def request_stop(self) -> None:
+        """Ask it to stop after the current phase (from a signal handler)."""
+
+    def close(self) -> None:
+        """Say goodbye and release everything."""
+
+
 class _ThreadLog(logging.Filter):
     """Passes the records of one hosted peer: its thread and the threads it started."""
 
@@ -70,7 +92,7 @@ class _ThreadLog(logging.Filter):
         return name == self.thread or name.startswith(self.thread + "/")
 
 
-def host_peers(peers: Sequence[Peer]) -> bool:
+def host_peers(peers: Sequence[Hosted]) -> bool:
     """Start and run every peer on its own thread until all end; True when none failed.
 
     Each peer's thread is named after its ``--out`` folder, and threads a peer starts carry that
@@ -105,7 +127,7 @@ def host_peers(peers: Sequence[Peer]) -> bool:
     signal.signal(signal.SIGINT, stop)
     failed: list[str] = []
 
-    def run(peer: Peer) -> None:
+    def run(peer: Hosted) -> None:
         try:
             peer.start()
             peer.run()
