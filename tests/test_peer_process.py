@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -157,7 +158,10 @@ def test_a_killed_peer_resumes_from_its_checkpoint_while_the_others_finish(
         rounds = [r["round"] for r in read_records(peers.folder(index) / "metrics.jsonl")]
         assert rounds == list(range(1, 13))  # each round exactly once, also across the crash
     log = (peers.folder(2) / "peer.log").read_text()
-    assert f"resuming after round {saved}" in log
+    # The model file is written before checkpoint.json: a kill between the two leaves the json one
+    # round behind, and the peer resumes from the model file's newer round.
+    resumed = [int(n) for n in re.findall(r"resuming after round (\d+)", log)]
+    assert len(resumed) == 1 and saved <= resumed[0] <= saved + 1, log
     summary = json.loads((peers.folder(2) / "summary.json").read_text())
     assert summary["rounds_done"] == 12 and summary["test"]["accuracy"] > 0.5
 
@@ -171,7 +175,7 @@ def test_peers_train_through_a_tracker_outage_and_reannounce(tmp_path: Path) -> 
     peers = Peers(torrent, tmp_path, nodes=3)
     try:
         for index in range(3):
-            peers.start(index)
+            peers.start(index, "--fixed-deadline")  # the cached cohort, never cut short
         wait_for(lambda: min(peers.round(i) for i in range(3)) >= 2, timeout=45, what="round 2")
         tracker.close()
         before = [peers.round(i) for i in range(3)]
