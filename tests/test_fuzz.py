@@ -243,6 +243,27 @@ def test_an_untouched_signed_header_is_accepted_once_then_only_as_the_same_updat
     assert info.value.reason == "unsigned"
 
 
+
+def _alice_state(round: int) -> wire.Header:
+    nonce = new_nonce()
+    sig = sign_update(ALICE, info_hash=INFO_HASH, round=round, sender="alice", receiver=None,
+                      payload_sha256="9f" * 32, nonce=nonce)  # fmt: skip
+    fields = {**signed_header(), "round": round, "nonce": nonce, "sig": sig}
+    return wire.decode_header(msgpack.packb(fields, use_bin_type=True), info_hash=INFO_HASH)
+
+
+def test_an_admitted_state_may_come_again_inside_the_window_but_not_after() -> None:
+    """A neighbour ahead serves a requester of round r the state it published for r earlier."""
+    verifier = UpdateVerifier(info_hash=INFO_HASH, last_round=10)
+    states = {r: _alice_state(r) for r in (1, 2, 3)}
+    for r in (1, 2, 3):
+        verifier.verify(states[r], ALICE.public_key_hex)
+    verifier.verify(states[2], ALICE.public_key_hex)  # round 2 >= newest 3 - window 1: fine
+    verifier.verify(states[3], ALICE.public_key_hex)
+    with pytest.raises(MessageError) as info:  # round 1 is out of the window now
+        verifier.verify(states[1], ALICE.public_key_hex)
+    assert info.value.reason == "replay"
+
 @FUZZ
 @given(
     st.dictionaries(

@@ -376,10 +376,12 @@ class UpdateVerifier:
     A state header must carry ``sig`` and ``nonce``; its signature (``receiver`` None: one
     signature per round for the whole cohort) must verify with the Ed25519 key its sender
     announced, and the header's ``pubkey``, when present, must be that key. Then the
-    :class:`ReplayGuard` admits it, except that the very update admitted last from a sender
-    (same round, nonce and digest) may come again: a neighbour still behind keeps serving it,
-    and a pull protocol asks again. Rounds past ``last_round`` are refused as well: no honest
-    peer of the session gets there. Thread-safe.
+    :class:`ReplayGuard` admits it, except that an update already admitted from a sender (same
+    round, nonce and digest) may come again while its round is inside the guard's window: a
+    neighbour still behind keeps serving its newest state, and one that is ahead serves the
+    state it published earlier to a requester of that round (a pull protocol asks again).
+    Rounds past ``last_round`` are refused as well: no honest peer of the session gets there.
+    Thread-safe.
 
     Every refusal is a ``MessageError`` whose ``reason`` is ``unsigned``, ``bad_signature`` or
     ``replay`` (wire ``REASONS``).
@@ -389,7 +391,8 @@ class UpdateVerifier:
         self.info_hash = info_hash
         self.last_round = last_round
         self.guard = ReplayGuard(window=window)
-        self._last: dict[str, tuple[int, bytes, str]] = {}
+        self._admitted: dict[str, dict[int, tuple[bytes, str]]] = {}
+        """Sender -> round -> (nonce, digest) admitted, for the rounds inside the window."""
         self._lock = threading.Lock()
 
     def verify(self, header: Header, public_key: str | bytes | None) -> None:
@@ -428,15 +431,19 @@ class UpdateVerifier:
                 f"round {self.last_round}",
                 reason="replay",
             )
-        update = (header.round, nonce, header.payload_sha256)
+        update = (nonce, header.payload_sha256)
         with self._lock:
-            if self._last.get(sender) == update:
+            admitted = self._admitted.setdefault(sender, {})
+            if admitted.get(header.round) == update:
                 return
             try:
                 self.guard.admit(sender, round=header.round, nonce=nonce)
             except ReplayError as exc:
                 raise ReplayError(f"replay: {exc}", reason="replay") from None
-            self._last[sender] = update
+            admitted[header.round] = update
+            oldest = (self.guard.newest_round(sender) or 0) - self.guard.window
+            for old in [r for r in admitted if r < oldest]:
+                del admitted[old]
 
 
 def public_keys_from(mapping: Mapping[str, str | bytes]) -> dict[str, bytes]:
