@@ -12,7 +12,7 @@ import typer
 
 from fedtorrent.cli import app
 from fedtorrent.device import DEFAULT_DEVICE, DEVICE_HELP
-from fedtorrent.node.host import LOG_FORMAT
+from fedtorrent.node.host import LOG_FORMAT, host_peers, read_plan
 
 if TYPE_CHECKING:
     from fedtorrent.node.peer import Peer
@@ -221,8 +221,6 @@ def host_command(
     and checked exactly as that command does; each peer logs to its own ``peer.log``. SIGTERM or
     Ctrl-C stop every peer; exit status 2 when any of them failed.
     """
-    from fedtorrent.node.host import host_peers, read_plan  # noqa: PLC0415 (loads torch)
-
     parser = typer.main.get_command(app).commands["peer"]  # type: ignore[attr-defined]
     peers = []
     for arguments in read_plan(plan):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -208,8 +209,6 @@ def peer_table(
 
     With ``max_rows``, peers beyond it share one last row: how many, and their states counted.
     """
-    from collections import Counter  # noqa: PLC0415
-
     from rich.table import Table  # noqa: PLC0415
 
     from fedtorrent.node.swarm import human_bytes  # noqa: PLC0415

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedtorrent.data import load_dataset, split_nodes, train_val_split
 from fedtorrent.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -74,7 +75,6 @@ def load_peer_data(
         ConfigError: neither a shard nor ``examples`` is given, or ``num_nodes`` is impossible
             for the dataset.
     """
-    from fedtorrent.data import load_dataset, train_val_split  # noqa: PLC0415
     from fedtorrent.data.datasets import CLASSES  # noqa: PLC0415
 
     num_classes = len(CLASSES[session.data.dataset])
@@ -125,8 +125,6 @@ _SPLITS_LOCK = threading.Lock()
 
 def _splits(labels: np.ndarray, config: DataConfig) -> list[NodeSplit]:
     """``split_nodes(labels, config)``, computed once per process for the peers it hosts."""
-    from fedtorrent.data import split_nodes  # noqa: PLC0415
-
     key = (hashlib.sha256(labels.tobytes()).digest(), config)
     with _SPLITS_LOCK:
         if key not in _SPLITS:

@@ -42,6 +42,7 @@ from typing import IO, TYPE_CHECKING, Any
 from fedtorrent.errors import ConfigError, DataError, TrackerError
 from fedtorrent.metrics.records import RecordWriter, iter_records, read_json, write_json
 from fedtorrent.node.churn import JOINED_FILE, ChurnDriver, ChurnSpec, churn_summary, plan_churn
+from fedtorrent.node.host import write_plan
 
 if TYPE_CHECKING:
     from fedtorrent.net.torrent import Torrent
@@ -624,8 +625,6 @@ class Swarm:
 
     def _spawn_host(self, indices: Sequence[int]) -> None:
         """Start one ``fedtorrent host`` process that runs the peers ``indices`` on threads."""
-        from fedtorrent.node.host import write_plan  # noqa: PLC0415
-
         folder = self.config.out / HOSTS_FOLDER / f"host-{indices[0]:02d}"
         folders = [peer_folder(self.config.out, i) for i in indices]
         commands = [self.peer_command(i) for i in indices]
