@@ -243,7 +243,6 @@ def test_an_untouched_signed_header_is_accepted_once_then_only_as_the_same_updat
     assert info.value.reason == "unsigned"
 
 
-
 def _alice_state(round: int) -> wire.Header:
     nonce = new_nonce()
     sig = sign_update(ALICE, info_hash=INFO_HASH, round=round, sender="alice", receiver=None,
@@ -263,6 +262,7 @@ def test_an_admitted_state_may_come_again_inside_the_window_but_not_after() -> N
     with pytest.raises(MessageError) as info:  # round 1 is out of the window now
         verifier.verify(states[1], ALICE.public_key_hex)
     assert info.value.reason == "replay"
+
 
 @FUZZ
 @given(
