@@ -12,8 +12,13 @@ from typing import Any
 
 from fedtorrent.errors import ConfigError
 
-SPLITS = ("iid", "noniid", "shards", "unbalanced")
-"""iid balanced; label skew by Dirichlet(alpha); label skew by k classes per node; quantity skew."""
+SPLITS = ("iid", "noniid", "shards", "unbalanced", "label_swap", "rotated")
+"""iid balanced; label skew by Dirichlet(alpha); label skew by k classes per node; quantity skew;
+clustered (``CLUSTERED_SPLITS``)."""
+CLUSTERED_SPLITS = ("label_swap", "rotated")
+"""Splits into ``clusters`` groups of nodes (node i in group i mod K) whose examples, dealt iid,
+differ by a fixed transformation per group: its own label permutation, or a rotation by
+``c * 360 / K`` degrees (``fedtorrent.data.clusters``)."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -37,9 +42,22 @@ class DataConfig:
     """For ``unbalanced``: the fewest examples any node gets."""
     val_fraction: float = 0.2
     seed: int = 0
+    clusters: int = 1
+    """For ``label_swap`` and ``rotated``: how many groups (2 to ``num_nodes``); else 1."""
 
     def __post_init__(self) -> None:
         _require(self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}")
+        if self.split in CLUSTERED_SPLITS:
+            _require(
+                2 <= self.clusters <= self.num_nodes,
+                f"split {self.split} needs clusters in [2, num_nodes={self.num_nodes}], "
+                f"got {self.clusters}",
+            )
+        else:
+            _require(
+                self.clusters == 1,
+                f"clusters={self.clusters} needs split label_swap or rotated, not {self.split!r}",
+            )
         _require(
             self.split in SPLITS, f"split must be one of {', '.join(SPLITS)}; got {self.split!r}"
         )
@@ -116,6 +134,9 @@ ATTACKS = (
 )
 """Poisoning attacks (``fedtorrent.adversary``)."""
 MIXING_RULES = ("none", "fixed", "metropolis", "learned", "median", "trimmed_mean", "krum")
+SIM_ONLY_RULES = ("oracle",)
+"""Reference rules that read what a real peer cannot know, so only the simulator runs them:
+``oracle`` mixes uniformly over the cohort members in the node's true cluster."""
 TOPOLOGIES = ("complete", "ring", "regular", "erdos_renyi", "random_cohort")
 
 
@@ -154,9 +175,9 @@ class MixingConfig:
     """Rounds (mixed below ``skip_below``, then skipped) before a member is skipped, then probed."""
 
     def __post_init__(self) -> None:
+        rules = (*MIXING_RULES, *SIM_ONLY_RULES)
         _require(
-            self.rule in MIXING_RULES,
-            f"mixing rule must be one of {', '.join(MIXING_RULES)}; got {self.rule!r}",
+            self.rule in rules, f"mixing rule must be one of {', '.join(rules)}; got {self.rule!r}"
         )
         _require(self.trust_lr > 0, f"trust_lr must be > 0, got {self.trust_lr}")
         _require(self.trust_steps >= 0, f"trust_steps must be >= 0, got {self.trust_steps}")
@@ -278,6 +299,10 @@ class SimConfig:
             f"round_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.round_schedule!r}",
         )
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _require(
+            self.mixing.rule != "oracle" or self.data.split in CLUSTERED_SPLITS,
+            "oracle mixing needs a clustered split (label_swap or rotated) to know the clusters",
+        )
         _require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
         _require(
             self.eval_examples is None or self.eval_examples >= 1,

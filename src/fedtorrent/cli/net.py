@@ -58,7 +58,20 @@ def create(
         list[str] | None, typer.Option(help="Model keyword argument key=value (repeatable).")
     ] = None,
     nodes: Annotated[int, typer.Option(help="Number of peers the data is split across.")] = 6,
-    split: Annotated[str, typer.Option(help="iid, noniid, shards or unbalanced.")] = "iid",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="iid, noniid, shards, unbalanced, label_swap or rotated (clustered: see "
+            "--clusters)."
+        ),
+    ] = "iid",
+    clusters: Annotated[
+        int,
+        typer.Option(
+            help="Clusters K for label_swap and rotated: peer i is in cluster i mod K, whose "
+            "labels (or images) and test set are transformed as in simulate."
+        ),
+    ] = 1,
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for skewed splits.")] = 0.5,
     classes_per_node: Annotated[int, typer.Option(help="Classes per peer for shards.")] = 2,
     val_fraction: Annotated[float, typer.Option(help="Validation share of each peer.")] = 0.2,
@@ -67,7 +80,9 @@ def create(
         str, typer.Option(help="Local lr across rounds: constant, or cosine decay towards 0.")
     ] = _SIM.round_schedule,
     cohort: Annotated[int, typer.Option(help="Peers each peer mixes with per round.")] = 3,
-    mixing: Annotated[str, typer.Option(help="Mixing rule.")] = "learned",
+    mixing: Annotated[
+        str, typer.Option(help="Mixing rule (oracle is simulator-only and refused here).")
+    ] = "learned",
     trust_lr: Annotated[float, typer.Option(help="Trust learning rate.")] = 5.0,
     trust_steps: Annotated[int, typer.Option(help="Trust SGD steps per round.")] = 10,
     compression: Annotated[
@@ -170,6 +185,7 @@ def create(
             classes_per_node=classes_per_node,
             val_fraction=val_fraction,
             seed=seed,
+            clusters=clusters,
         ),
         train=config.TrainConfig(
             epochs=epochs,

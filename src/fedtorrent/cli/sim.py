@@ -10,7 +10,9 @@ import typer
 
 from fedtorrent.cli import app
 from fedtorrent.config import (
+    CLUSTERED_SPLITS,
     MIXING_RULES,
+    SIM_ONLY_RULES,
     SPLITS,
     TOPOLOGIES,
     DataConfig,
@@ -36,7 +38,19 @@ def simulate(
     dataset: Annotated[str, typer.Option(help=_DATASET_HELP)] = _DEFAULT.data.dataset,
     model: Annotated[str, typer.Option(help="logreg, mlp, cnn or cnn32.")] = _DEFAULT.model.name,
     nodes: Annotated[int, typer.Option(help="How many virtual nodes.")] = _DEFAULT.data.num_nodes,
-    split: Annotated[str, typer.Option(help=f"{', '.join(SPLITS)}.")] = _DEFAULT.data.split,
+    split: Annotated[
+        str,
+        typer.Option(
+            help=f"{', '.join(SPLITS)}. label_swap and rotated deal iid, then cluster c of "
+            "--clusters relabels by its own permutation or rotates images by c*360/K degrees."
+        ),
+    ] = _DEFAULT.data.split,
+    clusters: Annotated[
+        int,
+        typer.Option(
+            help="Clusters K for label_swap and rotated (node i in cluster i mod K; 2 to --nodes)."
+        ),
+    ] = _DEFAULT.data.clusters,
     alpha: Annotated[
         float, typer.Option(help="Dirichlet concentration (noniid: labels; unbalanced: sizes).")
     ] = _DEFAULT.data.alpha,
@@ -60,7 +74,10 @@ def simulate(
     ] = _DEFAULT.topology.edge_prob,
     mixing: Annotated[
         list[str] | None,
-        typer.Option(help=f"{', '.join(MIXING_RULES)}; repeat to compare rules in one folder."),
+        typer.Option(
+            help=f"{', '.join((*MIXING_RULES, *SIM_ONLY_RULES))}; repeat to compare rules in one "
+            "folder. oracle (simulator only) mixes uniformly within the node's true cluster."
+        ),
     ] = None,
     trust_lr: Annotated[
         float, typer.Option(help="Plain-SGD step on trust logits.")
@@ -182,6 +199,7 @@ def simulate(
             classes_per_node=classes_per_node,
             min_per_node=min_per_node,
             val_fraction=val_fraction,
+            clusters=clusters,
         ),
         model=ModelConfig(name=model),
         train=TrainConfig(
@@ -323,12 +341,15 @@ def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, spl
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    skewed = split in ("noniid", "shards")
+    skewed = split in ("noniid", "shards", *CLUSTERED_SPLITS)
+    clustered = split in CLUSTERED_SPLITS
     table = Table(title=f"final test accuracy across nodes (and seeds); folder {folder}")
     for header in ("mixing", "runs", "mean %", "std %", "std across seeds %", "macro F1"):
         table.add_column(header, justify="left" if header == "mixing" else "right")
     if skewed:
         table.add_column("own-distribution %", justify="right")
+    if clustered:
+        table.add_column("weight in own cluster", justify="right")
     for rule, row in summary["by_mixing"].items():
         cells = [
             rule,
@@ -342,6 +363,9 @@ def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, spl
             cells.append(
                 f"{100 * row['own_accuracy_mean']:.2f} ± {100 * row['own_accuracy_std']:.2f}"
             )
+        if clustered:
+            share = row.get("cluster_share_mean")
+            cells.append("n/a" if share is None else f"{share:.3f}")
         table.add_row(*cells)
     console = Console()
     console.print(table)

@@ -1,6 +1,8 @@
 """Split a training set across nodes: seeded, returning index arrays, never copies of the data.
 
-Four schemes (names as in :data:`fedtorrent.config.SPLITS`):
+Four schemes (names as in :data:`fedtorrent.config.SPLITS`; the clustered ones, ``label_swap``
+and ``rotated``, deal like ``iid`` and then transform each cluster's examples, see
+:mod:`fedtorrent.data.clusters`):
 
 - ``iid``: equal sizes, every node with the global label mix (stratified dealing).
 - ``noniid``: equal sizes, node ``i``'s label mix drawn from Dirichlet(``alpha``); small ``alpha``
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedtorrent.config import SPLITS, DataConfig
+from fedtorrent.config import CLUSTERED_SPLITS, SPLITS, DataConfig
 from fedtorrent.errors import ConfigError, UnknownNameError
 
 _SINKHORN_ITERATIONS = 1000
@@ -65,7 +67,8 @@ def node_indices(
     Args:
         labels: 1-D non-negative integer class labels of the training set.
         num_nodes: how many parts.
-        scheme: one of ``iid``, ``noniid``, ``shards``, ``unbalanced``.
+        scheme: one of ``iid``, ``noniid``, ``shards``, ``unbalanced`` (or a clustered split,
+            dealt as ``iid``).
         alpha: Dirichlet concentration (label skew for ``noniid``, size skew for ``unbalanced``).
         classes_per_node: classes per node for ``shards``.
         min_per_node: smallest node for ``unbalanced``.
@@ -89,7 +92,7 @@ def node_indices(
     )
     rng = np.random.default_rng(seed)
     class_counts = np.bincount(labels, minlength=len(classes))
-    if scheme == "iid":
+    if scheme == "iid" or scheme in CLUSTERED_SPLITS:
         parts = _deal_stratified(labels, _equal_sizes(total, num_nodes), rng)
     elif scheme == "unbalanced":
         sizes = _dirichlet_sizes(total, num_nodes, alpha=alpha, min_per_node=min_per_node, rng=rng)

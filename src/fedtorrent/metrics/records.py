@@ -28,6 +28,7 @@ ROUND_FIELDS = (
     "test_loss",
     "own_accuracy",
     "self_weight",
+    "cluster_share",
 )
 """Columns of the per-round, per-node records the simulator writes."""
 FINAL_FIELDS = (
@@ -40,6 +41,7 @@ FINAL_FIELDS = (
     "f1",
     "loss",
     "own_accuracy",
+    "cluster_share",
     "train_examples",
 )
 """Scalar columns of the final per-node records (the JSON Lines file adds ``confusion``)."""

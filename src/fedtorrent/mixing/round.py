@@ -8,7 +8,8 @@ same steps, in the same order, for both:
 1. received rows that are not finite leave every other receiver's cohort (``nonfinite``);
 2. the plausibility screen (:mod:`fedtorrent.mixing.screen`) drops implausible rows
    (``implausible``), measured from each receiver's own true vector;
-3. the rule: ``none`` keeps the own vector; ``fixed``, ``metropolis`` and ``learned`` are weights
+3. the rule: ``none`` keeps the own vector; ``fixed``, ``metropolis``, ``learned`` and the
+   simulator's ``oracle`` (uniform over the members in the receiver's true cluster) are weights
    (learned trust is fitted here, :func:`fit_trust`, on validation batches the caller draws from
    :func:`validation_rows`, then passes the held-out check); robust rules reduce each receiver's
    ``[own, *cohort]`` stack;
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedtorrent.config import MixingConfig
+from fedtorrent.errors import ConfigError
 from fedtorrent.mixing.rules import (
     WEIGHTED_RULES,
     coordinate_median,
@@ -65,6 +67,8 @@ class Cohorts:
             receiver's own value is at its ``self_column``.
         sender_degrees: ``(M,)`` the cohort size of each sender, for ``metropolis``; None when
             the receivers are the senders (``R == M``): taken from ``members`` after the screen.
+        same_cluster: ``(R, M)`` bool, True where a sender is in the receiver's true cluster:
+            what ``oracle`` mixes over (the simulator knows it; a real peer does not).
     """
 
     shared: Tensor
@@ -73,6 +77,7 @@ class Cohorts:
     own: Tensor | None = None
     exact: Mapping[str, Tensor] = field(default_factory=dict)
     sender_degrees: Tensor | None = None
+    same_cluster: Tensor | None = None
 
     @property
     def own_rows(self) -> Tensor:
@@ -203,6 +208,10 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
             weights = uniform_weights(members)
         elif config.rule == "metropolis":
             weights = metropolis_rows(members, is_self, cohorts.sender_degrees)
+        elif config.rule == "oracle":
+            if cohorts.same_cluster is None:
+                raise ConfigError("oracle mixing needs every node's true cluster (simulator only)")
+            weights = uniform_weights(members & (cohorts.same_cluster | is_self))
         elif trust is None:
             weights = uniform_weights(members)
         else:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fedtorrent.config import (
+    CLUSTERED_SPLITS,
     DataConfig,
     MixingConfig,
     ModelConfig,
@@ -30,6 +31,7 @@ from fedtorrent.config import (
     SimConfig,
     TrainConfig,
 )
+from fedtorrent.data.clusters import TASK_CLUSTERS
 from fedtorrent.data.datasets import CLASSES, INPUT_SHAPES
 from fedtorrent.errors import ConfigError
 from fedtorrent.models import build_model
@@ -107,6 +109,8 @@ def create_session(
     if task is not None:
         if model is not None:
             raise ConfigError("a task session takes its model from the task: give task or model")
+        if data.split in CLUSTERED_SPLITS:
+            raise ConfigError(TASK_CLUSTERS)
         net, task_info = _task_model(task, train=train, nodes=data.num_nodes)
         model = ModelConfig(TASK_MODEL, {})
         data = dataclasses.replace(data, dataset=TASK_MODEL, data_dir=None)

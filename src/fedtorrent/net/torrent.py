@@ -27,6 +27,7 @@ import fastbencode
 
 from fedtorrent.config import (
     LR_SCHEDULES,
+    SIM_ONLY_RULES,
     DataConfig,
     MixingConfig,
     ModelConfig,
@@ -64,7 +65,10 @@ MAX_ALLOW_KEYS = 10_000
 _HEX = frozenset("0123456789abcdef")
 _LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
 """Fields that describe one machine, never the session: a peer fills them in itself."""
-_ADDED_LATER = {MixingConfig: frozenset({"plausibility", "skip_below", "skip_after"})}
+_ADDED_LATER = {
+    MixingConfig: frozenset({"plausibility", "skip_below", "skip_after"}),
+    DataConfig: frozenset({"clusters"}),
+}
 """Fields added after format version 1: written only when they differ from their default and
 read as the default when absent, so older torrents keep their bytes and their info-hash."""
 TASK_MODEL = "task"
@@ -208,6 +212,11 @@ class Session:
             f"version must be {FORMAT_VERSION}, got {self.version}",
         )
         _check(bool(self.model.name), "model name must not be empty")
+        _check(
+            self.mixing.rule not in SIM_ONLY_RULES,
+            f"mixing rule {self.mixing.rule!r} is simulator-only: a peer cannot know its "
+            "neighbours' true clusters",
+        )
         if self.compression is not None:
             canonical_json(self.compression)  # raises ConfigError when not JSON-able
             codec = self.compression.get("codec")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedtorrent.data import load_dataset, split_nodes, train_val_split
+from fedtorrent.data.clusters import node_examples
 from fedtorrent.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -64,7 +65,9 @@ def load_peer_data(
     Args:
         session: whose dataset and data settings (split, validation fraction, seed) apply.
         node_index: with ``num_nodes``: hold shard ``node_index`` of ``num_nodes``, split as
-            every peer of the session splits it.
+            every peer of the session splits it. With a clustered split (``label_swap``,
+            ``rotated``) the shard and the test set are under the node's cluster's
+            transformation (:mod:`fedtorrent.data.clusters`), as in the simulator.
         num_nodes: see ``node_index``.
         examples: or a folder with ``x.npy`` and ``y.npy`` (``read_examples``), and optionally
             ``x_test.npy`` / ``y_test.npy`` (else the dataset's test set).
@@ -86,15 +89,13 @@ def load_peer_data(
         dataset = load_dataset(session.data.dataset, data_dir=data_dir, progress=False)
         data_config = dataclasses.replace(session.data, num_nodes=num_nodes)
         split = _splits(dataset.y_train, data_config)[node_index]
+        train, val, test = node_examples(dataset, split, config=data_config, node=node_index)
         return PeerData(
-            x_train=torch.from_numpy(np.asarray(dataset.x_train[split.train])),
-            y_train=torch.from_numpy(dataset.y_train[split.train].astype(np.int64)),
-            x_val=torch.from_numpy(np.asarray(dataset.x_train[split.val])),
-            y_val=torch.from_numpy(dataset.y_train[split.val].astype(np.int64)),
-            x_test=torch.from_numpy(dataset.x_test),
-            y_test=torch.from_numpy(dataset.y_test.astype(np.int64)),
+            x_train=torch.from_numpy(train[0]), y_train=torch.from_numpy(train[1]),
+            x_val=torch.from_numpy(val[0]), y_val=torch.from_numpy(val[1]),
+            x_test=torch.from_numpy(test[0]), y_test=torch.from_numpy(test[1]),
             num_classes=dataset.num_classes,
-        )
+        )  # fmt: skip
     x, y = read_examples(examples / "x.npy", examples / "y.npy", num_classes=num_classes)
     if (examples / "x_test.npy").exists() or (examples / "y_test.npy").exists():
         x_test, y_test = read_examples(

@@ -542,6 +542,8 @@ class Engine:
         init: ``(P,)`` starting parameters, the same for every node (as a torrent's initial state).
         seed: fixes batch order, trust batches and dropout.
         share: what nodes send each other (default: their parameters).
+        clusters: ``(N,)`` each node's true cluster (a clustered split), which the ``oracle``
+            rule mixes within; None when there are none (``oracle`` then refuses to run).
         device: where the stacked parameters, data, optimizer state, mixing, trust and
             evaluation live. The batch-order and trust-batch generators stay on the CPU (the
             same draws on every device); node states and weights handed out are CPU tensors.
@@ -558,6 +560,7 @@ class Engine:
         init: Tensor,
         seed: int,
         share: ShareFn | None = None,
+        clusters: Tensor | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
@@ -587,10 +590,20 @@ class Engine:
             raise ConfigError(
                 "learned trust needs validation data on every node (val_fraction > 0)"
             )
+        if clusters is not None and tuple(clusters.shape) != (n,):
+            raise ConfigError(f"clusters has shape {tuple(clusters.shape)}, expected ({n},)")
+        if mixing.rule == "oracle" and clusters is None:
+            raise ConfigError("oracle mixing needs every node's true cluster (a clustered split)")
         with self._on_device():  # the state allocated below lives on the device
             self.backend, self.data, self.train_config = backend, data, train
             self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
             self.num_nodes = n
+            self.same_cluster = (
+                None
+                if clusters is None
+                else (clusters[:, None] == clusters[None, :]).to(self.device)
+            )
+            """``(N, N)`` bool: True where two nodes share a true cluster (None: no clusters)."""
             self.params = init.detach().to(torch.float32).unsqueeze(0).repeat(n, 1)
             self.before = self.params
             """Rows before the current round's training (kept only with a ``share`` hook)."""
@@ -814,6 +827,7 @@ class Engine:
             self_column=torch.arange(n),
             own=None if shared is own else own[:, :width],
             exact=counters,
+            same_cluster=self.same_cluster,
         )
         learned = self.mixing.rule == "learned"
         with _timed(self.timings, "trust" if learned else "mix"):

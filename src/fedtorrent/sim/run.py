@@ -3,9 +3,15 @@
 A run folder holds, for every (mixing rule, seed) pair that was run:
 
 - ``rounds.jsonl`` / ``rounds.csv``: per round and node, test accuracy and loss, accuracy on the
-  node's own label mix, and the node's weight on itself;
+  node's own distribution (``own_accuracy``), the node's weight on itself, and with a clustered
+  split the share of its weight inside its true cluster (``cluster_share``);
 - ``final.jsonl`` / ``final.csv``: per node, accuracy, macro precision / recall / F1, loss,
-  own-distribution accuracy (and in JSON Lines the confusion matrix);
+  own-distribution accuracy, ``cluster_share`` (and in JSON Lines the confusion matrix);
+
+Own-distribution accuracy is accuracy on the test set as the node's own data is distributed:
+with a clustered split (``label_swap``, ``rotated``) the test set under its cluster's
+transformation (:mod:`fedtorrent.data.clusters`), else the test set reweighted to its label mix.
+``accuracy`` is always on the test set as it is.
 - ``trust.jsonl``: mixing-weight snapshots ``W`` (``N x N``, row i = node i's weights);
 - ``summary.json``: the configs, mean and std of the scores per rule, time spent per phase, and
   with privacy or attackers the security metric (``fedtorrent.sim.scenario``);
@@ -27,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fedtorrent.config import SimConfig
+from fedtorrent.config import CLUSTERED_SPLITS, SimConfig
 from fedtorrent.device import resolve_device
 from fedtorrent.errors import ConfigError
 from fedtorrent.files import write_atomic
@@ -38,7 +44,15 @@ from fedtorrent.metrics.records import (
     write_json,
 )
 from fedtorrent.progress import Advance, progress_bar
-from fedtorrent.sim.engine import Engine, LinearBackend, ShareFn, make_backend, node_data
+from fedtorrent.sim.engine import (
+    Engine,
+    Evaluation,
+    LinearBackend,
+    NodeData,
+    ShareFn,
+    make_backend,
+    node_data,
+)
 from fedtorrent.sim.loop import ModuleLoopBackend, StateLayout, has_buffers
 from fedtorrent.sim.topology import Topology
 from fedtorrent.sim.traffic import Traffic
@@ -49,6 +63,7 @@ from fedtorrent.training.schedule import round_lr_scale
 from fedtorrent.training.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:
+    from fedtorrent.data.clusters import Clusters
     from fedtorrent.data.datasets import Dataset
     from fedtorrent.task import Task
 
@@ -131,6 +146,7 @@ def run_one(
         device: where the engine trains, mixes and evaluates (see :class:`Engine`); results
             and states come back on the CPU.
     """
+    from fedtorrent.data.clusters import clusters_for  # noqa: PLC0415
     from fedtorrent.data.partition import split_nodes  # noqa: PLC0415
     from fedtorrent.models import build_model  # noqa: PLC0415
     from fedtorrent.sim import scenario  # noqa: PLC0415
@@ -140,9 +156,14 @@ def run_one(
         raise ConfigError(f"dataset {dataset.name!r} given for a {config.data.dataset!r} run")
     started = time.perf_counter()
     splits = split_nodes(dataset.y_train, config.data)
+    clusters = clusters_for(config.data, num_classes=dataset.num_classes)
+    x_train, y_train = dataset.x_train, dataset.y_train
+    if clusters is not None:
+        held = [np.concatenate([s.train, s.val]) for s in splits]
+        x_train, y_train = clusters.transform_nodes(x_train, y_train, held)
     data = node_data(
-        x_train=dataset.x_train,
-        y_train=dataset.y_train,
+        x_train=x_train,
+        y_train=y_train,
         x_test=dataset.x_test,
         y_test=dataset.y_test,
         splits=[(s.train, s.val) for s in splits],
@@ -182,12 +203,14 @@ def run_one(
         init=init,
         seed=config.seed,
         share=share,
+        clusters=None if clusters is None else torch.from_numpy(clusters.assignment),
         device=device,
     )
     width = init.shape[0] if backend is None else backend.layout.num_params
     traffic = run_traffic(config, model, width=width)
     label_mix = _label_mix(dataset.y_train, [s.train for s in splits], dataset.num_classes)
     curve_x, curve_y = _curve_subset(config, data.x_test, data.y_test)
+    own_curve = OwnTest(label_mix, clusters, curve_x, curve_y, data)
     tag = {"mixing": config.mixing.rule, "seed": config.seed}
     writers = writers or RunWriters()
     weights: torch.Tensor | None = None
@@ -210,9 +233,10 @@ def run_one(
         if done % config.eval_every == 0 or done == config.rounds:
             evaluation = engine.evaluate(curve_x, curve_y)
             accuracy = evaluation.accuracy.tolist()
-            own = evaluation.weighted_accuracy(label_mix).tolist()
+            own = own_curve.accuracy(engine, evaluation).tolist()
             loss = evaluation.loss.tolist()
             self_weight = weights.diagonal().tolist() if weights is not None else [math.nan] * n
+            in_cluster = _cluster_share(weights, clusters)
             if writers.rounds is not None:
                 for node in range(n):
                     writers.rounds.write(
@@ -224,6 +248,7 @@ def run_one(
                             "test_loss": loss[node],
                             "own_accuracy": own[node],
                             "self_weight": self_weight[node],
+                            **({} if in_cluster is None else {"cluster_share": in_cluster[node]}),
                             **({} if epsilon is None else {"epsilon": epsilon}),
                         }
                     )
@@ -231,7 +256,12 @@ def run_one(
                 writers.trust.write({**tag, "round": done, "weights": weights.tolist()})
         if on_round is not None:
             on_round(done, config.rounds)
-    final = _final_scores(engine, label_mix, data.train_count.tolist())
+    own_final = own_curve if curve_x is None else OwnTest(label_mix, clusters, None, None, data)
+    final = _final_scores(engine, own_final, data.train_count.tolist())
+    in_cluster = _cluster_share(weights, clusters)
+    if in_cluster is not None:
+        for record, value in zip(final, in_cluster, strict=True):
+            record["cluster_share"] = value
     if writers.final is not None:
         for node, record in enumerate(final):
             writers.final.write({**tag, "node": node, **record})
@@ -340,14 +370,70 @@ def _curve_subset(
     return x[pick], y[pick]
 
 
+class OwnTest:
+    """Each node's own-distribution accuracy on a set of test examples (see the module doc).
+
+    Built once per run and set of examples (``x``, ``y``; None: the whole test set of ``data``):
+    for ``rotated`` the rotated copies are made here, once. ``label_swap`` needs no copies: the
+    inputs are the same, so a node's own accuracy is read off the confusion matrix of the
+    untransformed evaluation, with each true class mapped through its cluster's permutation.
+    """
+
+    def __init__(
+        self,
+        label_mix: torch.Tensor,
+        clusters: Clusters | None,
+        x: torch.Tensor | None,
+        y: torch.Tensor | None,
+        data: NodeData,
+    ) -> None:
+        self.label_mix, self.clusters = label_mix, clusters
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if clusters is not None and clusters.split == "rotated":
+            x_all = (data.x_test if x is None else x).numpy()
+            y_all = data.y_test if y is None else y
+            for cluster in range(1, clusters.num_clusters):
+                rotated, _ = clusters.transform(cluster, x_all, y_all.numpy())
+                self.views[cluster] = torch.from_numpy(rotated), y_all
+
+    def accuracy(self, engine: Engine, evaluation: Evaluation) -> torch.Tensor:
+        """``(N,)`` float64, given ``evaluation``: every node on the untransformed examples."""
+        clusters = self.clusters
+        if clusters is None:
+            return evaluation.weighted_accuracy(self.label_mix)
+        own = evaluation.accuracy.clone()  # cluster 0 sees the test set as it is
+        classes = torch.arange(evaluation.confusion.shape[1])
+        for cluster in range(1, clusters.num_clusters):
+            rows = torch.from_numpy(clusters.members(cluster))
+            if cluster in self.views:
+                own[rows] = engine.evaluate(*self.views[cluster]).accuracy[rows]
+                continue
+            confusion = evaluation.confusion[rows]  # [node, true class, guess]
+            relabelled = torch.from_numpy(clusters.permutations[cluster])
+            hits = confusion[:, classes, relabelled].sum(dim=1).to(torch.float64)
+            own[rows] = hits / confusion.sum(dim=(1, 2)).clamp_min(1)
+        return own
+
+
+def _cluster_share(weights: torch.Tensor | None, clusters: Clusters | None) -> list[float] | None:
+    """Per node, the sum of its mixing weights on nodes of its own cluster (itself included).
+
+    None without clusters or weights (robust rules).
+    """
+    if clusters is None or weights is None:
+        return None
+    same = torch.from_numpy(clusters.same_cluster())
+    return [float(v) for v in (weights * same).sum(dim=1)]
+
+
 def _final_scores(
-    engine: Engine, label_mix: torch.Tensor, train_counts: list[int]
+    engine: Engine, own_test: OwnTest, train_counts: list[int]
 ) -> list[dict[str, Any]]:
     from fedtorrent.training.evaluate import classification_metrics  # noqa: PLC0415
 
     evaluation = engine.evaluate(keep_predictions=True)
     assert evaluation.predictions is not None
-    own = evaluation.weighted_accuracy(label_mix).tolist()
+    own = own_test.accuracy(engine, evaluation).tolist()
     truth = engine.data.y_test.numpy()
     out = []
     for node in range(engine.num_nodes):
@@ -384,6 +470,9 @@ def _mean_traffic(runs: Sequence[RunOutcome]) -> dict[str, Any] | None:
 
 def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
     """Mean and std of final scores per mixing rule, over nodes and seeds.
+
+    With a clustered split, ``cluster_share_mean`` (and ``_std``) is the last round's share of
+    each node's mixing weight inside its true cluster, over nodes and seeds (weighted rules).
 
     ``accuracy_std`` pools every (seed, node) pair; ``accuracy_std_nodes`` is the mean over seeds
     of the std across nodes; ``accuracy_std_seeds`` the std over seeds of the node mean, and
@@ -423,6 +512,7 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
             "accuracy_per_seed": [float(v) for v in acc.mean(axis=1)],
             "own_accuracy_mean": float(own.mean()),
             "own_accuracy_std": float(own.std()),
+            **_cluster_share_stats(runs),
             "f1_mean": float(f1.mean()),
             "rejected": _sum_counts(r.rejected for r in runs),
             "wall_seconds": float(sum(r.wall_seconds for r in runs)),
@@ -437,13 +527,21 @@ def summarize(outcomes: Sequence[RunOutcome]) -> dict[str, Any]:
     return summary
 
 
+def _cluster_share_stats(runs: Sequence[RunOutcome]) -> dict[str, float]:
+    """``cluster_share_mean`` / ``_std`` over nodes and seeds of the last round's share, if any."""
+    if "cluster_share" not in runs[0].final[0]:
+        return {}
+    shares = np.array([[float(x["cluster_share"]) for x in r.final] for r in runs])
+    return {"cluster_share_mean": float(shares.mean()), "cluster_share_std": float(shares.std())}
+
+
 def metric_stats(runs: Sequence[RunOutcome]) -> dict[str, dict[str, float]]:
     """``{name: {"mean", "std"}}`` across nodes and seeds of every final score (``loss`` too).
 
     Scores are the numeric entries of the final records, bar bookkeeping (``train_examples``,
     ``own_accuracy``, ``confusion``).
     """
-    skip = {"train_examples", "own_accuracy", "confusion", "split", "num_examples"}
+    skip = {"train_examples", "own_accuracy", "cluster_share", "confusion", "split", "num_examples"}
     names = [k for k, v in runs[0].final[0].items() if k not in skip and isinstance(v, int | float)]
     out = {}
     for name in names:
@@ -554,6 +652,10 @@ def simulate(
         builtin = _builtin_configs(task, configs)
         if builtin is not None:
             configs, task = builtin, None
+        elif any(c.data.split in CLUSTERED_SPLITS for c in configs):
+            from fedtorrent.data.clusters import TASK_CLUSTERS  # noqa: PLC0415
+
+            raise ConfigError(TASK_CLUSTERS)
     if task is None:
         names = {c.data.dataset for c in configs}
         if len(names) != 1:

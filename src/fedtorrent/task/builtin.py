@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedtorrent.config import DataConfig, ModelConfig
+from fedtorrent.data.clusters import node_examples
 from fedtorrent.data.datasets import CLASSES, DATASET_NAMES, INPUT_SHAPES, load_dataset
 from fedtorrent.data.partition import split_nodes
 from fedtorrent.errors import UnknownNameError
@@ -94,17 +95,21 @@ class BuiltinData:
         return self._splits[num_nodes]
 
     def __call__(self, node: int, num_nodes: int) -> NodeData:
-        """Node ``node``'s rows of the training set and the whole test set, as tensors."""
+        """Node ``node``'s rows of the training set and the whole test set, as tensors.
+
+        With a clustered split, all three are under the node's cluster's transformation.
+        """
         dataset = self.dataset()
         split = self.splits(num_nodes)[node]
-        x, y = torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)
-        val = None
-        if len(split.val):
-            val = (x[torch.from_numpy(split.val)], y[torch.from_numpy(split.val)])
+        config = dataclasses.replace(self.config, num_nodes=num_nodes)
+        parts = node_examples(dataset, split, config=config, node=node)
+        (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
+            (torch.from_numpy(x), torch.from_numpy(y)) for x, y in parts
+        )
         return NodeData(
-            train=(x[torch.from_numpy(split.train)], y[torch.from_numpy(split.train)]),
-            val=val,
-            test=(torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)),
+            train=(x_train, y_train),
+            val=(x_val, y_val) if len(split.val) else None,
+            test=(x_test, y_test),
         )
 
 
@@ -118,6 +123,7 @@ def builtin_task(
     min_per_node: int = 10,
     val_fraction: float = 0.2,
     seed: int = 0,
+    clusters: int = 1,
     data_dir: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> Task:
@@ -140,6 +146,7 @@ def builtin_task(
         min_per_node=min_per_node,
         val_fraction=val_fraction,
         seed=seed,
+        clusters=clusters,
     )
     return builtin_task_from(data_config, ModelConfig(model, dict(model_kwargs or {})))
 
