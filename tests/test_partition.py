@@ -199,7 +199,7 @@ def test_impossible_requests_raise_config_errors(kwargs: dict[str, object], mess
 
 
 def test_unknown_scheme_lists_the_valid_ones() -> None:
-    with pytest.raises(UnknownNameError, match="iid, label_swap, noniid, rotated, shards, unbalanced"):
+    with pytest.raises(UnknownNameError, match="iid, label_swap, noniid, rotated, shards"):
         node_indices(np.zeros(4, dtype=np.int64), num_nodes=2, scheme="dirichlet")
 
 

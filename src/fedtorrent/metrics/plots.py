@@ -307,6 +307,7 @@ def plot_run_folder(folder: Path) -> list[Path]:
 
     Confusion matrices name the classes of the run's dataset (from ``summary.json``'s configs).
     """
+    from fedtorrent.config import CLUSTERED_SPLITS  # noqa: PLC0415
     from fedtorrent.data.datasets import CLASSES  # noqa: PLC0415
 
     folder = Path(folder)
@@ -317,13 +318,15 @@ def plot_run_folder(folder: Path) -> list[Path]:
     configs = summary.get("configs", [])
     datasets = {str(c.get("data", {}).get("dataset")) for c in configs}
     class_names = CLASSES.get(datasets.pop()) if len(datasets) == 1 else None
-    if any(c.get("data", {}).get("split") in ("noniid", "shards") for c in configs):
+    splits = {c.get("data", {}).get("split") for c in configs}
+    if splits & {"noniid", "shards", *CLUSTERED_SPLITS}:
+        own = "distribution (its cluster's view)" if splits & set(CLUSTERED_SPLITS) else "label mix"
         made.append(
             plot_accuracy(
                 folder / "rounds.jsonl",
                 plots / "own_accuracy.png",
                 metric="own_accuracy",
-                title="accuracy on each node's own label mix",
+                title=f"accuracy on each node's own {own}",
             )
         )
     for rule in rules:
