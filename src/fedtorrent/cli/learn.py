@@ -122,6 +122,9 @@ def partition(
     min_per_node: Annotated[int, typer.Option(help="Smallest node for unbalanced.")] = 10,
     val_fraction: Annotated[float, typer.Option(help="Validation share inside each node.")] = 0.2,
     seed: Annotated[int, typer.Option()] = 0,
+    clusters: Annotated[
+        int, typer.Option(help="Clusters for label_swap and rotated (dealt as iid).")
+    ] = 1,
     data_dir: Annotated[Path | None, typer.Option(help=_DATA_DIR_HELP)] = None,
 ) -> None:
     """Split the training set across nodes and print per-node sizes and label counts."""
@@ -135,6 +138,7 @@ def partition(
         min_per_node=min_per_node,
         val_fraction=val_fraction,
         seed=seed,
+        clusters=clusters,
     )
     import numpy as np  # noqa: PLC0415 (lazy: keep --help fast)
 
