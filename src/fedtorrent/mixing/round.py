@@ -8,10 +8,11 @@ same steps, in the same order, for both:
 1. received rows that are not finite leave every other receiver's cohort (``nonfinite``);
 2. the plausibility screen (:mod:`fedtorrent.mixing.screen`) drops implausible rows
    (``implausible``), measured from each receiver's own true vector;
-3. the rule: ``none`` keeps the own vector; ``fixed``, ``metropolis`` and ``learned`` are weights
-   (learned trust is fitted here, :func:`fit_trust`, on validation batches the caller draws from
-   :func:`validation_rows`, then passes the held-out check); robust rules reduce each receiver's
-   ``[own, *cohort]`` stack;
+3. the rule: ``none`` keeps the own vector; ``fixed``, ``metropolis``, ``learned`` and
+   ``fedfomo`` are weights (learned trust is fitted here, :func:`fit_trust`, on validation
+   batches the caller draws from :func:`validation_rows`, then passes the held-out check;
+   FedFomo's weights, :func:`fit_fomo`, come from one such batch); robust rules reduce each
+   receiver's ``[own, *cohort]`` stack;
 4. privacy's public correction: a receiver mixes its own *true* vector although its cohort saw
    its shared one (``own``); what the cohort can compute of its mix is ``public``;
 5. the guard: a receiver whose mix is not finite keeps its own vector (``unmixed``);
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedtorrent.config import MixingConfig
+from fedtorrent.mixing.fomo import fomo_weights
 from fedtorrent.mixing.rules import (
     WEIGHTED_RULES,
     coordinate_median,
@@ -45,6 +47,10 @@ from fedtorrent.mixing.trust import learn_trust, prefer_learned, trust_weights
 Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor]
 """One validation batch per receiver: inputs ``(R, B, ...)`` and targets ``(R, B, ...)``."""
+
+VALIDATED_RULES = ("learned", "fedfomo")
+"""Rules that score received vectors on the receiver's validation batches (they take a
+:class:`Trust`)."""
 
 GATHER_BUDGET = 64 * 2**20
 """Floats a gathered ``(G, size, P)`` cohort stack for the robust rules may take at once."""
@@ -82,12 +88,13 @@ class Cohorts:
 
 @dataclass(frozen=True)
 class Trust:
-    """Learned trust's inputs for :func:`mix_round`.
+    """Validation inputs of learned trust and FedFomo (``VALIDATED_RULES``) for :func:`mix_round`.
 
     Attributes:
-        logits: ``(R, M)`` the receivers' current trust logits over the senders.
+        logits: ``(R, M)`` the receivers' current trust logits over the senders (``fedfomo``
+            reads none).
         draw: a fresh validation batch for every receiver (see :func:`validation_rows`); called
-            once per trust step and once for the held-out check.
+            once per trust step and once for the held-out check (``fedfomo``: once).
         losses: ``(mixed (R, P), inputs, targets) -> (R,)`` each receiver's mean validation loss
             of its mixed vector (differentiable in the vector); the caller completes the state
             with what the vector does not hold (local buffers: the receiver's own).
@@ -116,7 +123,8 @@ class Mixed:
         implausible: members the plausibility screen dropped.
         distances: ``(R, M)`` float64 distance from each receiver's own vector to every member
             it screened (0 elsewhere); None when nothing was screened.
-        excluded: members learned trust excluded (non-finite loss or gradient).
+        excluded: members learned trust (non-finite loss or gradient) or FedFomo (non-finite
+            loss) excluded.
         logits: ``(R, M)`` the new trust logits (learned rule); None otherwise.
         kept: ``(R,)`` bool, receivers whose learned weights passed the held-out check (None
             without a check).
@@ -161,7 +169,8 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
         config: the session's mixing settings (rule, screen, trust settings).
         trust: learned trust's logits, batches and loss; required when the rule is ``learned``
             and ``trust_steps > 0`` (without it the logits in ``Trust`` are used as they are, or
-            uniform weights when it is None).
+            uniform weights when it is None), and for ``fedfomo`` (without a batch every
+            receiver keeps its own vector).
     """
     shared, members, self_column = cohorts.shared, cohorts.members.clone(), cohorts.self_column
     r = members.shape[0]
@@ -203,6 +212,8 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
             weights = uniform_weights(members)
         elif config.rule == "metropolis":
             weights = metropolis_rows(members, is_self, cohorts.sender_degrees)
+        elif config.rule == "fedfomo":
+            weights, members, excluded = fit_fomo(trust, members, cohorts, shared, distances)
         elif trust is None:
             weights = uniform_weights(members)
         else:
@@ -227,7 +238,7 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
     return Mixed(
         params=guarded, exact=exact, public=public, weights=weights, members=members,
         nonfinite=nonfinite, implausible=implausible,
-        distances=distances if config.plausibility > 0 or config.rule == "learned" else None,
+        distances=distances if config.plausibility > 0 or config.rule in VALIDATED_RULES else None,
         excluded=excluded, logits=logits, kept=kept, unmixed=unmixed,
     )  # fmt: skip
 
@@ -283,6 +294,58 @@ def fit_trust(
         )
     chosen = torch.where(keep.unsqueeze(1), weights, uniform)
     return chosen, fit.logits, fit.members, fit.excluded, keep
+
+
+def fit_fomo(
+    trust: Trust | None, members: Tensor, cohorts: Cohorts, shared: Tensor, distances: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FedFomo's weights for every receiver (:func:`fedtorrent.mixing.fomo.fomo_weights`).
+
+    Each receiver draws one validation batch (``trust.draw``, once) and scores on it its own
+    true vector and the shared vector of every member left after the screen; ``distances`` are
+    the screen's float64 ``||shared_j - own_i||``. Without a batch to score on (``trust`` None
+    or ``trust.fit`` False) or with no member but itself, a receiver keeps its own vector.
+
+    Returns:
+        ``(weights, members, excluded)``: members whose validation loss is not finite are
+        excluded (weight 0, counted like learned trust's exclusions).
+    """
+    r = members.shape[0]
+    is_self = torch.zeros_like(members)
+    is_self[torch.arange(r, device=members.device), cohorts.self_column] = True
+    candidates = members & ~is_self
+    excluded = torch.zeros_like(members)
+    if trust is None or not trust.fit or not bool(candidates.any()):
+        return is_self.to(torch.float32), members, excluded
+    x, y = trust.draw()
+    with torch.no_grad():
+        own_loss = trust.losses(cohorts.own_rows, x, y)
+        losses = _member_losses(trust, candidates, cohorts.self_column, shared, batch=(x, y))
+    excluded = candidates & ~torch.isfinite(losses)
+    weights = fomo_weights(own_loss, losses, distances, candidates & ~excluded, is_self)
+    return weights, members & ~excluded, excluded
+
+
+def _member_losses(
+    trust: Trust, candidates: Tensor, self_column: Tensor, shared: Tensor, *, batch: Batch
+) -> Tensor:
+    """``(R, M)`` float64 ``L_r(shared_j)`` where ``candidates`` (NaN elsewhere).
+
+    One ``trust.losses`` call per slot: call k scores every receiver's k-th candidate at once
+    (a receiver with fewer candidates scores its own shared row there, and drops the result).
+    """
+    r, m = candidates.shape
+    columns = torch.arange(m, device=candidates.device).expand(r, m)
+    order = torch.where(candidates, columns, m).sort(dim=1).values
+    rows = torch.arange(r, device=candidates.device)
+    out = torch.full((r, m), torch.nan, dtype=torch.float64, device=candidates.device)
+    for k in range(int(candidates.sum(dim=1).max())):
+        column = order[:, k]
+        valid = column < m
+        column = torch.where(valid, column, self_column)
+        loss = trust.losses(shared[column], *batch).to(torch.float64)
+        out[rows[valid], column[valid]] = loss[valid]
+    return out
 
 
 def weighted_mix(
@@ -349,7 +412,7 @@ def _screen(
     """
     distances = torch.zeros(edges.shape, dtype=torch.float64, device=edges.device)
     dropped = torch.zeros_like(edges)
-    if config.plausibility <= 0 and config.rule != "learned":
+    if config.plausibility <= 0 and config.rule not in VALIDATED_RULES:
         return edges, dropped, distances
     rows, cols = edges.nonzero().unbind(1)
     measured = pair_distances(own, shared, rows, cols)

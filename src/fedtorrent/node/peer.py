@@ -77,7 +77,7 @@ from fedtorrent.errors import (
 )
 from fedtorrent.ledger import Ledger
 from fedtorrent.metrics.records import write_json
-from fedtorrent.mixing.round import Cohorts, Trust, mix_round, validation_rows
+from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
 from fedtorrent.mixing.trust import TrustLearner, model_loss_fn
 from fedtorrent.models import build_model
 from fedtorrent.net.identity import (
@@ -1137,11 +1137,12 @@ class Peer:
         """Learned trust's logits over ``[self, *heard]``, validation batches and loss.
 
         Batches come from this peer's ``TRUST`` generator of the round (the simulator's draws for
-        the same node); with no validation data or nobody heard the logits are used unfitted.
+        the same node); with no validation data or nobody heard the logits are used unfitted
+        (``fedfomo``, which has no logits, keeps the own state).
         """
-        if self.trust is None:
-            return None
         mixing = self.session.mixing
+        if mixing.rule not in VALIDATED_RULES:
+            return None
         x_val, y_val = self.data.x_val, self.data.y_val
         count = len(y_val)
         generator = node_generator(self.seed, Stream.TRUST, round - 1, self._salt)
@@ -1150,7 +1151,7 @@ class Peer:
 
         def draw() -> tuple[torch.Tensor, torch.Tensor]:
             if not heard or count == 0:
-                raise ConfigError("learned trust needs validation data and a cohort to fit on")
+                raise ConfigError(f"{mixing.rule} needs validation data and a cohort to fit on")
             rows = validation_rows([generator], [count], mixing.trust_batch_size)[0]
             return x_val[rows].unsqueeze(0).to(device), y_val[rows].unsqueeze(0).to(device)
 
@@ -1159,7 +1160,10 @@ class Peer:
             loss = model_loss_fn(model, x[0], y[0], loss=task_loss, keys=self.layout.mix)
             return loss(mixed[0]).unsqueeze(0)
 
-        logits = self.trust.logits(heard).unsqueeze(0).to(device)
+        if self.trust is not None:
+            logits = self.trust.logits(heard).unsqueeze(0).to(device)
+        else:
+            logits = torch.zeros(1, 1 + len(heard), device=device)
         return Trust(logits=logits, draw=draw, losses=losses, fit=bool(heard) and count > 0)
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | dict[str, float] | None:

@@ -33,7 +33,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.config import MixingConfig, TrainConfig
 from fedtorrent.errors import ConfigError
-from fedtorrent.mixing.round import Cohorts, Trust, mix_round, validation_rows
+from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
 from fedtorrent.mixing.trust import flat_views
 from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
@@ -580,12 +580,12 @@ class Engine:
                 f"init has shape {tuple(init.shape)}, expected ({backend.num_params},)"
             )
         if (
-            mixing.rule == "learned"
-            and mixing.trust_steps > 0
+            (mixing.rule == "fedfomo" or (mixing.rule == "learned" and mixing.trust_steps > 0))
             and bool((data.val_count == 0).any())
-        ):
+        ):  # fmt: skip
             raise ConfigError(
-                "learned trust needs validation data on every node (val_fraction > 0)"
+                f"mixing rule {mixing.rule!r} needs validation data on every node "
+                "(val_fraction > 0)"
             )
         with self._on_device():  # the state allocated below lives on the device
             self.backend, self.data, self.train_config = backend, data, train
@@ -815,9 +815,10 @@ class Engine:
             own=None if shared is own else own[:, :width],
             exact=counters,
         )
-        learned = self.mixing.rule == "learned"
-        with _timed(self.timings, "trust" if learned else "mix"):
-            mixed = mix_round(cohorts, self.mixing, self._trust(round_index) if learned else None)
+        validated = self.mixing.rule in VALIDATED_RULES
+        with _timed(self.timings, "trust" if validated else "mix"):
+            trust = self._trust(round_index) if validated else None
+            mixed = mix_round(cohorts, self.mixing, trust)
         if width < full:  # local buffers: each node's own
             self.params = torch.cat([mixed.params, own[:, width:]], dim=1)
         else:
@@ -852,7 +853,7 @@ class Engine:
         return torch.cat([part, self.params[:, p:]], dim=1)
 
     def _trust(self, round_index: int) -> Trust:
-        """Learned trust's batches and loss: node i draws from its own ``TRUST`` generator."""
+        """Validation batches and loss (learned, fedfomo): node i draws from its ``TRUST`` seed."""
         data, backend, own = self.data, self.backend, self.params
         width = self.mixed_width
         generators = [
