@@ -6,6 +6,7 @@ The loss in the round tests is ``L_i(theta) = ||theta - t_i||^2`` with the recei
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,15 +36,18 @@ def target_trust(targets: torch.Tensor, draws: list[int] | None = None) -> Trust
     return Trust(logits=torch.zeros(size, size), draw=draw, losses=squared_distance)
 
 
-def one_receiver(vectors: list[float], target: float, config: MixingConfig = FOMO) -> Mixed:
-    """A peer's round over ``[self, *heard]`` on one-dimensional vectors."""
-    shared = torch.tensor(vectors).unsqueeze(1)
+def one_receiver(vectors: list[float], target: float, *, start: float | None = None) -> Mixed:
+    """A peer's round over ``[self, *heard]`` on one-dimensional vectors.
+
+    ``start`` is the state the peer trained from (None: its trained state is the reference).
+    """
     cohorts = Cohorts(
-        shared=shared,
+        shared=torch.tensor(vectors).unsqueeze(1),
         members=torch.ones(1, len(vectors), dtype=torch.bool),
         self_column=torch.zeros(1, dtype=torch.long),
+        start=None if start is None else torch.tensor([[start]]),
     )
-    return mix_round(cohorts, config, target_trust(torch.tensor([[target]])))
+    return mix_round(cohorts, FOMO, target_trust(torch.tensor([[target]])))
 
 
 def test_the_neighbour_that_lowers_the_loss_takes_all_the_weight() -> None:
@@ -64,11 +68,26 @@ def test_positive_weights_are_normalised_by_gain_over_distance() -> None:
     assert mixed.params[0].tolist() == pytest.approx([0.75])
 
 
+def test_the_own_trained_state_is_a_candidate_measured_from_the_start_of_the_round() -> None:
+    # Trained from 0 (loss 1) to 0.4 (loss 0.36): gain 0.64 over distance 0.4, w = 1.6. A = 0.5
+    # and B = -1 as above, from 0: 1.5 and 0. Normalised: self 1.6 / 3.1, A 1.5 / 3.1.
+    mixed = one_receiver([0.4, 0.5, -1.0], target=1.0, start=0.0)
+    assert mixed.weights is not None
+    assert mixed.weights[0].tolist() == pytest.approx([1.6 / 3.1, 1.5 / 3.1, 0.0])
+    # theta^{t-1} + sum_j w_j (theta_j - theta^{t-1}) with theta^{t-1} = 0
+    assert mixed.params[0].tolist() == pytest.approx([(1.6 * 0.4 + 1.5 * 0.5) / 3.1])
+
+
 def test_no_improvement_keeps_the_own_state() -> None:
     # Own 1 is the target (loss 0): nobody can lower it, so the round keeps it, self weight 1.
     mixed = one_receiver([1.0, 0.5, 3.0], target=1.0)
     assert mixed.weights is not None and mixed.weights[0].tolist() == [1.0, 0.0, 0.0]
     assert mixed.params[0].tolist() == [1.0]
+    # Trained away from the target (1 -> 0.5), and every neighbour worse than the start too:
+    # the own trained state is kept (FedFomo would keep the start; see mixing.fomo).
+    mixed = one_receiver([0.5, 3.0, -2.0], target=1.0, start=1.0)
+    assert mixed.weights is not None and mixed.weights[0].tolist() == [1.0, 0.0, 0.0]
+    assert mixed.params[0].tolist() == [0.5]
 
 
 def test_a_neighbour_equal_to_the_own_state_or_with_a_non_finite_loss_gets_nothing() -> None:
@@ -136,12 +155,13 @@ def test_every_node_at_once_mixes_as_each_peer_alone(private: bool) -> None:
     n, p = 5, 4
     shared = torch.randn(n, p, generator=generator)
     own = shared + 0.1 * torch.randn(n, p, generator=generator) if private else None
+    start = shared + 0.3 * torch.randn(n, p, generator=generator)
     targets = torch.randn(n, p, generator=generator) * 0.5
     members = torch.rand(n, n, generator=generator) < 0.6
     members |= torch.eye(n, dtype=torch.bool)
     config = MixingConfig(rule="fedfomo")  # the screen on, as by default
     everyone = mix_round(
-        Cohorts(shared=shared, members=members, self_column=torch.arange(n), own=own),
+        Cohorts(shared=shared, members=members, self_column=torch.arange(n), own=own, start=start),
         config,
         target_trust(targets),
     )
@@ -156,6 +176,7 @@ def test_every_node_at_once_mixes_as_each_peer_alone(private: bool) -> None:
                 members=torch.ones(1, len(order), dtype=torch.bool),
                 self_column=torch.zeros(1, dtype=torch.long),
                 own=None if own is None else own[i : i + 1],
+                start=start[i : i + 1],
             ),
             config,
             target_trust(targets[i : i + 1]),
@@ -169,6 +190,7 @@ def test_every_node_at_once_mixes_as_each_peer_alone(private: bool) -> None:
             assert torch.allclose(alone.public[0], everyone.public[i], atol=1e-6)
         moved += int(float(everyone.weights[i, i]) < 1)
     assert moved > 0  # some receivers did move towards a neighbour
+    assert float(everyone.weights.diagonal().max()) > 0  # and some trusted their own training
 
 
 def test_simulate_with_fedfomo_learns_and_records_its_weights(tmp_path: Path) -> None:
@@ -180,8 +202,8 @@ def test_simulate_with_fedfomo_learns_and_records_its_weights(tmp_path: Path) ->
     result = CliRunner().invoke(
         app,
         [
-            "simulate", "--dataset", "digits", "--nodes", "6", "--rounds", "4", "--split",
-            "noniid", "--mixing", "fedfomo", "--mixing", "none", "--seed", "0",
+            "simulate", "--dataset", "digits", "--nodes", "6", "--rounds", "4",
+            "--mixing", "fedfomo", "--mixing", "none", "--seed", "0",
             "--out", str(tmp_path), "--no-plots", "--no-progress",
         ],
     )  # fmt: skip
@@ -189,6 +211,9 @@ def test_simulate_with_fedfomo_learns_and_records_its_weights(tmp_path: Path) ->
     final = [r for r in read_records(tmp_path / "final.jsonl") if r["mixing"] == "fedfomo"]
     assert len(final) == 6
     assert min(r["accuracy"] for r in final) > 0.5  # 10 classes: learning happened
+    by_mixing = json.loads((tmp_path / "summary.json").read_text())["by_mixing"]
+    # iid nodes: every model lowers everyone's loss, so FedFomo mixes and beats training alone
+    assert by_mixing["fedfomo"]["accuracy_mean"] > by_mixing["none"]["accuracy_mean"] + 0.02
     snapshots = [t for t in read_records(tmp_path / "trust.jsonl") if t["mixing"] == "fedfomo"]
     assert [t["round"] for t in snapshots] == [1, 2, 3, 4]  # every round, like learned trust
     for snapshot in snapshots:
@@ -198,7 +223,7 @@ def test_simulate_with_fedfomo_learns_and_records_its_weights(tmp_path: Path) ->
     rounds = [r for r in read_records(tmp_path / "rounds.jsonl") if r["mixing"] == "fedfomo"]
     assert all(0 <= r["self_weight"] <= 1 for r in rounds)
     last = torch.tensor(snapshots[-1]["weights"])
-    assert float(last.diagonal().min()) < 1  # somebody mixed with a neighbour
+    assert float(last.diagonal().max()) < 0.5  # everybody mixed with its neighbours
 
 
 def test_create_writes_a_fedfomo_session(tmp_path: Path) -> None:

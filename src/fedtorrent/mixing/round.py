@@ -71,6 +71,8 @@ class Cohorts:
             receiver's own value is at its ``self_column``.
         sender_degrees: ``(M,)`` the cohort size of each sender, for ``metropolis``; None when
             the receivers are the senders (``R == M``): taken from ``members`` after the screen.
+        start: ``(R, P)`` each receiver's vector before this round's local training, the
+            reference ``fedfomo`` measures gains and distances from; None: the own trained one.
     """
 
     shared: Tensor
@@ -79,6 +81,7 @@ class Cohorts:
     own: Tensor | None = None
     exact: Mapping[str, Tensor] = field(default_factory=dict)
     sender_degrees: Tensor | None = None
+    start: Tensor | None = None
 
     @property
     def own_rows(self) -> Tensor:
@@ -213,7 +216,7 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
         elif config.rule == "metropolis":
             weights = metropolis_rows(members, is_self, cohorts.sender_degrees)
         elif config.rule == "fedfomo":
-            weights, members, excluded = fit_fomo(trust, members, cohorts, shared, distances)
+            weights, members, excluded = fit_fomo(trust, members, cohorts, shared)
         elif trust is None:
             weights = uniform_weights(members)
         else:
@@ -238,7 +241,7 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
     return Mixed(
         params=guarded, exact=exact, public=public, weights=weights, members=members,
         nonfinite=nonfinite, implausible=implausible,
-        distances=distances if config.plausibility > 0 or config.rule in VALIDATED_RULES else None,
+        distances=distances if config.plausibility > 0 or config.rule == "learned" else None,
         excluded=excluded, logits=logits, kept=kept, unmixed=unmixed,
     )  # fmt: skip
 
@@ -297,32 +300,47 @@ def fit_trust(
 
 
 def fit_fomo(
-    trust: Trust | None, members: Tensor, cohorts: Cohorts, shared: Tensor, distances: Tensor
+    trust: Trust | None, members: Tensor, cohorts: Cohorts, shared: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FedFomo's weights for every receiver (:func:`fedtorrent.mixing.fomo.fomo_weights`).
 
-    Each receiver draws one validation batch (``trust.draw``, once) and scores on it its own
-    true vector and the shared vector of every member left after the screen; ``distances`` are
-    the screen's float64 ``||shared_j - own_i||``. Without a batch to score on (``trust`` None
-    or ``trust.fit`` False) or with no member but itself, a receiver keeps its own vector.
+    Each receiver draws one validation batch (``trust.draw``, once) and scores on it its
+    reference ``cohorts.start`` (its vector before this round's training; None: its own trained
+    vector), its own true trained vector and the shared vector of every member left after the
+    screen; distances are float64 ``||theta_j - start_i||``. The own trained vector is a
+    candidate like any member (it has distance 0, so weight 0, when ``start`` is None). Without
+    a batch to score on (``trust`` None or ``trust.fit`` False) or with no member but itself, a
+    receiver keeps its own trained vector.
 
     Returns:
         ``(weights, members, excluded)``: members whose validation loss is not finite are
         excluded (weight 0, counted like learned trust's exclusions).
     """
     r = members.shape[0]
+    rows, self_column, own = (
+        torch.arange(r, device=members.device),
+        cohorts.self_column,
+        cohorts.own_rows,
+    )
     is_self = torch.zeros_like(members)
-    is_self[torch.arange(r, device=members.device), cohorts.self_column] = True
-    candidates = members & ~is_self
+    is_self[rows, self_column] = True
+    others = members & ~is_self
     excluded = torch.zeros_like(members)
-    if trust is None or not trust.fit or not bool(candidates.any()):
+    if trust is None or not trust.fit or not bool(others.any()):
         return is_self.to(torch.float32), members, excluded
+    reference = own if cohorts.start is None else cohorts.start
     x, y = trust.draw()
     with torch.no_grad():
-        own_loss = trust.losses(cohorts.own_rows, x, y)
-        losses = _member_losses(trust, candidates, cohorts.self_column, shared, batch=(x, y))
-    excluded = candidates & ~torch.isfinite(losses)
-    weights = fomo_weights(own_loss, losses, distances, candidates & ~excluded, is_self)
+        own_loss = trust.losses(own, x, y)
+        reference_loss = own_loss if cohorts.start is None else trust.losses(reference, x, y)
+        losses = _member_losses(trust, others, self_column, shared, batch=(x, y))
+    losses[rows, self_column] = own_loss.to(torch.float64)
+    distances = torch.zeros(members.shape, dtype=torch.float64, device=members.device)
+    pair_rows, pair_cols = others.nonzero().unbind(1)
+    distances[pair_rows, pair_cols] = pair_distances(reference, shared, pair_rows, pair_cols)
+    distances[rows, self_column] = pair_distances(reference, own, rows, rows)
+    excluded = others & ~torch.isfinite(losses)
+    weights = fomo_weights(reference_loss, losses, distances, members & ~excluded, is_self)
     return weights, members & ~excluded, excluded
 
 
@@ -412,7 +430,7 @@ def _screen(
     """
     distances = torch.zeros(edges.shape, dtype=torch.float64, device=edges.device)
     dropped = torch.zeros_like(edges)
-    if config.plausibility <= 0 and config.rule not in VALIDATED_RULES:
+    if config.plausibility <= 0 and config.rule != "learned":
         return edges, dropped, distances
     rows, cols = edges.nonzero().unbind(1)
     measured = pair_distances(own, shared, rows, cols)

@@ -794,7 +794,7 @@ class Peer:
         heard, weights, excluded, screened, unmixed = (
             self._adopt(round, trained, exchange)
             if central
-            else self._mix(round, trained, exchange)
+            else self._mix(round, trained, exchange, before=before)
         )
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights, screened)
@@ -1051,9 +1051,11 @@ class Peer:
         return heard, None, [], {}, False
 
     def _mix(
-        self, round: int, trained: State, exchange: Exchange
+        self, round: int, trained: State, exchange: Exchange, *, before: State
     ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool]:
         """Mix ``trained`` with what ``exchange`` brought: ``mixing.round`` with this peer alone.
+
+        ``before`` is the state the round trained from (``fedfomo``'s reference).
 
         The stack ``[self, *heard]`` is mixed on the peer's device; ``self.current`` becomes the
         mix (local keys stay this peer's own). A state the plausibility screen rejects leaves
@@ -1095,6 +1097,11 @@ class Peer:
                 for key in layout.exact
             },
             sender_degrees=torch.full((size,), float(self.session.cohort_size), device=device),
+            start=(
+                flatten(pick(before, layout.mix)).unsqueeze(0).to(device)
+                if mixing.rule == "fedfomo"
+                else None
+            ),
         )
         mixed = mix_round(cohorts, mixing, self._trust(round, heard))
         screened: dict[str, Reply] = {}

@@ -593,7 +593,8 @@ class Engine:
             self.num_nodes = n
             self.params = init.detach().to(torch.float32).unsqueeze(0).repeat(n, 1)
             self.before = self.params
-            """Rows before the current round's training (kept only with a ``share`` hook)."""
+            """Rows before the current round's training (kept only with a ``share`` hook or the
+            ``fedfomo`` rule, whose reference they are)."""
             self.public = self.params
             """See :class:`ShareFn` (kept only with a ``share`` hook)."""
             self.rejected = 0
@@ -636,7 +637,7 @@ class Engine:
 
         ``lr_scale`` multiplies ``train.lr`` for this round (a schedule across rounds).
         """
-        if self.share is not None:
+        if self.share is not None or self.mixing.rule == "fedfomo":
             self.before = self.params.clone()  # training updates ``params`` in place
         with _timed(self.timings, "train"), _forked_rng(self.seed, Stream.DROPOUT, round_index):
             generators = [
@@ -814,6 +815,7 @@ class Engine:
             self_column=torch.arange(n),
             own=None if shared is own else own[:, :width],
             exact=counters,
+            start=self.before[:, :width] if self.mixing.rule == "fedfomo" else None,
         )
         validated = self.mixing.rule in VALIDATED_RULES
         with _timed(self.timings, "trust" if validated else "mix"):
