@@ -317,11 +317,8 @@ def fit_fomo(
         excluded (weight 0, counted like learned trust's exclusions).
     """
     r = members.shape[0]
-    rows, self_column, own = (
-        torch.arange(r, device=members.device),
-        cohorts.self_column,
-        cohorts.own_rows,
-    )
+    rows = torch.arange(r, device=members.device)
+    self_column, own = cohorts.self_column, cohorts.own_rows
     is_self = torch.zeros_like(members)
     is_self[rows, self_column] = True
     others = members & ~is_self
