@@ -367,16 +367,25 @@ def test_the_local_lr_follows_the_sessions_round_schedule_like_the_simulator(
             assert torch.allclose(flatten(model.state_dict()), flatten(state), atol=1e-6)
 
 
-@pytest.mark.parametrize(("margin", "codec"), [(0.0, None), (0.01, None), (0.0, "int8")])
+@pytest.mark.parametrize(
+    ("rule", "margin", "codec"),
+    [
+        ("learned", 0.0, None),
+        ("learned", 0.01, None),
+        ("learned", 0.0, "int8"),
+        ("fedfomo", 0.0, None),
+    ],
+)
 def test_peers_learn_the_trust_weights_the_simulator_learns(
-    tmp_path: Path, margin: float, codec: str | None
+    tmp_path: Path, rule: str, margin: float, codec: str | None
 ) -> None:
     """One round, two drivers: the same session and seed give the same weights, round by round.
 
     Peers and the engine run ``mixing.round`` with the same per-node seed streams, so each
     peer's trained state, validation batches, trust fit and held-out check match the node of
     the same index in the simulator (up to float rounding of batched against single products);
-    with ``int8`` compression also the public copies both make (``Stream.COMPRESS``).
+    with ``int8`` compression also the public copies both make (``Stream.COMPRESS``). FedFomo
+    scores the same batches against the state each node trained from.
     """
     from fedtorrent.config import SimConfig
     from fedtorrent.sim.engine import Engine, make_backend, node_data
@@ -384,7 +393,7 @@ def test_peers_learn_the_trust_weights_the_simulator_learns(
     from fedtorrent.sim.topology import Topology
 
     torrent = make_torrent(
-        tmp_path, rule="learned", nodes=3, cohort=2, trust_margin=margin, compression=codec
+        tmp_path, rule=rule, nodes=3, cohort=2, trust_margin=margin, compression=codec
     )
     swarm = Swarm(torrent, tmp_path)
     peers = [swarm.peer(i, nodes=3) for i in range(3)]

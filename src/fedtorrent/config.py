@@ -133,7 +133,16 @@ ATTACKS = (
     "extreme_mixed",
 )
 """Poisoning attacks (``fedtorrent.adversary``)."""
-MIXING_RULES = ("none", "fixed", "metropolis", "learned", "median", "trimmed_mean", "krum")
+MIXING_RULES = (
+    "none",
+    "fixed",
+    "metropolis",
+    "learned",
+    "fedfomo",
+    "median",
+    "trimmed_mean",
+    "krum",
+)
 SIM_ONLY_RULES = ("oracle",)
 """Reference rules that read what a real peer cannot know, so only the simulator runs them:
 ``oracle`` mixes uniformly over the cohort members in the node's true cluster."""
@@ -149,7 +158,8 @@ class MixingConfig:
     """Step size of plain SGD on the trust logits (much larger than the model's, on purpose)."""
     trust_steps: int = 10
     trust_batch_size: int = 256
-    """Validation examples per trust step (drawn with replacement from the node's val split)."""
+    """Validation examples per trust step, and in the one batch ``fedfomo`` scores models on
+    (drawn with replacement from the node's val split)."""
     weight_floor: float = 0.0
     """Lowest weight any cohort member may get; keeps learned trust closer to uniform."""
     entropy_penalty: float = 0.0

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from fedtorrent.cli import app, printable
-from fedtorrent.config import SimConfig, TrackerConfig
+from fedtorrent.config import MIXING_RULES, SimConfig, TrackerConfig
 from fedtorrent.errors import ConfigError
 
 _SIM = SimConfig()
@@ -81,7 +81,8 @@ def create(
     ] = _SIM.round_schedule,
     cohort: Annotated[int, typer.Option(help="Peers each peer mixes with per round.")] = 3,
     mixing: Annotated[
-        str, typer.Option(help="Mixing rule (oracle is simulator-only and refused here).")
+        str,
+        typer.Option(help=f"Mixing rule: {', '.join(MIXING_RULES)} (oracle is simulator-only)."),
     ] = "learned",
     trust_lr: Annotated[float, typer.Option(help="Trust learning rate.")] = 5.0,
     trust_steps: Annotated[int, typer.Option(help="Trust SGD steps per round.")] = 10,

@@ -8,10 +8,11 @@ same steps, in the same order, for both:
 1. received rows that are not finite leave every other receiver's cohort (``nonfinite``);
 2. the plausibility screen (:mod:`fedtorrent.mixing.screen`) drops implausible rows
    (``implausible``), measured from each receiver's own true vector;
-3. the rule: ``none`` keeps the own vector; ``fixed``, ``metropolis``, ``learned`` and the
-   simulator's ``oracle`` (uniform over the members in the receiver's true cluster) are weights
-   (learned trust is fitted here, :func:`fit_trust`, on validation batches the caller draws from
-   :func:`validation_rows`, then passes the held-out check); robust rules reduce each receiver's
+3. the rule: ``none`` keeps the own vector; ``fixed``, ``metropolis``, ``learned``,
+   ``fedfomo`` and the simulator's ``oracle`` (uniform over the members in the receiver's true
+   cluster) are weights (learned trust is fitted here, :func:`fit_trust`, on validation batches
+   the caller draws from :func:`validation_rows`, then passes the held-out check; FedFomo's
+   weights, :func:`fit_fomo`, come from one such batch); robust rules reduce each receiver's
    ``[own, *cohort]`` stack;
 4. privacy's public correction: a receiver mixes its own *true* vector although its cohort saw
    its shared one (``own``); what the cohort can compute of its mix is ``public``;
@@ -32,6 +33,7 @@ import torch
 
 from fedtorrent.config import MixingConfig
 from fedtorrent.errors import ConfigError
+from fedtorrent.mixing.fomo import fomo_weights
 from fedtorrent.mixing.rules import (
     WEIGHTED_RULES,
     coordinate_median,
@@ -47,6 +49,10 @@ from fedtorrent.mixing.trust import learn_trust, prefer_learned, trust_weights
 Tensor = torch.Tensor
 Batch = tuple[Tensor, Tensor]
 """One validation batch per receiver: inputs ``(R, B, ...)`` and targets ``(R, B, ...)``."""
+
+VALIDATED_RULES = ("learned", "fedfomo")
+"""Rules that score received vectors on the receiver's validation batches (they take a
+:class:`Trust`)."""
 
 GATHER_BUDGET = 64 * 2**20
 """Floats a gathered ``(G, size, P)`` cohort stack for the robust rules may take at once."""
@@ -69,6 +75,8 @@ class Cohorts:
             the receivers are the senders (``R == M``): taken from ``members`` after the screen.
         same_cluster: ``(R, M)`` bool, True where a sender is in the receiver's true cluster:
             what ``oracle`` mixes over (the simulator knows it; a real peer does not).
+        start: ``(R, P)`` each receiver's vector before this round's local training, the
+            reference ``fedfomo`` measures gains and distances from; None: the own trained one.
     """
 
     shared: Tensor
@@ -78,6 +86,7 @@ class Cohorts:
     exact: Mapping[str, Tensor] = field(default_factory=dict)
     sender_degrees: Tensor | None = None
     same_cluster: Tensor | None = None
+    start: Tensor | None = None
 
     @property
     def own_rows(self) -> Tensor:
@@ -87,12 +96,13 @@ class Cohorts:
 
 @dataclass(frozen=True)
 class Trust:
-    """Learned trust's inputs for :func:`mix_round`.
+    """Validation inputs of learned trust and FedFomo (``VALIDATED_RULES``) for :func:`mix_round`.
 
     Attributes:
-        logits: ``(R, M)`` the receivers' current trust logits over the senders.
+        logits: ``(R, M)`` the receivers' current trust logits over the senders (``fedfomo``
+            reads none).
         draw: a fresh validation batch for every receiver (see :func:`validation_rows`); called
-            once per trust step and once for the held-out check.
+            once per trust step and once for the held-out check (``fedfomo``: once).
         losses: ``(mixed (R, P), inputs, targets) -> (R,)`` each receiver's mean validation loss
             of its mixed vector (differentiable in the vector); the caller completes the state
             with what the vector does not hold (local buffers: the receiver's own).
@@ -121,7 +131,8 @@ class Mixed:
         implausible: members the plausibility screen dropped.
         distances: ``(R, M)`` float64 distance from each receiver's own vector to every member
             it screened (0 elsewhere); None when nothing was screened.
-        excluded: members learned trust excluded (non-finite loss or gradient).
+        excluded: members learned trust (non-finite loss or gradient) or FedFomo (non-finite
+            loss) excluded.
         logits: ``(R, M)`` the new trust logits (learned rule); None otherwise.
         kept: ``(R,)`` bool, receivers whose learned weights passed the held-out check (None
             without a check).
@@ -166,7 +177,8 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
         config: the session's mixing settings (rule, screen, trust settings).
         trust: learned trust's logits, batches and loss; required when the rule is ``learned``
             and ``trust_steps > 0`` (without it the logits in ``Trust`` are used as they are, or
-            uniform weights when it is None).
+            uniform weights when it is None), and for ``fedfomo`` (without a batch every
+            receiver keeps its own vector).
     """
     shared, members, self_column = cohorts.shared, cohorts.members.clone(), cohorts.self_column
     r = members.shape[0]
@@ -212,6 +224,8 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
             if cohorts.same_cluster is None:
                 raise ConfigError("oracle mixing needs every node's true cluster (simulator only)")
             weights = uniform_weights(members & (cohorts.same_cluster | is_self))
+        elif config.rule == "fedfomo":
+            weights, members, excluded = fit_fomo(trust, members, cohorts, shared)
         elif trust is None:
             weights = uniform_weights(members)
         else:
@@ -292,6 +306,70 @@ def fit_trust(
         )
     chosen = torch.where(keep.unsqueeze(1), weights, uniform)
     return chosen, fit.logits, fit.members, fit.excluded, keep
+
+
+def fit_fomo(
+    trust: Trust | None, members: Tensor, cohorts: Cohorts, shared: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FedFomo's weights for every receiver (:func:`fedtorrent.mixing.fomo.fomo_weights`).
+
+    Each receiver draws one validation batch (``trust.draw``, once) and scores on it its
+    reference ``cohorts.start`` (its vector before this round's training; None: its own trained
+    vector), its own true trained vector and the shared vector of every member left after the
+    screen; distances are float64 ``||theta_j - start_i||``. The own trained vector is a
+    candidate like any member (it has distance 0, so weight 0, when ``start`` is None). Without
+    a batch to score on (``trust`` None or ``trust.fit`` False) or with no member but itself, a
+    receiver keeps its own trained vector.
+
+    Returns:
+        ``(weights, members, excluded)``: members whose validation loss is not finite are
+        excluded (weight 0, counted like learned trust's exclusions).
+    """
+    r = members.shape[0]
+    rows = torch.arange(r, device=members.device)
+    self_column, own = cohorts.self_column, cohorts.own_rows
+    is_self = torch.zeros_like(members)
+    is_self[rows, self_column] = True
+    others = members & ~is_self
+    excluded = torch.zeros_like(members)
+    if trust is None or not trust.fit or not bool(others.any()):
+        return is_self.to(torch.float32), members, excluded
+    reference = own if cohorts.start is None else cohorts.start
+    x, y = trust.draw()
+    with torch.no_grad():
+        own_loss = trust.losses(own, x, y)
+        reference_loss = own_loss if cohorts.start is None else trust.losses(reference, x, y)
+        losses = _member_losses(trust, others, self_column, shared, batch=(x, y))
+    losses[rows, self_column] = own_loss.to(torch.float64)
+    distances = torch.zeros(members.shape, dtype=torch.float64, device=members.device)
+    pair_rows, pair_cols = others.nonzero().unbind(1)
+    distances[pair_rows, pair_cols] = pair_distances(reference, shared, pair_rows, pair_cols)
+    distances[rows, self_column] = pair_distances(reference, own, rows, rows)
+    excluded = others & ~torch.isfinite(losses)
+    weights = fomo_weights(reference_loss, losses, distances, members & ~excluded, is_self)
+    return weights, members & ~excluded, excluded
+
+
+def _member_losses(
+    trust: Trust, candidates: Tensor, self_column: Tensor, shared: Tensor, *, batch: Batch
+) -> Tensor:
+    """``(R, M)`` float64 ``L_r(shared_j)`` where ``candidates`` (NaN elsewhere).
+
+    One ``trust.losses`` call per slot: call k scores every receiver's k-th candidate at once
+    (a receiver with fewer candidates scores its own shared row there, and drops the result).
+    """
+    r, m = candidates.shape
+    columns = torch.arange(m, device=candidates.device).expand(r, m)
+    order = torch.where(candidates, columns, m).sort(dim=1).values
+    rows = torch.arange(r, device=candidates.device)
+    out = torch.full((r, m), torch.nan, dtype=torch.float64, device=candidates.device)
+    for k in range(int(candidates.sum(dim=1).max())):
+        column = order[:, k]
+        valid = column < m
+        column = torch.where(valid, column, self_column)
+        loss = trust.losses(shared[column], *batch).to(torch.float64)
+        out[rows[valid], column[valid]] = loss[valid]
+    return out
 
 
 def weighted_mix(

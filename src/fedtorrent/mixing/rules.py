@@ -164,15 +164,16 @@ def krum(stack: Tensor, *, byzantine: int) -> Tensor:
     return stack.gather(-2, index).squeeze(-2)
 
 
-WEIGHTED_RULES = ("none", "fixed", "metropolis", "learned", "oracle")
+WEIGHTED_RULES = ("none", "fixed", "metropolis", "learned", "fedfomo", "oracle")
 """Rules that are a weighted average; the others are robust aggregators."""
 
 
 def mix_stack(stack: Tensor, *, config: MixingConfig, weights: Tensor | None = None) -> Tensor:
     """Apply ``config.rule`` to per-node stacks ``(..., M, P)`` whose row 0 is the node itself.
 
-    ``metropolis``, ``learned`` and ``oracle`` need ``weights`` (``(..., M)``, e.g. from
-    :func:`metropolis_row` or :meth:`TrustLearner.learn`); the other rules compute their own.
+    ``metropolis``, ``learned``, ``fedfomo`` and ``oracle`` need ``weights`` (``(..., M)``, e.g.
+    from :func:`metropolis_row`, :meth:`TrustLearner.learn` or
+    :func:`fedtorrent.mixing.fomo.fomo_weights`); the other rules compute their own.
     """
     rule = config.rule
     if rule == "none":
@@ -180,7 +181,7 @@ def mix_stack(stack: Tensor, *, config: MixingConfig, weights: Tensor | None = N
     if rule == "fixed":
         members = torch.ones(stack.shape[:-1], dtype=torch.bool)
         return mix(uniform_weights(members), stack)
-    if rule in ("metropolis", "learned", "oracle"):
+    if rule in ("metropolis", "learned", "fedfomo", "oracle"):
         if weights is None:
             raise ConfigError(f"mixing rule {rule!r} needs weights")
         return mix(weights, stack)

@@ -77,7 +77,7 @@ from fedtorrent.errors import (
 )
 from fedtorrent.ledger import Ledger
 from fedtorrent.metrics.records import write_json
-from fedtorrent.mixing.round import Cohorts, Trust, mix_round, validation_rows
+from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
 from fedtorrent.mixing.trust import TrustLearner, model_loss_fn
 from fedtorrent.models import build_model
 from fedtorrent.net.identity import (
@@ -794,7 +794,7 @@ class Peer:
         heard, weights, excluded, screened, unmixed = (
             self._adopt(round, trained, exchange)
             if central
-            else self._mix(round, trained, exchange)
+            else self._mix(round, trained, exchange, before=before)
         )
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights, screened)
@@ -1051,9 +1051,11 @@ class Peer:
         return heard, None, [], {}, False
 
     def _mix(
-        self, round: int, trained: State, exchange: Exchange
+        self, round: int, trained: State, exchange: Exchange, *, before: State
     ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool]:
         """Mix ``trained`` with what ``exchange`` brought: ``mixing.round`` with this peer alone.
+
+        ``before`` is the state the round trained from (``fedfomo``'s reference).
 
         The stack ``[self, *heard]`` is mixed on the peer's device; ``self.current`` becomes the
         mix (local keys stay this peer's own). A state the plausibility screen rejects leaves
@@ -1095,6 +1097,11 @@ class Peer:
                 for key in layout.exact
             },
             sender_degrees=torch.full((size,), float(self.session.cohort_size), device=device),
+            start=(
+                flatten(pick(before, layout.mix)).unsqueeze(0).to(device)
+                if mixing.rule == "fedfomo"
+                else None
+            ),
         )
         mixed = mix_round(cohorts, mixing, self._trust(round, heard))
         screened: dict[str, Reply] = {}
@@ -1137,11 +1144,12 @@ class Peer:
         """Learned trust's logits over ``[self, *heard]``, validation batches and loss.
 
         Batches come from this peer's ``TRUST`` generator of the round (the simulator's draws for
-        the same node); with no validation data or nobody heard the logits are used unfitted.
+        the same node); with no validation data or nobody heard the logits are used unfitted
+        (``fedfomo``, which has no logits, keeps the own state).
         """
-        if self.trust is None:
-            return None
         mixing = self.session.mixing
+        if mixing.rule not in VALIDATED_RULES:
+            return None
         x_val, y_val = self.data.x_val, self.data.y_val
         count = len(y_val)
         generator = node_generator(self.seed, Stream.TRUST, round - 1, self._salt)
@@ -1150,7 +1158,7 @@ class Peer:
 
         def draw() -> tuple[torch.Tensor, torch.Tensor]:
             if not heard or count == 0:
-                raise ConfigError("learned trust needs validation data and a cohort to fit on")
+                raise ConfigError(f"{mixing.rule} needs validation data and a cohort to fit on")
             rows = validation_rows([generator], [count], mixing.trust_batch_size)[0]
             return x_val[rows].unsqueeze(0).to(device), y_val[rows].unsqueeze(0).to(device)
 
@@ -1159,7 +1167,10 @@ class Peer:
             loss = model_loss_fn(model, x[0], y[0], loss=task_loss, keys=self.layout.mix)
             return loss(mixed[0]).unsqueeze(0)
 
-        logits = self.trust.logits(heard).unsqueeze(0).to(device)
+        if self.trust is not None:
+            logits = self.trust.logits(heard).unsqueeze(0).to(device)
+        else:
+            logits = torch.zeros(1, 1 + len(heard), device=device)
         return Trust(logits=logits, draw=draw, losses=losses, fit=bool(heard) and count > 0)
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | dict[str, float] | None:

@@ -33,7 +33,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.config import MixingConfig, TrainConfig
 from fedtorrent.errors import ConfigError
-from fedtorrent.mixing.round import Cohorts, Trust, mix_round, validation_rows
+from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
 from fedtorrent.mixing.trust import flat_views
 from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
@@ -583,12 +583,12 @@ class Engine:
                 f"init has shape {tuple(init.shape)}, expected ({backend.num_params},)"
             )
         if (
-            mixing.rule == "learned"
-            and mixing.trust_steps > 0
+            (mixing.rule == "fedfomo" or (mixing.rule == "learned" and mixing.trust_steps > 0))
             and bool((data.val_count == 0).any())
-        ):
+        ):  # fmt: skip
             raise ConfigError(
-                "learned trust needs validation data on every node (val_fraction > 0)"
+                f"mixing rule {mixing.rule!r} needs validation data on every node "
+                "(val_fraction > 0)"
             )
         if clusters is not None and tuple(clusters.shape) != (n,):
             raise ConfigError(f"clusters has shape {tuple(clusters.shape)}, expected ({n},)")
@@ -606,7 +606,8 @@ class Engine:
             """``(N, N)`` bool: True where two nodes share a true cluster (None: no clusters)."""
             self.params = init.detach().to(torch.float32).unsqueeze(0).repeat(n, 1)
             self.before = self.params
-            """Rows before the current round's training (kept only with a ``share`` hook)."""
+            """Rows before the current round's training (kept only with a ``share`` hook or the
+            ``fedfomo`` rule, whose reference they are)."""
             self.public = self.params
             """See :class:`ShareFn` (kept only with a ``share`` hook)."""
             self.rejected = 0
@@ -649,7 +650,7 @@ class Engine:
 
         ``lr_scale`` multiplies ``train.lr`` for this round (a schedule across rounds).
         """
-        if self.share is not None:
+        if self.share is not None or self.mixing.rule == "fedfomo":
             self.before = self.params.clone()  # training updates ``params`` in place
         with _timed(self.timings, "train"), _forked_rng(self.seed, Stream.DROPOUT, round_index):
             generators = [
@@ -828,10 +829,12 @@ class Engine:
             own=None if shared is own else own[:, :width],
             exact=counters,
             same_cluster=self.same_cluster,
+            start=self.before[:, :width] if self.mixing.rule == "fedfomo" else None,
         )
-        learned = self.mixing.rule == "learned"
-        with _timed(self.timings, "trust" if learned else "mix"):
-            mixed = mix_round(cohorts, self.mixing, self._trust(round_index) if learned else None)
+        validated = self.mixing.rule in VALIDATED_RULES
+        with _timed(self.timings, "trust" if validated else "mix"):
+            trust = self._trust(round_index) if validated else None
+            mixed = mix_round(cohorts, self.mixing, trust)
         if width < full:  # local buffers: each node's own
             self.params = torch.cat([mixed.params, own[:, width:]], dim=1)
         else:
@@ -866,7 +869,7 @@ class Engine:
         return torch.cat([part, self.params[:, p:]], dim=1)
 
     def _trust(self, round_index: int) -> Trust:
-        """Learned trust's batches and loss: node i draws from its own ``TRUST`` generator."""
+        """Validation batches and loss (learned, fedfomo): node i draws from its ``TRUST`` seed."""
         data, backend, own = self.data, self.backend, self.params
         width = self.mixed_width
         generators = [

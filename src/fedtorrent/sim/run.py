@@ -72,7 +72,8 @@ RoundCallback = Callable[[int, int], None]
 LABEL_SKEWED = ("noniid", "shards")
 """Splits where accuracy on a node's own label mix differs from global test accuracy."""
 TRUST_SNAPSHOT_NODES = 16
-"""Up to this many nodes, learned trust is snapshotted at every evaluated round."""
+"""Up to this many nodes, learned trust and FedFomo weights are snapshotted at every evaluated
+round."""
 
 
 @dataclass(frozen=True)
@@ -351,7 +352,8 @@ def engine_rejections(engine: Engine) -> dict[str, int]:
 def _snapshot(config: SimConfig, done: int) -> bool:
     if done == config.rounds:
         return True
-    return config.mixing.rule == "learned" and config.data.num_nodes <= TRUST_SNAPSHOT_NODES
+    rules = ("learned", "fedfomo")
+    return config.mixing.rule in rules and config.data.num_nodes <= TRUST_SNAPSHOT_NODES
 
 
 def _label_mix(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> torch.Tensor:
