@@ -64,7 +64,9 @@ MAX_ALLOW_KEYS = 10_000
 _HEX = frozenset("0123456789abcdef")
 _LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
 """Fields that describe one machine, never the session: a peer fills them in itself."""
-_ADDED_LATER = {MixingConfig: frozenset({"plausibility", "skip_below", "skip_after"})}
+_ADDED_LATER = {
+    MixingConfig: frozenset({"plausibility", "skip_below", "skip_after", "trust_decay"})
+}
 """Fields added after format version 1: written only when they differ from their default and
 read as the default when absent, so older torrents keep their bytes and their info-hash."""
 TASK_MODEL = "task"
