@@ -70,6 +70,8 @@ def make_torrent(
     compression: str | None = None,
     skip_below: float = MixingConfig.skip_below,
     skip_after: int = MixingConfig.skip_after,
+    trust_cohorts: float | None = None,
+    trust_decay: float = 0.0,
 ) -> Path:
     """A digits / logreg session (fast: ~200 examples per peer) and its initial state."""
     torch.manual_seed(0)
@@ -88,6 +90,8 @@ def make_torrent(
             trust_margin=trust_margin,
             skip_below=skip_below,
             skip_after=skip_after,
+            trust_cohorts=trust_cohorts,
+            trust_decay=trust_decay,
         ),
         rounds=rounds,
         round_schedule=round_schedule,

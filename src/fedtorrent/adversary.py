@@ -56,14 +56,25 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """One attack: its ``kind`` (see :data:`ATTACKS`) and, where it takes one, its ``scale``."""
+    """One attack: its ``kind`` (:data:`ATTACKS`), ``scale`` where it takes one, first round.
+
+    ``start`` (``--attack-from``): the attacker shares what an honest peer would in rounds
+    ``0 .. start - 1`` (0-based; a peer's round ``r`` is ``r - 1`` here) and attacks from round
+    ``start`` on: the delayed attacker, which learned trust must first come to trust and then
+    exclude. ``label_flip`` takes no ``start``: its poison is the training data, from the start.
+    """
 
     kind: str
     scale: float | None = None
+    start: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ATTACKS:
             raise UnknownNameError("attack", self.kind, ATTACKS)
+        if self.start < 0:
+            raise ConfigError(f"an attack's first round must be >= 0, got {self.start}")
+        if self.start > 0 and self.kind == "label_flip":
+            raise ConfigError("label_flip poisons the training data from the start: no attack-from")
         if self.scale is not None:
             if self.kind not in DEFAULT_SCALE:
                 raise ConfigError(f"attack {self.kind!r} takes no scale")
@@ -81,6 +92,10 @@ class AttackConfig:
         if self.scale is not None:
             return self.scale
         return DEFAULT_SCALE.get(self.kind, 0.0)
+
+    def active(self, round_index: int) -> bool:
+        """Whether the attack is mounted in ``round_index`` (0-based)."""
+        return round_index >= self.start
 
     @property
     def poisons_data(self) -> bool:

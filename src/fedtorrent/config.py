@@ -183,6 +183,15 @@ class MixingConfig:
     default) turns it off. The simulator does not model it."""
     skip_after: int = 3
     """Rounds (mixed below ``skip_below``, then skipped) before a member is skipped, then probed."""
+    trust_cohorts: float | None = None
+    """Trust-guided cohorts (``rule="learned"`` only; ``mixing.cohort``): the exploration share
+    ``e`` in ``[0, 1]``. A node picks ``round(k (1 - e))`` of its ``k`` cohort members among its
+    candidates (the tracker's answer; in the simulator a sample of ``CANDIDATE_FACTOR k`` nodes)
+    by highest trust logit, the rest at random. None (the default) keeps the plain choice: the
+    neighbour book's order in a peer, uniform random cohorts in the simulator."""
+    trust_decay: float = 0.0
+    """Each round a peer is not heard, its trust logit moves this fraction of the way back to the
+    prior (0, where every logit starts): ``a <- (1 - d) a``. 0 (the default) turns it off."""
 
     def __post_init__(self) -> None:
         rules = (*MIXING_RULES, *SIM_ONLY_RULES)
@@ -214,6 +223,19 @@ class MixingConfig:
         )
         _require(0 <= self.skip_below < 1, f"skip_below must be in [0, 1), got {self.skip_below}")
         _require(self.skip_after >= 1, f"skip_after must be >= 1, got {self.skip_after}")
+        _require(
+            self.trust_cohorts is None or 0 <= self.trust_cohorts <= 1,
+            f"trust_cohorts (exploration share) must be in [0, 1], got {self.trust_cohorts}",
+        )
+        _require(
+            0 <= self.trust_decay < 1, f"trust_decay must be in [0, 1), got {self.trust_decay}"
+        )
+        if self.trust_cohorts is not None or self.trust_decay > 0:
+            _require(
+                self.rule == "learned",
+                f"trust_cohorts and trust_decay need the learned mixing rule (they read trust "
+                f"logits), not {self.rule!r}",
+            )
         if self.skip_below > 0:
             _require(
                 self.rule == "learned",
@@ -282,6 +304,10 @@ class SimConfig:
     attackers: int = 0
     attack_scale: float | None = None
     """The attack's scale (default per attack; see ``fedtorrent.adversary``)."""
+    attack_from: int = 0
+    """The attackers behave honestly in rounds ``0 .. attack_from - 1`` and attack from round
+    ``attack_from`` (0-based; 0: from the start). Not for ``label_flip`` (its poison is the
+    training data, fixed at the start)."""
     compression: str = "none"
     """What nodes send each other, as on the wire (``state.compress``): ``none``, ``fp16``,
     ``bf16``, ``int8``, ``topk:F`` or ``topk:F,int8`` ...: public copies with error feedback."""
@@ -299,6 +325,16 @@ class SimConfig:
         _require(
             0 <= self.attackers < self.data.num_nodes,
             f"attackers must be in [0, {self.data.num_nodes}), got {self.attackers}",
+        )
+        _require(self.attack_from >= 0, f"attack_from must be >= 0, got {self.attack_from}")
+        _require(
+            self.attack_from == 0 or (self.attack is not None and self.attack != "label_flip"),
+            "attack_from needs an attack on what is shared (label_flip poisons the data from "
+            "the start)",
+        )
+        _require(
+            self.mixing.trust_cohorts is None or self.topology.kind == "random_cohort",
+            "trust_cohorts choose random cohorts: they need the random_cohort topology",
         )
         _require(
             self.privacy is None or not self.privacy.dp_sgd,

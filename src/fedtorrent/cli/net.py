@@ -117,6 +117,23 @@ def create(
             metavar="R",
         ),
     ] = _SIM.mixing.skip_after,
+    trust_cohorts: Annotated[
+        float | None,
+        typer.Option(
+            help="Trust-guided cohorts (learned trust only): exploration share E in [0, 1]; a "
+            "peer picks round(cohort x (1 - E)) members among the tracker's candidates by "
+            "highest trust, the rest at random. Default: the neighbour book's choice.",
+            metavar="E",
+        ),
+    ] = _SIM.mixing.trust_cohorts,
+    trust_decay: Annotated[
+        float,
+        typer.Option(
+            help="Each round a peer is not heard, its trust logit moves this share of the way "
+            "back to the prior 0; 0 turns it off.",
+            metavar="D",
+        ),
+    ] = _SIM.mixing.trust_decay,
     epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _SIM.train.epochs,
     steps: Annotated[
         int | None, typer.Option(help="Local batches per round (overrides epochs).")
@@ -204,6 +221,8 @@ def create(
             plausibility=plausibility,
             skip_below=skip_below,
             skip_after=skip_after,
+            trust_cohorts=trust_cohorts,
+            trust_decay=trust_decay,
         ),
         rounds=rounds,
         round_schedule=round_schedule,

@@ -137,6 +137,13 @@ def peer_command(
     attack_scale: Annotated[
         float | None, typer.Option(help="The attack's scale (default per attack).")
     ] = None,
+    attack_from: Annotated[
+        int,
+        typer.Option(
+            help="Experiments: share honestly in rounds 1..R and attack from round R + 1 (not "
+            "label_flip)."
+        ),
+    ] = 0,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     central: Annotated[
         bool,

@@ -95,6 +95,21 @@ def simulate(
     entropy_penalty: Annotated[
         float, typer.Option(help="Pull learned trust rows towards uniform.")
     ] = _DEFAULT.mixing.entropy_penalty,
+    trust_cohorts: Annotated[
+        float | None,
+        typer.Option(
+            help="Trust-guided cohorts (learned, random_cohort): exploration share E in [0, 1]; "
+            "each node samples 4x --degree candidates and picks round(degree x (1 - E)) of them "
+            "by highest trust, the rest at random. Default: plain random cohorts."
+        ),
+    ] = _DEFAULT.mixing.trust_cohorts,
+    trust_decay: Annotated[
+        float,
+        typer.Option(
+            help="Each round a node is not in a cohort, its trust logit there moves this share of "
+            "the way back to the prior 0; 0 turns it off."
+        ),
+    ] = _DEFAULT.mixing.trust_decay,
     trim_ratio: Annotated[
         float, typer.Option(help="Cut per end for trimmed_mean.")
     ] = _DEFAULT.mixing.trim_ratio,
@@ -169,6 +184,13 @@ def simulate(
     attack_scale: Annotated[
         float | None, typer.Option(help="The attack's scale (default per attack).")
     ] = None,
+    attack_from: Annotated[
+        int,
+        typer.Option(
+            help="The attackers behave honestly for the first R rounds and attack after (not "
+            "label_flip); the summary gives rounds_to_exclusion."
+        ),
+    ] = _DEFAULT.attack_from,
     task: Annotated[
         str | None,
         typer.Option(
@@ -221,6 +243,7 @@ def simulate(
         attack=attack,
         attackers=attackers,
         attack_scale=attack_scale,
+        attack_from=attack_from,
         compression=_compression(compression),
     )
     configs = [
@@ -236,6 +259,8 @@ def simulate(
                 trim_ratio=trim_ratio,
                 byzantine=byzantine,
                 plausibility=plausibility,
+                trust_cohorts=trust_cohorts if rule == "learned" else None,
+                trust_decay=trust_decay if rule == "learned" else 0.0,
             ),
         )
         for rule in rules
@@ -384,6 +409,12 @@ def _print_summary(summary: dict[str, Any], *, folder: Path, seconds: float, spl
                 f"± {100 * security['honest_accuracy_std']:.2f}, weight per attacker "
                 + ("n/a" if weight is None else f"{weight:.4f}")
             )
+            if security.get("attack_from"):
+                rounds = security["rounds_to_exclusion"]
+                parts.append(
+                    f"attack from round {security['attack_from']}: excluded (weight < 0.01) "
+                    + ("never" if rounds is None else f"after {rounds:g} rounds")
+                )
         if rejected:
             parts.append(f"left out of mixes {_counts(rejected)}")
         if security["epsilon"] is not None:

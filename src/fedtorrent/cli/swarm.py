@@ -111,6 +111,9 @@ def swarm_command(
     attack_scale: Annotated[
         float | None, typer.Option(help="The attack's scale (default per attack).")
     ] = None,
+    attack_from: Annotated[
+        int, typer.Option(help="The attackers share honestly in rounds 1..R, then attack.")
+    ] = 0,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = DEFAULT_DEVICE,
     central: Annotated[
         bool,
@@ -157,6 +160,7 @@ def swarm_command(
         attackers=attackers,
         attack=attack,
         attack_scale=attack_scale,
+        attack_from=attack_from,
         task=task,
         device=device,
         central=central,

@@ -76,6 +76,19 @@ def trust_weights(logits: Tensor, members: Tensor | None = None, *, floor: float
     return torch.where(members, weights, 0.0)
 
 
+def decay_logits(logits: Tensor, heard: Tensor, decay: float) -> Tensor:
+    """Move the logits of peers not heard this round back towards the prior 0 by ``decay``.
+
+    ``a <- (1 - decay) a`` where ``heard`` is False, unchanged where it is True (``heard`` marks
+    the node itself too); 0 is where every logit starts, so a peer away long enough is met again
+    as a newcomer: a distrusted one gets another chance, a trusted one must earn its trust again.
+    ``decay = 0`` returns ``logits`` itself.
+    """
+    if decay <= 0:
+        return logits
+    return torch.where(heard, logits, logits * (1.0 - decay))
+
+
 def negative_entropy(weights: Tensor) -> Tensor:
     """``sum_j W_j log W_j`` per row (0 for one-hot rows, ``-log M`` for uniform ones)."""
     return (weights * torch.log(weights.clamp_min(1e-30))).sum(dim=-1)
@@ -243,8 +256,9 @@ def model_loss_fn(
 class TrustLearner:
     """One peer's trust logits, keyed by peer id, learned round after round.
 
-    A peer's logit persists across rounds in which it is not in the cohort; a newcomer starts at
-    0, the same as everyone did at the start. Rows are always ordered ``[self, *cohort]``.
+    A peer's logit persists across rounds in which it is not in the cohort (decaying towards 0
+    with ``trust_decay``, :func:`decay_logits`); a newcomer starts at 0, the same as everyone did
+    at the start. Rows are always ordered ``[self, *cohort]``.
     """
 
     def __init__(self, config: MixingConfig) -> None:
@@ -263,6 +277,10 @@ class TrustLearner:
         values = [self._self_logit, *(self._peer_logits.get(p, 0.0) for p in cohort)]
         return torch.tensor(values, dtype=torch.float32)
 
+    def known(self) -> dict[str, float]:
+        """The logit of every peer heard before (a trust-guided cohort's "seen" candidates)."""
+        return dict(self._peer_logits)
+
     def weights(self, cohort: Sequence[str]) -> Tensor:
         """Current mixing weights ``(1 + k,)`` over ``[self, *cohort]``."""
         return trust_weights(self.logits(cohort), floor=self.config.weight_floor)
@@ -270,10 +288,20 @@ class TrustLearner:
     def remember(
         self, cohort: Sequence[str], logits: Tensor, *, excluded: Sequence[str], check: bool | None
     ) -> None:
-        """Keep the logits a round fitted for ``[self, *cohort]`` (``mixing.round``)."""
+        """Keep the logits a round fitted for ``[self, *cohort]`` (``mixing.round``).
+
+        Every other known peer was not heard this round: its logit decays (``trust_decay``).
+        """
         values = logits.detach().cpu().tolist()
         if len(values) != len(cohort) + 1:
             raise ConfigError(f"{len(values)} logits do not cover self plus {len(cohort)} peers")
+        heard = set(cohort)
+        away = [p for p in self._peer_logits if p not in heard]
+        if away and self.config.trust_decay > 0:
+            old = torch.tensor([self._peer_logits[p] for p in away], dtype=torch.float64)
+            unheard = torch.zeros_like(old, dtype=torch.bool)
+            new = decay_logits(old, unheard, self.config.trust_decay)
+            self._peer_logits.update(zip(away, new.tolist(), strict=True))
         self._self_logit = float(values[0])
         self._peer_logits.update(zip(cohort, (float(v) for v in values[1:]), strict=True))
         self.last_excluded = list(excluded)

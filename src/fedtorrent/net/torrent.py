@@ -66,7 +66,7 @@ _HEX = frozenset("0123456789abcdef")
 _LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
 """Fields that describe one machine, never the session: a peer fills them in itself."""
 _ADDED_LATER = {
-    MixingConfig: frozenset({"plausibility", "skip_below", "skip_after"}),
+    MixingConfig: frozenset({"plausibility", "skip_below", "skip_after", "trust_decay"}),
     DataConfig: frozenset({"clusters"}),
 }
 """Fields added after format version 1: written only when they differ from their default and

@@ -34,7 +34,7 @@ from fedtorrent.net.torrent import is_info_hash
 from fedtorrent.net.tracker.client import PeerAddress, TrackerAnswer
 from fedtorrent.net.transport import Endpoint, PeerRefusedError, Reply, Transport
 from fedtorrent.node.compressed import Replicas
-from fedtorrent.node.neighbours import Candidate, NeighbourBook
+from fedtorrent.node.neighbours import Candidate, NeighbourBook, TrustChoice
 
 log = logging.getLogger(__name__)
 ReceiveHook = Callable[["Reply"], None]
@@ -206,13 +206,15 @@ def select_cohort(
     addressing: Addressing,
     book: NeighbourBook,
     round: int,
+    by_trust: TrustChoice | None = None,
 ) -> Selection:
     """The round's cohort: peers the tracker ``listed`` that this peer may dial, chosen by ``book``.
 
     Peers without a usable key (``no_key``), outside a closed swarm's allow-list when ``allowed``
     is not empty (``not_allowed``) or with an address that makes no endpoint (``bad_address``)
     are skipped; the book then prefers neighbours that answered before, skips backed-off ones
-    (``backed_off``) and keeps room for exploration (``NeighbourBook.plan``).
+    (``backed_off``) and keeps room for exploration (``NeighbourBook.plan``), or with
+    ``by_trust`` picks the cohort by trust (trust-guided cohorts).
     """
     skipped: dict[str, str] = {}
     candidates: list[Candidate] = []
@@ -235,7 +237,7 @@ def select_cohort(
             continue
         endpoints[peer.peer_id] = endpoint
         candidates.append(Candidate(peer.peer_id, endpoint.address, key))
-    plan = book.plan(candidates, round=round, cohort_size=cohort_size)
+    plan = book.plan(candidates, round=round, cohort_size=cohort_size, by_trust=by_trust)
     skipped.update(plan.skipped)
 
     def endpoint_of(candidate: Candidate) -> Endpoint:

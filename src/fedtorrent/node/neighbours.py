@@ -37,6 +37,11 @@ checks, in order of preference:
    so new honest peers are found;
 4. the rest of the good ones, then candidates whose backoff expired.
 
+With trust-guided cohorts (``MixingConfig.trust_cohorts``, a :class:`TrustChoice`) the cohort is
+instead :func:`fedtorrent.mixing.cohort.trust_cohort` over all of those candidates in that order
+(the simulator's function): the members of highest trust logit, then a random share, and the
+reserve is the rest in the order above.
+
 The first ``cohort_size`` are the cohort, the rest its reserve (what the exchange dials instead
 of a member that fails fast). Backed-off candidates are skipped (``backed_off``). Candidates
 that never brought a state, or failed the last time they were dialled, are *first contacts*: the
@@ -53,7 +58,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from fedtorrent.errors import ConfigError, StateError
+from fedtorrent.mixing.cohort import CANDIDATE_FACTOR, trust_cohort
 
 ANSWERED = frozenset({"fresh", "stale"})
 ALIVE = frozenset({"refused:not_ready", "too_stale"})
@@ -72,7 +80,7 @@ class BookSettings:
     max_rejected_backoff: int = 64
     explore_share: float = 0.25
     """Share of the cohort kept for never-dialled candidates while good ones would fill it."""
-    numwant_factor: int = 4
+    numwant_factor: int = CANDIDATE_FACTOR
     """Ask the tracker for this many times the cohort (at most ``MAX_NUMWANT``) once the book
     knows enough good neighbours to fill the cohort; ``MAX_NUMWANT`` until then."""
     max_entries: int = 4096
@@ -174,6 +182,20 @@ class Neighbour:
 
 
 @dataclass(frozen=True)
+class TrustChoice:
+    """Trust-guided cohorts for one round: the peer's logits, its exploration share, its draws.
+
+    ``logits`` holds a logit for every peer heard before (``TrustLearner.known``); ``explore``
+    is ``MixingConfig.trust_cohorts``; ``generator`` the peer's ``COHORT`` generator of the
+    round (``training.seeds``).
+    """
+
+    logits: Mapping[str, float]
+    explore: float
+    generator: torch.Generator
+
+
+@dataclass(frozen=True)
 class Plan:
     """One round's choice: whom to dial first, whom instead, whom not at all.
 
@@ -232,11 +254,19 @@ class NeighbourBook:
             self.settings.first_contact_floor_s, self.settings.first_contact_rtts * max(self._rtts)
         )
 
-    def plan(self, listed: Sequence[Candidate], *, round: int, cohort_size: int) -> Plan:
+    def plan(
+        self,
+        listed: Sequence[Candidate],
+        *,
+        round: int,
+        cohort_size: int,
+        by_trust: TrustChoice | None = None,
+    ) -> Plan:
         """Choose ``round``'s cohort from the tracker's ``listed`` candidates and the book.
 
         A listed candidate whose key differs from the remembered one is a stranger: its entry is
         dropped. A listed address that differs from the remembered one ends the backoff once.
+        With ``by_trust`` the cohort is chosen by trust (module docstring).
         """
         skipped: dict[str, str] = {}
         listed_good: list[Candidate] = []
@@ -273,6 +303,17 @@ class NeighbourBook:
         explore = math.floor(self.settings.explore_share * cohort_size) if unknown else 0
         first = good[: max(0, cohort_size - explore)]
         ordered = first + unknown + good[len(first) :] + retry
+        if by_trust is not None:
+            picked = trust_cohort(
+                [by_trust.logits.get(c.peer_id) for c in ordered],
+                size=cohort_size,
+                explore=by_trust.explore,
+                generator=by_trust.generator,
+            )
+            chosen = set(picked)
+            ordered = [ordered[i] for i in picked] + [
+                c for i, c in enumerate(ordered) if i not in chosen
+            ]
         fresh = frozenset(
             c.peer_id for c in ordered
             if (e := self.entries.get(c.peer_id)) is None or e.answers == 0 or e.failures > 0

@@ -118,7 +118,7 @@ from fedtorrent.node.exchange import (
 )
 from fedtorrent.node.hello import Introductions, introduce
 from fedtorrent.node.joining import join
-from fedtorrent.node.neighbours import Candidate, NeighbourBook
+from fedtorrent.node.neighbours import Candidate, NeighbourBook, TrustChoice
 from fedtorrent.node.report import (
     METRIC_FIELDS,
     NeighbourCounts,
@@ -240,6 +240,8 @@ class PeerConfig:
     """Make this peer an adversary (experiments only): one of ``fedtorrent.adversary.ATTACKS``."""
     attack_scale: float | None = None
     """The attack's scale (default per attack, see ``fedtorrent.adversary``)."""
+    attack_from: int = 0
+    """``--attack-from R``: share honestly in rounds ``1..R``, attack from round ``R + 1``."""
     task: str | None = None
     """The task spec a task session needs (``PATH.py:NAME`` or ``package.module:NAME``)."""
     device: str = "cpu"
@@ -253,9 +255,9 @@ class PeerConfig:
     def __post_init__(self) -> None:
         resolve_device(self.device)  # an absent device is one line before anything starts
         if self.attack is not None:
-            AttackConfig(self.attack, self.attack_scale)  # validates both
-        elif self.attack_scale is not None:
-            raise ConfigError("an attack scale needs an attack")
+            AttackConfig(self.attack, self.attack_scale, start=self.attack_from)  # validates all
+        elif self.attack_scale is not None or self.attack_from:
+            raise ConfigError("an attack scale or first round needs an attack")
         sharded = self.node_index is not None or self.num_nodes is not None
         if self.task is not None and self.examples is not None:
             raise ConfigError(
@@ -907,7 +909,7 @@ class Peer:
         params = pick(trained, keys)
         params = params if self.private is None else self.private(params, round)
         attack = self.attack
-        if attack is not None and not attack.poisons_data:
+        if attack is not None and not attack.poisons_data and attack.active(round - 1):
             generator = node_generator(self.seed, Stream.ATTACK, round - 1, self._salt)
             vector = attack_params(
                 attack,
@@ -925,12 +927,15 @@ class Peer:
         if self.config.attack is None:
             return None
 
-        attack = AttackConfig(self.config.attack, self.config.attack_scale)
+        attack = AttackConfig(
+            self.config.attack, self.config.attack_scale, start=self.config.attack_from
+        )
         if attack.poisons_data:
             self.data = dataclasses.replace(
                 self.data, y_train=flip_labels(self.data.y_train, self.data.num_classes)
             )
-        log.warning("this peer is an adversary: attack %s", attack.kind)
+        log.warning("this peer is an adversary: attack %s from round %d", attack.kind,
+                    attack.start + 1)  # fmt: skip
         return attack
 
     # -- phases -----------------------------------------------------------------------------
@@ -949,7 +954,16 @@ class Peer:
         return self._selection.cohort
 
     def _select(self, answer: TrackerAnswer) -> Selection:
-        """:func:`select_cohort` over a tracker answer, with this peer's book and settings."""
+        """:func:`select_cohort` over a tracker answer, with this peer's book and settings.
+
+        With trust-guided cohorts (``mixing.trust_cohorts``) the choice reads this peer's trust
+        logits and draws from its ``COHORT`` generator of the round (the simulator's stream).
+        """
+        explore = self.session.mixing.trust_cohorts
+        by_trust = None
+        if explore is not None and self.trust is not None:
+            generator = node_generator(self.seed, Stream.COHORT, self.round_done, self._salt)
+            by_trust = TrustChoice(self.trust.known(), explore, generator)
         return select_cohort(
             self._listed(answer),
             peer_id=self.peer_id,
@@ -958,6 +972,7 @@ class Peer:
             addressing=self.addressing,
             book=self.book,
             round=self.round_done + 1,
+            by_trust=by_trust,
         )
 
     def _listed(self, answer: TrackerAnswer) -> Sequence[PeerAddress]:

@@ -180,6 +180,8 @@ class SwarmConfig:
     """The last ``attackers`` peers run ``--attack attack`` (experiments; see adversary.py)."""
     attack: str | None = None
     attack_scale: float | None = None
+    attack_from: int = 0
+    """The attackers share honestly in rounds ``1..attack_from`` (``--attack-from``)."""
     task: str | Task | None = None
     """The task every peer gets as ``--task`` (a task session): a spec (a file is made absolute),
     or a :class:`~fedtorrent.task.Task` object, replaced by its spec
@@ -225,8 +227,10 @@ class SwarmConfig:
         if self.attack is not None:
             from fedtorrent.adversary import AttackConfig, attacker_nodes  # noqa: PLC0415
 
-            AttackConfig(self.attack, self.attack_scale)
+            AttackConfig(self.attack, self.attack_scale, start=self.attack_from)
             attacker_nodes(self.peers, self.attackers)
+        elif self.attack_from:
+            raise ConfigError("--attack-from needs --attack")
         for label, port in (("tracker_port", self.tracker_port), ("port_base", self.port_base)):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{label} must be in [0, 65535], got {port}")
@@ -593,6 +597,8 @@ class Swarm:
             command += ["--attack", config.attack]
             if config.attack_scale is not None:
                 command += ["--attack-scale", repr(config.attack_scale)]
+            if config.attack_from:
+                command += ["--attack-from", str(config.attack_from)]
         return [*command, *config.peer_args]
 
     def _environment(self) -> dict[str, str]:

@@ -34,7 +34,7 @@ from torch.nn import functional as F  # noqa: N812
 from fedtorrent.config import MixingConfig, TrainConfig
 from fedtorrent.errors import ConfigError
 from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
-from fedtorrent.mixing.trust import flat_views
+from fedtorrent.mixing.trust import decay_logits, flat_views
 from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.seeds import Stream, derive_seed, node_generator
@@ -621,6 +621,10 @@ class Engine:
             self.unmixed = 0
             """Rows whose mix was not finite and which kept their own parameters instead."""
             self.trust_logits = torch.zeros(n, n)
+            """``(N, N)`` learned trust logits, row i = node i's; a logit decays towards 0 in
+            rounds its node is not in the row's cohort (``trust_decay``)."""
+            self.trust_seen = torch.zeros(n, n, dtype=torch.bool) if topology.trust_guided else None
+            """Trust-guided cohorts: True where node i mixed node j before (None otherwise)."""
             self.trust_kept = torch.zeros(n, dtype=torch.long)
             """Per node: rounds whose learned weights passed the held-out check
             (``trust_margin``)."""
@@ -815,16 +819,21 @@ class Engine:
         every node as a receiver: rows that are not finite, then rows the plausibility screen
         rejects, leave the receiver's cohort (counted in ``rejected`` and ``implausible``)
         before the rule mixes; a row whose mix is still not finite keeps its own parameters
-        (``unmixed``). Local buffer columns stay each node's own.
+        (``unmixed``). Local buffer columns stay each node's own. Trust-guided cohorts are
+        chosen here from the trust logits so far (``Topology.cohorts``); after the mix the logits
+        of nodes outside each row's cohort decay (``trust_decay``).
         """
         n, width, full = self.num_nodes, self.mixed_width, self.params.shape[1]
         eye = torch.eye(n, dtype=torch.bool)
         shared = self.params if self.share is None else self._shared_rows(round_index)
         own = self.params
         counters = self.backend.counters if isinstance(self.backend, ModuleLoopBackend) else {}
+        adjacency = self.topology.cohorts(
+            round_index, logits=self.trust_logits, seen=self.trust_seen
+        )
         cohorts = Cohorts(
             shared=shared[:, :width],
-            members=self.topology.cohorts(round_index) | eye,
+            members=adjacency | eye,
             self_column=torch.arange(n),
             own=None if shared is own else own[:, :width],
             exact=counters,
@@ -849,7 +858,11 @@ class Engine:
         self.trust_excluded += int(mixed.excluded.sum())
         self.unmixed += int(mixed.unmixed.sum())
         if mixed.logits is not None:
-            self.trust_logits = mixed.logits.detach()
+            self.trust_logits = decay_logits(
+                mixed.logits.detach(), cohorts.members, self.mixing.trust_decay
+            )
+        if self.trust_seen is not None:
+            self.trust_seen |= adjacency
         if mixed.kept is not None:
             self.trust_kept += mixed.kept.long()
         return mixed.weights

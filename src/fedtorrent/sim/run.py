@@ -200,7 +200,9 @@ def run_one(
         data=data,
         train=config.train,
         mixing=config.mixing,
-        topology=Topology(config.topology, num_nodes=n, seed=config.seed),
+        topology=Topology(
+            config.topology, num_nodes=n, seed=config.seed, explore=config.mixing.trust_cohorts
+        ),
         init=init,
         seed=config.seed,
         share=share,
@@ -215,7 +217,7 @@ def run_one(
     tag = {"mixing": config.mixing.rule, "seed": config.seed}
     writers = writers or RunWriters()
     weights: torch.Tensor | None = None
-    on_attackers: list[float] = []
+    on_attackers: list[float | None] = []
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
@@ -228,8 +230,7 @@ def run_one(
                 honest=outgoing.honest,
                 attackers=outgoing.attackers,
             )
-            if value is not None:
-                on_attackers.append(value)
+            on_attackers.append(value)
         epsilon = outgoing.epsilon if outgoing is not None else None
         if done % config.eval_every == 0 or done == config.rounds:
             evaluation = engine.evaluate(curve_x, curve_y)
@@ -275,6 +276,7 @@ def run_one(
             weights_per_round=on_attackers,
             rejected=engine_rejections(engine),
             epsilon=outgoing.epsilon,
+            attack_from=config.attack_from,
         )
     return RunOutcome(
         config=config,
@@ -557,13 +559,20 @@ def _sum_timings(runs: Sequence[RunOutcome]) -> dict[str, float]:
 
 
 def _pool_security(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Security metrics of several seeds: means (std of the honest accuracy over all seeds)."""
+    """Security metrics of several seeds: means (std of the honest accuracy over all seeds).
+
+    ``weight_to_attackers_per_round`` is each round's mean over the seeds that had a value;
+    ``rounds_to_exclusion`` the mean over seeds that excluded the attackers (each seed's value,
+    None where it never did, in ``rounds_to_exclusion_per_seed``).
+    """
 
     def mean(key: str) -> float | None:
         values = [float(p[key]) for p in parts if p.get(key) is not None]
         return sum(values) / len(values) if values else None
 
     rejected = _sum_counts(p["rejected"] for p in parts)
+    rounds = zip(*(p["weight_to_attackers_per_round"] for p in parts), strict=True)
+    per_round = [[v for v in values if v is not None] for values in rounds]
     return {
         "attackers": parts[0]["attackers"],
         "honest_accuracy_mean": mean("honest_accuracy_mean"),
@@ -571,6 +580,10 @@ def _pool_security(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "honest_accuracy_std_seeds": float(np.std([p["honest_accuracy_mean"] for p in parts])),
         "attacker_accuracy_mean": mean("attacker_accuracy_mean"),
         "weight_to_attackers": mean("weight_to_attackers"),
+        "weight_to_attackers_per_round": [sum(v) / len(v) if v else None for v in per_round],
+        "attack_from": parts[0]["attack_from"],
+        "rounds_to_exclusion": mean("rounds_to_exclusion"),
+        "rounds_to_exclusion_per_seed": [p.get("rounds_to_exclusion") for p in parts],
         "rejected": rejected,
         "epsilon": mean("epsilon"),
     }

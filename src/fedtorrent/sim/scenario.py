@@ -47,7 +47,9 @@ class Outgoing:
         self.attackers = attacker_nodes(n, config.attackers)
         self.honest = [i for i in range(n) if i not in set(self.attackers)]
         self.attack = (
-            AttackConfig(config.attack, config.attack_scale) if config.attack is not None else None
+            AttackConfig(config.attack, config.attack_scale, start=config.attack_from)
+            if config.attack is not None
+            else None
         )
         self.initial = initial.detach().clone()
         self.seed = config.seed
@@ -88,12 +90,18 @@ class Outgoing:
             )
             shared = public + noised
             self.accountant.record_round(noise_multiplier=self.noise_multiplier)
-        if self.attack is not None and not self.attack.poisons_data and self.attackers:
+        attack = self.attack
+        if (
+            attack is not None
+            and self.attackers
+            and not attack.poisons_data
+            and attack.active(round_index)
+        ):
             rows = torch.tensor(self.attackers)
             generator = node_generator(self.seed, Stream.SIM_ATTACK, round_index, 0)
             shared = shared.clone() if shared is params else shared
             shared[rows] = attack_params(
-                self.attack,
+                attack,
                 params[rows],
                 reference=before[rows],
                 initial=self.initial,
@@ -155,30 +163,65 @@ def weight_on_attackers(
     return sum(values) / len(values) if values else None
 
 
+EXCLUDED_WEIGHT = 0.01
+"""Honest nodes' mean weight on the attackers below which they count as excluded."""
+
+
+def rounds_to_exclusion(
+    weights_per_round: Sequence[float | None], *, start: int, threshold: float = EXCLUDED_WEIGHT
+) -> int | None:
+    """How many attacked rounds it took until the weight on the attackers stays below ``threshold``.
+
+    ``weights_per_round[r]`` is round r's :func:`weight_on_attackers` (0-based; None: no honest
+    node met an attacker, which neither breaks nor starts the exclusion); the attack starts in
+    round ``start``. Returns ``t`` where round ``start + t - 1`` is the first from which every
+    value is below ``threshold`` (1: the very first attacked round's mix already excludes them),
+    or None when the run ends before that (or no attacked round had a value).
+    """
+    first: int | None = None
+    for r in range(start, len(weights_per_round)):
+        value = weights_per_round[r]
+        if value is None:
+            continue
+        if value >= threshold:
+            first = None
+        elif first is None:
+            first = r
+    return None if first is None else first - start + 1
+
+
 def security_summary(
     final: Sequence[dict[str, Any]],
     *,
     honest: Sequence[int],
     attackers: Sequence[int],
-    weights_per_round: Sequence[float],
+    weights_per_round: Sequence[float | None],
     rejected: Mapping[str, int],
     epsilon: float | None,
+    attack_from: int = 0,
 ) -> dict[str, Any]:
     """The run's security metric: accuracies, weight on attackers, rejections, epsilon.
 
-    ``weight_to_attackers`` is the mean of the per-round values (None when there were none);
-    ``rejected`` counts dropped received rows by reason (``non_finite``, ``implausible``, see
+    ``weights_per_round`` holds every round's :func:`weight_on_attackers` (None where there was
+    none); ``weight_to_attackers`` is the mean of the values (None when there were none) and
+    ``weight_to_attackers_per_round`` the list itself. ``rounds_to_exclusion`` is
+    :func:`rounds_to_exclusion` from round ``attack_from``; ``rejected`` counts dropped
+    received rows by reason (``non_finite``, ``implausible``, see
     :func:`fedtorrent.sim.run.engine_rejections`).
     """
     honest_acc = torch.tensor([float(final[i]["accuracy"]) for i in honest], dtype=torch.float64)
     attacker_acc = [float(final[i]["accuracy"]) for i in attackers]
+    values = [v for v in weights_per_round if v is not None]
     return {
         "attackers": list(attackers),
         "honest_accuracy_mean": float(honest_acc.mean()),
         "honest_accuracy_std": float(honest_acc.std(unbiased=False)),
         "attacker_accuracy_mean": sum(attacker_acc) / len(attacker_acc) if attacker_acc else None,
-        "weight_to_attackers": (
-            sum(weights_per_round) / len(weights_per_round) if weights_per_round else None
+        "weight_to_attackers": sum(values) / len(values) if values else None,
+        "weight_to_attackers_per_round": list(weights_per_round),
+        "attack_from": attack_from,
+        "rounds_to_exclusion": (
+            rounds_to_exclusion(weights_per_round, start=attack_from) if attackers else None
         ),
         "rejected": {reason: count for reason, count in rejected.items() if count},
         "epsilon": epsilon,

@@ -213,7 +213,9 @@ def run_task(
         data=stack_nodes(nodes),
         train=config.train,
         mixing=config.mixing,
-        topology=Topology(config.topology, num_nodes=n, seed=config.seed),
+        topology=Topology(
+            config.topology, num_nodes=n, seed=config.seed, explore=config.mixing.trust_cohorts
+        ),
         init=init,
         seed=config.seed,
         share=share,

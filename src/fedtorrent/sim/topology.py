@@ -2,7 +2,9 @@
 
 Row i of an adjacency matrix marks the peers whose parameters node i mixes in; the diagonal is
 always False (the node itself is added by the mixing step). Every graph is drawn from an explicit
-``torch.Generator``, so a seed fixes it.
+``torch.Generator``, so a seed fixes it. Trust-guided cohorts (``MixingConfig.trust_cohorts``,
+:func:`trust_guided_cohorts`) also read every node's trust logits, so a seed and the run's
+trust so far fix them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import torch
 
 from fedtorrent.config import TOPOLOGIES, TopologyConfig
 from fedtorrent.errors import ConfigError, UnknownNameError
+from fedtorrent.mixing.cohort import CANDIDATE_FACTOR, trust_cohort
+from fedtorrent.training.seeds import Stream, node_generator
 
 Tensor = torch.Tensor
 
@@ -99,20 +103,79 @@ def random_cohorts(num_nodes: int, size: int, *, generator: torch.Generator) -> 
     return adjacency
 
 
+def trust_guided_cohorts(
+    logits: Tensor,
+    seen: Tensor,
+    *,
+    size: int,
+    explore: float,
+    seed: int,
+    round_index: int,
+) -> Tensor:
+    """Each node's cohort by :func:`~fedtorrent.mixing.cohort.trust_cohort`; directed.
+
+    Node i draws ``CANDIDATE_FACTOR * size`` other nodes at random (capped at ``N - 1``: what a
+    tracker's answer of that many peers holds), then picks ``size`` of them by its trust logits
+    ``logits[i]`` over the candidates it has ``seen`` (mixed with before), exploring a share
+    ``explore``. Both draws come from node i's ``COHORT`` generator of the round.
+
+    Args:
+        logits: ``(N, N)`` trust logits, row i = node i's.
+        seen: ``(N, N)`` bool, True where node i mixed node j before.
+        size: the cohort size (capped at ``N - 1``).
+        explore: the exploration share in ``[0, 1]``.
+        seed: the run's seed.
+        round_index: 0-based.
+
+    Returns:
+        ``(N, N)`` bool adjacency on ``logits``' device, no self loops.
+    """
+    n = int(logits.shape[0])
+    size = min(size, n - 1)
+    adjacency = torch.zeros(n, n, dtype=torch.bool, device="cpu")
+    if size <= 0:
+        return adjacency.to(logits.device)
+    pool = min(n - 1, CANDIDATE_FACTOR * size)
+    values, known = logits.detach().cpu().tolist(), seen.cpu().tolist()
+    for node in range(n):
+        generator = node_generator(seed, Stream.COHORT, round_index, node)
+        draw = torch.randperm(n - 1, generator=generator, device="cpu")[:pool].tolist()
+        candidates = [j + (j >= node) for j in draw]  # every node but this one
+        row = [values[node][j] if known[node][j] else None for j in candidates]
+        chosen = trust_cohort(row, size=size, explore=explore, generator=generator)
+        adjacency[node, [candidates[c] for c in chosen]] = True
+    return adjacency.to(logits.device)
+
+
 class Topology:
     """The cohorts of every round for one run, reproducible from ``seed``.
 
     Fixed graphs (complete, ring, regular, Erdos-Renyi) are drawn once; ``random_cohort`` draws
     fresh cohorts each round from a generator seeded by ``(seed, round)``, so any round can be
-    reproduced on its own.
+    reproduced on its own. With ``explore`` (trust-guided cohorts, ``MixingConfig.trust_cohorts``)
+    a ``random_cohort`` round also needs the engine's trust logits and "seen" mask
+    (:func:`trust_guided_cohorts`); the last round drawn is kept, so it can be asked again
+    without them (records, traffic).
     """
 
-    def __init__(self, config: TopologyConfig, *, num_nodes: int, seed: int) -> None:
+    def __init__(
+        self,
+        config: TopologyConfig,
+        *,
+        num_nodes: int,
+        seed: int,
+        explore: float | None = None,
+    ) -> None:
         if config.kind not in TOPOLOGIES:
             raise UnknownNameError("topology", config.kind, TOPOLOGIES)
+        if explore is not None and config.kind != "random_cohort":
+            raise ConfigError("trust-guided cohorts need the random_cohort topology")
         self.config = config
         self.num_nodes = num_nodes
         self.seed = seed
+        self.explore = explore
+        """The exploration share of trust-guided cohorts; None: plain random cohorts."""
+        self._drawn: tuple[int, Tensor] | None = None
         self._fixed: Tensor | None = None
         generator = torch.Generator().manual_seed(seed)
         if config.kind == "complete":
@@ -129,9 +192,31 @@ class Topology:
         """Whether cohorts differ between rounds."""
         return self._fixed is None
 
-    def cohorts(self, round_index: int) -> Tensor:
-        """``(N, N)`` bool adjacency for ``round_index`` (0-based); no self loops."""
+    @property
+    def trust_guided(self) -> bool:
+        """Whether cohorts are chosen by trust (they then need ``logits`` and ``seen``)."""
+        return self.explore is not None
+
+    def cohorts(
+        self, round_index: int, *, logits: Tensor | None = None, seen: Tensor | None = None
+    ) -> Tensor:
+        """``(N, N)`` bool adjacency for ``round_index`` (0-based); no self loops.
+
+        ``logits`` and ``seen`` (see :func:`trust_guided_cohorts`) are read only by trust-guided
+        cohorts, which need them for any round but the last one drawn.
+        """
         if self._fixed is not None:
             return self._fixed
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
-        return random_cohorts(self.num_nodes, self.config.degree, generator=generator)
+        if self.explore is None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
+            return random_cohorts(self.num_nodes, self.config.degree, generator=generator)
+        if self._drawn is not None and self._drawn[0] == round_index:
+            return self._drawn[1]
+        if logits is None or seen is None:
+            raise ConfigError(f"trust-guided cohorts of round {round_index} need trust logits")
+        adjacency = trust_guided_cohorts(
+            logits, seen, size=self.config.degree, explore=self.explore, seed=self.seed,
+            round_index=round_index,
+        )  # fmt: skip
+        self._drawn = (round_index, adjacency)
+        return adjacency

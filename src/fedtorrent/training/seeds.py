@@ -38,6 +38,9 @@ class Stream(IntEnum):
     """The simulator's attackers' random draws in one round."""
     COMPRESS = 10
     """One node's stochastic rounding when it compresses its update (``state.compress``)."""
+    COHORT = 11
+    """One node's trust-guided cohort choice in one round (``mixing.cohort``): the simulator's
+    candidate sample, then the exploration draw (a peer's candidates come from the tracker)."""
 
 
 def derive_seed(seed: int, *streams: int) -> int:
