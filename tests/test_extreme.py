@@ -31,6 +31,7 @@ from fedtorrent.config import (
 from fedtorrent.data.datasets import Dataset
 from fedtorrent.errors import ConfigError
 from fedtorrent.metrics.records import read_records
+from fedtorrent.mixing.fomo import fomo_weights
 from fedtorrent.mixing.rules import (
     coordinate_median,
     krum,
@@ -153,6 +154,14 @@ def _mix(rule: str, stack: torch.Tensor, cohort: list[str], *, screen: bool) -> 
         weights = metropolis_row(k, torch.full((k,), float(k)))
     elif rule == "fixed":
         weights = torch.full((1 + k,), 1.0 / (1 + k))
+    elif rule == "fedfomo":  # the own trained row is the reference (no start state)
+        _, loss = _linear_loss(stack.shape[1])
+        losses = torch.stack([loss(row) for row in stack]).reshape(1, -1)  # type: ignore[operator]
+        distances = (stack - stack[0]).norm(dim=1).reshape(1, -1)
+        is_self = torch.zeros(1, 1 + k, dtype=torch.bool)
+        is_self[0, 0] = True
+        everyone = torch.ones_like(is_self)
+        weights = fomo_weights(losses[:, 0], losses, distances, everyone, is_self)[0]
     mixed, _ = finite_or_own(mix_stack(stack, config=config, weights=weights), stack[0])
     return mixed
 
