@@ -37,6 +37,8 @@ import math
 import threading
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -284,65 +286,75 @@ class ZmqTransport(Transport):
 
     # -- client ---------------------------------------------------------------------------------
 
-    def _fetch(self, endpoint: Endpoint, round: int, deadline: float) -> Reply:
+    @contextmanager
+    def _dealer(self) -> Iterator[tuple[zmq.Socket[Any], zmq.Socket[Any]]]:
+        """A fresh DEALER and its link monitor for one exchange; both closed afterwards."""
         if self._context is None:
             raise NetworkError("transport not started")
         try:
             sock = self._context.socket(zmq.DEALER)
         except zmq.ZMQError as exc:
             raise NetworkError(f"transport closing: {exc}") from None
-        header_bytes = payload_bytes = 0
         monitor: zmq.Socket[Any] | None = None
         try:
             monitor = sock.get_monitor_socket(sum(_LINK_EVENTS))
-            self._configure_client(sock, endpoint)
-            request = wire.encode_request(
-                info_hash=self.config.info_hash,
-                sender=self.config.peer_id,
-                round=round,
-                base=endpoint.base,
-            )
-            started = time.perf_counter()
-            sock.send_multipart(request, flags=zmq.NOBLOCK)
-            self.stats.record_sent(endpoint.peer_id, round, header=len(request[0]))
-
-            head = memoryview(bytearray(wire.MAX_HEADER_BYTES + 1))
-            header_bytes = self._receive_into(sock, head, endpoint, deadline, monitor)
-            if header_bytes > wire.MAX_HEADER_BYTES:
-                raise wire.reject("oversized", f"reply header of {header_bytes} bytes")
-            if sock.getsockopt(zmq.RCVMORE):
-                raise wire.reject("bad_frames", "reply header came with extra frames")
-            header = self.check_reply_header(endpoint, head[:header_bytes])
-
-            # Size checked by the header. Each piece is copied in, then hashed and scanned for
-            # NaN while it is still in this core's cache (hashing data another core just wrote
-            # runs at 60% of that speed here).
-            payload = memoryview(self._buffers.take(header.payload_len).data)
-            digest, scan = hashlib.sha256(), wire.FiniteScan(payload)
-            while payload_bytes < len(payload):
-                space = len(payload) - payload_bytes
-                got = self._receive_into(sock, payload[payload_bytes:], endpoint, deadline)
-                if got == 0 or got > space or sock.getsockopt(zmq.RCVMORE):
-                    raise wire.reject("bad_frames", "payload pieces do not add up to its length")
-                digest.update(payload[payload_bytes : payload_bytes + got])  # frees the GIL
-                payload_bytes += got
-                scan.feed(payload_bytes)
-            rtt = time.perf_counter() - started
-            wire.verify_payload(header, payload, computed_sha256=digest.hexdigest())
-            return Reply(
-                peer_id=endpoint.peer_id,
-                header=header,
-                payload=payload,
-                rtt_s=rtt,
-                finite=scan.cleared(),
-            )
-        except zmq.ZMQError as exc:
-            raise NetworkError(f"exchange with {endpoint.peer_id} failed: {exc}") from None
+            yield sock, monitor
         finally:
             if monitor is not None:
                 sock.disable_monitor()
                 monitor.close(linger=0)
             sock.close(linger=0)
+
+    def _fetch(self, endpoint: Endpoint, round: int, deadline: float) -> Reply:
+        header_bytes = payload_bytes = 0
+        try:
+            with self._dealer() as (sock, monitor):
+                self._configure_client(sock, endpoint)
+                request = wire.encode_request(
+                    info_hash=self.config.info_hash,
+                    sender=self.config.peer_id,
+                    round=round,
+                    base=endpoint.base,
+                )
+                started = time.perf_counter()
+                sock.send_multipart(request, flags=zmq.NOBLOCK)
+                self.stats.record_sent(endpoint.peer_id, round, header=len(request[0]))
+
+                head = memoryview(bytearray(wire.MAX_HEADER_BYTES + 1))
+                header_bytes = self._receive_into(sock, head, endpoint, deadline, monitor)
+                if header_bytes > wire.MAX_HEADER_BYTES:
+                    raise wire.reject("oversized", f"reply header of {header_bytes} bytes")
+                if sock.getsockopt(zmq.RCVMORE):
+                    raise wire.reject("bad_frames", "reply header came with extra frames")
+                header = self.check_reply_header(endpoint, head[:header_bytes])
+
+                # Size checked by the header. Each piece is copied in, then hashed and scanned for
+                # NaN while it is still in this core's cache (hashing data another core just wrote
+                # runs at 60% of that speed here).
+                payload = memoryview(self._buffers.take(header.payload_len).data)
+                digest, scan = hashlib.sha256(), wire.FiniteScan(payload)
+                while payload_bytes < len(payload):
+                    space = len(payload) - payload_bytes
+                    got = self._receive_into(sock, payload[payload_bytes:], endpoint, deadline)
+                    if got == 0 or got > space or sock.getsockopt(zmq.RCVMORE):
+                        raise wire.reject(
+                            "bad_frames", "payload pieces do not add up to its length"
+                        )
+                    digest.update(payload[payload_bytes : payload_bytes + got])  # frees the GIL
+                    payload_bytes += got
+                    scan.feed(payload_bytes)
+                rtt = time.perf_counter() - started
+                wire.verify_payload(header, payload, computed_sha256=digest.hexdigest())
+                return Reply(
+                    peer_id=endpoint.peer_id,
+                    header=header,
+                    payload=payload,
+                    rtt_s=rtt,
+                    finite=scan.cleared(),
+                )
+        except zmq.ZMQError as exc:
+            raise NetworkError(f"exchange with {endpoint.peer_id} failed: {exc}") from None
+        finally:
             if header_bytes:
                 self.stats.record_received(
                     endpoint.peer_id,
@@ -353,37 +365,25 @@ class ZmqTransport(Transport):
 
     def _hello_exchange(self, address: str, request: list[bytes], deadline: float) -> list[bytes]:
         """One plain DEALER to ``address``: send the request, take one answer (header-sized)."""
-        if self._context is None:
-            raise NetworkError("transport not started")
-        try:
-            sock = self._context.socket(zmq.DEALER)
-        except zmq.ZMQError as exc:
-            raise NetworkError(f"transport closing: {exc}") from None
         endpoint = Endpoint(peer_id=address, address=address)
-        monitor: zmq.Socket[Any] | None = None
         try:
-            monitor = sock.get_monitor_socket(sum(_LINK_EVENTS))
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)
-            try:
-                sock.connect(address)
-            except zmq.ZMQError as exc:
-                raise NetworkError(f"bad address {address!r}: {exc}") from None
-            sock.send_multipart(request, flags=zmq.NOBLOCK)
-            head = memoryview(bytearray(wire.MAX_HEADER_BYTES + 1))
-            size = self._receive_into(sock, head, endpoint, deadline, monitor)
-            if size > wire.MAX_HEADER_BYTES:
-                raise wire.reject("oversized", f"hello of {size} bytes")
-            if sock.getsockopt(zmq.RCVMORE):
-                raise wire.reject("bad_frames", "a hello came with extra frames")
-            return [bytes(head[:size])]
+            with self._dealer() as (sock, monitor):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_HEADER_BYTES)
+                try:
+                    sock.connect(address)
+                except zmq.ZMQError as exc:
+                    raise NetworkError(f"bad address {address!r}: {exc}") from None
+                sock.send_multipart(request, flags=zmq.NOBLOCK)
+                head = memoryview(bytearray(wire.MAX_HEADER_BYTES + 1))
+                size = self._receive_into(sock, head, endpoint, deadline, monitor)
+                if size > wire.MAX_HEADER_BYTES:
+                    raise wire.reject("oversized", f"hello of {size} bytes")
+                if sock.getsockopt(zmq.RCVMORE):
+                    raise wire.reject("bad_frames", "a hello came with extra frames")
+                return [bytes(head[:size])]
         except zmq.ZMQError as exc:
             raise NetworkError(f"hello from {address} failed: {exc}") from None
-        finally:
-            if monitor is not None:
-                sock.disable_monitor()
-                monitor.close(linger=0)
-            sock.close(linger=0)
 
     def _configure_client(self, sock: zmq.Socket[Any], endpoint: Endpoint) -> None:
         sock.setsockopt(zmq.LINGER, 0)
