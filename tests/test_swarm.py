@@ -596,7 +596,7 @@ def test_a_killed_peer_resumes_and_the_tracker_restarts_in_a_real_swarm(tmp_path
 def test_a_killed_peer_costs_its_neighbours_at_most_one_short_deadline(tmp_path: Path) -> None:
     """SIGKILL one of 4 real peers after round 3: it costs its neighbours no more than a short,
     adapted deadline (on loopback its closed port refuses at once: ``unreachable``), far below
-    the 20 s cap, and then it is skipped."""
+    the 20 s cap; its first fast failure is forgiven, the second backs it off."""
     from fedtorrent.node.swarm import Swarm
 
     cap = 20.0
@@ -616,11 +616,17 @@ def test_a_killed_peer_costs_its_neighbours_at_most_one_short_deadline(tmp_path:
         assert len(records) == 6
         lost = [r for r in records if "peer-3" in r["silent"] or "peer-3" in r["missing"]]
         assert lost, "the dead peer was never dialled"
-        assert {r["missing"].get("peer-3", "timeout") for r in lost} <= {"unreachable", "timeout"}
+        # a dial racing the kill may reach the dying socket: the handshake then fails, just as fast
+        fast = {"unreachable", "handshake_failed", "timeout"}
+        assert {r["missing"].get("peer-3", "timeout") for r in lost} <= fast
         after = [r for r in records if r["round"] >= lost[0]["round"]]
         assert all(r["deadline_s"] < cap / 2 for r in after), [r["deadline_s"] for r in after]
         assert all(r["timings"]["exchange"] < cap / 2 for r in after)
-        assert (
-            records[-1]["skipped"].get("peer-3") == "backed_off"
-            or "peer-3" not in (records[-1]["cohort"])
-        )
+        # a good neighbour's first fast failure is forgiven; the second backs it off two rounds
+        assert len(lost) <= 2, [r["round"] for r in lost]
+        if len(lost) == 2:
+            later = [r for r in records if 0 < r["round"] - lost[1]["round"] <= 2]
+            assert all(
+                r["skipped"].get("peer-3") == "backed_off" or "peer-3" not in r["cohort"]
+                for r in later
+            )
