@@ -16,6 +16,12 @@ number from simulator runs (``ft.simulate``, the ``simulate`` defaults unless sa
   trade-off, one row per setting).
 - ``attacker``: the delayed attacker (``--attack-from R``, one attacker among 12, learned trust,
   ``--plausibility 0`` so that trust alone must react): rounds to exclusion (weight below 0.01).
+- ``swarm``: real ``fedtorrent peer`` processes on loopback (``fedtorrent create ... --cohort
+  N-1``, one seed) for none / fixed / learned / fedfomo on MNIST label_swap K = 3 with 12 peers,
+  next to the simulator's cell of the same setting (peer folders under ``--work``).
+
+Heatmaps: the last weights (seed 0) of fixed, learned, fedfomo and oracle in the largest
+complete-graph label_swap K = 3 setting, nodes ordered by cluster, in ``plots/``.
 
 A cell is one setting and one rule variant over all seeds. Each finished cell is written to the
 JSON at once, so an interrupted run keeps its results; ``--resume`` skips cells already there (a
@@ -48,6 +54,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,9 +63,11 @@ from statistics import mean, pstdev
 from typing import Any
 
 import fedtorrent as ft
+from fedtorrent.metrics.plots import plot_weights
+from fedtorrent.metrics.records import read_records
 from fedtorrent.sim.run import load_for
 
-SECTIONS = ("clustered", "skew", "attacker")
+SECTIONS = ("clustered", "skew", "attacker", "swarm")
 CLUSTER_RULES = ("none", "fixed", "learned", "fedfomo", "oracle")
 SKEW_RULES = ("none", "fixed", "learned")
 SKEW_VARIANTS: dict[str, dict[str, float]] = {
@@ -73,7 +83,13 @@ COHORT = 3
 CNN = {"rounds": 10, "steps": 20}
 """The CNN rows' rounds and local steps per round: what 2 CPU cores afford."""
 EXCLUDED = 0.01
+HEATMAP_RULES = ("fixed", "learned", "fedfomo", "oracle")
+"""The rules whose last weights are drawn, for the largest complete-graph label_swap K=3 cell."""
+SWARM_RULES = ("none", "fixed", "learned", "fedfomo")
+"""The real swarm's rules (``oracle`` is simulator-only)."""
 SIGN_NOISE = ("sign_flip", "noise")
+SCREEN = (("plausibility", ft.MixingConfig.plausibility),)
+"""The delayed attacker's second variant: learned trust behind the default plausibility screen."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +233,10 @@ def attacker_cells(grid: str, quick: bool, rounds: int | None) -> Iterator[Cell]
                     "attacker", dataset, "logreg", "iid", nodes, "learned",
                     attack=attack, attack_from=start,
                 )  # fmt: skip
+                yield Cell(
+                    "attacker", dataset, "logreg", "iid", nodes, "learned + screen",
+                    attack=attack, attack_from=start, mixing=SCREEN,
+                )  # fmt: skip
 
 
 def run_cell(cell: Cell, seeds: int, rounds: int | None) -> dict[str, Any]:
@@ -243,12 +263,120 @@ def run_cell(cell: Cell, seeds: int, rounds: int | None) -> dict[str, Any]:
             per_seed.setdefault("honest_accuracy", []).append(
                 100 * float(security["honest_accuracy_mean"])
             )
-    return {
+    result = {
         "cell": {k: v for k, v in dataclasses.asdict(cell).items() if k != "mixing"}
         | {"mixing": dict(cell.mixing), "rounds": base.rounds, "seeds": seeds},
         "per_seed": per_seed,
         "seconds": time.perf_counter() - tick,
     }
+    if cell.section == "clustered" and outcomes[0].weights is not None:
+        result["weights"] = [[round(w, 4) for w in row] for row in outcomes[0].weights]
+    return result
+
+
+SWARM: dict[str, Any] = {"dataset": "mnist", "split": "label_swap", "clusters": 3, "nodes": 12}
+"""The real swarm's setting: the simulator's MNIST label_swap K=3 cell at 12 nodes."""
+SWARM_QUICK: dict[str, Any] = {
+    "dataset": "digits",
+    "split": "label_swap",
+    "clusters": 2,
+    "nodes": 4,
+}
+
+
+def swarm_cells(quick: bool) -> Iterator[Cell]:
+    """The real swarm's cells: one per rule, every peer in every other's cohort (complete)."""
+    setting = SWARM_QUICK if quick else SWARM
+    for rule in SWARM_RULES:
+        yield Cell("swarm", model="logreg", variant=rule, **setting)
+
+
+def run_swarm_cell(cell: Cell, rounds: int | None, work: Path) -> dict[str, Any]:
+    """One real swarm of ``cell.nodes`` peer processes on loopback (seed 0).
+
+    Its own-distribution accuracy is the peers' mean test accuracy (a clustered peer's test set
+    is its cluster's transform); its share is each peer's self weight plus its weights on peers
+    of its cluster in its last round, averaged over the peers.
+    """
+    from fedtorrent.cli.net import create  # noqa: PLC0415  (the CLI body: only this section)
+    from fedtorrent.node.swarm import SwarmConfig, run_swarm  # noqa: PLC0415
+
+    folder = work / cell.key(1, rounds).replace("/", "_")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    torrent = folder / "session.torrent"
+    create(
+        output=torrent, dataset=cell.dataset, model=cell.model, nodes=cell.nodes,
+        split=cell.split, clusters=cell.clusters, rounds=cell.rounds(rounds),
+        cohort=cell.nodes - 1, mixing=cell.rule,
+    )  # type: ignore[arg-type]  # fmt: skip
+    tick = time.perf_counter()
+    config = SwarmConfig(
+        torrent=torrent, out=folder / "swarm", peers=cell.nodes,
+        data_dir=Path(os.environ.get("FEDTORRENT_DATA", "../shared/data")), exchange_timeout=60,
+    )  # fmt: skip
+    summary = run_swarm(config, timeout=3600, plots=False, progress=False)
+    shares = []
+    for metrics in sorted((folder / "swarm" / "peers").glob("*/metrics.jsonl")):
+        last = read_records(metrics)[-1]
+        own = _index(last["peer_id"]) % cell.clusters
+        inside = sum(
+            float(w)
+            for peer, w in (last.get("trust_weights") or {}).items()
+            if _index(peer) % cell.clusters == own
+        )
+        shares.append(float(last.get("self_weight") or 0.0) + inside)
+    return {
+        "cell": dataclasses.asdict(cell) | {"rounds": cell.rounds(rounds), "seeds": 1},
+        "per_seed": {
+            "own_accuracy": [100 * float(summary["test_accuracy_mean"])],
+            "cluster_share": [mean(shares)] if shares else [],
+        },
+        "finished": summary["finished"],
+        "seconds": time.perf_counter() - tick,
+    }
+
+
+def _index(peer_id: str) -> int:
+    """A launched peer's node index from its id (``peer-7`` -> 7)."""
+    return int(peer_id.rsplit("-", 1)[1])
+
+
+def heatmaps(record: dict[str, Any], plots: Path) -> list[Path]:
+    """Draw the last weights (seed 0) of the largest complete-graph label_swap K=3 setting.
+
+    One PNG per rule of ``HEATMAP_RULES``, nodes ordered by cluster so that trust inside a
+    cluster shows as diagonal blocks; an earlier dataset wins a tie in size.
+    """
+    cells = [
+        c
+        for c in record["cells"].values()
+        if c["cell"]["section"] == "clustered"
+        and "weights" in c
+        and (c["cell"]["split"], c["cell"]["clusters"], c["cell"]["topology"])
+        == ("label_swap", 3, "complete")
+    ]
+    if not cells:
+        return []
+    setting = _setting(max(cells, key=lambda c: c["cell"]["nodes"])["cell"])
+    paths = []
+    for c in cells:
+        cell = c["cell"]
+        if _setting(cell) != setting or cell["variant"] not in HEATMAP_RULES:
+            continue
+        n, k = cell["nodes"], cell["clusters"]
+        order = sorted(range(n), key=lambda i: (i % k, i))
+        weights = [[c["weights"][i][j] for j in order] for i in order]
+        title = f"{cell['variant']}: {cell['dataset']} label_swap K={k}, {n} nodes, seed 0"
+        paths.append(
+            plot_weights(
+                weights,
+                plots / f"trust_clustered_{cell['variant']}.png",
+                names=[f"{i}:c{i % k}" for i in order],
+                title=title,
+            )
+        )
+    return paths
 
 
 _DATA: dict[str, Any] = {}
@@ -305,8 +433,8 @@ def _gap_closed(rows: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> list[
     return ["", "Trust-guided cohorts against the gap:", "", *lines] if lines else []
 
 
-def report(record: dict[str, Any]) -> str:
-    """``results/trust.md`` from the JSON record."""
+def report(record: dict[str, Any], pictures: list[str] | None = None) -> str:
+    """``results/trust.md`` from the JSON record; ``pictures`` names the heatmaps drawn."""
     cells = list(record["cells"].values())
     lines = [
         "# Where learned trust matters",
@@ -338,7 +466,16 @@ def report(record: dict[str, Any]) -> str:
                 + " | ".join(own + share)
                 + " |"
             )
+        lines += [
+            "",
+            "Trust-guided cohorts choose by learned trust's logits, so their rows have learned "
+            "trust only: fedfomo recomputes its weights each round from validation losses and "
+            "keeps no score to choose by, and the other rules learn nothing about their peers.",
+        ]
         lines += _gap_closed(rows)
+        if pictures:
+            lines += ["", "Last-round weights (seed 0), nodes ordered by cluster: "]
+            lines[-1] += ", ".join(f"`{name}`" for name in pictures) + "."
     skew = [c for c in cells if c["cell"]["section"] == "skew"]
     if skew:
         lines += [
@@ -365,23 +502,61 @@ def report(record: dict[str, Any]) -> str:
             "",
             "## The delayed attacker",
             "",
-            f"One attacker among the nodes shares honestly before round R, then attacks; learned "
-            f"trust, plausibility screen off. Rounds to exclusion: from round R, rounds until its "
-            f"weight stays below {EXCLUDED} (1 = in the first attacked round).",
+            f"One attacker among the nodes shares honestly before round R, then attacks. "
+            f"*learned*: learned trust with the plausibility screen off, so that trust alone must "
+            f"react; *learned + screen*: behind the default screen. Rounds to exclusion: from "
+            f"round R, rounds until its weight stays below {EXCLUDED} (1 = in the first attacked "
+            f"round).",
             "",
-            "| dataset | attack | nodes | rounds | R | rounds to exclusion | honest accuracy |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| dataset | attack | nodes | rounds | R | rule | rounds to exclusion | "
+            "honest accuracy |",
+            "|---|---|---:|---:|---:|---|---:|---:|",
         ]
         for c in attacker:
             cell, per_seed = c["cell"], c["per_seed"]
             lines.append(
                 f"| {cell['dataset']} | {cell['attack']} | {cell['nodes']} | {cell['rounds']} | "
-                f"{cell['attack_from']} | {_stat(per_seed.get('rounds_to_exclusion'), 1)} | "
+                f"{cell['attack_from']} | {cell['variant']} | "
+                f"{_stat(per_seed.get('rounds_to_exclusion'), 1)} | "
                 f"{_stat(per_seed.get('honest_accuracy'))} |"
             )
+    swarm = [c for c in cells if c["cell"]["section"] == "swarm"]
+    if swarm:
+        lines += _swarm_table(swarm, clustered)
     seconds = sum(float(c["seconds"]) for c in cells)
-    lines += ["", f"Simulated time of the cells shown: {seconds / 60:.1f} minutes."]
+    lines += ["", f"Run time of the cells shown: {seconds / 60:.1f} minutes."]
     return "\n".join(lines) + "\n"
+
+
+def _swarm_table(swarm: list[dict[str, Any]], clustered: list[dict[str, Any]]) -> list[str]:
+    """The real-swarm rows, each beside the simulator's cell of the same setting and rule."""
+    simulated = {(*_setting(c["cell"]), c["cell"]["variant"]): c for c in clustered
+                 if c["cell"]["topology"] == "complete"}  # fmt: skip
+    lines = [
+        "",
+        "## A real swarm next to the simulator",
+        "",
+        "Real `fedtorrent peer` processes on loopback (seed 0, every peer in every other's "
+        "cohort) against the simulator's complete graph on the same split. Own: the peers' mean "
+        "own-distribution test accuracy; share: self weight plus weight on peers of the same "
+        "cluster, last round.",
+        "",
+        "| dataset | split | K | peers | rounds | rule | swarm own | swarm share | "
+        "simulator own, seed 0 | simulator own, all seeds | swarm minutes |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in swarm:
+        cell, per_seed = c["cell"], c["per_seed"]
+        twin = simulated.get((*_setting(cell), cell["variant"]))
+        first = f"{twin['per_seed']['own_accuracy'][0]:.2f}" if twin else "-"
+        every = _stat(twin["per_seed"]["own_accuracy"]) if twin else "-"
+        share = f"{per_seed['cluster_share'][0]:.3f}" if per_seed["cluster_share"] else "-"
+        lines.append(
+            f"| {cell['dataset']} | {cell['split']} | {cell['clusters']} | {cell['nodes']} | "
+            f"{cell['rounds']} | {cell['variant']} | {per_seed['own_accuracy'][0]:.2f} | "
+            f"{share} | {first} | {every} | {float(c['seconds']) / 60:.1f} |"
+        )
+    return lines
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
@@ -401,6 +576,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits, 6 nodes, 4 rounds, 1 seed")
     parser.add_argument("--resume", action="store_true", help="skip cells already in the JSON")
     parser.add_argument("--out", type=Path, default=None, help="default results/")
+    parser.add_argument(
+        "--work", type=Path, default=Path("runs/trust_swarm"), help="the real swarms' folders"
+    )
     args = parser.parse_args()
     seeds = args.seeds or (1 if args.quick else 3)
     rounds = args.rounds if args.rounds is not None or not args.quick else 4
@@ -419,15 +597,22 @@ def main() -> None:
         cells += skew_cells(args.grid, args.quick)
     if "attacker" in args.only:
         cells += attacker_cells(args.grid, args.quick, rounds)
+    if "swarm" in args.only:
+        cells += swarm_cells(args.quick)
     for index, cell in enumerate(cells, start=1):
-        key = cell.key(seeds, rounds)
+        swarm = cell.section == "swarm"
+        key = cell.key(1 if swarm else seeds, rounds)
         if args.resume and key in record["cells"]:
             continue
         print(f"[{index}/{len(cells)}] {key}", flush=True)
-        record["cells"][key] = run_cell(cell, seeds, rounds)
+        if swarm:
+            record["cells"][key] = run_swarm_cell(cell, rounds, args.work)
+        else:
+            record["cells"][key] = run_cell(cell, seeds, rounds)
         _write(path, record)
     _write(path, record)
-    text = report(record)
+    pictures = [str(p.relative_to(out)) for p in heatmaps(record, out / "plots")]
+    text = report(record, pictures)
     (out / "trust.md").write_text(text)
     print(text)
 

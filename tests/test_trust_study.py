@@ -38,7 +38,8 @@ def _started(stdout: str) -> list[str]:
 
 @pytest.mark.slow
 def test_quick_study_writes_tables_and_resumes(tmp_path: Path) -> None:
-    """Clustered and attacker cells land in the JSON; oracle keeps all weight in its cluster."""
+    """Clustered and attacker cells land in the JSON; oracle keeps all weight in its cluster;
+    the heatmaps are drawn and named in the markdown."""
     first = _run(tmp_path, "--only", "clustered", "attacker")
     record = json.loads((tmp_path / "trust.json").read_text())
     cells = record["cells"]
@@ -55,6 +56,11 @@ def test_quick_study_writes_tables_and_resumes(tmp_path: Path) -> None:
     assert all(len(c["per_seed"]["rounds_to_exclusion"]) == 1 for c in attacked)
     text = (tmp_path / "trust.md").read_text()
     assert "## Clustered peers" in text and "## The delayed attacker" in text
+    pictures = sorted(p.name for p in (tmp_path / "plots").glob("trust_clustered_*.png"))
+    assert pictures == [
+        f"trust_clustered_{r}.png" for r in ("fedfomo", "fixed", "learned", "oracle")
+    ]
+    assert all(f"plots/{name}" in text for name in pictures)
     assert len(_started(first)) == len(cells)
     again = _run(tmp_path, "--only", "clustered", "attacker", "--resume")
     assert _started(again) == [], "resume ran a done cell again"

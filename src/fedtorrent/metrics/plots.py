@@ -205,24 +205,40 @@ def plot_trust(
     if snapshot is None:
         return None
     weights = np.array(snapshot["weights"], dtype=np.float64)
+    given = names if names is not None else snapshot.get("peers")
+    title = (
+        f"{snapshot.get('mixing')} weights, seed {snapshot.get('seed')}, "
+        f"round {snapshot.get('round')}"
+    )
+    return plot_weights(weights, out, names=given, title=title)
+
+
+def plot_weights(
+    weights: Sequence[Sequence[float]] | np.ndarray,
+    out: Path,
+    *,
+    names: Sequence[Any] | None = None,
+    title: str = "",
+) -> Path:
+    """Heatmap of a mixing-weight matrix: row i is how much node i trusts each node.
+
+    Rows and columns are labelled with ``names`` when it has one per row, else the row numbers.
+    """
+    matrix = np.asarray(weights, dtype=np.float64)
     figure = _figure(5.2, 4.4)
     axes = figure.subplots()
-    given = names if names is not None else snapshot.get("peers")
     _heatmap(
         figure,
         axes,
-        weights,
-        names=_names(given, len(weights)),
+        matrix,
+        names=_names(names, len(matrix)),
         cmap="viridis",
         colorbar="weight",
         cell=".2f",
     )
     axes.set_xlabel("node j (whose parameters)")
     axes.set_ylabel("node i (who mixes)")
-    axes.set_title(
-        f"{snapshot.get('mixing')} weights, seed {snapshot.get('seed')}, "
-        f"round {snapshot.get('round')}"
-    )
+    axes.set_title(title)
     return _save(figure, out)
 
 
