@@ -154,6 +154,15 @@ def peer_command(
             "other peer is dialled (see docs/central.md).",
         ),
     ] = False,
+    dp_max_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="Your privacy budget at the session's delta: refuse to start (exit 2) a "
+            "session without DP or whose first round alone spends more, and end cleanly "
+            '(state done, summary stopped "privacy_budget") before any round that would take '
+            "epsilon past it. Default: no cap beyond the session's noise."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log to stderr.")] = False,
 ) -> None:
     """Train with the swarm: announce, exchange parameters directly with peers, mix, record.
@@ -182,6 +191,8 @@ def peer_command(
     finally:
         peer.close()
     spent = f", epsilon {peer.private.epsilon:.3f}" if peer.private is not None else ""
+    if peer.stopped == "privacy_budget":
+        spent += f" (stopped: the next round would pass --dp-max-epsilon {dp_max_epsilon})"
     typer.echo(f"{peer.peer_id}: {outcome} after round {peer.round_done} of {peer.rounds}{spent}")
 
 

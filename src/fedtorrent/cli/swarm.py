@@ -86,6 +86,13 @@ def swarm_command(
         ),
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds (default: the torrent's).")] = None,
+    dp_max_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            help="Every peer's privacy budget (peer --dp-max-epsilon E): a peer refuses a session "
+            "whose first round spends more, and ends before a round that would pass it."
+        ),
+    ] = None,
     peer_arg: Annotated[
         list[str] | None, typer.Option(help="Extra argument for every peer (repeatable).")
     ] = None,
@@ -167,6 +174,7 @@ def swarm_command(
         churn=churn,
         slow=slow,
         staleness=staleness,
+        dp_max_epsilon=dp_max_epsilon,
     )
     stop = threading.Event()
     with _stop_on_signals(stop), _display(live=live) as show:
@@ -353,9 +361,11 @@ def _print_summary(summary: dict[str, Any], *, folder: Path) -> None:
         )
     if security.get("rejected") or security.get("epsilon") is not None:
         epsilon = security.get("epsilon")
+        budget = security.get("budget_stopped") or []
         console.print(
             f"bad messages rejected: {security.get('rejected', 0)} {security.get('rejections', {})}"
             + ("" if epsilon is None else f"; epsilon spent (most of any peer) {epsilon:.3f}")
+            + (f"; {len(budget)} peers stopped at their privacy budget" if budget else "")
         )
     neighbours = summary.get("neighbours") or {}
     if neighbours.get("heard_distinct"):

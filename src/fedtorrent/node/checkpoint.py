@@ -3,14 +3,18 @@
 Two files in the peer's folder, each written to a temporary file and moved into place with
 ``os.replace``, so a crash leaves either the old or the new version, never half of one:
 
-- ``checkpoint.safetensors``: the model tensors, with the whole record (round, trust logits, last
-  metrics, seeds, traffic totals, the neighbour book) as JSON in the safetensors metadata under
+- ``checkpoint.safetensors``: the model tensors (and the tensors of the sender and privacy
+  state), with the whole record (round, trust logits, last metrics, seeds, traffic totals, the
+  neighbour book, the plain part of the privacy state) as JSON in the safetensors metadata under
   ``fedtorrent``. This file alone is the commit point, so a crash between the two renames
   cannot pair the model of one round with the trust state of another.
 - ``checkpoint.json``: the same record for people and scripts (``jq``, the swarm launcher).
 
 Loading reads only the safetensors file and trusts nothing in it: size first, the metadata's
 types and ranges, the session it belongs to, then the tensors against the session's model.
+
+A private session's checkpoint holds the peer's privacy state, its secret noise seed included:
+the folder is the peer's own, as private as its keys, and never shared.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ _META_KEY = "fedtorrent"
 PUBLIC = "__public__."
 """Prefix of the sender-state tensors in a checkpoint (never a model key: state keys are module
 paths)."""
+PRIVATE = "__privacy__."
+"""Prefix of the privacy-state tensors: ``__privacy__.<group>.<key>``."""
 _MAX_META_BYTES = 16 << 20
 """The record (mostly trust logits, one float per peer ever seen) stays far below this."""
 
@@ -65,9 +71,15 @@ class Checkpoint:
     public: State = field(default_factory=dict, repr=False)
     """A compressed session's sender state (``CompressedSender.state_dict()``: the public copy,
     so its residual survives a restart); saved beside the model in the same file."""
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+    """A private session's ``PeerPrivacy.state_dict()`` (``{}`` without privacy, and when loaded
+    from a checkpoint written before privacy state was saved). Its tensor groups (values that
+    are non-empty ``{name: tensor}`` dicts) go into the safetensors file under ``PRIVATE``, the
+    rest into the record's ``privacy``."""
 
     def record(self) -> dict[str, Any]:
         """The JSON record (everything but the tensors)."""
+        groups = tensor_groups(self.privacy)
         return {
             "format": FORMAT,
             "info_hash": self.info_hash,
@@ -78,6 +90,7 @@ class Checkpoint:
             "seeds": dict(self.seeds),
             "totals": dict(self.totals),
             "neighbours": dict(self.neighbours),
+            "privacy": {k: v for k, v in self.privacy.items() if k not in groups},
         }
 
 
@@ -91,6 +104,10 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     tensors.update(
         {PUBLIC + k: v.detach().to("cpu").contiguous() for k, v in checkpoint.public.items()}
     )
+    for group, members in tensor_groups(checkpoint.privacy).items():
+        tensors.update(
+            {f"{PRIVATE}{group}.{k}": v.detach().to("cpu").contiguous() for k, v in members.items()}
+        )
     payload = bytes(st_save(tensors, metadata={_META_KEY: text}))
     target = directory / MODEL_FILE
     write_atomic(target, payload)
@@ -104,12 +121,19 @@ def load_checkpoint(
     info_hash: str,
     like: Mapping[str, torch.Tensor],
     public_like: Mapping[str, torch.Tensor] | None = None,
+    privacy_like: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Read the checkpoint in ``directory`` and check it belongs to this session and model.
 
     ``public_like``: the sender state a compressed session saves (its keys, shapes, dtypes);
     None when the session is not compressed. A checkpoint without it (written before, or by a
     session that was not compressed) loads with ``public`` empty.
+
+    ``privacy_like``: a private session's fresh ``PeerPrivacy.state_dict()``, whose tensor groups
+    give the keys, shapes and dtypes expected; None without privacy. A checkpoint without privacy
+    state loads with ``privacy`` empty (the caller decides whether to refuse it); otherwise the
+    privacy state comes back whole, its tensors checked here and the rest left to the privacy
+    object's ``load_state_dict``.
 
     Raises:
         StateError: missing, oversized, malformed, of another session, or tensors whose keys,
@@ -129,8 +153,14 @@ def load_checkpoint(
     expected = dict(like)
     if public_like is not None and _has_public(payload):
         expected.update({PUBLIC + k: v for k, v in public_like.items()})
+    groups = tensor_groups(privacy_like or {}) if record["privacy"] else {}
+    for group, members in groups.items():
+        expected.update({f"{PRIVATE}{group}.{k}": v for k, v in members.items()})
     state = decode_state(payload, like=expected, max_bytes=MAX_STATE_BYTES + _MAX_META_BYTES)
     public = {k[len(PUBLIC) :]: state.pop(k) for k in [k for k in state if k.startswith(PUBLIC)]}
+    privacy = dict(record["privacy"])
+    for group, members in groups.items():
+        privacy[group] = {k: state.pop(f"{PRIVATE}{group}.{k}") for k in members}
     return Checkpoint(
         info_hash=record["info_hash"],
         peer_id=record["peer_id"],
@@ -142,7 +172,19 @@ def load_checkpoint(
         totals=record["totals"],
         neighbours=record["neighbours"],
         public=public,
+        privacy=privacy,
     )
+
+
+def tensor_groups(state: Mapping[str, Any]) -> dict[str, Mapping[str, torch.Tensor]]:
+    """The values of ``state`` that are non-empty ``{name: tensor}`` dicts, by key."""
+    return {
+        key: value
+        for key, value in state.items()
+        if isinstance(value, Mapping)
+        and value
+        and all(isinstance(t, torch.Tensor) for t in value.values())
+    }
 
 
 def _has_public(payload: bytes) -> bool:
@@ -176,7 +218,8 @@ def _read_record(payload: bytes, path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise StateError(f"{path}: checkpoint record is not an object")
     record.setdefault("neighbours", {})  # checkpoints written before the neighbour book
-    expected["neighbours"] = dict
+    record.setdefault("privacy", {})  # and before privacy state: the peer refuses those
+    expected["neighbours"] = expected["privacy"] = dict
     for key, kind in expected.items():
         if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
             raise StateError(f"{path}: checkpoint field {key!r} is missing or of the wrong type")

@@ -33,7 +33,10 @@ them. Every state served and every state mixed goes into the peer's signed, hash
 
 Privacy and attacks: a session with ``privacy`` clips and noises what the peer shares
 (:class:`PrivateSender`: once per round, the same state to every receiver, epsilon recorded each
-round); ``PeerConfig.attack`` makes the peer an adversary for experiments (``adversary.py``).
+round); the privacy state is checkpointed each round and restored by ``--resume``, and with
+``PeerConfig.dp_max_epsilon`` the peer ends (state ``done``, ``stopped == "privacy_budget"``)
+before a round that would spend more. ``PeerConfig.attack`` makes the peer an adversary for
+experiments (``adversary.py``).
 Own row 0 always stays the true state. Further hooks: ``send_hook(state, round)`` returns what to
 share (after privacy and attack), ``receive_hook(reply)`` raises ``MessageError`` to reject a reply
 after the wire and signature checks passed.
@@ -251,6 +254,10 @@ class PeerConfig:
     central: bool = False
     """Be a client of a central FedAvg server (``fedtorrent server``, ``node.central``): each
     round fetch the server's state of the round and adopt it, instead of a cohort and a mix."""
+    dp_max_epsilon: float | None = None
+    """This data holder's privacy budget (at the session's delta): refuse to start a session
+    without DP, or whose first round alone would spend more; end before any round that would
+    take epsilon past it. None: no cap beyond the session's own noise."""
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # an absent device is one line before anything starts
@@ -309,6 +316,9 @@ class PeerConfig:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        cap = self.dp_max_epsilon
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise ConfigError(f"dp max epsilon must be a finite number > 0, got {cap}")
 
 
 def _is_peer_id(text: str) -> bool:
@@ -367,6 +377,8 @@ class Peer:
         self._formed = config.central  # a --central client waits for the server instead
         self._executor: ThreadPoolExecutor | None = None
         self.error: str | None = None
+        self.stopped: str | None = None
+        """Why a ``done`` peer ended before its last round: ``"privacy_budget"``; else None."""
         self._fastest_train = math.inf
         """Seconds of the shortest local training so far (``--slowdown`` multiplies it)."""
         self._served: queue.SimpleQueue[ServedEvent] = queue.SimpleQueue()
@@ -471,8 +483,7 @@ class Peer:
             LowTrustSkipper() if cfg.central else LowTrustSkipper.from_mixing(self.session.mixing)
         )  # trust-aware fetching (node.skipping)
         checkpoint = self._restore() if cfg.resume else None
-        if self.private is not None and checkpoint is not None:
-            self.private.resume(checkpoint.round, pick(self.current, self.layout.parameters))
+        self._check_budget()
         self.sender, self.replicas = self._compression(initial, checkpoint)
         self.peer_id = (
             cfg.peer_id
@@ -625,8 +636,10 @@ class Peer:
         write_status(self.snapshot())
         try:
             while self.round_done < self.rounds and not self._stop.is_set():
+                if self._over_budget():
+                    break
                 self.run_round(self.round_done + 1)
-            if self.round_done >= self.rounds:
+            if self.round_done >= self.rounds or self.stopped is not None:
                 self.state = "done"
                 self._announce(event="completed")
                 self._linger()
@@ -639,6 +652,48 @@ class Peer:
         finally:
             write_status(self.snapshot())
         return self.state
+
+    def _check_budget(self) -> None:
+        """Refuse to start a session ``--dp-max-epsilon`` cannot allow.
+
+        That is a session without DP, or one whose first round alone would exceed the cap; a
+        resumed peer already at its budget starts, and ``run`` ends it at once.
+
+        Raises:
+            ConfigError: one line naming the cap and what the first round would spend.
+        """
+        cap = self.config.dp_max_epsilon
+        if cap is None:
+            return
+        if self.private is None:
+            raise ConfigError(
+                f"--dp-max-epsilon {cap}: this session shares updates without differential "
+                "privacy (no dp clip in the torrent), so its epsilon is unbounded"
+            )
+        if self.private.accountant.rounds == 0 and (first := self.private.next_epsilon()) > cap:
+            raise ConfigError(
+                f"--dp-max-epsilon {cap}: the session's first round alone spends epsilon "
+                f"{first:.4g} (delta {self.private.accountant.delta:g}); not starting"
+            )
+
+    def _over_budget(self) -> bool:
+        """Whether the next round would take epsilon past ``--dp-max-epsilon``.
+
+        Checked before the round trains, so nothing of it is shared; a yes is noted in
+        ``stopped``.
+        """
+        cap = self.config.dp_max_epsilon
+        if cap is None or self.private is None:
+            return False
+        projected = self.private.next_epsilon()
+        if projected <= cap:
+            return False
+        self.stopped = "privacy_budget"
+        log.warning(
+            "stopping before round %d: it would spend epsilon %.4f, past --dp-max-epsilon %g "
+            "(spent %.4f)", self.round_done + 1, projected, cap, self.private.epsilon,
+        )  # fmt: skip
+        return True
 
     def request_stop(self) -> None:
         """Ask ``run`` to return at the next phase boundary (safe from a signal handler).
@@ -1354,6 +1409,16 @@ class Peer:
         return sender, replicas
 
     def _restore(self) -> Checkpoint | None:
+        """Load ``--resume``'s checkpoint into this peer (None: there is none, round 1 follows).
+
+        A private session's privacy state (accountant, public reference, noise seed) is the
+        checkpoint's: epsilon goes on from where it was, and the reference is never rebuilt
+        from the true model (that would share the residual of the restored round in the clear).
+
+        Raises:
+            StateError: a checkpoint of another session, model or peer, a damaged one, or, in a
+                private session, one without privacy state (written before it was saved).
+        """
         if not (self.out_dir / MODEL_FILE).exists():
             log.info("--resume: no checkpoint in %s, starting from round 1", self.out_dir)
             return None
@@ -1361,9 +1426,22 @@ class Peer:
         if self.session.compression is not None:  # the sender's public copy is saved too
             size = sum(self.like[k].numel() for k in self.layout.mix)
             public_like = {"hat": torch.zeros(size)}
+        private = self.private
         checkpoint = load_checkpoint(
-            self.out_dir, info_hash=self.info_hash, like=self.like, public_like=public_like
-        )
+            self.out_dir, info_hash=self.info_hash, like=self.like, public_like=public_like,
+            privacy_like=private.state_dict() if private is not None else None,
+        )  # fmt: skip
+        if private is not None:
+            path = self.out_dir / MODEL_FILE
+            if not checkpoint.privacy:
+                raise StateError(
+                    f"{path} holds no privacy state (written before it was saved): resuming "
+                    "would reset epsilon and leak the restored round; start afresh in a new --out"
+                )
+            try:
+                private.load_state_dict(checkpoint.privacy)
+            except PrivacyError as exc:
+                raise StateError(f"{path}: damaged privacy state: {exc}") from None
         if self.config.peer_id is not None and checkpoint.peer_id != self.config.peer_id:
             raise StateError(
                 f"checkpoint belongs to peer {checkpoint.peer_id!r}, not {self.config.peer_id!r}"
@@ -1391,6 +1469,7 @@ class Peer:
                 totals=traffic_totals(self.snapshot()),
                 neighbours=self.book.state_dict(),
                 public=self.sender.state_dict() if self.sender is not None else {},
+                privacy=self.private.state_dict() if self.private is not None else {},
             ),
         )
 
@@ -1427,6 +1506,9 @@ class Peer:
             attack=attack.kind if attack is not None else None,
             epsilon=private.epsilon if private is not None else None,
             delta=private.accountant.delta if private is not None else None,
+            privacy_unit=private.unit if private is not None else None,
+            max_epsilon=self.config.dp_max_epsilon,
+            stopped=self.stopped,
             noise_multiplier=private.noise_multiplier if private is not None else None,
             train_examples=len(data.y_train) if data is not None else None,
             neighbours=NeighbourCounts(

@@ -106,6 +106,12 @@ class PeerSnapshot:
     epsilon: float | None = None
     delta: float | None = None
     noise_multiplier: float | None = None
+    privacy_unit: str | None = None
+    """What the DP guarantee protects: ``"node"`` (the whole local dataset) or ``"example"``."""
+    max_epsilon: float | None = None
+    """``--dp-max-epsilon`` (None: no cap)."""
+    stopped: str | None = None
+    """Why a ``done`` peer ended before its last round (``"privacy_budget"``); else None."""
     train_examples: int | None = None
     neighbours: NeighbourCounts = field(default_factory=NeighbourCounts)
 
@@ -247,6 +253,8 @@ def write_status(peer: PeerSnapshot) -> None:
             "rejected": sum(totals["rejections"].values()),
             "tracker": {True: "ok", False: "down", None: "unknown"}[peer.tracker_online],
             "state": peer.state,
+            "stopped": peer.stopped,
+            "epsilon": peer.epsilon,
             "error": peer.error,
             "updated_at": time.time(),
         },
@@ -255,6 +263,10 @@ def write_status(peer: PeerSnapshot) -> None:
 
 def summary(peer: PeerSnapshot, *, test: Metrics | Mapping[str, float] | None) -> dict[str, Any]:
     """The run's ``summary.json``: final scores (``test``), traffic, security and tracker.
+
+    ``stopped`` says why a ``done`` peer ended before its last round (``"privacy_budget"``:
+    the next round would have spent more than ``security.max_epsilon``); ``security`` holds the
+    epsilon spent, its ``delta`` and ``privacy_unit`` (None without DP).
 
     ``test`` is a built-in session's :class:`Metrics`, or a task's scores (every metric it
     returns and ``loss``), written as they are.
@@ -272,6 +284,7 @@ def summary(peer: PeerSnapshot, *, test: Metrics | Mapping[str, float] | None) -
         "info_hash": peer.info_hash,
         "session": session.name,
         "state": peer.state,
+        "stopped": peer.stopped,
         "error": peer.error,
         "rounds": peer.rounds,
         "rounds_done": peer.round_done,
@@ -299,6 +312,8 @@ def summary(peer: PeerSnapshot, *, test: Metrics | Mapping[str, float] | None) -
             "attack": peer.attack,
             "epsilon": peer.epsilon,
             "delta": peer.delta,
+            "privacy_unit": peer.privacy_unit,
+            "max_epsilon": peer.max_epsilon,
             "noise_multiplier": peer.noise_multiplier,
             "weight_given": weight_given(peer.records),
         },

@@ -204,6 +204,8 @@ class SwarmConfig:
     """Stragglers (``--slow``, :meth:`SlowPeers.parse`): these peers run ``--slowdown F``."""
     staleness: int | None = None
     """The asynchronous mode for every peer (``--staleness K``); None: synchronous."""
+    dp_max_epsilon: float | None = None
+    """Every peer's privacy budget (``--dp-max-epsilon E``, checked by the peer); None: none."""
 
     @property
     def slow_peers(self) -> SlowPeers | None:
@@ -590,6 +592,8 @@ class Swarm:
             command.append("--central")
         if config.staleness:
             command += ["--staleness", str(config.staleness)]
+        if config.dp_max_epsilon is not None:
+            command += ["--dp-max-epsilon", repr(config.dp_max_epsilon)]
         slow = config.slow_peers
         if slow is not None and index in slow.nodes(config.peers):
             command += ["--slowdown", repr(slow.factor)]
@@ -884,13 +888,15 @@ def bandwidth(
 def _peer_result(
     index: int, folder: Path, records: list[dict[str, Any]], returncode: int | None
 ) -> dict[str, Any]:
-    view = view_of(index, pid=0, returncode=returncode, status=read_status(folder))
+    status = read_status(folder) or {}
+    view = view_of(index, pid=0, returncode=returncode, status=status or None)
     accuracies = [r["test_accuracy"] for r in records if _number(r.get("test_accuracy"), float)]
     rounds_done = {int(r["round"]) for r in records if _number(r.get("round"), int) is not None}
     sent = sum(_number(r.get("bytes_sent"), int) or 0 for r in records)
     received = sum(_number(r.get("bytes_received"), int) or 0 for r in records)
     peer_id = view.peer_id or next((r["peer_id"] for r in records if "peer_id" in r), None)
     slowdown = next((_number(r.get("slowdown"), float) for r in reversed(records)), None)
+    epsilon = next((_number(r.get("epsilon"), float) for r in reversed(records)), None)
     return {
         "test_metrics": _final_metrics(records),
         "node": index,
@@ -901,6 +907,8 @@ def _peer_result(
         "last_round": max(rounds_done, default=0),
         "test_accuracy": float(accuracies[-1]) if accuracies else None,
         "slowdown": slowdown or 1.0,
+        "epsilon": epsilon,
+        "stopped": status.get("stopped") if isinstance(status.get("stopped"), str) else None,
         # status.json counts every byte of the run; the per-round records are the fallback.
         "bytes_sent": max(view.bytes_sent, sent),
         "bytes_received": max(view.bytes_received, received),
@@ -1089,11 +1097,13 @@ def swarm_security(folders: Sequence[Path], peers: Sequence[Mapping[str, Any]]) 
     ``weight_to_attackers``: the mean, over honest peers, of the mean mixing weight each gave an
     attacker in its cohort (0 for a rejected one), None when no honest peer met one or the rule
     has no weights; ``rejections``: bad messages refused, by reason, summed over peers;
-    ``epsilon``: the most any peer spent (None without DP). Attackers are peers whose summary
-    names an attack.
+    ``epsilon``: the most any peer spent (None without DP), ``epsilon_per_peer`` each one's (by
+    peer id), with the ``delta`` and ``privacy_unit`` they are at; ``budget_stopped``: the peers
+    that ended at their ``--dp-max-epsilon``. Attackers are peers whose summary names an attack.
     """
     security: dict[str, dict[str, Any]] = {}
     rejections: dict[str, int] = {}
+    budget_stopped: list[str] = []
     for folder, peer in zip(folders, peers, strict=True):
         try:
             own = read_json(folder / "summary.json")
@@ -1104,6 +1114,8 @@ def swarm_security(folders: Sequence[Path], peers: Sequence[Mapping[str, Any]]) 
         part = own.get("security")
         if isinstance(part, dict) and isinstance(peer.get("peer_id"), str):
             security[peer["peer_id"]] = part
+            if own.get("stopped") == "privacy_budget":
+                budget_stopped.append(peer["peer_id"])
         for reason, count in (own.get("rejections") or {}).items():
             if isinstance(count, int):
                 rejections[str(reason)] = rejections.get(str(reason), 0) + count
@@ -1116,7 +1128,13 @@ def swarm_security(folders: Sequence[Path], peers: Sequence[Mapping[str, Any]]) 
         on_attackers = [float(w) for p, w in weights.items() if p in attackers]
         if on_attackers:
             given.append(sum(on_attackers) / len(on_attackers))
-    epsilons = [float(p["epsilon"]) for p in security.values() if p.get("epsilon") is not None]
+    per_peer = {
+        peer_id: _number(part.get("epsilon"), float)
+        for peer_id, part in sorted(security.items())
+        if _number(part.get("epsilon"), float) is not None
+    }
+    epsilons = list(per_peer.values())
+    private = [part for part in security.values() if part.get("privacy_unit") is not None]
     honest = [
         float(p["test_accuracy"])
         for p in peers
@@ -1132,6 +1150,10 @@ def swarm_security(folders: Sequence[Path], peers: Sequence[Mapping[str, Any]]) 
         "rejections": rejections,
         "rejected": sum(rejections.values()),
         "epsilon": max(epsilons) if epsilons else None,
+        "epsilon_per_peer": per_peer,
+        "delta": next((part.get("delta") for part in private), None),
+        "privacy_unit": next((part.get("privacy_unit") for part in private), None),
+        "budget_stopped": sorted(budget_stopped),
     }
 
 
