@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ MAX_NOISE_SEED = 1 << 63
 """Noise seeds are drawn in ``[0, 2**63)`` (``secrets.randbits(63)``)."""
 
 
+@runtime_checkable
 class PeerPrivacy(Protocol):
     """A peer's privacy state: what it spent, what one more round would cost, how to save it.
 
