@@ -20,6 +20,7 @@ from fedtorrent.mixing.round import (
     Trust,
     check_private_mixing,
     example_gradients,
+    mean_to_example_losses,
     mix_round,
     poisson_rows,
     weighted_mix,
@@ -27,6 +28,7 @@ from fedtorrent.mixing.round import (
 from fedtorrent.mixing.trust import (
     TrustDP,
     clipped_sum,
+    model_example_loss_fn,
     model_loss_fn,
     noisy_gradient,
     trust_releases,
@@ -48,6 +50,13 @@ def blobs(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def backend() -> LinearBackend:
     like = {"bias": torch.zeros(CLASSES), "weight": torch.zeros(CLASSES, FEATURES)}
     return LinearBackend(like, weight_key="weight", bias_key="bias")
+
+
+def example_losses(mixed: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(R, B)`` each example's cross-entropy, written out apart from ``LinearBackend``."""
+    bias, weight = mixed[:, :CLASSES], mixed[:, CLASSES:].reshape(-1, CLASSES, FEATURES)
+    logits = torch.einsum("rcd,rbd->rbc", weight, x) + bias.unsqueeze(1)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
 
 
 def good_vector() -> torch.Tensor:
@@ -105,6 +114,7 @@ def private_trust(
             counts=[split.count] * receivers,
             take=split.take,
             noise=torch.Generator().manual_seed(7 + round_index),
+            example_losses=example_losses,
         ),
     )
 
@@ -135,12 +145,20 @@ def test_example_gradients_match_a_per_example_autograd_loop() -> None:
     losses = backend().losses
 
     def mixed_losses(w: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        return losses(weighted_mix(w, shared, own, self_column, dense=True), xs, ys)
+        return example_losses(weighted_mix(w, shared, own, self_column, dense=True), xs, ys)
+
+    def generic(w: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        per_example = mean_to_example_losses(losses)
+        return per_example(weighted_mix(w, shared, own, self_column, dense=True), xs, ys)
 
     got = example_gradients(
-        logits, members, (inputs, targets), mixed_losses=mixed_losses, floor=0.1, width=10
+        logits, members, (inputs, targets), example_losses=mixed_losses, floor=0.1
     )
     assert got.shape == (2, 5, 3)
+    derived = example_gradients(
+        logits, members, (inputs, targets), example_losses=generic, floor=0.1
+    )
+    torch.testing.assert_close(derived, got, rtol=1e-5, atol=1e-6)
     for r in range(2):
         for b in range(5):
             leaf = logits.clone().requires_grad_(True)
@@ -285,6 +303,10 @@ def test_a_peer_fits_privately_through_a_real_module() -> None:
         model.eval()
         return model_loss_fn(model, x[0], y[0], keys=keys)(mixed[0]).unsqueeze(0)
 
+    def per_example(mixed: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        return model_example_loss_fn(model, x[0], y[0], keys=keys)(mixed[0]).unsqueeze(0)
+
     def take(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x_val[positions[0]].unsqueeze(0), y_val[positions[0]].unsqueeze(0)
 
@@ -302,6 +324,7 @@ def test_a_peer_fits_privately_through_a_real_module() -> None:
             counts=[300],
             take=take,
             noise=torch.Generator().manual_seed(4),
+            example_losses=per_example,
         ),
     )
     cohorts = Cohorts(
@@ -326,3 +349,20 @@ def test_rules_that_read_validation_data_without_dp_are_refused() -> None:
         check_private_mixing(checked)
     check_private_mixing(MixingConfig(rule="learned"))  # the default is fine
     check_private_mixing(MixingConfig(rule="fixed", trust_margin=0.01))  # no check runs there
+
+
+def test_a_task_loss_per_example_matches_its_mean_loss() -> None:
+    model = nn.Sequential(nn.Linear(FEATURES, CLASSES))
+    x, y = blobs(12, seed=9)
+    flat = good_vector() * 0.3
+    keys = sorted(model.state_dict())
+
+    def task_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, target, label_smoothing=0.1)
+
+    per = model_example_loss_fn(model, x, y, loss=task_loss, keys=keys)(flat)
+    mean = model_loss_fn(model, x, y, loss=task_loss, keys=keys)(flat)
+    assert per.shape == (12,)
+    torch.testing.assert_close(per.mean(), mean)
+    plain = model_example_loss_fn(model, x, y, keys=keys)(flat)
+    torch.testing.assert_close(plain.mean(), model_loss_fn(model, x, y, keys=keys)(flat))

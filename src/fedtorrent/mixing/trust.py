@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.config import MixingConfig
@@ -353,18 +353,56 @@ def model_loss_fn(
     values from the vector but pass no gradient. The model's current mode is used; call
     ``model.eval()`` first to turn dropout off.
     """
-    like = {k: v.detach() for k, v in model.state_dict().items() if keys is None or k in keys}
-    buffers = {name for name, _ in model.named_buffers()} & set(like)
+    forward = _flat_forward(model, inputs, keys)
     criterion = F.cross_entropy if loss is None else loss
 
     def fn(flat: Tensor) -> Tensor:
+        return criterion(forward(flat), targets)
+
+    return fn
+
+
+def model_example_loss_fn(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    keys: Collection[str] | None = None,
+) -> LossFn:
+    """Like :func:`model_loss_fn`, but ``(B,)``: each example's loss (for :class:`TrustDP`).
+
+    One forward pass of the batch; a task's ``loss`` is applied to each example alone (a batch
+    of one, under ``vmap``), so the mean of these is the task's loss wherever that is a mean.
+    Differentiable in forward mode too (``torch.func.jvp``).
+    """
+    forward = _flat_forward(model, inputs, keys)
+
+    def fn(flat: Tensor) -> Tensor:
+        out = forward(flat)
+        if loss is None:
+            return F.cross_entropy(out, targets, reduction="none")
+        per: Tensor = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
+        return per
+
+    return fn
+
+
+def _flat_forward(
+    model: nn.Module, inputs: Tensor, keys: Collection[str] | None
+) -> Callable[[Tensor], Tensor]:
+    """``model(inputs)`` as a function of the flat vector of its state (``keys``; see above)."""
+    like = {k: v.detach() for k, v in model.state_dict().items() if keys is None or k in keys}
+    buffers = {name for name, _ in model.named_buffers()} & set(like)
+
+    def forward(flat: Tensor) -> Tensor:
         views = flat_views(flat, like)
         for key in buffers:  # running statistics enter as data; BatchNorm has no grad for them
             views[key] = views[key].detach()
-        out = functional_call(model, views, (inputs,))
-        return criterion(out, targets)
+        out: Tensor = functional_call(model, views, (inputs,))
+        return out
 
-    return fn
+    return forward
 
 
 class TrustLearner:
