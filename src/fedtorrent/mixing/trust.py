@@ -17,6 +17,11 @@ row's logits hold still). Dropped members are excluded for the round (weight exa
 logit falls ``EXCLUDED_DROP`` below the lowest kept logit of the row. Logits are clamped to
 ``+-LOGIT_BOUND``, so an enormous but finite gradient cannot overflow them. So the weights are
 always finite, non-negative and sum to 1 per row.
+
+Under example-level DP (:class:`TrustDP`) the fit is DP-SGD on the logits: each step's gradient
+is a sum of per-validation-example gradients clipped to ``clip``, plus Gaussian noise
+(:func:`noisy_gradient`), over a Poisson sample of the node's validation examples; what it
+releases is :func:`trust_releases` (Opacus history entries for the node's accountant).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.config import MixingConfig
@@ -95,6 +100,93 @@ def negative_entropy(weights: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class TrustDP:
+    """DP-SGD settings of the trust fit: per validation example clipping and Gaussian noise.
+
+    Every trust step clips each sampled validation example's gradient with respect to the
+    receiver's logits to L2 norm ``clip``, sums them, adds ``N(0, (noise_multiplier * clip)^2)``
+    to every member's entry and divides by the expected batch. Raises ConfigError unless both
+    are finite and > 0.
+    """
+
+    clip: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        for name in ("clip", "noise_multiplier"):
+            value = getattr(self, name)
+            if not (_is_finite_number(value) and value > 0):
+                raise ConfigError(f"trust DP {name} must be a finite number > 0, got {value!r}")
+
+
+Release = tuple[float, float, int]
+"""One Opacus history entry: ``(noise_multiplier, sample_rate, steps)``."""
+
+
+def trust_sample_rate(count: int, batch_size: int) -> float:
+    """Poisson rate ``q = min(1, batch_size / count)`` of a node's validation examples (0: none)."""
+    return min(1.0, batch_size / count) if count > 0 else 0.0
+
+
+def trust_releases(dp: TrustDP, *, count: int, batch_size: int, steps: int) -> tuple[Release, ...]:
+    """What a private trust fit of ``steps`` steps releases about ``count`` validation examples.
+
+    One entry ``(noise_multiplier, q, steps)``; none when there is nothing to fit on (no
+    validation example or no step). Known before the round: a caller can project epsilon.
+    """
+    rate = trust_sample_rate(count, batch_size)
+    if steps <= 0 or rate <= 0:
+        return ()
+    return ((float(dp.noise_multiplier), rate, int(steps)),)
+
+
+def clipped_sum(per_example: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """``(R, M)`` sum over the masked examples of ``(R, B, M)`` gradients clipped to ``clip``.
+
+    Each example's row is scaled by ``min(1, clip / ||g||)``; a row that is not finite counts as
+    0 (it is the example's contribution, still of norm <= ``clip``), so the sum is always finite.
+    """
+    finite = torch.isfinite(per_example).all(dim=-1, keepdim=True)
+    grads = torch.where(finite, per_example, 0.0)
+    norms = grads.norm(dim=-1, keepdim=True)
+    scale = torch.clamp(clip / norms.clamp_min(1e-30), max=1.0)
+    return (grads * scale * mask.unsqueeze(-1).to(grads.dtype)).sum(dim=-2)
+
+
+def noisy_gradient(
+    per_example: Tensor,
+    mask: Tensor,
+    *,
+    dp: TrustDP,
+    expected: Tensor,
+    members: Tensor,
+    generator: torch.Generator,
+) -> Tensor:
+    """One DP-SGD gradient ``(R, M)`` of the mean validation loss, from per-example gradients.
+
+    Args:
+        per_example: ``(R, B, M)`` each sampled example's gradient of its loss with respect to
+            its receiver's logits.
+        mask: ``(R, B)`` bool, the examples receiver r actually sampled (the rest is padding).
+        dp: clip and noise multiplier.
+        expected: ``(R,)`` each receiver's expected batch ``q * n_val``; a receiver with 0 has no
+            data: its gradient is 0 and no noise is drawn for it.
+        members: ``(R, M)`` bool; noise goes to members only (a non-member's logit stays as it
+            is, its gradient is exactly 0).
+        generator: the noise source (a real peer seeds it secretly); draws ``(R, M)`` normals.
+
+    Returns:
+        ``(clipped_sum + N(0, (sigma C)^2)) / expected`` on members, 0 elsewhere.
+    """
+    total = clipped_sum(per_example, mask, dp.clip)
+    noise = torch.randn(total.shape, generator=generator, device=generator.device)
+    noise = noise.to(device=total.device, dtype=total.dtype) * (dp.noise_multiplier * dp.clip)
+    has_data = (expected > 0).unsqueeze(-1)
+    grad = (total + noise) / expected.clamp_min(1e-30).unsqueeze(-1).to(total.dtype)
+    return torch.where(members & has_data, grad, 0.0)
+
+
+@dataclass(frozen=True)
 class TrustFit:
     """What :func:`learn_trust` returns: the new logits and who was kept.
 
@@ -111,7 +203,8 @@ class TrustFit:
 def learn_trust(
     logits: Tensor,
     *,
-    mixed_loss: Callable[[Tensor], Tensor],
+    mixed_loss: Callable[[Tensor], Tensor] | None = None,
+    private_gradient: Callable[[Tensor, Tensor], Tensor] | None = None,
     members: Tensor | None = None,
     lr: float,
     steps: int,
@@ -127,6 +220,12 @@ def learn_trust(
         mixed_loss: maps weights ``(..., M)`` to one validation loss per row ``(...,)`` of the
             model mixed with those weights, e.g. ``lambda w: loss_fn(mix(w, stack))``. It may
             draw a fresh validation batch on each call. Rows must not depend on each other.
+        private_gradient: instead of ``mixed_loss``, under :class:`TrustDP`: maps the current
+            logits and members to each row's noisy gradient of its validation loss (e.g.
+            :func:`noisy_gradient`); called exactly once per step (each call is a release).
+            Rows are then never recomputed and nobody is excluded (that would read the loss
+            again): a row whose noisy gradient is not finite or beyond ``GRADIENT_LIMIT``
+            holds still that step.
         members: which entries of each row are in the cohort plus self (None: all).
         lr: step size on the logits; it must be much larger than a model's (1 to 10).
         steps: how many steps; 0 returns a copy of ``logits``.
@@ -144,12 +243,27 @@ def learn_trust(
         The new logits (excluded members' fallen, see the module docstring), the members kept
         and the members excluded.
     """
+    if (mixed_loss is None) == (private_gradient is None):
+        raise ConfigError("learn_trust takes exactly one of mixed_loss and private_gradient")
     current = logits.detach().clone()
     kept = torch.ones_like(current, dtype=torch.bool) if members is None else members.clone()
     excluded = torch.zeros_like(kept)
     for _ in range(steps):
         if on_step is not None:
             on_step()
+        if private_gradient is not None:
+            grad = private_gradient(current, kept)
+            if entropy_penalty > 0:  # data-independent: added after the noise, not clipped
+                leaf = current.requires_grad_(True)
+                weights = trust_weights(leaf, kept, floor=floor)
+                penalty = entropy_penalty * negative_entropy(weights).sum()
+                grad = grad + torch.autograd.grad(penalty, leaf)[0]
+                current = current.detach()
+            held = ~(grad.abs().amax(dim=-1) <= GRADIENT_LIMIT)
+            grad = torch.where(held.unsqueeze(-1), 0.0, grad)
+            current = torch.clamp(current - lr * grad, -LOGIT_BOUND, LOGIT_BOUND)
+            continue
+        assert mixed_loss is not None
         while True:
             leaf = current.requires_grad_(True)
             weights = trust_weights(leaf, kept, floor=floor)
@@ -239,18 +353,56 @@ def model_loss_fn(
     values from the vector but pass no gradient. The model's current mode is used; call
     ``model.eval()`` first to turn dropout off.
     """
-    like = {k: v.detach() for k, v in model.state_dict().items() if keys is None or k in keys}
-    buffers = {name for name, _ in model.named_buffers()} & set(like)
+    forward = _flat_forward(model, inputs, keys)
     criterion = F.cross_entropy if loss is None else loss
 
     def fn(flat: Tensor) -> Tensor:
+        return criterion(forward(flat), targets)
+
+    return fn
+
+
+def model_example_loss_fn(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    keys: Collection[str] | None = None,
+) -> LossFn:
+    """Like :func:`model_loss_fn`, but ``(B,)``: each example's loss (for :class:`TrustDP`).
+
+    One forward pass of the batch; a task's ``loss`` is applied to each example alone (a batch
+    of one, under ``vmap``), so the mean of these is the task's loss wherever that is a mean.
+    Differentiable in forward mode too (``torch.func.jvp``).
+    """
+    forward = _flat_forward(model, inputs, keys)
+
+    def fn(flat: Tensor) -> Tensor:
+        out = forward(flat)
+        if loss is None:
+            return F.cross_entropy(out, targets, reduction="none")
+        per: Tensor = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
+        return per
+
+    return fn
+
+
+def _flat_forward(
+    model: nn.Module, inputs: Tensor, keys: Collection[str] | None
+) -> Callable[[Tensor], Tensor]:
+    """``model(inputs)`` as a function of the flat vector of its state (``keys``; see above)."""
+    like = {k: v.detach() for k, v in model.state_dict().items() if keys is None or k in keys}
+    buffers = {name for name, _ in model.named_buffers()} & set(like)
+
+    def forward(flat: Tensor) -> Tensor:
         views = flat_views(flat, like)
         for key in buffers:  # running statistics enter as data; BatchNorm has no grad for them
             views[key] = views[key].detach()
-        out = functional_call(model, views, (inputs,))
-        return criterion(out, targets)
+        out: Tensor = functional_call(model, views, (inputs,))
+        return out
 
-    return fn
+    return forward
 
 
 class TrustLearner:
