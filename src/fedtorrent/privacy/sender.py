@@ -44,10 +44,6 @@ class PrivateSender:
     ) -> None:  # fmt: skip
         if not config.enabled:
             raise PrivacyError("privacy is off in this config: nothing to build a sender for")
-        if config.dp_sgd:
-            raise PrivacyError(
-                "the peer applies update-level DP only; sample-level DP-SGD is not wired in"
-            )
         assert config.clip is not None  # enabled
         self.clip = config.clip
         self.noise_multiplier = resolve_noise_multiplier(config, rounds)

@@ -35,6 +35,7 @@ from fedtorrent.config import MixingConfig, TrainConfig
 from fedtorrent.errors import ConfigError
 from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
 from fedtorrent.mixing.trust import decay_logits, flat_views
+from fedtorrent.privacy.dp_sgd import ExampleDP, poisson_batches
 from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.seeds import Stream, derive_seed, node_generator
@@ -547,6 +548,10 @@ class Engine:
         device: where the stacked parameters, data, optimizer state, mixing, trust and
             evaluation live. The batch-order and trust-batch generators stay on the CPU (the
             same draws on every device); node states and weights handed out are CPU tensors.
+        dp: example-level DP, one :class:`~fedtorrent.privacy.dp_sgd.ExampleDP` per node: each
+            round node i runs ``dp[i].steps`` DP-SGD steps on Poisson batches drawn from its
+            ``TRAIN`` generator (as a real peer does), with noise from its ``DP_NOISE``
+            generator. Needs the per-node loop (a ``ModuleLoopBackend``); the caller accounts.
     """
 
     def __init__(
@@ -562,6 +567,7 @@ class Engine:
         share: ShareFn | None = None,
         clusters: Tensor | None = None,
         device: torch.device | str = "cpu",
+        dp: list[ExampleDP] | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type != "cpu":  # on the CPU nothing is copied or wrapped
@@ -594,6 +600,9 @@ class Engine:
             raise ConfigError(f"clusters has shape {tuple(clusters.shape)}, expected ({n},)")
         if mixing.rule == "oracle" and clusters is None:
             raise ConfigError("oracle mixing needs every node's true cluster (a clustered split)")
+        if dp is not None and (len(dp) != n or not isinstance(backend, ModuleLoopBackend)):
+            raise ConfigError("example-level DP needs one ExampleDP per node and the per-node loop")
+        self.dp = dp
         with self._on_device():  # the state allocated below lives on the device
             self.backend, self.data, self.train_config = backend, data, train
             self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
@@ -672,6 +681,18 @@ class Engine:
             return
         # The same batches the stacked path would draw, then one node at a time.
         plan: list[list[Tensor]] = [[] for _ in range(self.num_nodes)]
+        counts = self.data.train_count.tolist()
+        if self.dp is not None:  # Poisson batches of the node's own rows, as a peer draws them
+            for node, (count, dp) in enumerate(zip(counts, self.dp, strict=True)):
+                rows = self.data.train_index[node, :count]
+                drawn = poisson_batches(count, dp, generators[node]) if count else []
+                plan[node] = [rows[positions.to(rows.device)] for positions in drawn]
+            backend.train_nodes(
+                self.params, plan, x=self._x_train, y=self.data.y_train,
+                lr_scale=base_lr / self.train_config.lr, round_index=round_index,
+                seed=self.seed, dp=self.dp, examples=counts,
+            )  # fmt: skip
+            return
 
         def collect(
             index: Tensor, weight: Tensor | None, *, rows: Tensor | None, **_: object
