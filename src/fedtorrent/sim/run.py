@@ -180,8 +180,13 @@ def run_one(
         )
     n = config.data.num_nodes
     privacies = scenario.example_privacies(config, data.train_count.tolist())
-    # Example-level DP trains node by node (per-example gradients through torch.func).
-    backend = loop_backend(model, config) if has_buffers(model) or privacies else None
+    backend = loop_backend(model, config) if has_buffers(model) else None
+    shape = tuple(dataset.input_shape)
+    stacked = None if backend is not None else make_backend(model, input_shape=shape)
+    if privacies is not None and not isinstance(stacked, LinearBackend | None):
+        # Example-level DP: per-example gradients in closed form on the linear path, through
+        # torch.func on the per-node loop for any other model.
+        backend, stacked = loop_backend(model, config), None
     init = (
         flatten(model.state_dict())
         if backend is None
@@ -199,7 +204,7 @@ def run_one(
         if config.attack == "label_flip":
             data = scenario.poison_labels(data, outgoing.attackers)
     engine = Engine(
-        backend=backend or make_backend(model, input_shape=tuple(dataset.input_shape)),
+        backend=backend if backend is not None else stacked,  # type: ignore[arg-type]
         data=data,
         train=config.train,
         mixing=config.mixing,
