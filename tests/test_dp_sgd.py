@@ -288,6 +288,8 @@ def test_cli_simulates_example_dp_and_refuses_bad_combinations(
     summary = read_json(out / "summary.json")
     assert 0.9 <= summary["by_mixing"]["fixed"]["security"]["epsilon"] <= 1.01
     capsys.readouterr()
+    assert _cli(monkeypatch, "create", "--help") == 0
+    assert "--dp-unit" in capsys.readouterr().out
     for bad, message in (
         (["--dp-unit", "example"], "need --dp-clip"),
         (["--dp-unit", "batch", "--dp-clip", "1", "--dp-noise", "1"], "dp unit must be one of"),
