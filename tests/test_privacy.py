@@ -17,7 +17,6 @@ from fedtorrent.privacy import (
     add_gaussian_noise,
     clip_update,
     l2_norm,
-    make_dp_sgd,
     noise_for_epsilon,
     privatize,
     privatize_rows,
@@ -253,65 +252,6 @@ def test_accountant_rejects_bad_settings() -> None:
             accountant.record(**kwargs)  # type: ignore[arg-type]
 
 
-# --- DP-SGD --------------------------------------------------------------------------------------
-
-
-@pytest.mark.filterwarnings("ignore:Full backward hook")  # torch, on inputs without grad
-def test_dp_sgd_trains_in_place_and_charges_the_accountant() -> None:
-    from opacus.accountants import RDPAccountant
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    torch.manual_seed(0)
-    x = torch.randn(64, 5)
-    y = (x[:, 0] > 0).long()
-    model = nn.Linear(5, 2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    accountant = PrivacyAccountant(delta=DELTA)
-    dp = make_dp_sgd(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.5),
-        DataLoader(TensorDataset(x, y), batch_size=16),
-        clip=1.0,
-        noise_multiplier=1.1,
-        accountant=accountant,
-        generator=gen(3),
-    )
-    steps = 0
-    for xb, yb in dp.data_loader:
-        dp.optimizer.zero_grad()
-        nn.functional.cross_entropy(dp.module(xb), yb).backward()
-        dp.optimizer.step()
-        steps += 1
-    dp.close()
-    epsilon = accountant.end_round()
-    assert dp.sample_rate == 0.25
-    assert accountant.history == [(1.1, 0.25, steps)]
-    direct = RDPAccountant()
-    direct.history = [(1.1, 0.25, steps)]
-    assert epsilon == direct.get_epsilon(DELTA) > 0
-    assert set(model.state_dict()) == {"weight", "bias"}
-    assert not torch.equal(model.state_dict()["weight"], before["weight"])
-
-
-def test_dp_sgd_refuses_batch_norm() -> None:
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.zeros(8)), batch_size=4)
-    with pytest.raises(PrivacyError, match="not DP-SGD compatible"):
-        make_dp_sgd(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            loader,
-            clip=1.0,
-            noise_multiplier=1.0,
-            accountant=PrivacyAccountant(delta=DELTA),
-            generator=gen(),
-        )
-
-
 # --- PrivacyConfig -------------------------------------------------------------------------------
 
 
@@ -332,7 +272,8 @@ def test_privacy_config_defaults_off_and_resolves_noise() -> None:
         {"clip": 1.0},
         {"noise_multiplier": 1.0},
         {"target_epsilon": 1.0},
-        {"dp_sgd": True},
+        {"unit": "example"},
+        {"clip": 1.0, "noise_multiplier": 1.0, "unit": "batch"},
         {"clip": 0.0, "noise_multiplier": 1.0},
         {"clip": float("inf"), "noise_multiplier": 1.0},
         {"clip": 1.0, "noise_multiplier": -1.0},

@@ -54,17 +54,6 @@ def test_private_peer_noises_what_it_shares_and_reports_epsilon(tmp_path: Path) 
         assert not torch.allclose(flatten(peer.current), flatten(peer.private.reference))
 
 
-def test_private_peer_refuses_dp_sgd_sessions(tmp_path: Path) -> None:
-    from fedtorrent.errors import ConfigError
-    from test_peer import Swarm
-
-    privacy = PrivacyConfig(clip=1.0, noise_multiplier=1.0, dp_sgd=True)
-    swarm = Swarm(_private_torrent(tmp_path, privacy), tmp_path)
-    peer = swarm.peer(0)
-    with pytest.raises(ConfigError, match="DP-SGD"):
-        peer.start()
-
-
 def test_simulator_dp_changes_shared_rows_only_and_reports_epsilon() -> None:
     from fedtorrent.sim.scenario import Outgoing
     from test_sim import _engine

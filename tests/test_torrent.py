@@ -70,7 +70,7 @@ def encode(meta: dict[bytes, Any]) -> bytes:
 
 
 def test_round_trip_keeps_every_field_and_the_info_hash() -> None:
-    torrent = make_torrent(privacy=PrivacyConfig(clip=1.0, noise_multiplier=0.8, dp_sgd=True))
+    torrent = make_torrent(privacy=PrivacyConfig(clip=1.0, noise_multiplier=0.8, unit="example"))
     again = Torrent.from_bytes(torrent.to_bytes())
     assert again == torrent
     assert again.info_hash == torrent.info_hash
@@ -142,7 +142,9 @@ _DELETE = object()
         ((b"info", b"state", b"size"), -5, "info"),
         ((b"info", b"model", b"kwargs"), b'{"hidden": 32}', "info.model.kwargs"),
         ((b"info", b"model", b"kwargs"), b"[1]", "info.model.kwargs"),
-        ((b"info", b"privacy", b"dp_sgd"), 2, "info.privacy.dp_sgd"),
+        ((b"info", b"privacy", b"dp_sgd"), 0, "info.privacy.dp_sgd: a torrent of an older"),
+        ((b"info", b"privacy", b"unit"), b"batch", "info.privacy: dp unit must be one of"),
+        ((b"info", b"privacy", b"unit"), _DELETE, "info.privacy.unit"),
         ((b"info", b"privacy", b"clip"), b"inf", "info.privacy.clip"),
         ((b"info", b"data"), [], "info.data"),
         ((b"announce",), b"ftp://x/announce", "torrent"),

@@ -298,7 +298,8 @@ class SimConfig:
     eval_examples: int | None = None
     """Test examples used for the per-round curves (None: all); final scores use all of them."""
     privacy: PrivacyConfig | None = None
-    """Update-level DP on what every node shares (``dp_sgd`` is not simulated)."""
+    """Differential privacy: update-level (``unit="node"``) on what every node shares, or
+    example-level DP-SGD (``unit="example"``) in every node's local training."""
     attack: str | None = None
     """Poisoning attack of the last ``attackers`` nodes: one of ``ATTACKS``."""
     attackers: int = 0
@@ -335,10 +336,6 @@ class SimConfig:
         _require(
             self.mixing.trust_cohorts is None or self.topology.kind == "random_cohort",
             "trust_cohorts choose random cohorts: they need the random_cohort topology",
-        )
-        _require(
-            self.privacy is None or not self.privacy.dp_sgd,
-            "the simulator applies update-level DP only, not dp_sgd",
         )
         _require(
             self.round_schedule in LR_SCHEDULES,
@@ -454,6 +451,8 @@ class TrackerConfig:
 
 
 DP_ACCOUNTANTS = ("rdp", "prv")
+DP_UNITS = ("node", "example")
+"""What one differential-privacy guarantee protects: a node's whole dataset, or one example."""
 _INF = float("inf")
 
 
@@ -461,11 +460,13 @@ _INF = float("inf")
 class PrivacyConfig:
     """Differential privacy on what a peer shares; off unless ``clip`` is set.
 
-    With ``dp_sgd`` off, each round's update (the change since the peer last mixed) is clipped to
-    L2 norm ``clip`` and noised with std ``noise_multiplier * clip``: the guarantee covers a
-    peer's whole local dataset. With ``dp_sgd`` on, the same two numbers clip and noise every
-    example's gradient in local training instead (a guarantee per example). Give either
-    ``noise_multiplier`` or ``target_epsilon`` (the noise is then derived for the planned rounds).
+    ``unit="node"`` (update-level DP): each round's update (the change since the peer last mixed)
+    is clipped to L2 norm ``clip`` and noised with std ``noise_multiplier * clip``: the guarantee
+    covers a peer's whole local dataset. ``unit="example"`` (DP-SGD): the same two numbers clip
+    and noise every example's gradient in local training instead, on Poisson-sampled batches, and
+    nothing is added to what the peer shares (a guarantee per training example; see
+    :mod:`fedtorrent.privacy.dp_sgd`). Give either ``noise_multiplier`` or ``target_epsilon`` (the
+    noise is then derived for the planned rounds).
     """
 
     clip: float | None = None
@@ -473,12 +474,23 @@ class PrivacyConfig:
     target_epsilon: float | None = None
     delta: float = 1e-5
     accountant: str = "rdp"
-    dp_sgd: bool = False
+    unit: str = "node"
+    """One of ``DP_UNITS``: ``node`` (update-level DP) or ``example`` (DP-SGD)."""
 
     @property
     def enabled(self) -> bool:
-        """Whether updates are clipped and noised at all."""
+        """Whether anything is clipped and noised at all."""
         return self.clip is not None
+
+    @property
+    def update_level(self) -> bool:
+        """Whether each shared update is clipped and noised (``unit="node"``, enabled)."""
+        return self.enabled and self.unit == "node"
+
+    @property
+    def example_level(self) -> bool:
+        """Whether local training runs DP-SGD (``unit="example"``, enabled)."""
+        return self.enabled and self.unit == "example"
 
     def __post_init__(self) -> None:
         noise, target = self.noise_multiplier, self.target_epsilon
@@ -495,10 +507,14 @@ class PrivacyConfig:
             noise is None or target is None,
             "give either a dp noise_multiplier or a dp target_epsilon, not both",
         )
+        _require(
+            self.unit in DP_UNITS,
+            f"dp unit must be one of {', '.join(DP_UNITS)}; got {self.unit!r}",
+        )
         if self.clip is None:
             _require(
-                noise is None and target is None and not self.dp_sgd,
-                "dp noise, target epsilon and dp_sgd need a dp clip norm",
+                noise is None and target is None and self.unit == "node",
+                "dp noise, a target epsilon and dp unit 'example' need a dp clip norm",
             )
         else:
             _require(

@@ -145,11 +145,22 @@ def create(
     optimizer: Annotated[str, typer.Option(help="sgd or adam.")] = _SIM.train.optimizer,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = _SIM.train.momentum,
     dp_clip: Annotated[
-        float | None, typer.Option(help="Differential privacy: clip norm (turns DP on).")
+        float | None,
+        typer.Option(
+            help="Differential privacy: clip norm of each shared update (--dp-unit node) or of "
+            "each example's gradient (--dp-unit example); turns DP on."
+        ),
     ] = None,
     dp_noise: Annotated[float | None, typer.Option(help="DP noise multiplier.")] = None,
     dp_epsilon: Annotated[float | None, typer.Option(help="DP target epsilon.")] = None,
     dp_delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    dp_unit: Annotated[
+        str,
+        typer.Option(
+            help="What DP protects: node (noise on each shared update) or example (DP-SGD in "
+            "every peer's local training; docs/privacy.md)."
+        ),
+    ] = "node",
     seed: Annotated[
         int, typer.Option(help="Seed for the split, training and initial weights.")
     ] = 0,
@@ -186,11 +197,9 @@ def create(
     from fedtorrent.net.torrent import state_path_for  # noqa: PLC0415
 
     allow_keys = _allow_keys(allow_key or [], allow_keys_file or [])
-    privacy = None
-    if dp_clip is not None:
-        privacy = config.PrivacyConfig(
-            clip=dp_clip, noise_multiplier=dp_noise, target_epsilon=dp_epsilon, delta=dp_delta
-        )
+    from fedtorrent.cli.sim import privacy_config  # noqa: PLC0415
+
+    privacy = privacy_config(dp_clip, dp_noise, dp_epsilon, dp_delta, dp_unit)
     built_in = config.ModelConfig(model, _model_kwargs(model_arg or []))
     session, state = create_session(
         task=task,

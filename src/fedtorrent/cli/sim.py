@@ -164,7 +164,10 @@ def simulate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     dp_clip: Annotated[
         float | None,
-        typer.Option(help="DP: clip each node's update to this L2 norm (turns DP on)."),
+        typer.Option(
+            help="DP: clip each node's update (--dp-unit node) or each example's gradient "
+            "(--dp-unit example) to this L2 norm (turns DP on)."
+        ),
     ] = None,
     dp_noise: Annotated[
         float | None, typer.Option(help="DP noise multiplier sigma (noise std = sigma * clip).")
@@ -173,6 +176,14 @@ def simulate(
         float | None, typer.Option(help="DP target epsilon after all rounds (derives sigma).")
     ] = None,
     dp_delta: Annotated[float, typer.Option(help="DP delta.")] = 1e-5,
+    dp_unit: Annotated[
+        str,
+        typer.Option(
+            help="What DP protects: node (noise on each shared update; a node's whole data) or "
+            "example (DP-SGD: clipped per-example gradients and noise in local training, "
+            "Poisson batches of --batch-size expected examples; docs/privacy.md)."
+        ),
+    ] = "node",
     attack: Annotated[
         str | None,
         typer.Option(
@@ -239,7 +250,7 @@ def simulate(
         round_schedule=round_schedule,
         eval_every=eval_every,
         eval_examples=eval_examples,
-        privacy=_privacy(dp_clip, dp_noise, dp_epsilon, dp_delta),
+        privacy=privacy_config(dp_clip, dp_noise, dp_epsilon, dp_delta, dp_unit),
         attack=attack,
         attackers=attackers,
         attack_scale=attack_scale,
@@ -346,14 +357,22 @@ def print_metrics(summary: dict[str, Any]) -> None:
         print(f"{rule} ({where}, {row['runs']} run(s)): " + ", ".join(cells))
 
 
-def _privacy(
-    clip: float | None, noise: float | None, epsilon: float | None, delta: float
+def privacy_config(
+    clip: float | None, noise: float | None, epsilon: float | None, delta: float, unit: str
 ) -> PrivacyConfig | None:
-    if clip is None and noise is None and epsilon is None:
+    """The ``--dp-*`` flags as a :class:`PrivacyConfig` (None: no DP); ``simulate`` and ``create``.
+
+    Raises:
+        ConfigError: ``--dp-noise``, ``--dp-epsilon`` or ``--dp-unit example`` without
+            ``--dp-clip``, or settings ``PrivacyConfig`` refuses.
+    """
+    if clip is None and noise is None and epsilon is None and unit == "node":
         return None
     if clip is None:
-        raise ConfigError("--dp-noise and --dp-epsilon need --dp-clip")
-    return PrivacyConfig(clip=clip, noise_multiplier=noise, target_epsilon=epsilon, delta=delta)
+        raise ConfigError("--dp-noise, --dp-epsilon and --dp-unit example need --dp-clip")
+    return PrivacyConfig(
+        clip=clip, noise_multiplier=noise, target_epsilon=epsilon, delta=delta, unit=unit
+    )
 
 
 def _with_rule(config: SimConfig, mixing: MixingConfig) -> SimConfig:

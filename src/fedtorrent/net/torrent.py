@@ -333,6 +333,11 @@ class Session:
             "state_size": _int(state[b"size"], "info.state.size", high=MAX_INITIAL_STATE_BYTES),
         }
         if b"privacy" in raw:
+            if isinstance(raw[b"privacy"], dict) and b"dp_sgd" in raw[b"privacy"]:
+                raise TorrentError(
+                    "info.privacy.dp_sgd: a torrent of an older fedtorrent; DP-SGD is now "
+                    "info.privacy.unit (node or example): create the session again"
+                )
             values["privacy"] = _decode_fields(PrivacyConfig, raw[b"privacy"], "info.privacy")
         if b"compression" in raw:
             values["compression"] = _json(raw[b"compression"], "info.compression")

@@ -139,6 +139,7 @@ from fedtorrent.node.report import (
 )
 from fedtorrent.node.skipping import LowTrustSkipper
 from fedtorrent.node.tracking import TrackerLink
+from fedtorrent.privacy.dp_sgd import ExamplePrivacy, check_private_model
 from fedtorrent.privacy.sender import PrivateSender
 from fedtorrent.state import encode_state, flatten, unflatten
 from fedtorrent.state.codec import check_state_like
@@ -466,16 +467,26 @@ class Peer:
         self.model.to(self.device)
         # The training split once on the device (no copy at all on the CPU).
         self._train_xy = (self.data.x_train.to(self.device), self.data.y_train.to(self.device))
-        self.private: PrivateSender | None = None
+        self.private: PrivateSender | ExamplePrivacy | None = None
         privacy = self.session.privacy
         if privacy is not None and privacy.enabled:
             try:
-                self.private = PrivateSender(
-                    privacy,
-                    rounds=self.session.rounds,
-                    initial=pick(initial, self.layout.parameters),  # buffers get no noise
-                    noise_seed=secrets.randbits(63),  # secret: never the session's public seed
-                )
+                if privacy.example_level:  # DP-SGD in training; nothing added to what is shared
+                    check_private_model(self.model)
+                    self.private = ExamplePrivacy.from_config(
+                        privacy,
+                        self.session.train,
+                        examples=len(self.data.y_train),
+                        rounds=self.session.rounds,
+                        noise_seed=secrets.randbits(63),  # secret, like the sender's below
+                    )
+                else:
+                    self.private = PrivateSender(
+                        privacy,
+                        rounds=self.session.rounds,
+                        initial=pick(initial, self.layout.parameters),  # buffers get no noise
+                        noise_seed=secrets.randbits(63),  # secret: never the session's seed
+                    )
             except PrivacyError as exc:
                 raise ConfigError(f"cannot apply the session's privacy settings: {exc}") from None
         self.trust = _make_trust(self.session.mixing)
@@ -612,8 +623,8 @@ class Peer:
             self.transport.stats.record_rejection(peer_id, "implausible")
         self.current = {**self.current, **adopted.state}
         self.round_done = adopted.round
-        if self.private is not None:  # the mean of shared (noised) states: public
-            self.private.mixed(pick(self.current, self.layout.parameters))
+        if self._sender is not None:  # the mean of shared (noised) states: public
+            self._sender.mixed(pick(self.current, self.layout.parameters))
         if self.sender is not None:  # receivers hold no copy of ours: whole ones until then
             mix = flatten(pick(self.current, self.layout.mix))
             self.sender = CompressedSender(self.sender.spec, mix, min_base=adopted.round + 2)
@@ -742,6 +753,12 @@ class Peer:
     ) -> None:
         self.close()
 
+    @property
+    def _sender(self) -> PrivateSender | None:
+        """The update-level DP send hook (None without it, and under example-level DP)."""
+        private = getattr(self, "private", None)
+        return private if isinstance(private, PrivateSender) else None
+
     # -- one round --------------------------------------------------------------------------
 
     def run_round(self, round: int) -> dict[str, Any] | None:
@@ -764,17 +781,23 @@ class Peer:
         train = self.session.train
         lr = train.lr * scale
         x_train, y_train = self._train_xy
+        example = self.private if isinstance(self.private, ExamplePrivacy) else None
+        dp = None if example is None else example.dp
+        noise = None if example is None else example.noise_generator(round - 1)
         if self.task is None:
             train_loss = train_local(
                 self.model, x_train, y_train,
-                dataclasses.replace(train, lr=lr), generator=generator,
+                dataclasses.replace(train, lr=lr), generator=generator, dp=dp, noise=noise,
             )  # fmt: skip
         else:
             train_loss = train_task(
                 self.task, self.model, x_train, y_train, train,
                 generator=generator, round=round - 1, lr_scale=scale,
                 step_generator=node_generator(self.seed, Stream.STEP, round - 1, self._salt),
+                dp=dp, noise=noise,
             )  # fmt: skip
+        if example is not None:  # this round's DP-SGD steps: its whole privacy cost
+            example.charge_round()
         # A CPU copy (as the clone it replaces on the CPU): sending, mixing, trust, checkpoints.
         trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         train_s = time.perf_counter() - tick
@@ -962,7 +985,7 @@ class Peer:
         """
         keys = self.layout.parameters
         params = pick(trained, keys)
-        params = params if self.private is None else self.private(params, round)
+        params = params if self._sender is None else self._sender(params, round)
         attack = self.attack
         if attack is not None and not attack.poisons_data and attack.active(round - 1):
             generator = node_generator(self.seed, Stream.ATTACK, round - 1, self._salt)
@@ -1113,8 +1136,8 @@ class Peer:
             state = replies[heard[0]].state
             assert state is not None
             self.current.update(state)
-            if self.private is not None:
-                self.private.mixed(pick(self.current, self.layout.parameters))
+            if self._sender is not None:
+                self._sender.mixed(pick(self.current, self.layout.parameters))
         else:
             log.warning("round %d: no average from the central server; keeping the trained "
                         "state", round)  # fmt: skip
@@ -1153,9 +1176,9 @@ class Peer:
         if self.sender is not None:  # the cohort mixes this peer's public copy
             own = shared[:1].clone()
             shared[0] = self.sender.hat.to(device)
-        elif self.private is not None and self.private.shared is not None:
+        elif self._sender is not None and self._sender.shared is not None:
             own = shared[:1].clone()  # the true own row; the cohort saw the noised one
-            shared[0] = flatten(pick({**trained, **self.private.shared}, layout.mix)).to(device)
+            shared[0] = flatten(pick({**trained, **self._sender.shared}, layout.mix)).to(device)
         size = len(states)
         cohorts = Cohorts(
             shared=shared,
@@ -1202,9 +1225,9 @@ class Peer:
             **unflatten(mixed.params[0].cpu(), mix_like),
             **{key: value[0].cpu() for key, value in mixed.exact.items()},
         }
-        if mixed.public is not None and self.private is not None:
+        if mixed.public is not None and self._sender is not None:
             public = unflatten(mixed.public[0].cpu(), mix_like)
-            self.private.mixed(pick(public, layout.parameters))
+            self._sender.mixed(pick(public, layout.parameters))
         weights = None
         if mixed.weights is not None and mixing.rule != "none":
             weights = mixed.weights[0, keep].cpu()
@@ -1481,7 +1504,7 @@ class Peer:
         transport: Transport | None = getattr(self, "transport", None)
         identity: PeerIdentity | None = getattr(self, "identity", None)
         attack: AttackConfig | None = getattr(self, "attack", None)
-        private: PrivateSender | None = getattr(self, "private", None)
+        private: PrivateSender | ExamplePrivacy | None = getattr(self, "private", None)
         data: PeerData | None = getattr(self, "data", None)
         book = self.book
         return PeerSnapshot(

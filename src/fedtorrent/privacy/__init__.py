@@ -1,11 +1,11 @@
-"""Differential privacy on what a peer shares: the Gaussian mechanism and its accountant."""
+"""Differential privacy: the Gaussian mechanism on shared updates, DP-SGD, the accountant."""
 
 from fedtorrent.privacy.accountant import (
     PrivacyAccountant,
     noise_for_epsilon,
     resolve_noise_multiplier,
 )
-from fedtorrent.privacy.dp_sgd import DPSGD, make_dp_sgd
+from fedtorrent.privacy.dp_sgd import ExampleDP, ExamplePrivacy, example_dp
 from fedtorrent.privacy.mechanism import (
     add_gaussian_noise,
     clip_update,
@@ -16,12 +16,13 @@ from fedtorrent.privacy.mechanism import (
 )
 
 __all__ = [
-    "DPSGD",
+    "ExampleDP",
+    "ExamplePrivacy",
     "PrivacyAccountant",
     "add_gaussian_noise",
     "clip_update",
+    "example_dp",
     "l2_norm",
-    "make_dp_sgd",
     "noise_for_epsilon",
     "privatize",
     "privatize_rows",

@@ -1,91 +1,386 @@
-"""Sample-level DP-SGD for a peer's local training, through Opacus's ``PrivacyEngine``.
+"""Example-level DP-SGD for local training: Poisson batches, clipped per-example gradients, noise.
 
-An alternative to noising the shared update: every example's gradient is clipped to ``clip`` and
-noised, batches are Poisson-sampled, and each optimizer step is one release at the local sampling
-rate, recorded in the peer's :class:`PrivacyAccountant`. The shared update is then post-processing
-and needs no further noise. The guarantee is per training example, not per peer.
+The protected unit is one training example. Each local optimizer step
+
+1. samples a batch by Poisson sampling: every one of the node's ``n`` examples joins it with
+   probability ``q = sample_rate``, independently (:func:`poisson_batches`), as the accountant
+   assumes; a batch may be empty;
+2. computes every example's gradient with ``torch.func`` (``functional_call`` under
+   ``vmap(grad)``), so any model and loss work; the per-example loss is the task's loss on a
+   batch of one, which is why a task's loss must be the *mean* over the batch (``reduction``
+   mean, as every ``torch.nn.functional`` loss is by default);
+3. clips each example's gradient to L2 norm ``clip`` over all trainable parameters jointly, sums
+   them, adds ``N(0, (noise_multiplier * clip)^2)`` to every coordinate and divides by the
+   *expected* batch size ``q * n`` (Opacus's convention; :func:`noisy_gradient`, the one function
+   every training path calls), then takes the optimizer's step. An empty batch still takes a
+   step, on noise alone.
+
+Each step is one release of the sampled Gaussian mechanism at rate ``q``; a round is ``steps``
+of them, fixed in advance (:class:`ExampleDP`) so the accountant can plan the noise for a target
+epsilon and project the next round. Everything a peer shares is post-processing of its training,
+so :class:`ExamplePrivacy`'s epsilon after each round is its whole guarantee; nothing is added to
+the shared state.
+
+Not supported: BatchNorm in train mode (its statistics mix the examples of a batch; use
+GroupNorm or LayerNorm) and a task's own ``train_step`` (we cannot clip inside user code); both
+are refused with one line.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
 
+from fedtorrent.config import PrivacyConfig, TrainConfig
 from fedtorrent.errors import PrivacyError
-from fedtorrent.privacy.accountant import PrivacyAccountant
+from fedtorrent.privacy.accountant import (
+    PrivacyAccountant,
+    _check_release,
+    _epsilon,
+    resolve_noise_multiplier,
+)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+_CHUNK_FLOATS = 2**24
+"""Per-example gradient floats held at once (64 MiB); larger batches are cut into chunks."""
+_MAX_SEED = 2**63
 
 
 @dataclass(frozen=True)
-class DPSGD:
-    """The private stand-ins to train with; ``close()`` when the round's training is done.
+class ExampleDP:
+    """DP-SGD settings of one node's local training (see the module doc).
 
-    ``module`` wraps the original model and trains its parameters in place, so the caller keeps
-    reading and loading ``model.state_dict()`` (without Opacus's ``_module.`` prefix).
+    Attributes:
+        clip: L2 bound on every example's gradient (all trainable parameters jointly).
+        noise_multiplier: noise std over ``clip``.
+        sample_rate: Poisson rate ``q``: the chance each training example joins a step's batch.
+        steps: optimizer steps (releases) per round, fixed and known in advance.
     """
 
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    data_loader: DataLoader[Any]
+    clip: float
+    noise_multiplier: float
     sample_rate: float
+    steps: int
 
-    def close(self) -> None:
-        """Remove Opacus's per-sample gradient hooks so the model can be wrapped again."""
-        remove = getattr(self.module, "remove_hooks", None)
-        if callable(remove):
-            remove()
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip, int | float) and 0 < self.clip < math.inf):
+            raise PrivacyError(f"DP-SGD clip must be a finite number > 0, got {self.clip!r}")
+        _check_release(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def expected_batch(self, examples: int) -> float:
+        """``q * examples``: what the noisy gradient sum is divided by."""
+        return self.sample_rate * examples
 
 
-def make_dp_sgd(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data_loader: DataLoader[Any],
-    *,
-    clip: float,
-    noise_multiplier: float,
-    accountant: PrivacyAccountant,
-    generator: torch.Generator,
-) -> DPSGD:
-    """Wrap model, optimizer and loader for DP-SGD; each step is charged to ``accountant``.
+def example_dp(
+    config: PrivacyConfig, train: TrainConfig, *, examples: int, rounds: int
+) -> ExampleDP:
+    """The DP-SGD settings of a node with ``examples`` training examples in a session.
 
-    ``generator`` drives both the Poisson batch sampling and the gradient noise, so a seed fixes
-    the run. Call ``accountant.end_round()`` after the round's local steps.
+    ``q = min(1, batch_size / examples)``; steps per round are ``train.steps``, else
+    ``round(epochs / q)`` (as many steps as ``epochs`` passes take in expectation); the noise is
+    ``config.noise_multiplier``, else the smallest one that keeps epsilon within
+    ``config.target_epsilon`` after ``rounds`` rounds of those steps (Opacus's accountant).
 
     Raises:
-        PrivacyError: bad settings, or a model Opacus cannot compute per-sample gradients for
-            (BatchNorm, for example: swap it for GroupNorm).
+        PrivacyError: ``config`` is not example-level DP, the node has no examples, the round has
+            no steps (``epochs=0``), or the target cannot be met.
     """
-    if not (clip > 0 and noise_multiplier > 0):
-        raise PrivacyError(f"clip and noise_multiplier must be > 0, got {clip}, {noise_multiplier}")
-    from opacus import PrivacyEngine  # noqa: PLC0415 (slow import)
-    from opacus.data_loader import DPDataLoader  # noqa: PLC0415 (slow import)
-    from opacus.validators import ModuleValidator  # noqa: PLC0415 (slow import)
+    if not config.example_level:
+        raise PrivacyError("example-level DP needs a privacy config with unit 'example' and clip")
+    assert config.clip is not None  # example_level
+    if examples < 1:
+        raise PrivacyError("example-level DP needs at least one training example")
+    rate = min(1.0, train.batch_size / examples)
+    steps = train.steps if train.steps is not None else round(train.epochs / rate)
+    if steps < 1:
+        raise PrivacyError("example-level DP needs at least one local step per round (epochs > 0)")
+    noise = resolve_noise_multiplier(config, rounds, sample_rate=rate, steps_per_round=steps)
+    return ExampleDP(clip=config.clip, noise_multiplier=noise, sample_rate=rate, steps=steps)
 
-    problems = ModuleValidator.validate(model, strict=False)
-    if problems:
-        raise PrivacyError(f"model is not DP-SGD compatible: {'; '.join(map(str, problems))}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "secure RNG turned off": we seed on purpose
-        engine = PrivacyEngine(accountant=accountant.mechanism)
-        loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
-        module, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=clip,
-            poisson_sampling=False,  # already Poisson: ``loader`` samples with ``generator``
-            noise_generator=generator,
+
+def poisson_batches(examples: int, dp: ExampleDP, generator: torch.Generator) -> list[Tensor]:
+    """``dp.steps`` batches of positions in ``range(examples)``, each Poisson-sampled at ``q``.
+
+    Every batch draws ``examples`` uniforms from ``generator`` (a CPU generator): position ``i``
+    joins when its draw is below ``q``. A batch may be empty; sizes have mean ``q * examples``.
+    """
+    return [
+        (torch.rand(examples, generator=generator) < dp.sample_rate).nonzero().flatten()
+        for _ in range(dp.steps)
+    ]
+
+
+def clip_factors(squared_norms: Tensor, clip: float) -> Tensor:
+    """``min(1, clip / ||g_i||)`` from each example's squared gradient norm ``(B,)``."""
+    return (clip / squared_norms.sqrt().clamp_min(1e-12)).clamp_max(1.0)
+
+
+def clip_and_sum(per_example: Sequence[Tensor], clip: float) -> list[Tensor]:
+    """``sum_i g_i min(1, clip / ||g_i||)``: each example's gradient clipped, then summed.
+
+    ``per_example`` holds one ``(B, *shape)`` tensor per parameter; an example's norm is over
+    all of them jointly. The result (one ``shape`` tensor per parameter) has norm at most
+    ``clip * B``, and changing one example moves it by at most ``clip``.
+    """
+    if not per_example:
+        return []
+    batch = int(per_example[0].shape[0])
+    flat = [grad.reshape(batch, -1) for grad in per_example]
+    squares = torch.stack([f.square().sum(dim=1) for f in flat]).sum(dim=0)
+    scale = clip_factors(squares, clip)
+    return [
+        (scale.to(f.dtype) @ f).reshape(grad.shape[1:])
+        for f, grad in zip(flat, per_example, strict=True)
+    ]
+
+
+def add_noise(
+    summed: Sequence[Tensor], *, dp: ExampleDP, expected_batch: float, generator: torch.Generator
+) -> list[Tensor]:
+    """``(summed + N(0, (noise_multiplier clip)^2 I)) / expected_batch``, tensor after tensor.
+
+    The noise is drawn on the CPU from ``generator`` in the order of ``summed`` (the same seed
+    gives the same noise on every device); ``summed`` is not modified.
+    """
+    std = dp.noise_multiplier * dp.clip
+    out = []
+    for part in summed:
+        noise = torch.randn(part.shape, generator=generator, dtype=part.dtype)
+        out.append((part + noise.to(part.device) * std) / expected_batch)
+    return out
+
+
+def noisy_gradient(
+    chunks: Iterator[Sequence[Tensor]] | Sequence[Sequence[Tensor]],
+    like: Sequence[Tensor],
+    *,
+    dp: ExampleDP,
+    expected_batch: float,
+    generator: torch.Generator,
+) -> list[Tensor]:
+    """DP-SGD's gradient: clipped per-example sums plus Gaussian noise, over the expected batch.
+
+    Args:
+        chunks: per-example gradients, a chunk at a time (each as :func:`clip_and_sum` takes
+            them); none at all for an empty batch.
+        like: one tensor per parameter, for shapes, dtypes and devices.
+        dp: the clip and the noise multiplier.
+        expected_batch: ``q * n`` (:meth:`ExampleDP.expected_batch`).
+        generator: a CPU generator the noise is drawn from (parameter after parameter), so the
+            same seed gives the same noise on every device.
+
+    Returns:
+        ``(sum of clipped gradients + N(0, (sigma clip)^2 I)) / expected_batch`` per parameter.
+    """
+    total = [torch.zeros_like(t) for t in like]
+    for chunk in chunks:
+        for i, part in enumerate(clip_and_sum(chunk, dp.clip)):
+            total[i] += part
+    return add_noise(total, dp=dp, expected_batch=expected_batch, generator=generator)
+
+
+def check_private_model(model: nn.Module) -> None:
+    """Refuse a model whose per-example gradients are not defined (BatchNorm in train mode).
+
+    Raises:
+        PrivacyError: the model has a BatchNorm layer.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise PrivacyError(
+                f"example-level DP cannot train {type(module).__name__} layer {name!r}: its "
+                "batch statistics mix examples (use GroupNorm or LayerNorm)"
+            )
+
+
+def private_step(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: LossFn,
+    optimizer: torch.optim.Optimizer,
+    dp: ExampleDP,
+    expected_batch: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """One DP-SGD step on the Poisson batch ``(x, y)``; its mean loss (0 when empty), detached.
+
+    The trainable parameters' ``.grad`` become :func:`noisy_gradient` of the per-example
+    gradients of ``loss`` (the mean loss of a batch, applied to each example alone), then
+    ``optimizer.step()`` runs. Buffers enter as they are and are not updated.
+
+    Raises:
+        PrivacyError: the model or loss cannot be differentiated per example by ``torch.func``.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    losses: list[Tensor] = []
+    chunks = _per_example_chunks(
+        model, loss, x, y, names=[name for name, _ in named], losses=losses
+    )
+    grads = noisy_gradient(
+        chunks,
+        [p.detach() for _, p in named],
+        dp=dp,
+        expected_batch=expected_batch,
+        generator=generator,
+    )
+    for (_, parameter), grad in zip(named, grads, strict=True):
+        parameter.grad = grad
+    optimizer.step()
+    if not losses:
+        return torch.zeros(())
+    return torch.cat(losses).mean().detach()
+
+
+def _per_example_chunks(
+    model: nn.Module,
+    loss: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    names: Sequence[str],
+    losses: list[Tensor],
+) -> Iterator[list[Tensor]]:
+    """Per-example gradients of ``names`` in chunks of examples; appends each chunk's losses."""
+    from torch.func import functional_call, grad_and_value, vmap  # noqa: PLC0415
+
+    count = int(x.shape[0])
+    if count == 0 or not names:
+        return
+    params = {name: p.detach() for name, p in model.named_parameters() if name in set(names)}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if name not in params}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    size = max(1, _CHUNK_FLOATS // max(1, sum(p.numel() for p in params.values())))
+
+    def one(weights: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        state = {**frozen, **buffers, **weights}
+        out = functional_call(model, state, (xi.unsqueeze(0),))
+        value: Tensor = loss(out, yi.unsqueeze(0))
+        return value.reshape(())
+
+    batched = vmap(grad_and_value(one), in_dims=(None, 0, 0), randomness="different")
+    for start in range(0, count, size):
+        try:
+            grads, values = batched(params, x[start : start + size], y[start : start + size])
+        except Exception as exc:  # torch.func names the layer or op; one line for the user
+            text = str(exc).strip().splitlines()
+            raise PrivacyError(
+                "example-level DP cannot compute per-example gradients of this model and loss "
+                f"with torch.func: {type(exc).__name__}: {text[0] if text else ''}"[:400]
+            ) from exc
+        losses.append(values.detach().reshape(-1))
+        yield [grads[name] for name in names]
+
+
+class ExamplePrivacy:
+    """One node's example-level privacy state: its DP-SGD settings and its accountant.
+
+    Conforms to the peers' privacy protocol (``PeerPrivacy``): ``accountant``, ``epsilon``,
+    ``next_epsilon()``, ``state_dict()`` and ``load_state_dict()``; :meth:`charge_round` records
+    a round's ``dp.steps`` releases after training.
+
+    Args:
+        dp: the node's DP-SGD settings (:func:`example_dp`).
+        delta: the accountant's delta.
+        mechanism: ``rdp`` or ``prv``.
+        noise_seed: seeds the gradient noise of each round (:meth:`noise_generator`). In a real
+            deployment it must be secret (whoever knows it can subtract the noise), so a peer
+            draws it at random; the simulator derives its noise from the run seed instead.
+    """
+
+    unit = "example"
+    """What the guarantee protects: any one training example."""
+
+    def __init__(
+        self, dp: ExampleDP, *, delta: float, mechanism: str = "rdp", noise_seed: int = 0
+    ) -> None:
+        if not (isinstance(noise_seed, int) and 0 <= noise_seed < _MAX_SEED):
+            raise PrivacyError("noise_seed must be an int in [0, 2**63)")
+        self.dp = dp
+        self.accountant = PrivacyAccountant(delta=delta, mechanism=mechanism)
+        self._noise_seed = noise_seed
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PrivacyConfig,
+        train: TrainConfig,
+        *,
+        examples: int,
+        rounds: int,
+        noise_seed: int = 0,
+    ) -> ExamplePrivacy:
+        """The state of a node with ``examples`` training examples (see :func:`example_dp`)."""
+        dp = example_dp(config, train, examples=examples, rounds=rounds)
+        return cls(dp, delta=config.delta, mechanism=config.accountant, noise_seed=noise_seed)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The gradient noise std over the clip."""
+        return self.dp.noise_multiplier
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the accountant's delta (0.0 before the first round)."""
+        return self.accountant.epsilons[-1] if self.accountant.epsilons else 0.0
+
+    def charge_round(self) -> float:
+        """Record one round's ``dp.steps`` releases and close it; the epsilon spent so far."""
+        dp = self.dp
+        return self.accountant.record_round(
+            noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp.steps
         )
-    sample_rate = 1 / len(dp_loader)
-    # Charge our accountant instead of the engine's (the optimizer holds one hook).
-    dp_optimizer.attach_step_hook(
-        accountant.opacus_accountant.get_optimizer_hook_fn(sample_rate=sample_rate)
-    )
-    return DPSGD(
-        module=module, optimizer=dp_optimizer, data_loader=dp_loader, sample_rate=sample_rate
-    )
+
+    def next_epsilon(self) -> float:
+        """The epsilon after one more round, without recording it."""
+        dp = self.dp
+        history = [*self.accountant.history, (dp.noise_multiplier, dp.sample_rate, dp.steps)]
+        return _epsilon(self.accountant.mechanism, history, self.accountant.delta)
+
+    def noise_generator(self, round_index: int) -> torch.Generator:
+        """The CPU generator of round ``round_index``'s gradient noise, from the noise seed."""
+        state = np.random.SeedSequence([self._noise_seed, round_index]).generate_state(2)
+        return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready state: the unit, the settings, the noise seed and the accountant."""
+        return {
+            "unit": "example",
+            "dp": asdict(self.dp),
+            "noise_seed": self._noise_seed,
+            "accountant": self.accountant.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; checks every field, since it comes from a file.
+
+        Raises:
+            PrivacyError: another unit, other DP settings, a bad seed or a bad accountant state.
+        """
+        if not isinstance(state, Mapping) or state.get("unit") != "example":
+            raise PrivacyError("privacy state is not an example-level (DP-SGD) state")
+        settings = state.get("dp")
+        if not isinstance(settings, Mapping) or set(settings) != set(asdict(self.dp)):
+            raise PrivacyError("privacy state has malformed DP-SGD settings")
+        if ExampleDP(**settings) != self.dp:
+            raise PrivacyError(
+                f"privacy state was saved for DP-SGD settings {dict(settings)}, not "
+                f"{asdict(self.dp)}"
+            )
+        seed = state.get("noise_seed")
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < _MAX_SEED):
+            raise PrivacyError(f"privacy state has a bad noise seed: {seed!r}")
+        accountant = state.get("accountant")
+        if not isinstance(accountant, Mapping):
+            raise PrivacyError("privacy state needs an accountant state")
+        self.accountant.load_state_dict(accountant)
+        self._noise_seed = seed

@@ -54,6 +54,11 @@ class PeerPrivacy(Protocol):
         """Epsilon spent so far at the accountant's delta (0.0 before the first round)."""
         ...
 
+    @property
+    def noise_multiplier(self) -> float:
+        """The Gaussian noise's std over the clip norm."""
+        ...
+
     def next_epsilon(self) -> float:
         """Epsilon after one more round's releases, without recording them."""
         ...
@@ -91,10 +96,6 @@ class PrivateSender:
     ) -> None:  # fmt: skip
         if not config.enabled:
             raise PrivacyError("privacy is off in this config: nothing to build a sender for")
-        if config.dp_sgd:
-            raise PrivacyError(
-                "the peer applies update-level DP only; sample-level DP-SGD is not wired in"
-            )
         assert config.clip is not None  # enabled
         self.clip = config.clip
         self.noise_multiplier = resolve_noise_multiplier(config, rounds)

@@ -35,6 +35,7 @@ from fedtorrent.config import MixingConfig, TrainConfig
 from fedtorrent.errors import ConfigError
 from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
 from fedtorrent.mixing.trust import decay_logits, flat_views
+from fedtorrent.privacy.dp_sgd import ExampleDP, add_noise, clip_factors, poisson_batches
 from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
 from fedtorrent.training.seeds import Stream, derive_seed, node_generator
@@ -161,7 +162,14 @@ class Backend(Protocol):
 class LinearBackend:
     """Multinomial logistic regression with the gradient written out: the fast path."""
 
-    def __init__(self, like: dict[str, Tensor], *, weight_key: str, bias_key: str) -> None:
+    def __init__(
+        self,
+        like: dict[str, Tensor],
+        *,
+        weight_key: str,
+        bias_key: str,
+        order: tuple[str, str] | None = None,
+    ) -> None:
         self.like = like
         self.num_params = sum(t.numel() for t in like.values())
         self.num_classes, self.num_features = like[weight_key].shape
@@ -170,6 +178,8 @@ class LinearBackend:
             offsets[key] = slice(start, start + like[key].numel())
             start += like[key].numel()
         self._weight, self._bias = offsets[weight_key], offsets[bias_key]
+        self._order = [offsets[key] for key in order or (weight_key, bias_key)]
+        """Columns of each parameter in the model's ``named_parameters`` order (DP-SGD noise)."""
 
     def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
         rows = params.shape[0]
@@ -196,10 +206,42 @@ class LinearBackend:
 
     def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
         """Softmax cross-entropy gradient by hand: ``(p - onehot) x`` per row."""
-        residual = self._residual(params, x, y, weight)
-        grad = torch.empty(params.shape[0], self.num_params)
+        return self._from_residual(self._residual(params, x, y, weight), x)
+
+    def _from_residual(self, residual: Tensor, x: Tensor) -> Tensor:
+        grad = torch.empty(residual.shape[0], self.num_params)
         grad[:, self._bias] = residual.sum(dim=2)
-        grad[:, self._weight] = torch.bmm(residual, x).view(params.shape[0], -1)
+        grad[:, self._weight] = torch.bmm(residual, x).view(residual.shape[0], -1)
+        return grad
+
+    def private_grad(
+        self,
+        params: Tensor,
+        x: Tensor,
+        y: Tensor,
+        valid: Tensor,
+        *,
+        dp: list[ExampleDP],
+        expected: list[float],
+        noise: list[torch.Generator],
+    ) -> Tensor:
+        """DP-SGD's gradient of each row on its Poisson batch, per-example norms in closed form.
+
+        Example i's gradient is ``r_i x_i^T`` (weight) and ``r_i`` (bias) with ``r_i = p_i -
+        onehot(y_i)``, so its squared norm is ``|r_i|^2 (|x_i|^2 + 1)`` and the clipped sum is
+        one product of the rescaled residuals; ``valid`` ``(A, B)`` marks the real examples of
+        the padded batches. Row a's noise is drawn from ``noise[a]`` parameter after parameter
+        in the model's order, as :func:`~fedtorrent.privacy.dp_sgd.noisy_gradient` draws it.
+        """
+        residual = self._residual(params, x, y, valid.to(x.dtype))
+        squares = residual.square().sum(dim=1) * (x.square().sum(dim=2) + 1)
+        scale = torch.stack([clip_factors(row, d.clip) for row, d in zip(squares, dp, strict=True)])
+        grad = self._from_residual(residual.mul_(scale.unsqueeze(1)), x)
+        for row, (d, mean, generator) in enumerate(zip(dp, expected, noise, strict=True)):
+            parts = [grad[row, columns] for columns in self._order]
+            noisy = add_noise(parts, dp=d, expected_batch=mean, generator=generator)
+            for columns, part in zip(self._order, noisy, strict=True):
+                grad[row, columns] = part
         return grad
 
     def sgd_step(
@@ -366,7 +408,13 @@ def make_backend(model: nn.Module, *, input_shape: tuple[int, ...]) -> Backend:
     like = {k: v.detach().clone() for k, v in model.state_dict().items()}
     linear = _linear_keys(model, like, input_shape)
     if linear is not None:
-        return LinearBackend(like, weight_key=linear[0], bias_key=linear[1])
+        names = [name for name, _ in model.named_parameters()]
+        order = (
+            (linear[0], linear[1])
+            if names.index(linear[0]) < names.index(linear[1])
+            else (linear[1], linear[0])
+        )
+        return LinearBackend(like, weight_key=linear[0], bias_key=linear[1], order=order)
     return FunctionalBackend(model, like)
 
 
@@ -547,6 +595,10 @@ class Engine:
         device: where the stacked parameters, data, optimizer state, mixing, trust and
             evaluation live. The batch-order and trust-batch generators stay on the CPU (the
             same draws on every device); node states and weights handed out are CPU tensors.
+        dp: example-level DP, one :class:`~fedtorrent.privacy.dp_sgd.ExampleDP` per node: each
+            round node i runs ``dp[i].steps`` DP-SGD steps on Poisson batches drawn from its
+            ``TRAIN`` generator (as a real peer does), with noise from its ``DP_NOISE``
+            generator. Needs the per-node loop (a ``ModuleLoopBackend``); the caller accounts.
     """
 
     def __init__(
@@ -562,6 +614,7 @@ class Engine:
         share: ShareFn | None = None,
         clusters: Tensor | None = None,
         device: torch.device | str = "cpu",
+        dp: list[ExampleDP] | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type != "cpu":  # on the CPU nothing is copied or wrapped
@@ -594,6 +647,14 @@ class Engine:
             raise ConfigError(f"clusters has shape {tuple(clusters.shape)}, expected ({n},)")
         if mixing.rule == "oracle" and clusters is None:
             raise ConfigError("oracle mixing needs every node's true cluster (a clustered split)")
+        if dp is not None and (
+            len(dp) != n or not isinstance(backend, ModuleLoopBackend | LinearBackend)
+        ):
+            raise ConfigError(
+                "example-level DP needs one ExampleDP per node, and the per-node loop or the "
+                "linear path"
+            )
+        self.dp = dp
         with self._on_device():  # the state allocated below lives on the device
             self.backend, self.data, self.train_config = backend, data, train
             self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
@@ -667,11 +728,26 @@ class Engine:
         self, generators: list[torch.Generator], base_lr: float, round_index: int = 0
     ) -> None:
         backend = self.backend
+        if self.dp is not None and isinstance(backend, LinearBackend):
+            self._train_private_linear(generators, base_lr, round_index)
+            return
         if not isinstance(backend, ModuleLoopBackend):
             self._plan(generators, base_lr, self._step)
             return
         # The same batches the stacked path would draw, then one node at a time.
         plan: list[list[Tensor]] = [[] for _ in range(self.num_nodes)]
+        counts = self.data.train_count.tolist()
+        if self.dp is not None:  # Poisson batches of the node's own rows, as a peer draws them
+            for node, (count, dp) in enumerate(zip(counts, self.dp, strict=True)):
+                rows = self.data.train_index[node, :count]
+                drawn = poisson_batches(count, dp, generators[node]) if count else []
+                plan[node] = [rows[positions.to(rows.device)] for positions in drawn]
+            backend.train_nodes(
+                self.params, plan, x=self._x_train, y=self.data.y_train,
+                lr_scale=base_lr / self.train_config.lr, round_index=round_index,
+                seed=self.seed, dp=self.dp, examples=counts,
+            )  # fmt: skip
+            return
 
         def collect(
             index: Tensor, weight: Tensor | None, *, rows: Tensor | None, **_: object
@@ -691,6 +767,50 @@ class Engine:
             round_index=round_index,
             seed=self.seed,
         )
+
+    def _train_private_linear(
+        self, generators: list[torch.Generator], base_lr: float, round_index: int
+    ) -> None:
+        """Example-level DP on the linear path: every node's DP-SGD step at once.
+
+        The same Poisson batches (from ``generators``) and noise (each node's ``DP_NOISE``
+        generator of the round) as the per-node loop, so both paths give the same result up to
+        float rounding; node i runs ``dp[i].steps`` steps, padded batches masked out.
+        """
+        assert self.dp is not None and isinstance(self.backend, LinearBackend)
+        n, data = self.num_nodes, self.data
+        counts = data.train_count.tolist()
+        drawn = [
+            poisson_batches(count, dp, generator) if count else []
+            for count, dp, generator in zip(counts, self.dp, generators, strict=True)
+        ]
+        noise = [node_generator(self.seed, Stream.DP_NOISE, round_index, i) for i in range(n)]
+        totals = torch.tensor([len(batches) for batches in drawn])
+        self.optimizer.reset()
+        for step in range(int(totals.max()) if n else 0):
+            active = [i for i in range(n) if step < len(drawn[i])]
+            width = max(1, *(len(drawn[i][step]) for i in active))
+            index = torch.zeros(len(active), width, dtype=torch.int64)
+            valid = torch.zeros(len(active), width, dtype=torch.bool)
+            for row, node in enumerate(active):
+                positions = drawn[node][step].to(self.device)
+                index[row, : len(positions)] = data.train_index[node, positions]
+                valid[row, : len(positions)] = True
+            rows = None if len(active) == n else torch.tensor(active)
+            flat = index.reshape(-1)
+            x = self._x_train.index_select(0, flat).view(*index.shape, -1)
+            y = data.y_train.index_select(0, flat).view(index.shape)
+            grad = self.backend.private_grad(
+                RowOptimizer._take(self.params, rows), x, y, valid,
+                dp=[self.dp[i] for i in active],
+                expected=[self.dp[i].expected_batch(counts[i]) for i in active],
+                noise=[noise[i] for i in active],
+            )  # fmt: skip
+            lr: Tensor | float = base_lr
+            if self.train_config.lr_schedule == "cosine":
+                total = RowOptimizer._take(totals, rows)
+                lr = base_lr * 0.5 * (1 + torch.cos(math.pi * step / total.clamp_min(1)))
+            self.optimizer.step(self.params, grad, rows=rows, lr=lr)
 
     def _plan(
         self, generators: list[torch.Generator], base_lr: float, step_fn: Callable[..., None]

@@ -27,6 +27,7 @@ from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.errors import ConfigError, StateError
+from fedtorrent.privacy.dp_sgd import ExampleDP
 from fedtorrent.state.schema import state_schema
 from fedtorrent.training.seeds import Stream, node_generator
 
@@ -159,21 +160,30 @@ class ModuleLoopBackend:
         lr_scale: float,
         round_index: int,
         seed: int,
+        dp: Sequence[ExampleDP] | None = None,
+        examples: Sequence[int] = (),
     ) -> None:
         """Train node i on the batches ``plan[i]`` (index tensors into ``x``, ``y``); in place.
 
         The loop is :func:`fedtorrent.task.drive.run_steps`, a peer's: each node's optimizer
         rates are its initial ones times ``lr_scale`` (and the cosine factor of
         ``lr_schedule``); the step's ``ctx.generator`` is the node's ``Stream.STEP`` generator of
-        the round.
+        the round. With ``dp`` (one :class:`ExampleDP` per node, ``examples[i]`` node i's
+        training set size) every step is DP-SGD's
+        (:func:`fedtorrent.task.drive.private_step_fn`) with noise from the node's
+        ``Stream.DP_NOISE`` generator of the round, in place of the backend's own step.
         """
         from fedtorrent.task.contract import TrainContext  # noqa: PLC0415
-        from fedtorrent.task.drive import run_steps  # noqa: PLC0415
+        from fedtorrent.task.drive import private_step_fn, run_steps  # noqa: PLC0415
 
         model = self.model
         for node, batches in enumerate(plan):
             if not batches:
                 continue
+            step = self.step
+            if dp is not None:
+                noise = node_generator(seed, Stream.DP_NOISE, round_index, node)
+                step = private_step_fn(None, model, dp[node], examples=examples[node], noise=noise)  # type: ignore[assignment]
             model.load_state_dict(self.state_of(params[node], node))
             ctx = TrainContext(
                 device=x.device,
@@ -182,7 +192,7 @@ class ModuleLoopBackend:
                 loss=self.loss,
                 optimizer=self.make_optimizer(model.parameters()),
             )
-            run_steps(self.step, model, x, y, batches, ctx=ctx, lr_scale=lr_scale,
+            run_steps(step, model, x, y, batches, ctx=ctx, lr_scale=lr_scale,
                       cosine=self.lr_schedule == "cosine")  # fmt: skip
             state = model.state_dict()
             params[node] = self.layout.flatten(state)

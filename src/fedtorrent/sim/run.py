@@ -179,14 +179,22 @@ def run_one(
             **config.model.kwargs,
         )
     n = config.data.num_nodes
+    privacies = scenario.example_privacies(config, data.train_count.tolist())
     backend = loop_backend(model, config) if has_buffers(model) else None
+    shape = tuple(dataset.input_shape)
+    stacked = None if backend is not None else make_backend(model, input_shape=shape)
+    if privacies is not None and not isinstance(stacked, LinearBackend | None):
+        # Example-level DP: per-example gradients in closed form on the linear path, through
+        # torch.func on the per-node loop for any other model.
+        backend, stacked = loop_backend(model, config), None
     init = (
         flatten(model.state_dict())
         if backend is None
         else backend.layout.flatten(model.state_dict())
     )
     outgoing: scenario.Outgoing | None = None
-    if config.attack is not None or config.privacy is not None or config.compression != "none":
+    update_dp = config.privacy is not None and config.privacy.update_level
+    if config.attack is not None or update_dp or config.compression != "none":
         if share is not None:
             raise ConfigError(
                 "give a share hook or a config with privacy/attack/compression, not both"
@@ -196,7 +204,7 @@ def run_one(
         if config.attack == "label_flip":
             data = scenario.poison_labels(data, outgoing.attackers)
     engine = Engine(
-        backend=backend or make_backend(model, input_shape=tuple(dataset.input_shape)),
+        backend=backend if backend is not None else stacked,  # type: ignore[arg-type]
         data=data,
         train=config.train,
         mixing=config.mixing,
@@ -208,6 +216,7 @@ def run_one(
         share=share,
         clusters=None if clusters is None else torch.from_numpy(clusters.assignment),
         device=device,
+        dp=None if privacies is None else [p.dp for p in privacies],
     )
     width = init.shape[0] if backend is None else backend.layout.num_params
     traffic = run_traffic(config, model, width=width)
@@ -221,6 +230,8 @@ def run_one(
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
+        for private in privacies or ():
+            private.charge_round()
         traffic.record(engine.topology.cohorts(round_index), round_index)
         done = round_index + 1
         if outgoing is not None and outgoing.attackers:
@@ -231,7 +242,7 @@ def run_one(
                 attackers=outgoing.attackers,
             )
             on_attackers.append(value)
-        epsilon = outgoing.epsilon if outgoing is not None else None
+        epsilon = scenario.round_epsilons(outgoing, privacies, n)
         if done % config.eval_every == 0 or done == config.rounds:
             evaluation = engine.evaluate(curve_x, curve_y)
             accuracy = evaluation.accuracy.tolist()
@@ -251,7 +262,7 @@ def run_one(
                             "own_accuracy": own[node],
                             "self_weight": self_weight[node],
                             **({} if in_cluster is None else {"cluster_share": in_cluster[node]}),
-                            **({} if epsilon is None else {"epsilon": epsilon}),
+                            **({} if epsilon is None else {"epsilon": epsilon[node]}),
                         }
                     )
             if writers.trust is not None and weights is not None and _snapshot(config, done):
@@ -268,14 +279,15 @@ def run_one(
         for node, record in enumerate(final):
             writers.final.write({**tag, "node": node, **record})
     security = None
-    if outgoing is not None:
+    if outgoing is not None or privacies is not None:
+        epsilons = scenario.round_epsilons(outgoing, privacies, n)
         security = scenario.security_summary(
             final,
-            honest=outgoing.honest,
-            attackers=outgoing.attackers,
+            honest=outgoing.honest if outgoing is not None else list(range(n)),
+            attackers=outgoing.attackers if outgoing is not None else [],
             weights_per_round=on_attackers,
             rejected=engine_rejections(engine),
-            epsilon=outgoing.epsilon,
+            epsilon=None if epsilons is None else max(epsilons),  # the worst node's
             attack_from=config.attack_from,
         )
     return RunOutcome(

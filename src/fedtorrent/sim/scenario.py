@@ -13,6 +13,10 @@ residual carries over. Every node still mixes its own true row.
 
 Accounting: every node releases one Gaussian mechanism per round with the same noise multiplier
 at ``sample_rate = 1``, so every node's epsilon is the same and one accountant stands for all.
+
+Example-level DP (``privacy.unit == "example"``) adds nothing to what nodes share: every node
+trains with DP-SGD in the engine and keeps its own :class:`~fedtorrent.privacy.ExamplePrivacy`
+(:func:`example_privacies`), whose epsilon depends on its number of training examples.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from fedtorrent.adversary import AttackConfig, attack_params, attacker_nodes, flip_labels
 from fedtorrent.config import SimConfig
 from fedtorrent.privacy.accountant import PrivacyAccountant, resolve_noise_multiplier
+from fedtorrent.privacy.dp_sgd import ExamplePrivacy
 from fedtorrent.privacy.mechanism import privatize_rows
 from fedtorrent.sim.engine import NodeData
 from fedtorrent.state.compress import Compression, PublicCopy
@@ -56,7 +61,8 @@ class Outgoing:
         self.compression = Compression.parse(config.compression)
         self.copies: PublicCopy | None = None
         """Every node's public copy (``compression``), made at the first round."""
-        privacy = config.privacy if config.privacy is not None and config.privacy.enabled else None
+        privacy = config.privacy
+        privacy = privacy if privacy is not None and privacy.update_level else None
         self.clip = privacy.clip if privacy is not None else None
         self.noise_multiplier = (
             resolve_noise_multiplier(privacy, config.rounds) if privacy is not None else None
@@ -117,6 +123,41 @@ class Outgoing:
             self.copies.update(shared, self.compression, generator=generators)
             shared = self.copies.hat.clone()
         return shared
+
+
+def example_privacies(config: SimConfig, examples: Sequence[int]) -> list[ExamplePrivacy] | None:
+    """One :class:`ExamplePrivacy` per node (``examples[i]`` training examples), or None.
+
+    None unless ``config.privacy`` is example-level. Nodes of equal size share one noise
+    derivation (the noise for a target epsilon is searched once per size).
+
+    Raises:
+        PrivacyError: a node without examples, no local steps, or a target that cannot be met.
+    """
+    privacy = config.privacy
+    if privacy is None or not privacy.example_level:
+        return None
+    made: dict[int, ExamplePrivacy] = {}
+    out = []
+    for count in examples:
+        if count not in made:
+            made[count] = ExamplePrivacy.from_config(
+                privacy, config.train, examples=count, rounds=config.rounds
+            )
+        first = made[count]
+        out.append(ExamplePrivacy(first.dp, delta=privacy.delta, mechanism=privacy.accountant))
+    return out
+
+
+def round_epsilons(
+    outgoing: Outgoing | None, privacies: Sequence[ExamplePrivacy] | None, num_nodes: int
+) -> list[float] | None:
+    """Every node's epsilon so far: example-level per node, update-level the same for all."""
+    if privacies is not None:
+        return [p.epsilon for p in privacies]
+    if outgoing is not None and outgoing.epsilon is not None:
+        return [outgoing.epsilon] * num_nodes
+    return None
 
 
 def poison_labels(data: NodeData, attackers: Sequence[int]) -> NodeData:

@@ -188,7 +188,14 @@ def run_task(
     n = config.data.num_nodes
     nodes = [task.node_data(i, n) for i in range(n)]
     model = task.make_model(seed=derive_seed(config.seed, Stream.INIT))
-    chosen = choose_path(task, model, nodes)
+    privacies = scenario.example_privacies(config, [d.size("train") for d in nodes])
+    if privacies is not None and task.train_step is not None:
+        raise ConfigError(
+            "example-level DP cannot run a task's own train_step: it clips every example's "
+            "gradient itself (drop train_step, or use unit 'node')"
+        )
+    # Example-level DP trains node by node (per-example gradients through torch.func).
+    chosen = "loop" if privacies is not None else choose_path(task, model, nodes)
     if path == "vectorized" and chosen != "vectorized":
         raise ConfigError(
             "this task cannot take the vectorized path (it needs the default step and "
@@ -204,7 +211,9 @@ def run_task(
         init = _flat(like)
     outgoing: scenario.Outgoing | None = None
     width = init.shape[0] if chosen != "loop" else backend.layout.num_params
-    if config.privacy is not None or config.compression != "none":
+    if (config.privacy is not None and config.privacy.update_level) or (
+        config.compression != "none"
+    ):
         if share is not None:
             raise ConfigError("give a share hook or a config with privacy/compression, not both")
         outgoing = share = scenario.Outgoing(config, initial=init[:width])
@@ -220,6 +229,7 @@ def run_task(
         seed=config.seed,
         share=share,
         device=device,
+        dp=None if privacies is None else [p.dp for p in privacies],
     )
     traffic = run_traffic(config, model, width=width)
     split = eval_split(nodes)
@@ -231,8 +241,11 @@ def run_task(
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
+        for private in privacies or ():
+            private.charge_round()
         traffic.record(engine.topology.cohorts(round_index), round_index)
         done = round_index + 1
+        epsilon = scenario.round_epsilons(outgoing, privacies, n)
         if done % config.eval_every == 0 or done == config.rounds:
             scores = [score(task, scorer, engine.node_state(i), nodes[i], split) for i in range(n)]
             if writers.rounds is not None:
@@ -246,7 +259,7 @@ def run_task(
                             "test_loss": values["loss"],
                             **{f"test_{k}": v for k, v in values.items() if k != "loss"},
                             "self_weight": self_weight,
-                            **({} if outgoing is None else {"epsilon": outgoing.epsilon}),
+                            **({} if epsilon is None else {"epsilon": epsilon[node]}),
                         }
                     )
         if on_round is not None:

@@ -16,7 +16,15 @@ from torch import Tensor, nn
 
 from fedtorrent.config import TrainConfig
 from fedtorrent.errors import ConfigError
-from fedtorrent.task.contract import Task, TrainContext, call_user, callable_name
+from fedtorrent.privacy.dp_sgd import ExampleDP, check_private_model, poisson_batches, private_step
+from fedtorrent.task.contract import (
+    Batch,
+    Task,
+    TrainContext,
+    TrainStepFn,
+    call_user,
+    callable_name,
+)
 from fedtorrent.training.local import _batches, num_batches
 
 EVAL_BATCH = 1024
@@ -34,6 +42,8 @@ def train_task(
     round: int,
     lr_scale: float = 1.0,
     step_generator: torch.Generator | None = None,
+    dp: ExampleDP | None = None,
+    noise: torch.Generator | None = None,
 ) -> float:
     """Train ``model`` in place with the task's optimizer and step; the mean training loss.
 
@@ -44,16 +54,26 @@ def train_task(
     ``step_generator`` (default ``generator``; a peer and the simulator pass the node's
     ``Stream.STEP`` generator, so a step's draws never move the batch order).
 
+    With ``dp`` (example-level DP) the steps are :func:`private_step_fn`'s on ``dp.steps``
+    Poisson batches from ``generator``, with gradient noise from ``noise``.
+
     Returns:
         The example-weighted mean of the losses the steps returned; NaN when no batch ran.
 
     Raises:
-        ConfigError: the optimizer or step failed, or a step returned no scalar tensor.
+        ConfigError: the optimizer or step failed, a step returned no scalar tensor, or ``dp``
+            for a task with its own ``train_step`` or without ``noise``.
+        PrivacyError: a model DP-SGD cannot train (BatchNorm, or one torch.func cannot batch).
     """
     count = int(x.shape[0])
-    total = num_batches(count, config)
+    total = num_batches(count, config) if dp is None else dp.steps * (count > 0)
     if total == 0:
         return math.nan
+    step_fn = task.step_fn
+    if dp is not None:
+        if noise is None:
+            raise ConfigError("example-level DP needs a noise generator")
+        step_fn = private_step_fn(task, model, dp, examples=count, noise=noise)
     optimizer = task.make_optimizer(model.parameters(), config)
     ctx = TrainContext(
         device=x.device,
@@ -62,11 +82,45 @@ def train_task(
         loss=task.loss_fn,
         optimizer=optimizer,
     )
-    batches = list(_batches(count, config, generator, total))
+    batches = (
+        list(_batches(count, config, generator, total))
+        if dp is None
+        else poisson_batches(count, dp, generator)
+    )
     return run_steps(
-        task.step_fn, model, x, y, batches,
+        step_fn, model, x, y, batches,
         ctx=ctx, lr_scale=lr_scale, cosine=config.lr_schedule == "cosine",
     )  # fmt: skip
+
+
+def private_step_fn(
+    task: Task | None, model: nn.Module, dp: ExampleDP, *, examples: int, noise: torch.Generator
+) -> TrainStepFn:
+    """The DP-SGD step for :func:`run_steps`: :func:`~fedtorrent.privacy.dp_sgd.private_step`.
+
+    It uses ``ctx.loss`` and ``ctx.optimizer``; ``examples`` is the node's training set size (the
+    expected batch is ``dp.sample_rate * examples``) and the noise comes from ``noise``.
+
+    Raises:
+        ConfigError: ``task`` has its own ``train_step`` (we cannot clip inside user code).
+        PrivacyError: a model with BatchNorm.
+    """
+    if task is not None and task.train_step is not None:
+        raise ConfigError(
+            f"example-level DP cannot run Task.train_step {callable_name(task.train_step)}: it "
+            "clips every example's gradient itself (drop train_step, or use unit 'node')"
+        )
+    check_private_model(model)
+    expected = dp.expected_batch(examples)
+
+    def step(model: nn.Module, batch: Batch, ctx: TrainContext) -> Tensor:
+        return private_step(
+            model, *batch, loss=ctx.loss, optimizer=ctx.optimizer, dp=dp,
+            expected_batch=expected, generator=noise,
+        )  # fmt: skip
+
+    step.__qualname__ = "(DP-SGD)"  # how run_steps's messages name it
+    return step
 
 
 def run_steps(
@@ -87,7 +141,8 @@ def run_steps(
     ``cosine`` times ``0.5 (1 + cos(pi step / len(batches)))``.
 
     Returns:
-        The example-weighted mean of the losses the steps returned; NaN when no batch ran.
+        The example-weighted mean of the losses the steps returned; NaN when no batch ran (or
+        every batch was empty).
 
     Raises:
         ConfigError: the step failed or returned no scalar tensor.
@@ -110,7 +165,7 @@ def run_steps(
             raise ConfigError(f"{where} must return the batch's loss as a scalar tensor")
         loss_sum += loss.detach().to("cpu", torch.float64).reshape(()) * len(batch)
         seen += len(batch)
-    return float(loss_sum) / seen
+    return float(loss_sum) / seen if seen else math.nan
 
 
 def evaluate_task(task: Task, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float] | None:

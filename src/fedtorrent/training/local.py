@@ -11,6 +11,7 @@ from torch.nn import functional
 
 from fedtorrent.config import TrainConfig
 from fedtorrent.errors import ConfigError
+from fedtorrent.privacy.dp_sgd import ExampleDP, check_private_model, poisson_batches, private_step
 
 BatchCallback = Callable[[int, int], None]
 """Called after each batch with (batches done, batches in this call)."""
@@ -44,6 +45,8 @@ def train_local(
     *,
     generator: torch.Generator | None = None,
     on_batch: BatchCallback | None = None,
+    dp: ExampleDP | None = None,
+    noise: torch.Generator | None = None,
 ) -> float:
     """Train ``model`` in place on ``(x, y)`` with cross-entropy; return the mean training loss.
 
@@ -54,39 +57,61 @@ def train_local(
     moments and SGD momentum do not carry over between calls, and ``cosine`` decays the rate to 0
     over this call's batches.
 
+    With ``dp`` (example-level DP), the call runs ``dp.steps`` DP-SGD steps instead
+    (:func:`fedtorrent.privacy.dp_sgd.private_step`) on batches Poisson-sampled from
+    ``generator``, with gradient noise drawn from ``noise``.
+
     Returns:
-        The example-weighted mean loss over all batches run, or NaN when none ran (no data, or
-        ``epochs == 0``).
+        The example-weighted mean loss over all batches run, or NaN when none ran (no data,
+        ``epochs == 0``, or only empty Poisson batches).
 
     Raises:
-        ConfigError: ``x`` and ``y`` differ in length.
+        ConfigError: ``x`` and ``y`` differ in length, or ``dp`` without ``noise``.
+        PrivacyError: a model DP-SGD cannot train (BatchNorm).
     """
     count = int(x.shape[0])
     if int(y.shape[0]) != count:
         raise ConfigError(f"x has {count} examples but y has {int(y.shape[0])}")
-    total = num_batches(count, config)
+    total = num_batches(count, config) if dp is None else dp.steps * (count > 0)
     if total == 0:
         return math.nan
     if generator is None:
         generator = torch.Generator().manual_seed(config.seed)
+    if dp is not None:
+        if noise is None:
+            raise ConfigError("example-level DP needs a noise generator")
+        check_private_model(model)
+    batches = (
+        _batches(count, config, generator, total)
+        if dp is None
+        else iter(poisson_batches(count, dp, generator))
+    )
     optimizer = make_optimizer(model.parameters(), config)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen = 0
-    for step, indices in enumerate(_batches(count, config, generator, total)):
+    for step, indices in enumerate(batches):
         if config.lr_schedule == "cosine":
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / total))
         batch = indices.to(x.device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = functional.cross_entropy(model(x[batch]), y[batch])
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
+        if dp is None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+        else:
+            assert noise is not None
+            loss = private_step(
+                model, x[batch], y[batch],
+                loss=functional.cross_entropy, optimizer=optimizer, dp=dp,
+                expected_batch=dp.expected_batch(count), generator=noise,
+            )  # fmt: skip
         loss_sum += loss.detach().to("cpu", torch.float64) * len(batch)
         seen += len(batch)
         if on_batch is not None:
             on_batch(step + 1, total)
-    return float(loss_sum) / seen
+    return float(loss_sum) / seen if seen else math.nan
 
 
 def _batches(

@@ -41,6 +41,9 @@ class Stream(IntEnum):
     COHORT = 11
     """One node's trust-guided cohort choice in one round (``mixing.cohort``): the simulator's
     candidate sample, then the exploration draw (a peer's candidates come from the tracker)."""
+    DP_NOISE = 12
+    """The simulator's DP-SGD gradient noise of one node in one round (a real peer draws its
+    noise from a secret seed instead: whoever knows the seed can subtract the noise)."""
 
 
 def derive_seed(seed: int, *streams: int) -> int:
