@@ -153,12 +153,12 @@ def test_the_checkpoint_keeps_the_privacy_state_tensors_in_safetensors_and_check
 # -- in-process peers -------------------------------------------------------------------------
 
 
-def _private_torrent(folder: Path, *, nodes: int, rounds: int) -> Path:
+def _private_torrent(folder: Path, *, nodes: int, rounds: int, unit: str = "node") -> Path:
     from test_peer import make_torrent
 
     path = make_torrent(folder, nodes=nodes, cohort=nodes - 1, rounds=rounds)
     torrent = load_torrent(path)
-    privacy = PrivacyConfig(clip=CLIP, noise_multiplier=NOISE)
+    privacy = PrivacyConfig(clip=CLIP, noise_multiplier=NOISE, unit=unit)
     save_torrent(dataclasses.replace(torrent, session=dataclasses.replace(torrent.session,
                  privacy=privacy)), path)  # fmt: skip
     return path
@@ -168,18 +168,20 @@ _SAVED = ("checkpoint.safetensors", "checkpoint.json", "metrics.jsonl")
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("unit", ["node", "example"])
 def test_peers_resumed_from_a_rounds_checkpoints_share_exactly_what_the_uninterrupted_run_did(
-    tmp_path: Path,
+    tmp_path: Path, unit: str
 ) -> None:
     """What a crash after round 2 leaves on disk, resumed, goes on bit for bit as if it had not.
 
     Each peer's send hook copies its checkpoint files when round 3 begins (the state a SIGKILL
     then would leave); the copies, resumed in a second swarm, share in rounds 3 and 4 exactly
-    the states the first swarm shared: same reference, same noise seed, same epsilon.
+    the states the first swarm shared: same reference (update-level DP), same noise seed, same
+    epsilon, for both units.
     """
     from test_peer import Recorder, Swarm
 
-    torrent = _private_torrent(tmp_path, nodes=2, rounds=4)
+    torrent = _private_torrent(tmp_path, nodes=2, rounds=4, unit=unit)
     first, twin_root = Swarm(torrent, tmp_path / "run"), tmp_path / "twin"
     recorder = Recorder()
 
@@ -209,7 +211,10 @@ def test_peers_resumed_from_a_rounds_checkpoints_share_exactly_what_the_uninterr
     for peer, original in zip(resumed, peers, strict=True):
         epsilons = [r["epsilon"] for r in read_records(peer.out_dir / "metrics.jsonl")]
         assert epsilons == [r["epsilon"] for r in read_records(original.out_dir / "metrics.jsonl")]
-        assert epsilons == pytest.approx(expected_epsilons(4))
+        if unit == "node":
+            assert epsilons == pytest.approx(expected_epsilons(4))
+        assert epsilons == sorted(set(epsilons)) and epsilons[0] > 0
+        assert peer.private is not None and peer.private.unit == unit
         assert all(torch.equal(peer.current[k], original.current[k]) for k in peer.current)
 
 
