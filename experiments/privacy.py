@@ -217,14 +217,14 @@ def report(record: dict[str, Any]) -> str:
     ]
     sections = {
         "example": (
-            "Example-level DP-SGD, 6 iid nodes",
+            "Example-level DP-SGD, iid nodes",
             f"Per-example gradients clipped to {CLIP:g}, Gaussian noise, Poisson sampling; "
             f"logistic regression: batch {RECIPE['batch_size']}, lr {RECIPE['lr']:g}, constant "
             f"schedule, {ROUNDS} rounds; CNN: batch {CNN['batch_size']}, lr {CNN['lr']:g}, "
             f"{CNN['rounds']} rounds.",
         ),
         "node": (
-            "Node-level DP (update-level), 6 iid nodes, fixed mixing",
+            "Node-level DP (update-level), iid nodes, fixed mixing",
             f"Each shared update clipped to {NODE_CLIP:g} and noised; the same training recipe.",
         ),
         "central": (
@@ -260,14 +260,16 @@ def report(record: dict[str, Any]) -> str:
                 )
             continue
         lines += [
-            "| dataset | model | rule | target epsilon | epsilon spent | accuracy | minutes |",
-            "|---|---|---|---:|---:|---:|---:|",
+            "| dataset | model | nodes | rule | target epsilon | epsilon spent | accuracy "
+            "| minutes |",
+            "|---|---|---:|---|---:|---:|---:|---:|",
         ]
         for r in rows:
             cell = r["cell"]
             target = "no DP" if cell["epsilon"] is None else f"{cell['epsilon']:g}"
             lines.append(
-                f"| {cell['dataset']} | {cell['model']} | {cell['rule']} | {target} | "
+                f"| {cell['dataset']} | {cell['model']} | {cell['nodes']} | {cell['rule']} | "
+                f"{target} | "
                 f"{_eps(r['epsilon'])} | {_stat(r['accuracy'])} | {r['seconds'] / 60:.1f} |"
             )
     seconds = sum(float(r["seconds"]) for r in results)
