@@ -1,4 +1,4 @@
-"""Poisoning resistance and accuracy against epsilon, in the simulator; writes ``results/``.
+"""Poisoning resistance, in the simulator and in live swarms; writes ``results/``.
 
     FEDTORRENT_DATA=../shared/data .venv/bin/python experiments/security.py [--only attacks]
 
@@ -8,8 +8,7 @@ fixed, median, trimmed mean, Krum; honest nodes' final test accuracy against the
 the same rule; the mean weight an honest node gave each attacker. Writes ``attacks.md``,
 ``attacks.json`` and ``plots/trust_heatmap.png`` (learned trust, 2 sign-flippers of 6).
 
-``privacy``: MNIST and Fashion-MNIST, 6 iid nodes, fixed averaging, update-level DP at a few noise
-multipliers; final accuracy against the epsilon spent. Writes ``privacy.md`` and ``privacy.json``.
+Accuracy against epsilon is ``experiments/privacy.py``'s (``results/privacy.md``).
 
 ``extreme`` (issue 10, finding 1): one attacker whose every shared value is ``s`` (1e3, 1e10,
 3e38) or ``+-s`` (1e10, 3e38). (a) The simulator: MNIST, logistic regression, 6 iid nodes on a
@@ -36,7 +35,7 @@ from typing import Any
 
 import torch
 
-from fedtorrent.config import MIXING_RULES, DataConfig, MixingConfig, PrivacyConfig, SimConfig
+from fedtorrent.config import MIXING_RULES, DataConfig, MixingConfig, SimConfig
 from fedtorrent.metrics.records import read_records
 from fedtorrent.sim.run import load_for, simulate
 
@@ -194,63 +193,6 @@ def _heatmap(trust: Path, target: Path, *, attackers: list[int]) -> None:
     figure.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=120)
-
-
-def privacy(out: Path, *, seeds: tuple[int, ...], rounds: int, clip: float,
-            sigmas: tuple[float, ...]) -> float:  # fmt: skip
-    """Accuracy against epsilon; write privacy.md / privacy.json; return seconds."""
-    rows: list[dict[str, Any]] = []
-    total = 0.0
-    for name in ("mnist", "fashion-mnist"):
-        base = SimConfig(
-            data=DataConfig(dataset=name, num_nodes=6),
-            rounds=rounds,
-            eval_every=rounds,
-            mixing=MixingConfig(rule="fixed"),
-        )
-        dataset = load_for(base)
-        for sigma in (None, *sigmas):
-            config = base if sigma is None else replace(
-                base, privacy=PrivacyConfig(clip=clip, noise_multiplier=sigma)
-            )  # fmt: skip
-            label = "off" if sigma is None else f"sigma{sigma:g}"
-            print(f"[privacy] {name} {label} ...", flush=True)
-            folder = out / "runs" / "privacy" / f"{name}-{label}"
-            summary = _run(config, ("fixed",), seeds, folder, dataset)
-            total += summary["seconds"]
-            row = summary["by_mixing"]["fixed"]
-            security = row.get("security") or {}
-            rows.append({
-                "dataset": name, "noise_multiplier": sigma, "clip": None if sigma is None else clip,
-                "epsilon": security.get("epsilon"), "accuracy_mean": row["accuracy_mean"],
-                "accuracy_std": row["accuracy_std"], "seconds": summary["seconds"],
-            })  # fmt: skip
-    (out / "privacy.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    lines = [
-        "# Accuracy against epsilon (simulator)",
-        "",
-        "Produced by `FEDTORRENT_DATA=../shared/data .venv/bin/python experiments/security.py "
-        "--only privacy`; every number below is read from the runs.",
-        "",
-        f"6 iid nodes, logistic regression, fixed averaging, {rounds} rounds, seeds "
-        f"{', '.join(map(str, seeds))}. Update-level DP: each node's update is clipped to L2 norm "
-        f"{clip:g} and noised with std sigma × {clip:g} before it is shared; epsilon at delta = "
-        "1e-5 (RDP), per node, after the last round (the protected unit is a node's whole "
-        "dataset). Accuracy: final test accuracy, mean ± std over nodes and seeds.",
-        "",
-        "| dataset | sigma | epsilon | accuracy % |",
-        "|---|---|---|---|",
-    ]
-    for row in rows:
-        sigma = "no DP" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:g}"
-        epsilon = "∞" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
-        lines.append(
-            f"| {row['dataset']} | {sigma} | {epsilon} | "
-            f"{100 * row['accuracy_mean']:.2f} ± {100 * row['accuracy_std']:.2f} |"
-        )
-    lines += ["", f"Runtime: {total / 60:.1f} minutes on this machine's 2 shared CPU cores.", ""]
-    (out / "privacy.md").write_text("\n".join(lines), encoding="utf-8")
-    return total
 
 
 def _label(kind: str | None, scale: float | None, plausibility: float) -> str:
@@ -463,15 +405,13 @@ def _write_extreme(out: Path, sim: dict[str, Any], swarm: dict[str, Any], *,
 def main() -> None:
     """Parse the flags and run the chosen parts."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("attacks", "privacy", "extreme"), default=None)
+    parser.add_argument("--only", choices=("attacks", "extreme"), default=None)
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--all-attacks", action="store_true", help="every attack, 2 of 6")
     parser.add_argument("--extreme-rounds", type=int, default=20, help="simulator, --only extreme")
     parser.add_argument("--swarm-rounds", type=int, default=5, help="live swarm, --only extreme")
-    parser.add_argument("--dp-clip", type=float, default=0.02)
-    parser.add_argument("--dp-sigmas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = tuple(args.seeds)
@@ -484,11 +424,6 @@ def main() -> None:
                           swarm_rounds=args.swarm_rounds)  # fmt: skip
         print((args.out / "extreme.md").read_text(encoding="utf-8"))
         print(f"extreme: {seconds:.0f} s")
-    if args.only in (None, "privacy"):
-        seconds = privacy(args.out, seeds=seeds, rounds=args.rounds, clip=args.dp_clip,
-                          sigmas=tuple(args.dp_sigmas))  # fmt: skip
-        print((args.out / "privacy.md").read_text(encoding="utf-8"))
-        print(f"privacy: {seconds:.0f} s")
 
 
 if __name__ == "__main__":
