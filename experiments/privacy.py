@@ -8,8 +8,8 @@ Writes ``results/privacy.md`` and ``results/privacy.json``. Every number comes f
 - ``example``: example-level DP-SGD (``--dp-unit example``: per-example clipping to
   ``CLIP``, Gaussian noise, Poisson sampling), 6 iid nodes, fixed and learned mixing, at target
   epsilons 0.5 to 8 (delta 1e-5, RDP), MNIST and Fashion-MNIST, logistic regression (the
-  issue's recipe: batch 256, lr 0.5, constant schedule, 30 rounds) and the CNN (fewer rounds,
-  epsilons 1 and 8); the rows without DP beside them;
+  issue's recipe: batch 256, lr 0.5, constant schedule, 30 rounds) and the CNN (fixed mixing,
+  fewer rounds and steps, one seed, epsilons 1 and 8); the rows without DP beside them;
 - ``node``: today's update-level DP (each shared update clipped to ``NODE_CLIP`` and noised)
   at the same target epsilons, fixed mixing, logistic regression: the protected unit is then
   a node's whole dataset;
@@ -50,8 +50,10 @@ NODE_CLIP = 0.02
 RECIPE = {"batch_size": 256, "lr": 0.5}
 """Local training of the logistic-regression rows: the issue's recipe, constant schedule."""
 ROUNDS = 30
-CNN = {"rounds": 10, "batch_size": 128, "lr": 0.1}
-"""The CNN rows' rounds and local training: what 2 CPU cores afford."""
+CNN = {"rounds": 10, "batch_size": 128, "lr": 0.1, "steps": 20}
+"""The CNN rows' rounds and local training (20 steps a round, one seed, fixed mixing): what 2
+CPU cores afford. Learned trust's private fit costs about a minute a round on the CNN
+(``benchmarks/trust_dp_speed.py --model cnn``), so the CNN has no learned rows."""
 NODES = 6
 SWARM_EPSILON = 1.0
 
@@ -86,7 +88,7 @@ class Cell:
     def train(self) -> dict[str, Any]:
         """Local training settings of the cell's model."""
         if self.model == "cnn":
-            return {"batch_size": CNN["batch_size"], "lr": CNN["lr"]}
+            return {"batch_size": CNN["batch_size"], "lr": CNN["lr"], "steps": CNN["steps"]}
         return dict(RECIPE)
 
     def config(self) -> ft.SimConfig:
@@ -118,10 +120,10 @@ def cells(sections: list[str], quick: bool) -> list[Cell]:
         if "example" in sections:
             for rule in ("fixed", "learned"):
                 chosen += [Cell("example", dataset, "logreg", rule, e) for e in (None, *EPSILONS)]
-                chosen += [
-                    Cell("example", dataset, "cnn", rule, e, rounds=CNN["rounds"])
-                    for e in (None, *CNN_EPSILONS)
-                ]
+            chosen += [
+                Cell("example", dataset, "cnn", "fixed", e, rounds=int(CNN["rounds"]))
+                for e in (None, *CNN_EPSILONS)
+            ]
         if "node" in sections:
             chosen += [Cell("node", dataset, "logreg", "fixed", e) for e in EPSILONS]
         if "central" in sections:
@@ -221,7 +223,9 @@ def report(record: dict[str, Any]) -> str:
             f"Per-example gradients clipped to {CLIP:g}, Gaussian noise, Poisson sampling; "
             f"logistic regression: batch {RECIPE['batch_size']}, lr {RECIPE['lr']:g}, constant "
             f"schedule, {ROUNDS} rounds; CNN: batch {CNN['batch_size']}, lr {CNN['lr']:g}, "
-            f"{CNN['rounds']} rounds.",
+            f"{CNN['steps']} steps a round, {CNN['rounds']} rounds, one seed, fixed mixing only "
+            "(learned trust's private fit takes about a minute a round on the CNN here: "
+            "`benchmarks/trust_dp_speed.py --model cnn`).",
         ),
         "node": (
             "Node-level DP (update-level), iid nodes, fixed mixing",
@@ -279,7 +283,8 @@ def report(record: dict[str, Any]) -> str:
 
 def _twin(record: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any] | None:
     """The simulator's example-level result with a swarm cell's settings (None: not run)."""
-    for result in record["cells"].values():
+    results: list[dict[str, Any]] = list(record["cells"].values())
+    for result in results:
         other = result["cell"]
         keys = ("dataset", "model", "rule", "epsilon", "nodes", "rounds")
         if other["section"] == "example" and all(other[k] == cell[k] for k in keys):
@@ -315,11 +320,14 @@ def main() -> None:
     chosen = cells(args.only, args.quick)
     for index, cell in enumerate(chosen, start=1):
         swarm = cell.section == "swarm"
-        key = cell.key(1 if swarm else seeds)
+        cell_seeds = 1 if swarm or cell.model == "cnn" else seeds
+        key = cell.key(cell_seeds)
         if args.resume and key in record["cells"]:
             continue
         print(f"[{index}/{len(chosen)}] {key}", flush=True)
-        record["cells"][key] = run_swarm_cell(cell, args.work) if swarm else run_cell(cell, seeds)
+        record["cells"][key] = (
+            run_swarm_cell(cell, args.work) if swarm else run_cell(cell, cell_seeds)
+        )
         _write(path, record)
     _write(path, record)
     text = report(record)
