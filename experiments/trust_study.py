@@ -1,9 +1,10 @@
 """Where learned trust matters (issue 14, part 4); writes ``results/trust.md`` and ``trust.json``.
 
     FEDTORRENT_DATA=../shared/data .venv/bin/python experiments/trust_study.py [--resume]
-        [--only clustered skew attacker] [--seeds 3] [--rounds R] [--grid default|full] [--quick]
+        [--only clustered skew attacker swarm] [--seeds 3] [--rounds R] [--grid default|full]
+        [--quick] [--work runs/trust_swarm]
 
-Three sections, each a table of mean ± std over seeds (per seed: the mean over nodes), every
+Four sections, each a table of mean ± std over seeds (per seed: the mean over nodes), every
 number from simulator runs (``ft.simulate``, the ``simulate`` defaults unless said):
 
 - ``clustered``: ``--split label_swap`` (and ``rotated``) ``--clusters K``; own-distribution
@@ -40,13 +41,13 @@ the subset that answers the issue's questions:
   random cohorts of 3, without and with trust-guided cohorts. The CNN (``CNN``: fewer rounds
   and local steps) on MNIST label_swap K = 3, 12 nodes, complete graph.
 - skew: MNIST logistic regression, alpha in {0.1, 0.3, 1, 10}.
-- attacker: MNIST logistic regression, sign_flip and noise, from rounds/3 and 2 rounds/3.
+- attacker: MNIST logistic regression, sign_flip and noise, from rounds/3 and 2 rounds/3, with
+  the screen off and on.
+- swarm: MNIST label_swap K = 3, 12 real peers.
 
-Estimated run time of the default grid with 3 seeds, on 2 shared CPU cores (from the logreg
-timings of ``table3_seeds``, about 3 s a 6-node 50-round run, and the CNN's in ``bandwidth``;
-not measured in full): clustered logreg about 25 minutes, the CNN rows about 20, skew about 7,
-attacker about 3: about an hour in all. ``--quick`` (digits, 6 nodes, 4 rounds, 1 seed, to
-``runs/trust_quick``) takes well under a minute.
+The default grid's run time is stated in ``results/trust.md`` (the README lists it).
+``--quick`` (digits, 6 nodes, K = 3, 4 rounds, 1 seed, to ``runs/trust_quick``) takes well
+under a minute.
 """
 
 from __future__ import annotations
@@ -172,9 +173,9 @@ def _pick(
 def clustered_cells(grid: str, quick: bool) -> Iterator[Cell]:
     """The clustered section's cells (see the module docstring)."""
     if quick:
-        settings = [("digits", "logreg", "label_swap", k, 6, t, c) for k in (2, 3)
-                    for t, c in (("complete", False), ("random_cohort", False))]  # fmt: skip
-        settings.append(("digits", "logreg", "label_swap", 2, 6, "random_cohort", True))
+        settings = [("digits", "logreg", "label_swap", 3, 6, t, c)
+                    for t, c in (("complete", False), ("random_cohort", False),
+                                 ("random_cohort", True))]  # fmt: skip
     elif grid == "full":
         settings = [
             (d, m, s, k, n, t, c)
