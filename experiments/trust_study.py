@@ -16,7 +16,8 @@ number from simulator runs (``ft.simulate``, the ``simulate`` defaults unless sa
   ``--weight-floor`` / ``--entropy-penalty`` settings (the personalization-generalization
   trade-off, one row per setting).
 - ``attacker``: the delayed attacker (``--attack-from R``, one attacker among 12, learned trust,
-  ``--plausibility 0`` so that trust alone must react): rounds to exclusion (weight below 0.01).
+  ``--plausibility 0`` so that trust alone must react, and again behind the default screen):
+  rounds to exclusion (weight below 0.01).
 - ``swarm``: real ``fedtorrent peer`` processes on loopback (``fedtorrent create ... --cohort
   N-1``, one seed) for none / fixed / learned / fedfomo on MNIST label_swap K = 3 with 12 peers,
   next to the simulator's cell of the same setting (peer folders under ``--work``).
