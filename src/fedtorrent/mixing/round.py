@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import jvp, vmap
 
-from fedtorrent.config import MixingConfig
+from fedtorrent.config import MixingConfig, check_private_mixing
 from fedtorrent.errors import ConfigError
 from fedtorrent.mixing.fomo import fomo_weights
 from fedtorrent.mixing.rules import (
@@ -204,25 +204,6 @@ class Mixed:
     kept: Tensor | None
     unmixed: Tensor
     releases: tuple[tuple[Release, ...], ...] = ()
-
-
-def check_private_mixing(config: MixingConfig) -> None:
-    """Refuse mixing settings that read private validation data outside the DP accounting.
-
-    Under example-level DP learned trust is fitted with :class:`TrustDP`; ``fedfomo`` (weights
-    from validation losses) and learned trust's held-out check (``trust_margin > 0``, one more
-    comparison of validation losses) have no private version. Raises ConfigError for them.
-    """
-    if config.rule == "fedfomo":
-        raise ConfigError(
-            "fedfomo scores models on private validation data without DP: under example-level "
-            "DP use learned (fitted privately), fixed or metropolis mixing"
-        )
-    if config.rule == "learned" and config.trust_margin > 0:
-        raise ConfigError(
-            "trust_margin's held-out check compares validation losses without DP: set "
-            "trust_margin 0 under example-level DP"
-        )
 
 
 def poisson_rows(
