@@ -32,6 +32,7 @@ validation data outside that mechanism are refused (:func:`check_private_mixing`
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -70,6 +71,9 @@ VALIDATED_RULES = ("learned", "fedfomo")
 """Rules that score received vectors on the receiver's validation batches (they take a
 :class:`Trust`)."""
 
+_FORWARD_AD = threading.Lock()
+"""torch's forward-mode AD levels are process-wide: peers hosted on threads of one process
+(``node.host``) take turns at ``jvp`` (two at once fail: "no level exists")."""
 GATHER_BUDGET = 64 * 2**20
 """Floats a gathered ``(G, size, P)`` cohort stack for the robust rules may take at once."""
 
@@ -272,7 +276,8 @@ def example_gradients(
         column = order[:, k]
         tangent = primal.new_zeros(r, m)
         tangent[rows[valid], column[valid]] = 1.0
-        derivative: Tensor = jvp(losses_of, (primal,), (tangent,))[1]
+        with _FORWARD_AD:
+            derivative: Tensor = jvp(losses_of, (primal,), (tangent,))[1]
         out[rows[valid], :, column[valid]] = derivative[valid].to(out.dtype)
     # The weights do not change when every member's logit moves alike (softmax, and the floor on
     # top of it), so a row's gradient sums to 0 over its members: its last member's entry is
