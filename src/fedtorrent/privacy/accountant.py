@@ -234,11 +234,19 @@ def resolve_noise_multiplier(
 
 
 def _epsilon(mechanism: str, history: list[Release], delta: float) -> float:
-    """Epsilon from a fresh Opacus accountant over ``history``, with its warnings silenced."""
+    """Epsilon from a fresh Opacus accountant over ``history``, with its warnings silenced.
+
+    Releases of the same noise and rate are merged wherever they occur (composition does not
+    depend on the order; Opacus merges only neighbours), so a history alternating training and
+    trust steps costs two entries, not two per round.
+    """
     from opacus.accountants import create_accountant  # noqa: PLC0415 (slow import)
 
+    merged: dict[tuple[float, float], int] = {}
+    for noise, rate, steps in history:
+        merged[noise, rate] = merged.get((noise, rate), 0) + steps
     accountant = create_accountant(mechanism=mechanism)
-    accountant.history = list(history)
+    accountant.history = [(noise, rate, steps) for (noise, rate), steps in merged.items()]
     try:
         with _quiet():
             epsilon = float(accountant.get_epsilon(delta=delta))
