@@ -22,9 +22,11 @@ import torch
 from fedtorrent.config import PrivacyConfig
 from fedtorrent.errors import PrivacyError, StateError
 from fedtorrent.metrics.records import read_json, read_records
+from fedtorrent.mixing.trust import TrustDP, trust_releases
 from fedtorrent.net.torrent import load_torrent, save_torrent
 from fedtorrent.node.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtorrent.privacy import PrivacyAccountant
+from fedtorrent.privacy.dp_sgd import ExamplePrivacy
 from fedtorrent.privacy.sender import PeerPrivacy, PrivateSender
 
 pytestmark = pytest.mark.timeout(120)
@@ -153,10 +155,12 @@ def test_the_checkpoint_keeps_the_privacy_state_tensors_in_safetensors_and_check
 # -- in-process peers -------------------------------------------------------------------------
 
 
-def _private_torrent(folder: Path, *, nodes: int, rounds: int, unit: str = "node") -> Path:
+def _private_torrent(
+    folder: Path, *, nodes: int, rounds: int, unit: str = "node", rule: str = "fixed"
+) -> Path:
     from test_peer import make_torrent
 
-    path = make_torrent(folder, nodes=nodes, cohort=nodes - 1, rounds=rounds)
+    path = make_torrent(folder, rule=rule, nodes=nodes, cohort=nodes - 1, rounds=rounds)
     torrent = load_torrent(path)
     privacy = PrivacyConfig(clip=CLIP, noise_multiplier=NOISE, unit=unit)
     save_torrent(dataclasses.replace(torrent, session=dataclasses.replace(torrent.session,
@@ -168,20 +172,23 @@ _SAVED = ("checkpoint.safetensors", "checkpoint.json", "metrics.jsonl")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("unit", ["node", "example"])
+@pytest.mark.parametrize(
+    ("unit", "rule"), [("node", "fixed"), ("example", "fixed"), ("example", "learned")]
+)
 def test_peers_resumed_from_a_rounds_checkpoints_share_exactly_what_the_uninterrupted_run_did(
-    tmp_path: Path, unit: str
+    tmp_path: Path, unit: str, rule: str
 ) -> None:
     """What a crash after round 2 leaves on disk, resumed, goes on bit for bit as if it had not.
 
     Each peer's send hook copies its checkpoint files when round 3 begins (the state a SIGKILL
     then would leave); the copies, resumed in a second swarm, share in rounds 3 and 4 exactly
     the states the first swarm shared: same reference (update-level DP), same noise seed, same
-    epsilon, for both units.
+    epsilon, for both units. With learned trust under example-level DP the trust fit is private
+    (its noise from the same secret seed, salted) and every round's epsilon counts its releases.
     """
     from test_peer import Recorder, Swarm
 
-    torrent = _private_torrent(tmp_path, nodes=2, rounds=4, unit=unit)
+    torrent = _private_torrent(tmp_path, nodes=2, rounds=4, unit=unit, rule=rule)
     first, twin_root = Swarm(torrent, tmp_path / "run"), tmp_path / "twin"
     recorder = Recorder()
 
@@ -213,6 +220,20 @@ def test_peers_resumed_from_a_rounds_checkpoints_share_exactly_what_the_uninterr
         assert epsilons == [r["epsilon"] for r in read_records(original.out_dir / "metrics.jsonl")]
         if unit == "node":
             assert epsilons == pytest.approx(expected_epsilons(4))
+        if rule == "learned":  # training's steps and the trust fit's, every round
+            assert isinstance(peer.private, ExamplePrivacy) and peer.private.trust
+            session = load_torrent(torrent).session
+            assert session.privacy is not None
+            plan = trust_releases(
+                TrustDP(session.privacy.trust_clip, session.privacy.trust_noise),
+                count=len(peer.data.y_val), batch_size=session.mixing.trust_batch_size,
+                steps=session.mixing.trust_steps,
+            )  # fmt: skip
+            assert peer.private.trust == plan
+            both = ExamplePrivacy(peer.private.dp, delta=1e-5)
+            alone = ExamplePrivacy(peer.private.dp, delta=1e-5)
+            assert epsilons == pytest.approx([both.charge_round(plan) for _ in range(4)])
+            assert epsilons[-1] > [alone.charge_round() for _ in range(4)][-1]
         assert epsilons == sorted(set(epsilons)) and epsilons[0] > 0
         assert peer.private is not None and peer.private.unit == unit
         assert all(torch.equal(peer.current[k], original.current[k]) for k in peer.current)

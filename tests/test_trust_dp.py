@@ -7,11 +7,20 @@ The toy task is logistic regression on Gaussian blobs, scored by the simulator's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from fedtorrent.config import MixingConfig
+from fedtorrent.config import (
+    DataConfig,
+    MixingConfig,
+    ModelConfig,
+    PrivacyConfig,
+    SimConfig,
+    TrainConfig,
+)
 from fedtorrent.errors import ConfigError
 from fedtorrent.mixing.round import (
     Cohorts,
@@ -35,6 +44,7 @@ from fedtorrent.mixing.trust import (
     trust_weights,
 )
 from fedtorrent.sim.engine import LinearBackend
+from fedtorrent.training.seeds import Stream
 
 FEATURES, CLASSES = 4, 2
 
@@ -366,3 +376,186 @@ def test_a_task_loss_per_example_matches_its_mean_loss() -> None:
     torch.testing.assert_close(per.mean(), mean)
     plain = model_example_loss_fn(model, x, y, keys=keys)(flat)
     torch.testing.assert_close(plain.mean(), model_loss_fn(model, x, y, keys=keys)(flat))
+
+
+# --- wired in: the simulator, the command line, the torrent ----------------------------------
+
+
+def _digits(**privacy: object) -> SimConfig:
+    return SimConfig(
+        data=DataConfig(dataset="digits", num_nodes=3),
+        model=ModelConfig(name="logreg"),
+        train=TrainConfig(batch_size=32, lr=0.5),
+        mixing=MixingConfig(rule="learned", trust_steps=3, trust_batch_size=16),
+        rounds=3,
+        round_schedule="constant",
+        privacy=PrivacyConfig(clip=1.0, unit="example", **privacy),  # type: ignore[arg-type]
+    )
+
+
+def _opacus_epsilons(config: SimConfig, train: int, val: int, noise: float) -> list[float]:
+    """Each round's epsilon of training plus trust steps, from Opacus's own accountant."""
+    from opacus.accountants import RDPAccountant
+
+    assert config.privacy is not None
+    rate = config.train.batch_size / train
+    steps = round(config.train.epochs / rate)
+    trust_rate = min(1.0, config.mixing.trust_batch_size / val)
+    accountant, out = RDPAccountant(), []
+    for _ in range(config.rounds):
+        for _ in range(steps):
+            accountant.step(noise_multiplier=noise, sample_rate=rate)
+        for _ in range(config.mixing.trust_steps):
+            accountant.step(noise_multiplier=config.privacy.trust_noise, sample_rate=trust_rate)
+        out.append(accountant.get_epsilon(delta=config.privacy.delta))
+    return out
+
+
+def _sizes(config: SimConfig) -> list[tuple[int, int]]:
+    from fedtorrent.data.datasets import load_dataset
+    from fedtorrent.data.partition import split_nodes
+
+    dataset = load_dataset("digits", progress=False)
+    return [(len(s.train), len(s.val)) for s in split_nodes(dataset.y_train, config.data)]
+
+
+def test_the_simulators_epsilon_per_round_counts_the_private_trust_fit(tmp_path: Path) -> None:
+    from fedtorrent.metrics.records import read_records
+    from fedtorrent.privacy import ExampleDP, ExamplePrivacy
+    from fedtorrent.sim.run import simulate
+
+    config = _digits(noise_multiplier=1.0)
+    (run,), _ = simulate(config, out_dir=tmp_path, plots=False, progress=False)
+    records = read_records(tmp_path / "rounds.jsonl")
+    for node, (train, val) in enumerate(_sizes(config)):
+        got = [r["epsilon"] for r in records if r["node"] == node]
+        assert got == pytest.approx(_opacus_epsilons(config, train, val, 1.0), rel=1e-6)
+        dp = ExampleDP(clip=1.0, noise_multiplier=1.0, sample_rate=32 / train,
+                       steps=round(train / 32))  # fmt: skip
+        training_only = ExamplePrivacy(dp, delta=1e-5)
+        assert got[-1] > [training_only.charge_round() for _ in range(3)][-1]
+    assert run.security is not None and run.security["epsilon"] == pytest.approx(
+        max(r["epsilon"] for r in records if r["round"] == 3)
+    )
+    assert min(run.accuracies) > 0.6
+
+
+def test_a_target_epsilon_covers_the_trust_fit_too(tmp_path: Path) -> None:
+    from fedtorrent.metrics.records import read_records
+    from fedtorrent.privacy import example_dp
+    from fedtorrent.sim.run import simulate
+
+    config = _digits(target_epsilon=2.0)
+    simulate(config, out_dir=tmp_path, plots=False, progress=False)
+    finals = [r["epsilon"] for r in read_records(tmp_path / "rounds.jsonl") if r["round"] == 3]
+    assert all(1.98 <= e <= 2.0 + 1e-6 for e in finals), finals
+    # More training noise than a target without the trust fit would need.
+    assert config.privacy is not None
+    train = _sizes(config)[0][0]
+    alone = example_dp(config.privacy, config.train, examples=train, rounds=3)
+    assert config.privacy is not None
+    with_trust = example_dp(
+        config.privacy, config.train, examples=train, rounds=3,
+        trust=((config.privacy.trust_noise, 0.25, config.mixing.trust_steps),),
+    )  # fmt: skip
+    assert with_trust.noise_multiplier > alone.noise_multiplier
+
+
+def test_a_trust_fit_that_alone_spends_the_target_is_refused_in_one_line() -> None:
+    from fedtorrent.errors import PrivacyError
+    from fedtorrent.privacy import ExamplePrivacy
+
+    config = _digits(target_epsilon=2.0)
+    assert config.privacy is not None
+    with pytest.raises(PrivacyError, match="raise --dp-trust-noise") as caught:
+        ExamplePrivacy.from_config(config.privacy, config.train, examples=500, rounds=3,
+                                   trust=((0.5, 1.0, 10),))  # fmt: skip
+    assert "\n" not in str(caught.value)
+
+
+def test_next_epsilon_projects_the_planned_trust_releases() -> None:
+    from fedtorrent.privacy import ExampleDP, ExamplePrivacy
+
+    dp = ExampleDP(clip=1.0, noise_multiplier=1.1, sample_rate=0.05, steps=20)
+    plan = trust_releases(TrustDP(0.1, 5.0), count=400, batch_size=64, steps=10)
+    private = ExamplePrivacy(dp, delta=1e-5, trust=plan)
+    projected = private.next_epsilon()
+    assert projected == pytest.approx(private.charge_round(plan))
+    assert private.accountant.history == [(5.0, 0.16, 10), (1.1, 0.05, 20)]
+    quiet = ExamplePrivacy(dp, delta=1e-5, trust=plan)  # a round nobody was heard in
+    assert quiet.charge_round() < projected
+    # The trust fit's noise is the same secret seed, salted: another stream, redrawn alike.
+    trust_noise = torch.randn(4, generator=private.noise_generator(1, Stream.TRUST_NOISE))
+    assert not torch.equal(trust_noise, torch.randn(4, generator=private.noise_generator(1)))
+    assert torch.equal(
+        trust_noise, torch.randn(4, generator=private.noise_generator(1, Stream.TRUST_NOISE))
+    )
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    import sys
+
+    from fedtorrent.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedtorrent", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return int(exit_.value.code or 0)
+
+
+def test_rules_without_a_private_version_are_refused_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dp = ["--dp-unit", "example", "--dp-clip", "1", "--dp-noise", "1"]
+    runs = (
+        ["simulate", "--dataset", "digits", "--nodes", "2", "--rounds", "1", "--no-plots",
+         "--no-progress", "--mixing", "fedfomo", "--out", str(tmp_path / "run"), *dp],
+        ["create", "--output", str(tmp_path / "s.torrent"), "--dataset", "digits", "--nodes", "2",
+         "--mixing", "fedfomo", *dp],
+        ["simulate", "--dataset", "digits", "--nodes", "2", "--rounds", "1", "--no-plots",
+         "--no-progress", "--mixing", "learned", "--dp-trust-noise", "0",
+         "--out", str(tmp_path / "run"), *dp],
+    )  # fmt: skip
+    for args, message in zip(
+        runs, ("fedfomo scores", "fedfomo scores", "trust_noise"), strict=True
+    ):
+        capsys.readouterr()
+        assert _cli(monkeypatch, *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert not (tmp_path / "run").exists() and not (tmp_path / "s.torrent").exists()
+    capsys.readouterr()
+    assert _cli(monkeypatch, "simulate", "--help") == 0
+    assert "--dp-trust-noise" in capsys.readouterr().out
+
+
+def test_the_torrent_carries_the_trust_fits_settings(tmp_path: Path) -> None:
+    import dataclasses
+
+    from fedtorrent.errors import TorrentError
+    from fedtorrent.net.torrent import Session, load_torrent, save_torrent
+    from test_peer import make_torrent
+
+    path = make_torrent(tmp_path, rule="learned")
+    torrent = load_torrent(path)
+    default = PrivacyConfig(clip=1.0, noise_multiplier=1.0, unit="example")
+    tuned = dataclasses.replace(default, trust_clip=0.25, trust_noise=8.0)
+    hashes = []
+    for privacy in (default, tuned):
+        session = dataclasses.replace(torrent.session, privacy=privacy)
+        save_torrent(dataclasses.replace(torrent, session=session), path)
+        again = load_torrent(path)
+        assert again.session.privacy == privacy
+        hashes.append(again.info_hash)
+    info = load_torrent(path).session.to_info()
+    assert info[b"privacy"][b"trust_noise"] == b"8.0"
+    default_info = dataclasses.replace(torrent.session, privacy=default).to_info()
+    assert b"trust_clip" not in default_info[b"privacy"]  # older torrents: the defaults
+    assert len(set(hashes)) == 2
+    info[b"privacy"][b"trust_noise"] = b"-1"
+    with pytest.raises(TorrentError, match="trust_noise"):
+        Session.from_info(info)
+    info[b"privacy"][b"trust_noise"] = b"8.0"
+    info[b"mixing"][b"rule"] = b"fedfomo"
+    with pytest.raises(TorrentError, match="fedfomo"):
+        Session.from_info(info)

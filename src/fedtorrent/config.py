@@ -351,6 +351,8 @@ class SimConfig:
             self.eval_examples is None or self.eval_examples >= 1,
             f"eval_examples must be >= 1, got {self.eval_examples}",
         )
+        if self.privacy is not None and self.privacy.example_level:
+            check_private_mixing(self.mixing)
 
     def with_seed(self, seed: int) -> SimConfig:
         """The same run with ``seed`` for the run, the data split and local training."""
@@ -476,6 +478,13 @@ class PrivacyConfig:
     accountant: str = "rdp"
     unit: str = "node"
     """One of ``DP_UNITS``: ``node`` (update-level DP) or ``example`` (DP-SGD)."""
+    trust_clip: float = 0.1
+    """``unit="example"`` with learned trust: L2 bound on each validation example's gradient of
+    the trust logits (``mixing.trust.TrustDP``). Honest examples' are about 0.001 on MNIST, a
+    sign-flipper's about 2.5: a small clip still shuts it out."""
+    trust_noise: float = 5.0
+    """``unit="example"`` with learned trust: the trust fit's noise multiplier (noise std over
+    ``trust_clip``); its releases are charged to the same accountant as training's."""
 
     @property
     def enabled(self) -> bool:
@@ -522,7 +531,33 @@ class PrivacyConfig:
                 "dp clip needs a dp noise_multiplier or a dp target_epsilon",
             )
         _require(0 < self.delta < 1, f"dp delta must be in (0, 1), got {self.delta}")
+        for name in ("trust_clip", "trust_noise"):
+            value = getattr(self, name)
+            _require(0 < value < _INF, f"dp {name} must be finite > 0: {value}")
         _require(
             self.accountant in DP_ACCOUNTANTS,
             f"dp accountant must be one of {', '.join(DP_ACCOUNTANTS)}; got {self.accountant!r}",
+        )
+
+
+def check_private_mixing(config: MixingConfig) -> None:
+    """Refuse mixing settings that read private validation data outside the DP accounting.
+
+    Under example-level DP learned trust is fitted with ``mixing.trust.TrustDP``; ``fedfomo``
+    (weights from validation losses) and learned trust's held-out check (``trust_margin > 0``,
+    one more comparison of validation losses) have no private version. Called by every
+    :class:`SimConfig` and session with example-level privacy, and by the round itself.
+
+    Raises:
+        ConfigError: one line naming the setting.
+    """
+    if config.rule == "fedfomo":
+        raise ConfigError(
+            "fedfomo scores models on private validation data without DP: under example-level "
+            "DP use learned (fitted privately), fixed or metropolis mixing"
+        )
+    if config.rule == "learned" and config.trust_margin > 0:
+        raise ConfigError(
+            "trust_margin's held-out check compares validation losses without DP: set "
+            "trust_margin 0 under example-level DP"
         )

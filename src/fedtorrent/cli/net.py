@@ -12,13 +12,15 @@ from typing import Annotated, Any
 import typer
 
 from fedtorrent.cli import app, printable
-from fedtorrent.config import MIXING_RULES, SimConfig, TrackerConfig
+from fedtorrent.config import MIXING_RULES, PrivacyConfig, SimConfig, TrackerConfig
 from fedtorrent.errors import ConfigError
 
 _SIM = SimConfig()
 """``create``'s training defaults are ``simulate``'s, so both describe the same run by default."""
 _TRACKER = TrackerConfig()
 """``tracker``'s defaults are the library's."""
+_PRIVACY = PrivacyConfig()
+"""The private trust fit's defaults (``trust_clip``, ``trust_noise``)."""
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -161,6 +163,20 @@ def create(
             "every peer's local training; docs/privacy.md)."
         ),
     ] = "node",
+    dp_trust_clip: Annotated[
+        float,
+        typer.Option(
+            help="With --dp-unit example and --mixing learned: the private trust fit's L2 clip "
+            "of each validation example's gradient of the trust logits (docs/privacy.md)."
+        ),
+    ] = _PRIVACY.trust_clip,
+    dp_trust_noise: Annotated[
+        float,
+        typer.Option(
+            help="With --dp-unit example and --mixing learned: the trust fit's noise multiplier; "
+            "its releases count in epsilon (and in --dp-epsilon's derived noise)."
+        ),
+    ] = _PRIVACY.trust_noise,
     seed: Annotated[
         int, typer.Option(help="Seed for the split, training and initial weights.")
     ] = 0,
@@ -199,7 +215,10 @@ def create(
     allow_keys = _allow_keys(allow_key or [], allow_keys_file or [])
     from fedtorrent.cli.sim import privacy_config  # noqa: PLC0415
 
-    privacy = privacy_config(dp_clip, dp_noise, dp_epsilon, dp_delta, dp_unit)
+    privacy = privacy_config(
+        dp_clip, dp_noise, dp_epsilon, dp_delta, dp_unit,
+        trust_clip=dp_trust_clip, trust_noise=dp_trust_noise,
+    )  # fmt: skip
     built_in = config.ModelConfig(model, _model_kwargs(model_arg or []))
     session, state = create_session(
         task=task,

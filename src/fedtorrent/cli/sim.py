@@ -27,6 +27,8 @@ from fedtorrent.device import DEFAULT_DEVICE, DEVICE_HELP, resolve_device
 from fedtorrent.errors import ConfigError
 
 _DEFAULT = SimConfig()
+_PRIVACY = PrivacyConfig()
+"""The private trust fit's defaults (``trust_clip``, ``trust_noise``)."""
 _DATASET_HELP = "mnist, fashion-mnist, cifar10 or digits (scikit-learn's, offline)."
 _DATA_DIR_HELP = "Folder searched first for dataset files (else $FEDTORRENT_DATA, then the cache)."
 _THREADS_HELP = "Torch CPU threads; the simulator's small batched ops run fastest on one."
@@ -184,6 +186,20 @@ def simulate(
             "Poisson batches of --batch-size expected examples; docs/privacy.md)."
         ),
     ] = "node",
+    dp_trust_clip: Annotated[
+        float,
+        typer.Option(
+            help="With --dp-unit example and --mixing learned: the private trust fit's L2 clip "
+            "of each validation example's gradient of the trust logits (docs/privacy.md)."
+        ),
+    ] = _PRIVACY.trust_clip,
+    dp_trust_noise: Annotated[
+        float,
+        typer.Option(
+            help="With --dp-unit example and --mixing learned: the trust fit's noise multiplier; "
+            "its releases count in epsilon (and in --dp-epsilon's derived noise)."
+        ),
+    ] = _PRIVACY.trust_noise,
     attack: Annotated[
         str | None,
         typer.Option(
@@ -250,7 +266,15 @@ def simulate(
         round_schedule=round_schedule,
         eval_every=eval_every,
         eval_examples=eval_examples,
-        privacy=privacy_config(dp_clip, dp_noise, dp_epsilon, dp_delta, dp_unit),
+        privacy=privacy_config(
+            dp_clip,
+            dp_noise,
+            dp_epsilon,
+            dp_delta,
+            dp_unit,
+            trust_clip=dp_trust_clip,
+            trust_noise=dp_trust_noise,
+        ),
         attack=attack,
         attackers=attackers,
         attack_scale=attack_scale,
@@ -358,7 +382,14 @@ def print_metrics(summary: dict[str, Any]) -> None:
 
 
 def privacy_config(
-    clip: float | None, noise: float | None, epsilon: float | None, delta: float, unit: str
+    clip: float | None,
+    noise: float | None,
+    epsilon: float | None,
+    delta: float,
+    unit: str,
+    *,
+    trust_clip: float = PrivacyConfig.trust_clip,
+    trust_noise: float = PrivacyConfig.trust_noise,
 ) -> PrivacyConfig | None:
     """The ``--dp-*`` flags as a :class:`PrivacyConfig` (None: no DP); ``simulate`` and ``create``.
 
@@ -371,8 +402,9 @@ def privacy_config(
     if clip is None:
         raise ConfigError("--dp-noise, --dp-epsilon and --dp-unit example need --dp-clip")
     return PrivacyConfig(
-        clip=clip, noise_multiplier=noise, target_epsilon=epsilon, delta=delta, unit=unit
-    )
+        clip=clip, noise_multiplier=noise, target_epsilon=epsilon, delta=delta, unit=unit,
+        trust_clip=trust_clip, trust_noise=trust_noise,
+    )  # fmt: skip
 
 
 def _with_rule(config: SimConfig, mixing: MixingConfig) -> SimConfig:

@@ -32,13 +32,14 @@ validation data outside that mechanism are refused (:func:`check_private_mixing`
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.func import jvp, vmap
 
-from fedtorrent.config import MixingConfig
+from fedtorrent.config import MixingConfig, check_private_mixing
 from fedtorrent.errors import ConfigError
 from fedtorrent.mixing.fomo import fomo_weights
 from fedtorrent.mixing.rules import (
@@ -70,6 +71,9 @@ VALIDATED_RULES = ("learned", "fedfomo")
 """Rules that score received vectors on the receiver's validation batches (they take a
 :class:`Trust`)."""
 
+_FORWARD_AD = threading.Lock()
+"""torch's forward-mode AD levels are process-wide: peers hosted on threads of one process
+(``node.host``) take turns at ``jvp`` (two at once fail: "no level exists")."""
 GATHER_BUDGET = 64 * 2**20
 """Floats a gathered ``(G, size, P)`` cohort stack for the robust rules may take at once."""
 
@@ -206,25 +210,6 @@ class Mixed:
     releases: tuple[tuple[Release, ...], ...] = ()
 
 
-def check_private_mixing(config: MixingConfig) -> None:
-    """Refuse mixing settings that read private validation data outside the DP accounting.
-
-    Under example-level DP learned trust is fitted with :class:`TrustDP`; ``fedfomo`` (weights
-    from validation losses) and learned trust's held-out check (``trust_margin > 0``, one more
-    comparison of validation losses) have no private version. Raises ConfigError for them.
-    """
-    if config.rule == "fedfomo":
-        raise ConfigError(
-            "fedfomo scores models on private validation data without DP: under example-level "
-            "DP use learned (fitted privately), fixed or metropolis mixing"
-        )
-    if config.rule == "learned" and config.trust_margin > 0:
-        raise ConfigError(
-            "trust_margin's held-out check compares validation losses without DP: set "
-            "trust_margin 0 under example-level DP"
-        )
-
-
 def poisson_rows(
     generators: Sequence[torch.Generator], counts: Sequence[int], rates: Sequence[float]
 ) -> tuple[Tensor, Tensor]:
@@ -291,7 +276,8 @@ def example_gradients(
         column = order[:, k]
         tangent = primal.new_zeros(r, m)
         tangent[rows[valid], column[valid]] = 1.0
-        derivative: Tensor = jvp(losses_of, (primal,), (tangent,))[1]
+        with _FORWARD_AD:
+            derivative: Tensor = jvp(losses_of, (primal,), (tangent,))[1]
         out[rows[valid], :, column[valid]] = derivative[valid].to(out.dtype)
     # The weights do not change when every member's logit moves alike (softmax, and the floor on
     # top of it), so a row's gradient sums to 0 over its members: its last member's entry is

@@ -37,7 +37,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F  # noqa: N812
 
-from fedtorrent.config import MixingConfig
+from fedtorrent.config import MixingConfig, PrivacyConfig
 from fedtorrent.errors import ConfigError, StateError
 from fedtorrent.mixing.screen import pair_distances
 
@@ -138,6 +138,32 @@ def trust_releases(dp: TrustDP, *, count: int, batch_size: int, steps: int) -> t
     if steps <= 0 or rate <= 0:
         return ()
     return ((float(dp.noise_multiplier), rate, int(steps)),)
+
+
+def private_trust(privacy: PrivacyConfig | None, mixing: MixingConfig) -> TrustDP | None:
+    """A session's private trust fit: ``TrustDP(trust_clip, trust_noise)`` of ``privacy``.
+
+    Only under example-level DP with the ``learned`` rule; None otherwise (no DP, update-level
+    DP, whose guarantee covers the node's whole data already, or a rule without a trust fit).
+    """
+    if privacy is None or not privacy.example_level or mixing.rule != "learned":
+        return None
+    return TrustDP(clip=privacy.trust_clip, noise_multiplier=privacy.trust_noise)
+
+
+def planned_trust_releases(
+    dp: TrustDP | None, mixing: MixingConfig, *, count: int
+) -> tuple[Release, ...]:
+    """What one round's private trust fit releases about a node's ``count`` validation examples.
+
+    :func:`trust_releases` with the session's ``trust_batch_size`` and ``trust_steps``; none
+    without ``dp``. The plan a node's accountant projects and derives a target epsilon with.
+    """
+    if dp is None:
+        return ()
+    return trust_releases(
+        dp, count=count, batch_size=mixing.trust_batch_size, steps=mixing.trust_steps
+    )
 
 
 def clipped_sum(per_example: Tensor, mask: Tensor, clip: float) -> Tensor:
@@ -379,13 +405,23 @@ def model_example_loss_fn(
     forward = _flat_forward(model, inputs, keys)
 
     def fn(flat: Tensor) -> Tensor:
-        out = forward(flat)
-        if loss is None:
-            return F.cross_entropy(out, targets, reduction="none")
-        per: Tensor = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(out, targets)
-        return per
+        return example_loss(loss, forward(flat), targets)
 
     return fn
+
+
+def example_loss(
+    loss: Callable[[Tensor, Tensor], Tensor] | None, output: Tensor, target: Tensor
+) -> Tensor:
+    """``(E,)`` each example's loss of a batch's ``output`` ``(E, ...)`` against ``target``.
+
+    ``loss`` is a task's mean loss ``(output, target) -> scalar``, applied to each example alone
+    (a batch of one, under ``vmap``); None is cross-entropy. Differentiable in forward mode too.
+    """
+    if loss is None:
+        return F.cross_entropy(output, target, reduction="none")
+    per: Tensor = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(output, target)
+    return per
 
 
 def _flat_forward(

@@ -33,6 +33,7 @@ from fedtorrent.config import (
     ModelConfig,
     PrivacyConfig,
     TrainConfig,
+    check_private_mixing,
 )
 from fedtorrent.errors import ConfigError, TorrentError
 from fedtorrent.files import write_atomic
@@ -68,6 +69,7 @@ _LOCAL_ONLY = {DataConfig: frozenset({"data_dir"})}
 _ADDED_LATER = {
     MixingConfig: frozenset({"plausibility", "skip_below", "skip_after", "trust_decay"}),
     DataConfig: frozenset({"clusters"}),
+    PrivacyConfig: frozenset({"trust_clip", "trust_noise"}),
 }
 """Fields added after format version 1: written only when they differ from their default and
 read as the default when absent, so older torrents keep their bytes and their info-hash."""
@@ -217,6 +219,8 @@ class Session:
             f"mixing rule {self.mixing.rule!r} is simulator-only: a peer cannot know its "
             "neighbours' true clusters",
         )
+        if self.privacy is not None and self.privacy.example_level:
+            check_private_mixing(self.mixing)
         if self.compression is not None:
             canonical_json(self.compression)  # raises ConfigError when not JSON-able
             codec = self.compression.get("codec")

@@ -80,8 +80,22 @@ from fedtorrent.errors import (
 )
 from fedtorrent.ledger import Ledger
 from fedtorrent.metrics.records import write_json
-from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
-from fedtorrent.mixing.trust import TrustLearner, model_loss_fn
+from fedtorrent.mixing.round import (
+    VALIDATED_RULES,
+    Cohorts,
+    PrivateTrust,
+    Trust,
+    mix_round,
+    validation_rows,
+)
+from fedtorrent.mixing.trust import (
+    Release,
+    TrustLearner,
+    model_example_loss_fn,
+    model_loss_fn,
+    planned_trust_releases,
+    private_trust,
+)
 from fedtorrent.models import build_model
 from fedtorrent.net.identity import (
     PeerIdentity,
@@ -170,6 +184,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+Releases = tuple[Release, ...]
+"""What a round's private trust fit released (``Mixed.releases`` of this peer)."""
 State = dict[str, torch.Tensor]
 SendHook = Callable[[State, int], State]
 """``(trained state, round) -> state to share``; privacy noise or signing prepare it here."""
@@ -479,6 +495,11 @@ class Peer:
                         examples=len(self.data.y_train),
                         rounds=self.session.rounds,
                         noise_seed=secrets.randbits(63),  # secret, like the sender's below
+                        trust=planned_trust_releases(
+                            private_trust(privacy, self.session.mixing),
+                            self.session.mixing,
+                            count=len(self.data.y_val),
+                        ),  # the trust fit reads the validation split: it is charged too
                     )
                 else:
                     self.private = PrivateSender(
@@ -796,8 +817,6 @@ class Peer:
                 step_generator=node_generator(self.seed, Stream.STEP, round - 1, self._salt),
                 dp=dp, noise=noise,
             )  # fmt: skip
-        if example is not None:  # this round's DP-SGD steps: its whole privacy cost
-            example.charge_round()
         # A CPU copy (as the clone it replaces on the CPU): sending, mixing, trust, checkpoints.
         trained = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         train_s = time.perf_counter() - tick
@@ -871,11 +890,13 @@ class Peer:
         )
 
         tick = time.perf_counter()
-        heard, weights, excluded, screened, unmixed = (
+        heard, weights, excluded, screened, unmixed, released = (
             self._adopt(round, trained, exchange)
             if central
             else self._mix(round, trained, exchange, before=before)
         )
+        if example is not None:  # the round's DP-SGD steps and trust fit: its privacy cost
+            example.charge_round(released)
         self.model.load_state_dict(self.current)
         self._log_exchange(heard, exchange, weights, screened)
         self.skipper.record(
@@ -1122,12 +1143,12 @@ class Peer:
 
     def _adopt(
         self, round: int, trained: State, exchange: Exchange
-    ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool]:
+    ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool, Releases]:
         """``--central``: adopt the server's state of this round (or newer) as the current model.
 
         Its shared keys replace the trained ones (local keys stay this node's); without it the
         trained state is kept. Returns what :meth:`_mix` does: the server as the one peer heard
-        (or nobody), no weights, nothing excluded or screened, never unmixed.
+        (or nobody), no weights, nothing excluded or screened, never unmixed, nothing released.
         """
         replies = exchange.replies
         heard = [p for p, r in replies.items() if r.state is not None and r.header.round >= round]
@@ -1141,11 +1162,11 @@ class Peer:
         else:
             log.warning("round %d: no average from the central server; keeping the trained "
                         "state", round)  # fmt: skip
-        return heard, None, [], {}, False
+        return heard, None, [], {}, False, ()
 
     def _mix(
         self, round: int, trained: State, exchange: Exchange, *, before: State
-    ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool]:
+    ) -> tuple[list[str], torch.Tensor | None, list[str], dict[str, Reply], bool, Releases]:
         """Mix ``trained`` with what ``exchange`` brought: ``mixing.round`` with this peer alone.
 
         ``before`` is the state the round trained from (``fedfomo``'s reference).
@@ -1157,8 +1178,9 @@ class Peer:
 
         Returns:
             The heard peers kept, the weights over ``[self, *kept]`` (None for ``none`` and the
-            robust rules), the peers trust excluded, the screened replies by peer, and whether
-            the mix was not finite (the own state was kept).
+            robust rules), the peers trust excluded, the screened replies by peer, whether
+            the mix was not finite (the own state was kept), and what the private trust fit
+            released about the validation split (``Mixed.releases``; none without one).
         """
         layout, mixing, device = self.layout, self.session.mixing, self.device
         heard = [
@@ -1231,7 +1253,7 @@ class Peer:
         weights = None
         if mixed.weights is not None and mixing.rule != "none":
             weights = mixed.weights[0, keep].cpu()
-        return kept, weights, excluded, screened, unmixed
+        return kept, weights, excluded, screened, unmixed, mixed.releases[0]
 
     def _trust(self, round: int, heard: Sequence[str]) -> Trust | None:
         """Learned trust's logits over ``[self, *heard]``, validation batches and loss.
@@ -1264,7 +1286,30 @@ class Peer:
             logits = self.trust.logits(heard).unsqueeze(0).to(device)
         else:
             logits = torch.zeros(1, 1 + len(heard), device=device)
-        return Trust(logits=logits, draw=draw, losses=losses, fit=bool(heard) and count > 0)
+        example = self.private if isinstance(self.private, ExamplePrivacy) else None
+        dp = None if example is None else private_trust(self.session.privacy, mixing)
+        private = None
+        if example is not None and dp is not None:  # DP-SGD on the logits, secretly noised
+
+            def take(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                rows = positions[0].cpu()
+                return x_val[rows].unsqueeze(0).to(device), y_val[rows].unsqueeze(0).to(device)
+
+            def example_losses(
+                mixed: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+            ) -> torch.Tensor:
+                model.eval()
+                loss = model_example_loss_fn(model, x[0], y[0], loss=task_loss,
+                                             keys=self.layout.mix)  # fmt: skip
+                return loss(mixed[0]).unsqueeze(0)
+
+            private = PrivateTrust(
+                dp=dp, generators=[generator], counts=[count], take=take,
+                noise=example.noise_generator(round - 1, Stream.TRUST_NOISE),
+                example_losses=example_losses,
+            )  # fmt: skip
+        fit = bool(heard) and count > 0
+        return Trust(logits=logits, draw=draw, losses=losses, fit=fit, private=private)
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> Metrics | dict[str, float] | None:
         """The current model's scores on ``(x, y)``; None when there are no examples.

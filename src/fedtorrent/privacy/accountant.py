@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -130,6 +130,10 @@ class PrivacyAccountant:
         self.epsilons = list(epsilons)
 
 
+MAX_NOISE = 1e6
+"""The search gives up past this noise multiplier (Opacus's ``MAX_SIGMA``)."""
+
+
 def noise_for_epsilon(
     target_epsilon: float,
     delta: float,
@@ -139,14 +143,20 @@ def noise_for_epsilon(
     steps_per_round: int = 1,
     mechanism: str = "rdp",
     epsilon_tolerance: float = 0.01,
+    extra: Sequence[Release] = (),
 ) -> float:
     """The smallest noise multiplier (to ``epsilon_tolerance``) that stays within the budget.
 
-    After ``rounds`` rounds of ``steps_per_round`` releases at ``sample_rate``, epsilon at
-    ``delta`` is at most ``target_epsilon`` (Opacus's ``get_noise_multiplier``).
+    After ``rounds`` rounds of ``steps_per_round`` releases at ``sample_rate``, plus the
+    releases ``extra`` of the whole run (fixed; e.g. a private trust fit's, every round's
+    together), epsilon at ``delta`` is at most ``target_epsilon``: ``target - tolerance <
+    epsilon <= target``. The search is Opacus's ``get_noise_multiplier`` (double the noise from
+    20 until within the target, then bisect), over the combined history; without ``extra`` it
+    returns what Opacus's does.
 
     Raises:
-        PrivacyError: the budget cannot be met with any reasonable noise.
+        PrivacyError: the budget cannot be met with any reasonable noise (or ``extra`` alone
+            spends it).
     """
     if mechanism not in DP_ACCOUNTANTS:
         raise UnknownNameError("accountant", mechanism, DP_ACCOUNTANTS)
@@ -159,23 +169,36 @@ def noise_for_epsilon(
             f"rounds and steps_per_round must be >= 1, got {rounds}, {steps_per_round}"
         )
     _check_release(1.0, sample_rate, 1)
-    from opacus.accountants.utils import get_noise_multiplier  # noqa: PLC0415 (slow import)
-
-    try:
-        with _quiet():
-            sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=rounds * steps_per_round,
-                accountant=mechanism,
-                epsilon_tolerance=epsilon_tolerance,
-            )
-    except ValueError as exc:
+    fixed = [(float(n), float(q), int(k)) for n, q, k in extra]
+    for release in fixed:
+        _check_release(*release)
+    if fixed and (spent := _epsilon(mechanism, fixed, delta)) >= target_epsilon:
         raise PrivacyError(
-            f"cannot reach epsilon {target_epsilon} at delta {delta}: {exc}"
-        ) from exc
-    return float(sigma)
+            f"cannot reach epsilon {target_epsilon} at delta {delta}: the other releases "
+            f"({fixed}) alone spend {spent:.4g}"
+        )
+    steps = rounds * steps_per_round
+
+    def epsilon_at(noise: float) -> float:
+        return _epsilon(mechanism, [(noise, sample_rate, steps), *fixed], delta)
+
+    low, high, at_high = 0.0, 10.0, math.inf
+    while at_high > target_epsilon:
+        high *= 2
+        at_high = epsilon_at(high)
+        if high > MAX_NOISE:
+            raise PrivacyError(
+                f"cannot reach epsilon {target_epsilon} at delta {delta}: the privacy budget "
+                "is too low"
+            )
+    while target_epsilon - at_high > epsilon_tolerance:
+        middle = (low + high) / 2
+        at_middle = epsilon_at(middle)
+        if at_middle < target_epsilon:
+            high, at_high = middle, at_middle
+        else:
+            low = middle
+    return high
 
 
 def resolve_noise_multiplier(
@@ -184,8 +207,12 @@ def resolve_noise_multiplier(
     *,
     sample_rate: float = 1.0,
     steps_per_round: int = 1,
+    extra_per_round: Sequence[Release] = (),
 ) -> float:
     """The noise multiplier a run uses: the configured one, or one derived from the target.
+
+    With a target, ``extra_per_round`` (releases every round makes besides these, e.g. a
+    private trust fit's) counts towards it too, ``rounds`` times (:func:`noise_for_epsilon`).
 
     Raises:
         PrivacyError: privacy is off in ``config``, or the target cannot be met.
@@ -202,15 +229,24 @@ def resolve_noise_multiplier(
         sample_rate=sample_rate,
         steps_per_round=steps_per_round,
         mechanism=config.accountant,
+        extra=[(noise, rate, steps * rounds) for noise, rate, steps in extra_per_round],
     )
 
 
 def _epsilon(mechanism: str, history: list[Release], delta: float) -> float:
-    """Epsilon from a fresh Opacus accountant over ``history``, with its warnings silenced."""
+    """Epsilon from a fresh Opacus accountant over ``history``, with its warnings silenced.
+
+    Releases of the same noise and rate are merged wherever they occur (composition does not
+    depend on the order; Opacus merges only neighbours), so a history alternating training and
+    trust steps costs two entries, not two per round.
+    """
     from opacus.accountants import create_accountant  # noqa: PLC0415 (slow import)
 
+    merged: dict[tuple[float, float], int] = {}
+    for noise, rate, steps in history:
+        merged[noise, rate] = merged.get((noise, rate), 0) + steps
     accountant = create_accountant(mechanism=mechanism)
-    accountant.history = list(history)
+    accountant.history = [(noise, rate, steps) for (noise, rate), steps in merged.items()]
     try:
         with _quiet():
             epsilon = float(accountant.get_epsilon(delta=delta))

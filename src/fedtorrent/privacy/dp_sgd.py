@@ -41,6 +41,7 @@ from fedtorrent.config import PrivacyConfig, TrainConfig
 from fedtorrent.errors import PrivacyError
 from fedtorrent.privacy.accountant import (
     PrivacyAccountant,
+    Release,
     _check_release,
     _epsilon,
     resolve_noise_multiplier,
@@ -79,14 +80,21 @@ class ExampleDP:
 
 
 def example_dp(
-    config: PrivacyConfig, train: TrainConfig, *, examples: int, rounds: int
+    config: PrivacyConfig,
+    train: TrainConfig,
+    *,
+    examples: int,
+    rounds: int,
+    trust: Sequence[Release] = (),
 ) -> ExampleDP:
     """The DP-SGD settings of a node with ``examples`` training examples in a session.
 
     ``q = min(1, batch_size / examples)``; steps per round are ``train.steps``, else
     ``round(epochs / q)`` (as many steps as ``epochs`` passes take in expectation); the noise is
     ``config.noise_multiplier``, else the smallest one that keeps epsilon within
-    ``config.target_epsilon`` after ``rounds`` rounds of those steps (Opacus's accountant).
+    ``config.target_epsilon`` after ``rounds`` rounds of those steps plus the releases ``trust``
+    (the private trust fit's of one round, ``mixing.trust.trust_releases``) every round, all on
+    one accountant (Opacus's).
 
     Raises:
         PrivacyError: ``config`` is not example-level DP, the node has no examples, the round has
@@ -101,7 +109,17 @@ def example_dp(
     steps = train.steps if train.steps is not None else round(train.epochs / rate)
     if steps < 1:
         raise PrivacyError("example-level DP needs at least one local step per round (epochs > 0)")
-    noise = resolve_noise_multiplier(config, rounds, sample_rate=rate, steps_per_round=steps)
+    try:
+        noise = resolve_noise_multiplier(
+            config, rounds, sample_rate=rate, steps_per_round=steps, extra_per_round=trust
+        )
+    except PrivacyError as exc:
+        if not trust:
+            raise
+        raise PrivacyError(
+            f"{exc}; the other releases are the private trust fit's: raise --dp-trust-noise, "
+            "or lower the trust steps or batch size"
+        ) from None
     return ExampleDP(clip=config.clip, noise_multiplier=noise, sample_rate=rate, steps=steps)
 
 
@@ -286,7 +304,7 @@ class ExamplePrivacy:
 
     Conforms to the peers' privacy protocol (``PeerPrivacy``): ``accountant``, ``epsilon``,
     ``next_epsilon()``, ``state_dict()`` and ``load_state_dict()``; :meth:`charge_round` records
-    a round's ``dp.steps`` releases after training.
+    a round's ``dp.steps`` releases, and what its private trust fit released, after the round.
 
     Args:
         dp: the node's DP-SGD settings (:func:`example_dp`).
@@ -295,17 +313,29 @@ class ExamplePrivacy:
         noise_seed: seeds the gradient noise of each round (:meth:`noise_generator`). In a real
             deployment it must be secret (whoever knows it can subtract the noise), so a peer
             draws it at random; the simulator derives its noise from the run seed instead.
+        trust: what the node's private trust fit releases in a round that fits
+            (``mixing.trust.trust_releases``; none without learned trust): the plan
+            :meth:`next_epsilon` projects, and that a target epsilon was derived with.
     """
 
     unit = "example"
     """What the guarantee protects: any one training example."""
 
     def __init__(
-        self, dp: ExampleDP, *, delta: float, mechanism: str = "rdp", noise_seed: int = 0
+        self,
+        dp: ExampleDP,
+        *,
+        delta: float,
+        mechanism: str = "rdp",
+        noise_seed: int = 0,
+        trust: Sequence[Release] = (),
     ) -> None:
         if not (isinstance(noise_seed, int) and 0 <= noise_seed < _MAX_SEED):
             raise PrivacyError("noise_seed must be an int in [0, 2**63)")
+        for release in trust:
+            _check_release(*release)
         self.dp = dp
+        self.trust: tuple[Release, ...] = tuple(trust)
         self.accountant = PrivacyAccountant(delta=delta, mechanism=mechanism)
         self._noise_seed = noise_seed
 
@@ -318,10 +348,17 @@ class ExamplePrivacy:
         examples: int,
         rounds: int,
         noise_seed: int = 0,
+        trust: Sequence[Release] = (),
     ) -> ExamplePrivacy:
         """The state of a node with ``examples`` training examples (see :func:`example_dp`)."""
-        dp = example_dp(config, train, examples=examples, rounds=rounds)
-        return cls(dp, delta=config.delta, mechanism=config.accountant, noise_seed=noise_seed)
+        dp = example_dp(config, train, examples=examples, rounds=rounds, trust=trust)
+        return cls(
+            dp,
+            delta=config.delta,
+            mechanism=config.accountant,
+            noise_seed=noise_seed,
+            trust=trust,
+        )
 
     @property
     def noise_multiplier(self) -> float:
@@ -333,22 +370,37 @@ class ExamplePrivacy:
         """Epsilon spent so far at the accountant's delta (0.0 before the first round)."""
         return self.accountant.epsilons[-1] if self.accountant.epsilons else 0.0
 
-    def charge_round(self) -> float:
-        """Record one round's ``dp.steps`` releases and close it; the epsilon spent so far."""
+    def charge_round(self, trust: Sequence[Release] = ()) -> float:
+        """Close a round: record its ``dp.steps`` training releases and ``trust``.
+
+        ``trust`` is what the round's private trust fit released (``Mixed.releases`` of the
+        node; none when it fitted nothing). Returns the epsilon spent so far.
+        """
+        for noise, rate, steps in trust:
+            self.accountant.record(noise_multiplier=noise, sample_rate=rate, steps=steps)
         dp = self.dp
         return self.accountant.record_round(
             noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp.steps
         )
 
     def next_epsilon(self) -> float:
-        """The epsilon after one more round, without recording it."""
+        """The epsilon after one more round (planned trust releases included), recording nothing."""
         dp = self.dp
-        history = [*self.accountant.history, (dp.noise_multiplier, dp.sample_rate, dp.steps)]
+        history = [
+            *self.accountant.history,
+            *self.trust,
+            (dp.noise_multiplier, dp.sample_rate, dp.steps),
+        ]
         return _epsilon(self.accountant.mechanism, history, self.accountant.delta)
 
-    def noise_generator(self, round_index: int) -> torch.Generator:
-        """The CPU generator of round ``round_index``'s gradient noise, from the noise seed."""
-        state = np.random.SeedSequence([self._noise_seed, round_index]).generate_state(2)
+    def noise_generator(self, round_index: int, *salt: int) -> torch.Generator:
+        """The CPU generator of round ``round_index``'s noise, from the secret noise seed.
+
+        No ``salt``: the gradient noise of local training. A peer's private trust fit draws its
+        noise with ``salt`` ``Stream.TRUST_NOISE``: independent of the training noise, as
+        secret, and the same draws again when a resumed peer redoes the round.
+        """
+        state = np.random.SeedSequence([self._noise_seed, round_index, *salt]).generate_state(2)
         return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
     def state_dict(self) -> dict[str, Any]:

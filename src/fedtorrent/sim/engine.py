@@ -33,8 +33,15 @@ from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.config import MixingConfig, TrainConfig
 from fedtorrent.errors import ConfigError
-from fedtorrent.mixing.round import VALIDATED_RULES, Cohorts, Trust, mix_round, validation_rows
-from fedtorrent.mixing.trust import decay_logits, flat_views
+from fedtorrent.mixing.round import (
+    VALIDATED_RULES,
+    Cohorts,
+    PrivateTrust,
+    Trust,
+    mix_round,
+    validation_rows,
+)
+from fedtorrent.mixing.trust import Release, TrustDP, decay_logits, example_loss, flat_views
 from fedtorrent.privacy.dp_sgd import ExampleDP, add_noise, clip_factors, poisson_batches
 from fedtorrent.sim.loop import ModuleLoopBackend, has_buffers
 from fedtorrent.sim.topology import Topology
@@ -155,6 +162,12 @@ class Backend(Protocol):
     def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``(A,)`` mean cross-entropy of each row on its own batch; differentiable."""
 
+    def example_losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``(A, B)`` each example's loss (their mean is :meth:`losses`), in eval mode.
+
+        Differentiable in forward mode too (a private trust fit's ``torch.func.jvp``).
+        """
+
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """``(A, E, C)`` logits of every row on the same inputs ``(E, ...)``; no gradients."""
 
@@ -256,8 +269,11 @@ class LinearBackend:
 
     def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Mean cross-entropy per row."""
-        logits_t = self._logits_t(params, x)
-        return F.cross_entropy(logits_t, y, reduction="none").mean(dim=1)
+        return self.example_losses(params, x, y).mean(dim=1)
+
+    def example_losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``(A, B)`` cross-entropy of each example."""
+        return F.cross_entropy(self._logits_t(params, x), y, reduction="none")
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """One matmul for all rows: ``(E, D) @ (D, A*C)``."""
@@ -334,10 +350,7 @@ class FunctionalBackend:
 
     def _per_example(self, output: Tensor, target: Tensor) -> Tensor:
         """``(E,)`` the task's mean loss of each example alone (a batch of one, under ``vmap``)."""
-        loss = self.loss
-        assert loss is not None
-        per: Tensor = vmap(lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0)))(output, target)
-        return per
+        return example_loss(self.loss, output, target)
 
     def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
         """Autograd through the vmapped forward of every row at once (or row by row)."""
@@ -380,8 +393,12 @@ class FunctionalBackend:
 
     def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Mean cross-entropy per row, in eval mode."""
+        return self.example_losses(params, x, y).mean(dim=1)
+
+    def example_losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``(A, B)`` each example's loss, in eval mode."""
         self.model.eval()
-        return self._row_losses(self._views(params, params.detach()), x, y).mean(dim=1)
+        return self._row_losses(self._views(params, params.detach()), x, y)
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """Eval-mode logits of every row on shared inputs."""
@@ -599,6 +616,10 @@ class Engine:
             round node i runs ``dp[i].steps`` DP-SGD steps on Poisson batches drawn from its
             ``TRAIN`` generator (as a real peer does), with noise from its ``DP_NOISE``
             generator. Needs the per-node loop (a ``ModuleLoopBackend``); the caller accounts.
+        trust_dp: learned trust under example-level DP: each node's trust fit is DP-SGD on its
+            logits (``mixing.round.PrivateTrust``: Poisson samples from its ``TRUST``
+            generator, noise from the round's ``TRUST_NOISE`` generator); what each node
+            released is ``releases`` after the round, for the caller to charge.
     """
 
     def __init__(
@@ -615,6 +636,7 @@ class Engine:
         clusters: Tensor | None = None,
         device: torch.device | str = "cpu",
         dp: list[ExampleDP] | None = None,
+        trust_dp: TrustDP | None = None,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type != "cpu":  # on the CPU nothing is copied or wrapped
@@ -655,6 +677,9 @@ class Engine:
                 "linear path"
             )
         self.dp = dp
+        self.trust_dp = trust_dp if mixing.rule == "learned" else None
+        self.releases: tuple[tuple[Release, ...], ...] = tuple(() for _ in range(n))
+        """Per node: what its private trust fit released in the last round (``trust_dp``)."""
         with self._on_device():  # the state allocated below lives on the device
             self.backend, self.data, self.train_config = backend, data, train
             self.mixing, self.topology, self.seed, self.share = mixing, topology, seed, share
@@ -985,6 +1010,7 @@ class Engine:
             self.trust_seen |= adjacency
         if mixed.kept is not None:
             self.trust_kept += mixed.kept.long()
+        self.releases = mixed.releases or tuple(() for _ in range(n))
         return mixed.weights
 
     def _shared_rows(self, round_index: int) -> Tensor:
@@ -1002,7 +1028,10 @@ class Engine:
         return torch.cat([part, self.params[:, p:]], dim=1)
 
     def _trust(self, round_index: int) -> Trust:
-        """Validation batches and loss (learned, fedfomo): node i draws from its ``TRUST`` seed."""
+        """Validation batches and loss (learned, fedfomo): node i draws from its ``TRUST`` seed.
+
+        With ``trust_dp`` the fit is private (Poisson samples of the same generators).
+        """
         data, backend, own = self.data, self.backend, self.params
         width = self.mixed_width
         generators = [
@@ -1011,19 +1040,36 @@ class Engine:
         ]
         counts = data.val_count.tolist()
 
-        def draw() -> tuple[Tensor, Tensor]:
-            pick = validation_rows(generators, counts, self.mixing.trust_batch_size)
+        def take(pick: Tensor) -> tuple[Tensor, Tensor]:
             index = data.val_index.gather(1, pick.to(self.device))
             flat = index.reshape(-1)
             x = self._x_train.index_select(0, flat).view(*index.shape, *self._x_train.shape[1:])
             return x, data.y_train.index_select(0, flat).view(*index.shape, *self._y_shape)
 
-        def losses(mixed: Tensor, x: Tensor, y: Tensor) -> Tensor:
-            if width < own.shape[1]:  # local buffers: each node's own
-                mixed = torch.cat([mixed, own[:, width:]], dim=1)
-            return backend.losses(mixed, x, y)
+        def draw() -> tuple[Tensor, Tensor]:
+            return take(validation_rows(generators, counts, self.mixing.trust_batch_size))
 
-        return Trust(logits=self.trust_logits, draw=draw, losses=losses)
+        def complete(mixed: Tensor) -> Tensor:
+            if width < own.shape[1]:  # local buffers: each node's own
+                return torch.cat([mixed, own[:, width:]], dim=1)
+            return mixed
+
+        def losses(mixed: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            return backend.losses(complete(mixed), x, y)
+
+        private = None
+        if self.trust_dp is not None:
+            private = PrivateTrust(
+                dp=self.trust_dp,
+                generators=generators,
+                counts=counts,
+                take=take,
+                noise=torch.Generator().manual_seed(
+                    derive_seed(self.seed, Stream.TRUST_NOISE, round_index)
+                ),
+                example_losses=lambda mixed, x, y: backend.example_losses(complete(mixed), x, y),
+            )
+        return Trust(logits=self.trust_logits, draw=draw, losses=losses, private=private)
 
     # ---- rounds and evaluation -----------------------------------------------------------
 

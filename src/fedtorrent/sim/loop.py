@@ -27,6 +27,7 @@ from torch.func import functional_call
 from torch.nn import functional as F  # noqa: N812
 
 from fedtorrent.errors import ConfigError, StateError
+from fedtorrent.mixing.trust import example_loss
 from fedtorrent.privacy.dp_sgd import ExampleDP
 from fedtorrent.state.schema import state_schema
 from fedtorrent.training.seeds import Stream, node_generator
@@ -213,6 +214,14 @@ class ModuleLoopBackend:
         """``(A,)`` mean loss of each row on its own batch, in eval mode; differentiable."""
         self.model.eval()
         return torch.stack([self.loss(self._forward(params[i], x[i]), y[i]) for i in range(len(x))])
+
+    def example_losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``(A, B)`` each example's loss (a batch of one of the task's loss), in eval mode."""
+        self.model.eval()
+        loss = None if self.loss is F.cross_entropy else self.loss
+        return torch.stack(
+            [example_loss(loss, self._forward(params[i], x[i]), y[i]) for i in range(len(x))]
+        )
 
     def logits(self, params: Tensor, x: Tensor) -> Tensor:
         """``(A, E, ...)`` eval-mode outputs of every row on the same inputs; no gradients."""

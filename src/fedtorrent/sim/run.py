@@ -43,6 +43,7 @@ from fedtorrent.metrics.records import (
     RecordWriter,
     write_json,
 )
+from fedtorrent.mixing.trust import private_trust
 from fedtorrent.progress import Advance, progress_bar
 from fedtorrent.sim.engine import (
     Engine,
@@ -179,7 +180,9 @@ def run_one(
             **config.model.kwargs,
         )
     n = config.data.num_nodes
-    privacies = scenario.example_privacies(config, data.train_count.tolist())
+    privacies = scenario.example_privacies(
+        config, data.train_count.tolist(), data.val_count.tolist()
+    )
     backend = loop_backend(model, config) if has_buffers(model) else None
     shape = tuple(dataset.input_shape)
     stacked = None if backend is not None else make_backend(model, input_shape=shape)
@@ -217,6 +220,7 @@ def run_one(
         clusters=None if clusters is None else torch.from_numpy(clusters.assignment),
         device=device,
         dp=None if privacies is None else [p.dp for p in privacies],
+        trust_dp=private_trust(config.privacy, config.mixing),
     )
     width = init.shape[0] if backend is None else backend.layout.num_params
     traffic = run_traffic(config, model, width=width)
@@ -230,8 +234,7 @@ def run_one(
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
-        for private in privacies or ():
-            private.charge_round()
+        scenario.charge_round(privacies, engine.releases)
         traffic.record(engine.topology.cohorts(round_index), round_index)
         done = round_index + 1
         if outgoing is not None and outgoing.attackers:

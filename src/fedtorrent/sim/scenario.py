@@ -29,6 +29,7 @@ import torch
 
 from fedtorrent.adversary import AttackConfig, attack_params, attacker_nodes, flip_labels
 from fedtorrent.config import SimConfig
+from fedtorrent.mixing.trust import Release, planned_trust_releases, private_trust
 from fedtorrent.privacy.accountant import PrivacyAccountant, resolve_noise_multiplier
 from fedtorrent.privacy.dp_sgd import ExamplePrivacy
 from fedtorrent.privacy.mechanism import privatize_rows
@@ -125,11 +126,15 @@ class Outgoing:
         return shared
 
 
-def example_privacies(config: SimConfig, examples: Sequence[int]) -> list[ExamplePrivacy] | None:
+def example_privacies(
+    config: SimConfig, examples: Sequence[int], validation: Sequence[int]
+) -> list[ExamplePrivacy] | None:
     """One :class:`ExamplePrivacy` per node (``examples[i]`` training examples), or None.
 
-    None unless ``config.privacy`` is example-level. Nodes of equal size share one noise
-    derivation (the noise for a target epsilon is searched once per size).
+    None unless ``config.privacy`` is example-level. With learned trust each node's plan holds
+    its private trust fit's releases on its ``validation[i]`` examples
+    (:func:`~fedtorrent.mixing.trust.planned_trust_releases`), which a target epsilon covers
+    too. Nodes of equal sizes share one noise derivation (searched once per pair of sizes).
 
     Raises:
         PrivacyError: a node without examples, no local steps, or a target that cannot be met.
@@ -137,16 +142,33 @@ def example_privacies(config: SimConfig, examples: Sequence[int]) -> list[Exampl
     privacy = config.privacy
     if privacy is None or not privacy.example_level:
         return None
-    made: dict[int, ExamplePrivacy] = {}
+    trust_dp = private_trust(privacy, config.mixing)
+    made: dict[tuple[int, int], ExamplePrivacy] = {}
     out = []
-    for count in examples:
-        if count not in made:
-            made[count] = ExamplePrivacy.from_config(
-                privacy, config.train, examples=count, rounds=config.rounds
+    for count, held in zip(examples, validation, strict=True):
+        if (count, held) not in made:
+            made[count, held] = ExamplePrivacy.from_config(
+                privacy, config.train, examples=count, rounds=config.rounds,
+                trust=planned_trust_releases(trust_dp, config.mixing, count=held),
+            )  # fmt: skip
+        first = made[count, held]
+        out.append(
+            ExamplePrivacy(
+                first.dp, delta=privacy.delta, mechanism=privacy.accountant, trust=first.trust
             )
-        first = made[count]
-        out.append(ExamplePrivacy(first.dp, delta=privacy.delta, mechanism=privacy.accountant))
+        )
     return out
+
+
+def charge_round(
+    privacies: Sequence[ExamplePrivacy] | None, releases: Sequence[Sequence[Release]]
+) -> None:
+    """Close a round for every node: its training steps, and ``releases[i]``.
+
+    ``releases[i]`` is what node i's private trust fit released (``Engine.releases``).
+    """
+    for node, private in enumerate(privacies or ()):
+        private.charge_round(releases[node])
 
 
 def round_epsilons(

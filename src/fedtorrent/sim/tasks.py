@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fedtorrent.config import SimConfig
 from fedtorrent.errors import ConfigError, DataError
+from fedtorrent.mixing.trust import private_trust
 from fedtorrent.sim.engine import Engine, FunctionalBackend, NodeData, ShareFn
 from fedtorrent.sim.loop import has_buffers
 from fedtorrent.sim.topology import Topology
@@ -188,7 +189,9 @@ def run_task(
     n = config.data.num_nodes
     nodes = [task.node_data(i, n) for i in range(n)]
     model = task.make_model(seed=derive_seed(config.seed, Stream.INIT))
-    privacies = scenario.example_privacies(config, [d.size("train") for d in nodes])
+    privacies = scenario.example_privacies(
+        config, [d.size("train") for d in nodes], [d.size("val") for d in nodes]
+    )
     if privacies is not None and task.train_step is not None:
         raise ConfigError(
             "example-level DP cannot run a task's own train_step: it clips every example's "
@@ -230,6 +233,7 @@ def run_task(
         share=share,
         device=device,
         dp=None if privacies is None else [p.dp for p in privacies],
+        trust_dp=private_trust(config.privacy, config.mixing),
     )
     traffic = run_traffic(config, model, width=width)
     split = eval_split(nodes)
@@ -241,8 +245,7 @@ def run_task(
     for round_index in range(config.rounds):
         scale = round_lr_scale(config.round_schedule, round_index, config.rounds)
         weights = engine.run_round(round_index, lr_scale=scale)
-        for private in privacies or ():
-            private.charge_round()
+        scenario.charge_round(privacies, engine.releases)
         traffic.record(engine.topology.cohorts(round_index), round_index)
         done = round_index + 1
         epsilon = scenario.round_epsilons(outgoing, privacies, n)

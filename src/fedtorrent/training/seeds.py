@@ -44,6 +44,9 @@ class Stream(IntEnum):
     DP_NOISE = 12
     """The simulator's DP-SGD gradient noise of one node in one round (a real peer draws its
     noise from a secret seed instead: whoever knows the seed can subtract the noise)."""
+    TRUST_NOISE = 13
+    """The simulator's noise of every node's private trust fit (``TrustDP``) in one round; a real
+    peer salts its secret noise seed with this value instead."""
 
 
 def derive_seed(seed: int, *streams: int) -> int:
