@@ -482,7 +482,7 @@ class PrivacyConfig:
     """``unit="example"`` with learned trust: L2 bound on each validation example's gradient of
     the trust logits (``mixing.trust.TrustDP``). Honest examples' are about 0.001 on MNIST, a
     sign-flipper's about 2.5: a small clip still shuts it out."""
-    trust_noise: float = 5.0
+    trust_noise: float = 30.0
     """``unit="example"`` with learned trust: the trust fit's noise multiplier (noise std over
     ``trust_clip``); its releases are charged to the same accountant as training's."""
 
