@@ -315,8 +315,11 @@ def main() -> None:
     out = args.out or Path("runs/privacy_quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "privacy.json"
-    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"cells": {}}
-    record.setdefault("cells", {})
+    loaded = json.loads(path.read_text()) if path.exists() else None
+    # anything else (the earlier table's list of rows) is replaced
+    record: dict[str, Any] = (
+        loaded if isinstance(loaded, dict) and "cells" in loaded else {"cells": {}}
+    )
     chosen = cells(args.only, args.quick)
     for index, cell in enumerate(chosen, start=1):
         swarm = cell.section == "swarm"
