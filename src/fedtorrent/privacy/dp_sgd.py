@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
 
 from fedtorrent.config import PrivacyConfig, TrainConfig
 from fedtorrent.errors import PrivacyError
@@ -269,8 +270,6 @@ def _per_example_chunks(
     losses: list[Tensor],
 ) -> Iterator[list[Tensor]]:
     """Per-example gradients of ``names`` in chunks of examples; appends each chunk's losses."""
-    from torch.func import functional_call, grad_and_value, vmap  # noqa: PLC0415
-
     count = int(x.shape[0])
     if count == 0 or not names:
         return
