@@ -19,7 +19,7 @@ number from simulator runs (``ft.simulate``, the ``simulate`` defaults unless sa
   ``--plausibility 0`` so that trust alone must react, and again behind the default screen):
   rounds to exclusion (weight below 0.01).
 - ``swarm``: real ``fedtorrent peer`` processes on loopback (``fedtorrent create ... --cohort
-  N-1``, one seed) for none / fixed / learned / fedfomo on MNIST label_swap K = 3 with 12 peers,
+  N-1``, one seed) for fixed / learned / fedfomo on MNIST label_swap K = 3 with 12 peers,
   next to the simulator's cell of the same setting (peer folders under ``--work``).
 
 Heatmaps: the last weights (seed 0) of fixed, learned, fedfomo and oracle in the largest
@@ -73,9 +73,7 @@ SECTIONS = ("clustered", "skew", "attacker", "swarm")
 CLUSTER_RULES = ("none", "fixed", "learned", "fedfomo", "oracle")
 SKEW_RULES = ("none", "fixed", "learned")
 SKEW_VARIANTS: dict[str, dict[str, float]] = {
-    "learned floor=0.02": {"weight_floor": 0.02},
     "learned floor=0.05": {"weight_floor": 0.05},
-    "learned entropy=0.05": {"entropy_penalty": 0.05},
     "learned entropy=0.2": {"entropy_penalty": 0.2},
 }
 """Learned trust held closer to uniform (floors stay below 1/12: 12 nodes)."""
@@ -87,7 +85,7 @@ CNN = {"rounds": 10, "steps": 20}
 EXCLUDED = 0.01
 HEATMAP_RULES = ("fixed", "learned", "fedfomo", "oracle")
 """The rules whose last weights are drawn, for the largest complete-graph label_swap K=3 cell."""
-SWARM_RULES = ("none", "fixed", "learned", "fedfomo")
+SWARM_RULES = ("fixed", "learned", "fedfomo")
 """The real swarm's rules (``oracle`` is simulator-only)."""
 SIGN_NOISE = ("sign_flip", "noise")
 SCREEN = (("plausibility", ft.MixingConfig.plausibility),)
