@@ -323,7 +323,7 @@ def run_swarm_cell(cell: Cell, rounds: int | None, work: Path) -> dict[str, Any]
         inside = sum(
             float(w)
             for peer, w in (last.get("trust_weights") or {}).items()
-            if _index(peer) % cell.clusters == own
+            if peer != "self" and _index(peer) % cell.clusters == own
         )
         shares.append(float(last.get("self_weight") or 0.0) + inside)
     return {
