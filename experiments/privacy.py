@@ -117,23 +117,23 @@ def cells(sections: list[str], quick: bool) -> list[Cell]:
         out += [Cell("swarm", "digits", "logreg", "fixed", 1.0, **small)]
         return [c for c in out if c.section in sections]
     chosen: list[Cell] = []
+    if "swarm" in sections:
+        chosen.append(Cell("swarm", "mnist", "logreg", "fixed", SWARM_EPSILON))
     for dataset in ("mnist", "fashion-mnist"):
         if "example" in sections:
             for rule in ("fixed", "learned"):
                 chosen += [Cell("example", dataset, "logreg", rule, e) for e in (None, *EPSILONS)]
-            if dataset == "mnist":
-                chosen += [
-                    Cell("example", dataset, "cnn", "fixed", e, rounds=int(CNN["rounds"]))
-                    for e in (None, *CNN_EPSILONS)
-                ]
         if "node" in sections:
             chosen += [Cell("node", dataset, "logreg", "fixed", e) for e in EPSILONS]
         if "central" in sections:
             chosen += [
                 Cell("central", dataset, "logreg", "none", e, nodes=1) for e in (None, *EPSILONS)
             ]
-    if "swarm" in sections:
-        chosen.append(Cell("swarm", "mnist", "logreg", "fixed", SWARM_EPSILON))
+    if "example" in sections:  # the slowest cells last
+        chosen += [
+            Cell("example", "mnist", "cnn", "fixed", e, rounds=int(CNN["rounds"]))
+            for e in (None, *CNN_EPSILONS)
+        ]
     return chosen
 
 
