@@ -199,6 +199,9 @@ def run_swarm_cell(cell: Cell, work: Path) -> dict[str, Any]:
 
 
 def _stat(values: list[float]) -> str:
+    """``mean ± std`` over the seeds' values; one seed shows its value alone."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
     return f"{mean(values):.2f} ± {pstdev(values):.2f}" if values else "-"
 
 
@@ -207,13 +210,14 @@ def _eps(values: list[float | None]) -> str:
     return f"{max(present):.3f}" if present else "no DP"
 
 
-def report(record: dict[str, Any]) -> str:
-    """``results/privacy.md`` from the JSON record."""
+def report(record: dict[str, Any], seeds: int) -> str:
+    """``results/privacy.md`` from the JSON record; ``seeds``: the command's ``--seeds``."""
     results = list(record["cells"].values())
     lines = [
         "# Accuracy against epsilon",
         "",
-        "Produced by `python experiments/privacy.py` (module docstring: the grid and options); "
+        f"Produced by `python experiments/privacy.py --seeds {seeds}` (module docstring: the "
+        "grid and options); "
         "every number is read from the runs. Accuracy: final mean test accuracy over the nodes "
         "(%), mean ± std over seeds; epsilon: the largest any node spent, at delta "
         f"{DELTA:g} (RDP accountant, Opacus), after the last round. Example-level DP protects "
@@ -335,7 +339,7 @@ def main() -> None:
         )
         _write(path, record)
     _write(path, record)
-    text = report(record)
+    text = report(record, seeds)
     (out / "privacy.md").write_text(text)
     print(text)
 
