@@ -38,6 +38,7 @@ from statistics import mean, pstdev
 from typing import Any
 
 import fedtorrent as ft
+from fedtorrent.metrics.records import write_json
 from fedtorrent.sim.run import load_for
 
 SECTIONS = ("example", "node", "central", "swarm")
@@ -298,13 +299,6 @@ def _twin(record: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any] | None
     return None
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
-    """Write the JSON whole, through a temporary file, so a kill never leaves half of it."""
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
-
-
 def main() -> None:
     """Parse the options, run the missing cells, write the JSON after each and the markdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -337,8 +331,8 @@ def main() -> None:
         record["cells"][key] = (
             run_swarm_cell(cell, args.work) if swarm else run_cell(cell, cell_seeds)
         )
-        _write(path, record)
-    _write(path, record)
+        write_json(path, record)
+    write_json(path, record)
     text = report(record, seeds)
     (out / "privacy.md").write_text(text)
     print(text)

@@ -67,7 +67,7 @@ from typing import Any
 
 import fedtorrent as ft
 from fedtorrent.metrics.plots import plot_weights
-from fedtorrent.metrics.records import read_records
+from fedtorrent.metrics.records import read_records, write_json
 from fedtorrent.sim.run import load_for
 
 SECTIONS = ("clustered", "skew", "attacker", "swarm")
@@ -559,13 +559,6 @@ def _swarm_table(swarm: list[dict[str, Any]], clustered: list[dict[str, Any]]) -
     return lines
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
-    """Write the JSON whole, through a temporary file, so a kill never leaves half of it."""
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
-
-
 def main() -> None:
     """Parse the options, run the missing cells, write the JSON after each and the markdown."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -609,8 +602,8 @@ def main() -> None:
             record["cells"][key] = run_swarm_cell(cell, rounds, args.work)
         else:
             record["cells"][key] = run_cell(cell, seeds, rounds)
-        _write(path, record)
-    _write(path, record)
+        write_json(path, record)
+    write_json(path, record)
     pictures = [str(p.relative_to(out)) for p in heatmaps(record, out / "plots")]
     text = report(record, pictures)
     (out / "trust.md").write_text(text)
