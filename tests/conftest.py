@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,13 @@ def require_dataset(name: str) -> None:
         if folder is not None and folder.is_dir() and any(folder.iterdir()):
             return
     pytest.skip(f"{name} is not on disk (set FEDTORRENT_DATA)")
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """Run ``fedtorrent ARGS`` in this process; its exit status (0 when it returned)."""
+    from fedtorrent.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fedtorrent", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return int(exit_.value.code or 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import run_cli
 from fedtorrent.config import (
     DataConfig,
     MixingConfig,
@@ -267,15 +267,6 @@ def test_linear_path_and_per_node_loop_give_the_same_dp_sgd(
 # --- the command line and the torrent -------------------------------------------------------
 
 
-def _cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    from fedtorrent.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fedtorrent", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    return int(exit_.value.code or 0)
-
-
 def test_cli_simulates_example_dp_and_refuses_bad_combinations(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -284,17 +275,17 @@ def test_cli_simulates_example_dp_and_refuses_bad_combinations(
               "--no-progress", "--batch-size", "32", "--lr", "0.5",
               "--mixing", "fixed"]  # fmt: skip
     ok = [*common, "--out", str(out), "--dp-unit", "example", "--dp-clip", "1", "--dp-epsilon", "1"]
-    assert _cli(monkeypatch, *ok) == 0
+    assert run_cli(monkeypatch, *ok) == 0
     summary = read_json(out / "summary.json")
     assert 0.9 <= summary["by_mixing"]["fixed"]["security"]["epsilon"] <= 1.01
     capsys.readouterr()
-    assert _cli(monkeypatch, "create", "--help") == 0
+    assert run_cli(monkeypatch, "create", "--help") == 0
     assert "--dp-unit" in capsys.readouterr().out
     for bad, message in (
         (["--dp-unit", "example"], "need --dp-clip"),
         (["--dp-unit", "batch", "--dp-clip", "1", "--dp-noise", "1"], "dp unit must be one of"),
     ):
-        assert _cli(monkeypatch, *common, "--out", str(tmp_path / "bad"), *bad) == 2
+        assert run_cli(monkeypatch, *common, "--out", str(tmp_path / "bad"), *bad) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err
 

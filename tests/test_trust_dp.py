@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_cli
 from fedtorrent.config import (
     DataConfig,
     MixingConfig,
@@ -492,17 +493,6 @@ def test_next_epsilon_projects_the_planned_trust_releases() -> None:
     )
 
 
-def _cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    import sys
-
-    from fedtorrent.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fedtorrent", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    return int(exit_.value.code or 0)
-
-
 def test_rules_without_a_private_version_are_refused_before_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -520,12 +510,12 @@ def test_rules_without_a_private_version_are_refused_before_the_run(
         runs, ("fedfomo scores", "fedfomo scores", "trust_noise"), strict=True
     ):
         capsys.readouterr()
-        assert _cli(monkeypatch, *args) == 2
+        assert run_cli(monkeypatch, *args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
         assert not (tmp_path / "run").exists() and not (tmp_path / "s.torrent").exists()
     capsys.readouterr()
-    assert _cli(monkeypatch, "simulate", "--help") == 0
+    assert run_cli(monkeypatch, "simulate", "--help") == 0
     assert "--dp-trust-noise" in capsys.readouterr().out
 
 
