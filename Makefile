@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(BIN)/fedtorrent swarm runs/demo/session.torrent --peers 6 --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks experiments examples
-	$(BIN)/ruff format --check src tests benchmarks experiments examples
+	$(BIN)/ruff check src tests benchmarks experiments examples paper
+	$(BIN)/ruff format --check src tests benchmarks experiments examples paper
 	$(BIN)/mypy
 
 test: lint
@@ -36,6 +36,10 @@ test: lint
 # docs/cli.md, the command reference, from the Typer app (tests/test_cli_docs.py fails when stale).
 docs: $(STAMP)
 	$(BIN)/python -m fedtorrent.cli.docs
+
+# paper/fedtorrent.pdf from paper/fedtorrent.typ and the committed results (paper/build.py).
+paper: $(STAMP)
+	$(BIN)/python paper/build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
