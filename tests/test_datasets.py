@@ -476,6 +476,32 @@ def test_a_corrupt_parsed_array_is_a_checksum_error(
         load_dataset("mnist", data_dir=tmp_path)
 
 
+def test_an_unchanged_parsed_array_is_not_hashed_again_but_a_changed_one_always_is(
+    monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path
+) -> None:
+    _, folder = _parsed_copy(monkeypatch, tmp_path)
+    hashed: list[str] = []
+    real = datasets._sha256
+
+    def counting(path: Path) -> str:
+        hashed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(datasets, "_sha256", counting)
+    monkeypatch.setattr(datasets, "_verified_cache", set())  # as a fresh process starts
+    load_dataset("mnist", data_dir=tmp_path)
+    assert hashed == []  # the stamps recorded at the first check still hold
+    path = folder / "x_test.npy"
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime
+    with pytest.raises(ChecksumError, match=r"x_test\.npy"):
+        load_dataset("mnist", data_dir=tmp_path)
+    assert hashed == ["x_test.npy"]
+
+
 @pytest.mark.parametrize("damage", ["other_sources", "garbage_manifest", "missing_array"])
 def test_a_stale_or_partial_parsed_copy_is_parsed_again(
     monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path, damage: str

@@ -17,7 +17,12 @@ Parsing uses numpy only: no pickle, no torchvision. A parsed dataset is kept as 
 copy-on-write from then on, so every process that loads it shares one copy in the page cache and a
 peer touches only its own shard's rows. Each array is checked against the sha256 its
 ``manifest.json`` recorded when it was written from the verified source files, and the manifest
-names those sources' pinned sha256, so a cache made from other bytes is parsed again.
+names those sources' pinned sha256, so a cache made from other bytes is parsed again. Hashing
+the arrays costs more than mapping them (0.15 s for MNIST), so the manifest also keeps each
+array's stat stamp (size, mtime, ctime, inode, device) from its last full check: an array whose
+stamp is unchanged is not hashed again. Any write to a file changes its ctime, which no user call
+can set back, so a changed array is always hashed; what a stamp cannot see is a disk that flips
+bits under an unchanged inode.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -257,31 +262,52 @@ def _read_parsed(name: str, store: _Store, sources: Sequence[str]) -> Dataset | 
         manifest = _manifest(folder / _MANIFEST)
         if manifest is None or manifest.get("sources") != {s: SHA256[s] for s in sources}:
             continue
-        arrays = {}
+        stamps = manifest.get("verified", {})
+        arrays, checked = {}, False
         for key in _ARRAYS:
             path = folder / f"{key}.npy"
             digest = manifest["arrays"].get(key)
             if not isinstance(digest, str) or not path.is_file():
                 break
-            verify_file(path, digest)
+            if stamps.get(key) != _stamp(path):
+                verify_file(path, digest)
+                stamps[key], checked = _stamp(path), True
             try:  # copy-on-write: writable views, no copy unless a caller writes into one
                 arrays[key] = np.load(path, mmap_mode="c", allow_pickle=False)
             except (OSError, ValueError) as error:
                 raise DataError(f"{path}: cannot map ({error}); delete {folder}") from error
         else:
+            if checked:
+                _write_manifest(folder, {**manifest, "verified": stamps})
             return _checked(name, arrays, folder)
     return None
 
 
-def _manifest(path: Path) -> dict[str, dict[str, str]] | None:
+def _stamp(path: Path) -> list[int]:
+    """What changes whenever a file's bytes do (see the module doc)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def _write_manifest(folder: Path, manifest: dict[str, dict[str, Any]]) -> None:
+    """Record fresh stamps where the folder is writable; a read-only copy is hashed each time."""
+    try:
+        write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=1).encode())
+    except OSError as error:
+        log.info("cannot record verified stamps in %s (%s)", folder, error)
+
+
+def _manifest(path: Path) -> dict[str, dict[str, Any]] | None:
     try:
         if path.stat().st_size > _MAX_MANIFEST:
             return None
         document = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    ok = isinstance(document, dict) and all(
-        isinstance(document.get(k), dict) for k in ("sources", "arrays")
+    ok = (
+        isinstance(document, dict)
+        and all(isinstance(document.get(k, {}), dict) for k in ("sources", "arrays", "verified"))
+        and all(k in document for k in ("sources", "arrays"))
     )
     return document if ok else None
 

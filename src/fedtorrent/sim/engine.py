@@ -208,13 +208,26 @@ class LinearBackend:
         weight, bias = self._split(params)
         return torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2))
 
-    def _residual(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
-        """``(A, C, B)`` softmax minus one-hot, times each example's weight: dLoss/dlogits."""
+    def _residual(
+        self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None, *, scale: bool = True
+    ) -> Tensor:
+        """``(A, C, B)`` softmax minus one-hot, times each example's weight: dLoss/dlogits.
+
+        With ``weight`` None each weight is ``1 / B``, left out when ``scale`` is False (the
+        caller folds it into its step size).
+        """
+        return self._residual_of(self._logits_t(params, x), y, weight, scale=scale)
+
+    @staticmethod
+    def _residual_of(
+        logits_t: Tensor, y: Tensor, weight: Tensor | None, *, scale: bool = True
+    ) -> Tensor:
+        """:meth:`_residual` from the ``(A, C, B)`` logits (overwritten)."""
         rows, batch = y.shape
-        probs = torch.softmax(self._logits_t(params, x), dim=1)
-        probs.scatter_add_(1, y.unsqueeze(1), torch.full((1, 1, 1), -1.0).expand(rows, 1, batch))
+        probs = torch.softmax(logits_t, dim=1)
+        probs.scatter_add_(1, y.unsqueeze(1), _MINUS_ONE.expand(rows, 1, batch))
         if weight is None:
-            return probs.mul_(1.0 / batch)
+            return probs.mul_(1.0 / batch) if scale else probs
         return probs.mul_(weight.unsqueeze(1))
 
     def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
@@ -261,11 +274,14 @@ class LinearBackend:
         self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None, *, lr: float
     ) -> None:
         """Plain SGD in place on ``params`` (a view): no gradient buffer is written at all."""
-        residual = self._residual(params, x, y, weight)
         weight_t, bias = self._split(params)
-        bias.sub_(residual.sum(dim=2), alpha=lr)
+        residual = self._residual_of(
+            torch.baddbmm(bias.unsqueeze(2), weight_t, x.transpose(1, 2)), y, weight, scale=False
+        )
+        step = lr / y.shape[1] if weight is None else lr
+        bias.sub_(residual.sum(dim=2), alpha=step)
         # baddbmm_ into the strided view is several times slower than a product then a subtract.
-        weight_t.sub_(torch.bmm(residual, x), alpha=lr)
+        weight_t.sub_(torch.bmm(residual, x), alpha=step)
 
     def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Mean cross-entropy per row."""
@@ -282,6 +298,9 @@ class LinearBackend:
         flat = x @ weight.reshape(rows * self.num_classes, -1).T
         return (flat.view(-1, rows, self.num_classes) + bias).transpose(0, 1)
 
+
+_MINUS_ONE = torch.full((1, 1, 1), -1.0)
+"""Subtracted at each example's label by ``scatter_add_`` (expanded, never written)."""
 
 _SPATIAL = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
@@ -726,6 +745,7 @@ class Engine:
                 and train.lr_schedule == "constant"
             )
             self._minus_one = torch.full((1,), -1.0)
+            self._buffers: dict[tuple[int, int], Tensor] = {}
             self._y_shape = tuple(data.y_train.shape[1:])
             layout = backend.layout if isinstance(backend, ModuleLoopBackend) else None
             self.param_width = backend.num_params if layout is None else layout.num_params
@@ -858,19 +878,17 @@ class Engine:
             return
         self.optimizer.reset()
         order = torch.zeros_like(data.train_index)
-        if (
-            len(set(counts.tolist())) == 1
-            and len(set(totals.tolist())) == 1
-            and (int(counts[0]) % batch == 0)
-        ):
-            # Every node runs the same number of full batches: no masks, no row subsets.
+        if len(set(counts.tolist())) == 1 and len(set(totals.tolist())) == 1:
+            # Every node has as many examples and steps: no masks, no row subsets. A pass's last
+            # batch may be short, and is the same length on every node.
             everyone, per = torch.ones(self.num_nodes, dtype=torch.bool), int(per_pass[0])
+            count = int(counts[0])
             for step in range(last):
                 if step % per == 0:
                     self._shuffle_rows(order, everyone, generators)
                 start = (step % per) * batch
                 step_fn(
-                    order[:, start : start + batch],
+                    order[:, start : min(start + batch, count)],
                     None,
                     rows=None,
                     step=step,
@@ -942,8 +960,8 @@ class Engine:
     ) -> None:
         count, batch = index.shape
         flat = index.reshape(-1)
-        x = self._x_train.index_select(0, flat).view(count, batch, *self._x_train.shape[1:])
-        y = self.data.y_train.index_select(0, flat).view(count, batch, *self._y_shape)
+        x = self._gather(self._x_train, flat).view(count, batch, *self._x_train.shape[1:])
+        y = self._gather(self.data.y_train, flat).view(count, batch, *self._y_shape)
         if self._plain_sgd and not isinstance(rows, Tensor):
             assert isinstance(self.backend, LinearBackend)
             self.backend.sgd_step(RowOptimizer._take(self.params, rows), x, y, weight, lr=base_lr)
@@ -954,6 +972,18 @@ class Engine:
             total = RowOptimizer._take(totals, rows)
             lr = base_lr * 0.5 * (1 + torch.cos(math.pi * step / total.clamp_min(1)))
         self.optimizer.step(self.params, grad, rows=rows, lr=lr)
+
+    def _gather(self, source: Tensor, flat: Tensor) -> Tensor:
+        """``source[flat]`` into a buffer kept for the next batch of this shape.
+
+        A fresh megabyte-sized tensor every step costs page faults: reusing one is measurably
+        faster (``benchmarks/sim_speed.py``). The result is valid until the next call.
+        """
+        key = (source.data_ptr(), int(flat.shape[0]))
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = source.new_empty((flat.shape[0], *source.shape[1:]))
+        return torch.index_select(source, 0, flat, out=buffer)
 
     # ---- mixing ---------------------------------------------------------------------------
 
