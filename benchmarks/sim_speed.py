@@ -6,10 +6,15 @@ random cohort of 4 peers (fixed weights). The plain loop does the same work the 
 separate ``nn.Module``s, each with its own ``torch.optim.SGD``, batches gathered by fancy
 indexing, and mixing by summing state dicts node by node.
 
-Also times the seed workload (MNIST, 6 nodes, logistic regression, 10 rounds of 1 local epoch,
-batch 64) and profiles where the engine's training time goes.
+First, the product itself on the seed workload W (MNIST, 6 nodes, logistic regression, 10 rounds
+of 1 local epoch, SGD lr 0.1, batch 64, complete graph, fixed mixing, all 60,000 training
+images): the ``fedtorrent simulate`` command timed from outside the process, alternating with
+``python -c "import torch"`` (the floor of any torch tool) and with a plain PyTorch script doing
+the same work (``benchmarks/plain_seed.py``), medians of 5; then where the time goes, from the
+public ``simulate()`` in a fresh process (process start, imports, data, training, mixing,
+evaluation, the rest of the run, writing). Also profiles the engine's training on W.
 
-    FEDTORRENT_DATA=../shared/data .venv/bin/python benchmarks/sim_speed.py [--quick]
+    FEDTORRENT_DATA=../shared/data .venv/bin/python benchmarks/sim_speed.py [--quick] [--only PART]
 
 Prints tables and writes ``benchmarks/results/sim_speed.json``.
 """
@@ -22,6 +27,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +47,55 @@ from fedtorrent.state import flatten
 
 COHORT = 4
 OUT = Path(__file__).parent / "results" / "sim_speed.json"
+HERE = Path(__file__).resolve().parent
+W_ARGS = [
+    *("--dataset", "mnist", "--model", "logreg", "--nodes", "6", "--mixing", "fixed"),
+    *("--rounds", "10", "--round-schedule", "constant", "--lr", "0.1", "--batch-size", "64"),
+    *("--val-fraction", "0", "--seed", "0", "--no-plots", "--no-progress"),
+]
+
+
+def _seconds(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=600)
+    return time.perf_counter() - start
+
+
+def product(repeats: int) -> dict:
+    """W through ``fedtorrent simulate`` beside ``import torch`` and a plain script, alternating."""
+    python = sys.executable
+    fedtorrent = str(Path(python).with_name("fedtorrent"))
+    runs: dict[str, list[float]] = {"import_torch_s": [], "simulate_s": [], "plain_s": []}
+    train, inside = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "w"
+        _seconds([fedtorrent, "simulate", *W_ARGS, "--out", str(out)])  # warms the cache
+        for _ in range(repeats):
+            runs["import_torch_s"].append(_seconds([python, "-c", "import torch"]))
+            runs["simulate_s"].append(
+                _seconds([fedtorrent, "simulate", *W_ARGS, "--out", str(out)])
+            )
+            fixed = json.loads((out / "summary.json").read_text())["by_mixing"]["fixed"]
+            train.append(fixed["timings"]["train"])
+            inside.append(fixed["wall_seconds"])
+            runs["plain_s"].append(_seconds([python, str(HERE / "plain_seed.py")]))
+        child = [python, str(HERE / "w_phases.py")]
+        phases = json.loads(
+            subprocess.run(child, check=True, capture_output=True, text=True, timeout=600).stdout
+        )
+    phases = {"process_start": min(_seconds([python, "-c", "pass"]) for _ in range(3)), **phases}
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        **medians,
+        "over_import_torch_s": medians["simulate_s"] - medians["import_torch_s"],
+        "train_s": statistics.median(train),
+        "run_s": statistics.median(inside),
+        "plain_over_simulate": medians["plain_s"] / medians["simulate_s"],
+        "runs": runs,
+        "train_s_all": train,
+        "phases_s": phases,
+        "accuracy": fixed["accuracy_mean"],
+    }
 
 
 def subset(dataset: Dataset, count: int) -> Dataset:
@@ -167,96 +224,150 @@ def sweep(
     return rows
 
 
-def seed_workload(dataset: Dataset, repeats: int) -> dict:
-    """MNIST, 6 nodes, logreg, 10 rounds of 1 epoch, batch 64: training-loop seconds."""
-    train = TrainConfig(epochs=1, batch_size=64, lr=0.1)
-    engine_s, loop_s = [], []
-    for _ in range(repeats):
-        engine, net, splits, topology = build(dataset, "logreg", 6, train)
-        for r in range(10):
-            engine.run_round(r)
-        engine_s.append(engine.timings.train)
-        loop = PlainLoop(dataset, net, splits, topology, train)
-        loop_s.append(sum(loop.run_round(r)[0] for r in range(10)))
-    return {
-        "engine_train_s": min(engine_s),
-        "engine_train_s_all": engine_s,
-        "loop_train_s": min(loop_s),
-        "loop_train_s_all": loop_s,
-        "steps": 10 * 125,
-    }
-
-
-def profile_seed_workload(dataset: Dataset) -> list[tuple[str, float]]:
-    """Self CPU time of the top operators in the engine's training loop (10 rounds)."""
+def profile_seed_workload() -> list[tuple[str, float]]:
+    """Self CPU time of the top operators in W's training loop, through the product's path."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine, *_ = build(dataset, "logreg", 6, TrainConfig(epochs=1, batch_size=64, lr=0.1))
-    engine.train_round(0)
+    import fedtorrent as ft
+
+    config = ft.SimConfig(
+        data=ft.DataConfig(dataset="mnist", num_nodes=6, val_fraction=0.0),
+        train=ft.TrainConfig(lr=0.1, batch_size=64),
+        mixing=ft.MixingConfig(rule="fixed"),
+        rounds=10,
+        round_schedule="constant",
+    )
+    data = load_dataset("mnist", progress=False)
+    ft.simulate(config, dataset=data, plots=False, progress=False)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for r in range(1, 11):
-            engine.train_round(r)
+        ft.simulate(config, dataset=data, plots=False, progress=False)
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in rows) / 1e6
     top = [(e.key, e.self_cpu_time_total / 1e6) for e in rows[:8]]
     return [("all aten ops", total), *top]
 
 
+def cnn_batching(threads: int) -> dict:
+    """Why batching nodes cannot make the CNN much faster: its step is compute-bound.
+
+    One CNN's SGD step per example at batch 16, 64 and 384 (flat: the kernels are as efficient
+    at 64 as at 384), and one step of 6 nodes at batch 64 as ``vmap`` over ``functional_call``
+    (one grouped convolution per layer) against 6 separate modules.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    shape, nodes = (1, 28, 28), 6
+
+    def best(fn, repeats: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    per_example = {}
+    for batch in (16, 64, 384):
+        net = build_model("cnn", input_shape=shape, num_classes=10)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+        x, y = torch.rand(batch, *shape), torch.randint(0, 10, (batch,))
+
+        def step(net=net, opt=opt, x=x, y=y) -> None:
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+
+        per_example[str(batch)] = best(step, max(3, 768 // batch)) / batch * 1e6
+    nets = [build_model("cnn", input_shape=shape, num_classes=10) for _ in range(nodes)]
+    xs, ys = torch.rand(nodes, 64, *shape), torch.randint(0, 10, (nodes, 64))
+
+    def separate() -> None:
+        for net, x, y in zip(nets, xs, ys, strict=True):
+            net.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+
+    stacked = {k: torch.stack([dict(n.named_parameters())[k] for n in nets]).detach()
+               for k, _ in nets[0].named_parameters()}  # fmt: skip
+
+    def loss(params, x, y):
+        return nn.functional.cross_entropy(functional_call(nets[0], params, (x,)), y)
+
+    batched = vmap(grad(loss))
+    return {
+        "threads": threads,
+        "us_per_example_by_batch": per_example,
+        "six_nodes_separate_s": best(separate, 5),
+        "six_nodes_vmap_s": best(lambda: batched(stacked, xs, ys), 5),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, rounds and repeats")
     parser.add_argument(
         "--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time"
     )
+    parser.add_argument("--only", choices=("product", "engine"), help="one part only")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    mnist = load_dataset("mnist", progress=False)
-    train_set = subset(mnist, 48_000)
-    if args.quick:
-        linear_sizes, cnn_sizes, rounds = [6, 100], [6], 2
-    else:
-        linear_sizes, cnn_sizes, rounds = [6, 10, 30, 100, 300, 1000], [6, 30, 100], 4
     cpu = platform.processor() or platform.machine()
-    results: dict[str, dict] = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        load = os.getloadavg()[0]
-        print(f"\ntorch {torch.__version__}, {threads} thread(s), {cpu}, load average {load:.2f}")
-        print("round times are the best of the timed rounds (least disturbed by other processes)")
-        header = ("model", "nodes", "round_s", "train_s", "mix_s", "loop_s", "speedup")
-        print(f"{header[0]:7s} " + " ".join(f"{h:>9s}" for h in header[1:]))
-        rows = sweep(train_set, "logreg", linear_sizes, rounds, loop_limit=1000)
-        # The CNN costs ~17 MFLOP per example: a 6,000-image subset keeps a round near a second.
-        rows += sweep(subset(mnist, 6_000), "cnn", cnn_sizes, max(1, rounds - 2), loop_limit=1000)
-        seed = seed_workload(train_set, repeats=1 if args.quick else 3)
+    report: dict = {"torch": torch.__version__, "cpu": cpu, "cohort": COHORT, "quick": args.quick}
+    if args.out.exists():  # a part run alone keeps the other part's last figures
+        report = {**json.loads(args.out.read_text()), **report}
+    if args.only in (None, "product"):
+        w = product(repeats=3 if args.quick else 5)
+        report["product"] = w
         print(
-            f"seed workload (MNIST, 6 nodes, logreg, 10 rounds x 1 epoch, batch 64): "
-            f"engine {seed['engine_train_s']:.3f} s, plain loop {seed['loop_train_s']:.3f} s "
-            f"({seed['loop_train_s'] / seed['engine_train_s']:.1f}x); "
-            f"{1e3 * seed['engine_train_s'] / seed['steps']:.3f} ms per batched step"
+            f"W end to end, medians of {len(w['runs']['simulate_s'])} alternating runs: "
+            f"python -c 'import torch' {w['import_torch_s']:.2f} s, fedtorrent simulate "
+            f"{w['simulate_s']:.2f} s (+{w['over_import_torch_s']:.2f} s), plain PyTorch "
+            f"script {w['plain_s']:.2f} s ({w['plain_over_simulate']:.1f}x the product's time); "
+            f"training loop inside simulate {w['train_s']:.3f} s; accuracy {w['accuracy']:.4f}"
         )
-        results[str(threads)] = {"load_average_before": load, "rows": rows, "seed_workload": seed}
-    torch.set_num_threads(args.threads[0])
-    profile = profile_seed_workload(train_set)
-    print(f"\nwhere the engine's training time goes ({args.threads[0]} thread, 10 rounds, s):")
-    for name, seconds in profile:
-        print(f"  {name:28s} {seconds:7.3f}")
+        print("where W's time goes (public simulate() in a fresh process, s):")
+        for name, seconds in w["phases_s"].items():
+            print(f"  {name:12s} {seconds:7.3f}")
+        profile = profile_seed_workload()
+        report["profile_s"] = profile
+        print("\nW's top operators (torch profiler, self CPU s):")
+        for name, seconds in profile:
+            print(f"  {name:28s} {seconds:7.3f}")
+    if args.only in (None, "engine"):
+        mnist = load_dataset("mnist", progress=False)
+        train_set = subset(mnist, 48_000)
+        if args.quick:
+            linear_sizes, cnn_sizes, rounds = [6, 100], [6], 2
+        else:
+            linear_sizes, cnn_sizes, rounds = [6, 10, 30, 100, 300, 1000], [6, 30, 100], 4
+        results: dict[str, dict] = {}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            load = os.getloadavg()[0]
+            print(f"\ntorch {torch.__version__}, {threads} thread(s), {cpu}, load {load:.2f}")
+            print("round times are the best of the timed rounds (least disturbed by others)")
+            header = ("model", "nodes", "round_s", "train_s", "mix_s", "loop_s", "speedup")
+            print(f"{header[0]:7s} " + " ".join(f"{h:>9s}" for h in header[1:]))
+            rows = sweep(train_set, "logreg", linear_sizes, rounds, loop_limit=1000)
+            # The CNN costs ~18 MFLOP per example: a 6,000-image subset keeps a round near 1 s.
+            cnn = subset(mnist, 6_000)
+            rows += sweep(cnn, "cnn", cnn_sizes, max(1, rounds - 2), loop_limit=1000)
+            batching = cnn_batching(threads)
+            per = batching["us_per_example_by_batch"]
+            print(
+                "cnn step per example at batch "
+                + ", ".join(f"{b}: {us:.0f} us" for b, us in per.items())
+                + f"; 6 nodes x batch 64: vmap (grouped convolutions) "
+                f"{batching['six_nodes_vmap_s'] * 1e3:.1f} ms, 6 separate modules "
+                f"{batching['six_nodes_separate_s'] * 1e3:.1f} ms"
+            )
+            results[str(threads)] = {"load_average_before": load, "rows": rows,
+                                     "cnn_batching": batching}  # fmt: skip
+        report["by_threads"] = results
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "torch": torch.__version__,
-                "cpu": cpu,
-                "cohort": COHORT,
-                "by_threads": results,
-                "profile_threads": args.threads[0],
-                "profile_s": profile,
-                "quick": args.quick,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

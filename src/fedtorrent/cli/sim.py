@@ -31,7 +31,9 @@ _PRIVACY = PrivacyConfig()
 """The private trust fit's defaults (``trust_clip``, ``trust_noise``)."""
 _DATASET_HELP = "mnist, fashion-mnist, cifar10 or digits (scikit-learn's, offline)."
 _DATA_DIR_HELP = "Folder searched first for dataset files (else $FEDTORRENT_DATA, then the cache)."
-_THREADS_HELP = "Torch CPU threads; the simulator's small batched ops run fastest on one."
+_THREADS_HELP = (
+    "Torch CPU threads (default: torch's, one per core; 1 when other work shares the cores)."
+)
 
 
 @app.command()
@@ -161,7 +163,7 @@ def simulate(
         Path | None, typer.Option(help="Run folder (default runs/<dataset>-<split>-<time>).")
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help=_DATA_DIR_HELP)] = None,
-    threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 1,
+    threads: Annotated[int | None, typer.Option(help=_THREADS_HELP)] = None,
     plots: Annotated[bool, typer.Option(help="Draw plots into the run folder.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     dp_clip: Annotated[
@@ -301,8 +303,7 @@ def simulate(
         for rule in rules
         for s in seeds
     ]
-    if threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
+    _check_threads(threads)
     resolve_device(device)  # an absent device: one line before any data is loaded
     if task is not None:
         _simulate_task(
@@ -322,7 +323,8 @@ def simulate(
     from fedtorrent.sim.run import load_for  # noqa: PLC0415
     from fedtorrent.sim.run import simulate as run_simulation  # noqa: PLC0415
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     data = load_for(base)
     started = time.perf_counter()
     _, summary = run_simulation(
@@ -337,12 +339,17 @@ def simulate(
     _print_summary(summary, folder=folder, seconds=time.perf_counter() - started, split=split)
 
 
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+
+
 def _simulate_task(
     spec: str,
     configs: list[SimConfig],
     *,
     out: Path | None,
-    threads: int,
+    threads: int | None,
     progress: bool,
     save_models: bool,
     device: str,
@@ -356,7 +363,8 @@ def _simulate_task(
     loaded = load_task(spec)
     name = spec.rsplit(":", 1)[-1].replace(".", "-") or "task"
     folder = out or Path("runs") / f"task-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     _, summary = run_simulation(
         configs,
@@ -492,7 +500,7 @@ def reproduce(
         bool, typer.Option(help="Only rewrite README.md and plots from OUT/reproduce.json.")
     ] = False,
     data_dir: Annotated[Path | None, typer.Option(help=_DATA_DIR_HELP)] = None,
-    threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 1,
+    threads: Annotated[int | None, typer.Option(help=_THREADS_HELP)] = None,
     progress: Annotated[bool, typer.Option(help="Show progress on stderr.")] = True,
 ) -> None:
     """Run the seed paper's experiments (Tables 1-3, nodes and rounds sweeps) into ``out``."""
@@ -501,14 +509,14 @@ def reproduce(
 
         print(render(out).read_text(encoding="utf-8"))
         return
-    if threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {threads}")
+    _check_threads(threads)
     import torch  # noqa: PLC0415
 
     from fedtorrent.sim.reproduce import ReproducePlan  # noqa: PLC0415
     from fedtorrent.sim.reproduce import reproduce as run_reproduce  # noqa: PLC0415
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     plan = ReproducePlan.quick() if quick else ReproducePlan()
     if seed:
         plan = plan.with_seeds(tuple(seed))

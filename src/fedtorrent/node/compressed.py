@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedtorrent.errors import StateError
 from fedtorrent.net import wire
-from fedtorrent.net.transport import Reply
 from fedtorrent.state.codec import check_state_like, encode_state
 from fedtorrent.state.compress import Compression, PublicCopy, decode_packet, encode_packet
 from fedtorrent.state.flat import flatten, unflatten
 from fedtorrent.state.layout import pick
+
+if TYPE_CHECKING:
+    from fedtorrent.net.transport import Reply
 
 Tensor = torch.Tensor
 State = dict[str, Tensor]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from fedtorrent.net import wire
-from fedtorrent.net.identity import NONCE_BYTES
 from fedtorrent.node.compressed import HISTORY
 from fedtorrent.state.compress import Compression, packet_bytes
 
@@ -24,6 +23,9 @@ Tensor = torch.Tensor
 
 def state_header_bytes(*, codec: str | None, num_nodes: int) -> int:
     """The encoded size of a signed state header (a sender id of ``peer-<N-1>``)."""
+    # Lazy: the identity module's signing and ZeroMQ imports cost the simulator 50 ms.
+    from fedtorrent.net.identity import NONCE_BYTES  # noqa: PLC0415
+
     frames = wire.encode_message(
         b"",
         info_hash="0" * 64,
