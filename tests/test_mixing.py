@@ -306,3 +306,48 @@ def test_model_loss_fn_matches_the_module() -> None:
     assert views["1.weight"].shape == (2, 3, 4)
     with pytest.raises(StateError):
         flat_views(flat[:-1], model.state_dict())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(
+        st.lists(
+            st.one_of(
+                st.floats(width=32, allow_nan=True, allow_infinity=True),
+                st.sampled_from([3e38, -3e38, 1e-45]),
+            ),
+            min_size=1,
+            max_size=9,
+        ),
+        min_size=1,
+        max_size=5,
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1)
+)
+def test_finite_rows_agrees_with_the_elementwise_check(values: list[list[float]]) -> None:
+    from fedtorrent.mixing.screen import finite_rows
+
+    x = torch.tensor(values, dtype=torch.float32)
+    assert torch.equal(finite_rows(x), torch.isfinite(x).all(dim=1))
+
+
+def test_the_chunked_float64_gram_gives_the_direct_distances(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedtorrent.mixing import screen
+
+    monkeypatch.setattr(screen, "_DIRECT_FLOATS", 16 * 300)  # chunks of 300 columns
+    generator = torch.Generator().manual_seed(0)
+    own = torch.randn(7, 5000, generator=generator)
+    others = torch.randn(9, 5000, generator=generator) * 3
+    rows, cols = torch.meshgrid(torch.arange(7), torch.arange(9), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    expected = (others[cols].double() - own[rows].double()).norm(dim=1)
+    for a, b in ((own, others), (own, own)):
+        pairs = (rows, cols) if b is others else (rows, rows % 7)
+        got = screen.pair_distances(a, b, *pairs)  # dense: the Gram path, in chunks
+        want = (
+            expected if b is others else (own[pairs[1]].double() - own[rows].double()).norm(dim=1)
+        )
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
+    norms = screen.square_norms(own)
+    assert torch.allclose(norms, own.double().square().sum(dim=1), rtol=1e-12)

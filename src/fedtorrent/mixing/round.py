@@ -51,7 +51,13 @@ from fedtorrent.mixing.rules import (
     trimmed_mean,
     uniform_weights,
 )
-from fedtorrent.mixing.screen import finite_or_own, implausible_pairs, pair_distances
+from fedtorrent.mixing.screen import (
+    finite_or_own,
+    finite_rows,
+    implausible_pairs,
+    pair_distances,
+    square_norms,
+)
 from fedtorrent.mixing.trust import (
     Release,
     TrustDP,
@@ -110,8 +116,15 @@ class Cohorts:
 
     @property
     def own_rows(self) -> Tensor:
-        """``(R, P)`` each receiver's true vector."""
-        return self.shared[self.self_column] if self.own is None else self.own
+        """``(R, P)`` each receiver's true vector (``shared`` itself when row i is receiver i's)."""
+        if self.own is not None:
+            return self.own
+        m = self.shared.shape[0]
+        if self.self_column.shape[0] == m and bool(
+            (self.self_column == torch.arange(m, device=self.self_column.device)).all()
+        ):
+            return self.shared
+        return self.shared[self.self_column]
 
 
 @dataclass(frozen=True)
@@ -354,7 +367,7 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
             releases=tuple(() for _ in range(r)),
         )  # fmt: skip
 
-    bad = ~torch.isfinite(shared).all(dim=1)
+    bad = ~finite_rows(shared)
     nonfinite = none
     if bool(bad.any()):
         nonfinite = members & ~is_self & bad.unsqueeze(0)
@@ -392,7 +405,8 @@ def mix_round(cohorts: Cohorts, config: MixingConfig, trust: Trust | None = None
             weights, logits, members, excluded, kept = fit_trust(
                 trust, members, cohorts, shared, config, suspicion=suspicion
             )
-        mixed = weighted_mix(weights, shared, own, self_column)
+        # Without a separate true vector the own correction is 0: skip its passes over P.
+        mixed = weighted_mix(weights, shared, cohorts.own, self_column)
         public = None if cohorts.own is None else weighted_mix(weights, shared)
     guarded, unmixed = finite_or_own(mixed, own)
     exact_weights = uniform_weights(members) if weights is None else weights
@@ -677,7 +691,7 @@ def _screen(
     measured = pair_distances(own, shared, rows, cols)
     distances[rows, cols] = measured
     if config.plausibility > 0 and rows.numel():
-        own_norm = own.to(torch.float64).norm(dim=1)
+        own_norm = square_norms(own).sqrt()
         out = implausible_pairs(rows, measured, own_norm, multiple=config.plausibility)
         dropped[rows[out], cols[out]] = True
     return edges & ~dropped, dropped, distances

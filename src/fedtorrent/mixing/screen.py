@@ -66,14 +66,41 @@ def pair_distances(own: Tensor, others: Tensor, rows: Tensor, cols: Tensor) -> T
             pick = wide.nonzero().squeeze(1)
             out[pick] = _direct(own, others, rows[pick], cols[pick], torch.float64)
         return out
-    a, b = own.to(torch.float64), others.to(torch.float64)
-    norm_a, norm_b = (a * a).sum(dim=1), (b * b).sum(dim=1)
-    square = norm_a[rows] + norm_b[cols] - 2 * (a @ b.T)[rows, cols]
+    norm_a, norm_b, gram = _gram(own, others)
+    square = norm_a[rows] + norm_b[cols] - 2 * gram[rows, cols]
     out = square.clamp_min(0).sqrt()
     unsure = ~(square > _GRAM_TRUST * (norm_a[rows] + norm_b[cols]))
     if bool(unsure.any()):
         pick = unsure.nonzero().squeeze(1)
-        out[pick] = _direct(a, b, rows[pick], cols[pick], torch.float64)
+        out[pick] = _direct(own, others, rows[pick], cols[pick], torch.float64)
+    return out
+
+
+def _gram(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Squared norms of ``a``'s and ``b``'s rows and ``a @ b.T``, all in float64.
+
+    Column chunks are converted one at a time, so no float64 copy of the inputs is ever held
+    (``a is b``, as in the engine, is converted once).
+    """
+    chunk = max(1, _DIRECT_FLOATS // max(1, a.shape[0] + b.shape[0]))
+    gram = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], chunk):
+        part_a = a[:, start : start + chunk].to(torch.float64)
+        part_b = part_a if a is b else b[:, start : start + chunk].to(torch.float64)
+        gram.addmm_(part_a, part_b.T)
+    if a is b:
+        norms = gram.diagonal().clone()
+        return norms, norms, gram
+    return square_norms(a), square_norms(b), gram
+
+
+def square_norms(x: Tensor) -> Tensor:
+    """``(R,)`` each row's squared norm in float64, without a float64 copy of ``x``."""
+    chunk = max(1, _DIRECT_FLOATS // max(1, x.shape[0]))
+    out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[1], chunk):
+        part = x[:, start : start + chunk].to(torch.float64)
+        out += torch.einsum("ij,ij->i", part, part)
     return out
 
 
@@ -168,7 +195,22 @@ def finite_or_own(mixed: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
         ``(vectors, kept_own)``: the guarded vectors and a ``(...,)`` bool of rows that kept
         their own. ``mixed`` itself is returned when every row is finite.
     """
-    bad = ~torch.isfinite(mixed).all(dim=-1)
+    bad = ~finite_rows(mixed)
     if not bool(bad.any()):
         return mixed, bad
     return torch.where(bad.unsqueeze(-1), own, mixed), bad
+
+
+def finite_rows(x: Tensor) -> Tensor:
+    """``(...,)`` True where every value of a ``(..., P)`` row is finite.
+
+    One sum per row instead of a mask of ``x``'s size: an inf or NaN makes the sum inf or NaN, so
+    a finite sum proves a finite row; only rows whose sum is not finite (overflow of huge finite
+    values, or a real inf or NaN) are checked value by value.
+    """
+    finite = torch.isfinite(x.sum(dim=-1))
+    if bool(finite.all()):
+        return finite
+    unsure = ~finite
+    finite[unsure] = torch.isfinite(x[unsure]).all(dim=-1)
+    return finite
