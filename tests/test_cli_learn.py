@@ -151,3 +151,25 @@ def test_the_installed_command_reports_errors_in_one_line() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot split 1437 examples across 5000 nodes")
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+@pytest.mark.timeout(120)
+def test_the_installed_command_exits_at_once_after_torch_with_everything_written(
+    tmp_path: Path,
+) -> None:
+    command = Path(sys.executable).with_name("fedtorrent")
+    base = [str(command), "simulate", "--dataset", "digits", "--nodes", "2", "--rounds", "1",
+            "--no-plots", "--no-progress"]  # fmt: skip
+    result = subprocess.run(
+        [*base, "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=100, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    last = " ".join(result.stdout.split())  # rich wraps long lines
+    assert last.endswith(f"summary.json in {tmp_path / 'run'}")  # all of stdout was flushed
+    assert (tmp_path / "run" / "summary.json").is_file()
+    failed = subprocess.run(
+        [*base, "--threads", "0"], capture_output=True, text=True, timeout=100, check=False
+    )
+    assert failed.returncode == 2
+    assert failed.stderr == "error: threads must be >= 1, got 0\n"

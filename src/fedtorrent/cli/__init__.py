@@ -6,7 +6,11 @@ Each concern registers its commands from its own module; heavy imports happen in
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+import threading
 
 import typer
 
@@ -19,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-__all__ = ["app", "main", "printable"]
+__all__ = ["app", "main", "printable", "run"]
 
 
 def _os_error(exc: OSError) -> str:
@@ -53,3 +57,29 @@ def main() -> None:
     except OSError as exc:
         print(f"error: {printable(_os_error(exc))}", file=sys.stderr)
         sys.exit(2)
+
+
+def run() -> None:
+    """The ``fedtorrent`` executable: :func:`main`, then a quick exit after torch was loaded.
+
+    Tearing torch's modules down at interpreter exit takes 0.4 to 0.6 s and does nothing a
+    finished command needs. So when only the main thread is left, the atexit handlers run, the
+    standard streams are flushed and the process ends at once with the command's status
+    (``os._exit``); otherwise (threads still running, or no torch) Python exits as usual.
+    In-process callers (tests, notebooks) call :func:`main`, which only raises ``SystemExit``.
+    """
+    try:
+        main()
+        code: object = 0
+    except SystemExit as done:
+        code = done.code
+    if "torch" not in sys.modules or threading.active_count() > 1:
+        sys.exit(code)  # type: ignore[arg-type]
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what sys.exit would print for a message
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code or 0)
