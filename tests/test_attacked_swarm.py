@@ -47,6 +47,7 @@ def _attacked_swarm(tmp_path: Path, *, mixing: str) -> dict[str, Any]:
         exchange_timeout=20,
         attackers=ATTACKERS,
         attack="sign_flip",
+        processes=2,  # three peers per process: the attack path is the same, imports are not
     )
     summary = run_swarm(config, timeout=80, plots=False)
     assert summary["finished"] == PEERS, summary["per_peer"]

@@ -524,11 +524,11 @@ def _mnist_torrent(folder: Path, *, rounds: int, nodes: int) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_asynchronous_peers_do_not_wait_for_a_slow_one(tmp_path: Path) -> None:
-    """4 real peers, one 12x slower, --staleness 2: the others' rounds are far shorter than its."""
+    """4 real peers, one 6x slower, --staleness 2: the others' rounds are far shorter than its."""
     torrent = _mnist_torrent(tmp_path, rounds=3, nodes=4)
     out = tmp_path / "run"
     config = SwarmConfig(
-        torrent=torrent, out=out, peers=4, data_dir=DATA, exchange_timeout=20, slow="25%x12",
+        torrent=torrent, out=out, peers=4, data_dir=DATA, exchange_timeout=20, slow="25%x6",
         staleness=2, env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     summary = run_swarm(config, timeout=240, plots=False, progress=False)
@@ -541,7 +541,7 @@ def test_asynchronous_peers_do_not_wait_for_a_slow_one(tmp_path: Path) -> None:
         assert sum(fast) / len(fast) < 0.6 * sum(slow) / len(slow), (fast, slow)
         assert all(r["max_staleness"] == 2 for r in records[i])
         assert all(s <= 2 for r in records[i] for s in r["staleness"].values())
-    assert all(r["slowdown"] == 12.0 and r["timings"]["slowdown"] > 0 for r in records[3])
+    assert all(r["slowdown"] == 6.0 and r["timings"]["slowdown"] > 0 for r in records[3])
 
 
 @pytest.mark.network
