@@ -36,6 +36,7 @@ RESULT_FILES = (
     "results/stragglers.json",
     "results/opentracker.json",
     "benchmarks/results/swarm_scale.json",
+    "benchmarks/results/sim_speed.json",
 )
 """Every results file the paper reads, in the order the build reads them."""
 
@@ -595,6 +596,44 @@ def scale(r: Results) -> dict[str, Any]:
     }
 
 
+# --- speed -------------------------------------------------------------------------------------
+
+
+def speed(r: Results) -> dict[str, Any]:
+    """The seed workload end to end, the engine against a plain loop, and the CNN's limit."""
+    name = "benchmarks/results/sim_speed.json"
+    w = r.get(name, "product")
+    phases = r.get(name, "product", "phases_s")
+    threads = r.get(name, "by_threads", "2")
+    rows = [
+        [
+            "logistic regression" if row["model"] == "logreg" else "CNN (6,000 images)",
+            str(row["nodes"]),
+            fixed(row["engine"]["round_s"], 3),
+            fixed(row["loop"]["round_s"], 3),
+            fixed(row["speedup"], 1) + "×",
+        ]
+        for row in threads["rows"]
+        if "loop" in row
+    ]
+    batching = threads["cnn_batching"]
+    per = batching["us_per_example_by_batch"]
+    return {
+        "torch": fixed(w["import_torch_s"]),
+        "simulate": fixed(w["simulate_s"]),
+        "over": fixed(w["over_import_torch_s"]),
+        "train": fixed(w["train_s"]),
+        "plain": fixed(w["plain_s"], 1),
+        "ratio": fixed(w["plain_over_simulate"], 1),
+        "repeats": str(len(w["runs"]["simulate_s"])),
+        "phases": [[key.replace("_", " "), fixed(value, 3)] for key, value in phases.items()],
+        "engine": rows,
+        "cnn_us": [[batch, fixed(us, 0)] for batch, us in per.items()],
+        "cnn_vmap_ms": fixed(1e3 * batching["six_nodes_vmap_s"], 1),
+        "cnn_separate_ms": fixed(1e3 * batching["six_nodes_separate_s"], 1),
+    }
+
+
 SECTIONS: dict[str, Callable[[Results], dict[str, Any]]] = {
     "repro": reproduction,
     "seeds": table3_seeds,
@@ -603,6 +642,7 @@ SECTIONS: dict[str, Callable[[Results], dict[str, Any]]] = {
     "privacy": privacy,
     "bandwidth": bandwidth,
     "scale": scale,
+    "speed": speed,
 }
 
 

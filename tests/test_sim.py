@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -422,3 +423,34 @@ def test_round_lr_scale_is_cosine_over_the_run_and_shared_with_peers() -> None:
     for bad in (("step", 0, 4), ("cosine", -1, 4), ("cosine", 0, 0)):
         with pytest.raises(ConfigError):
             round_lr_scale(*bad)
+
+
+def test_the_cnn_on_the_engine_trains_each_node_as_its_own_module_would() -> None:
+    """The built-in CNN (convolutions, pooling): the engine's rows match separate modules."""
+    shape, counts = (1, 8, 8), [6, 9, 7]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), *shape, generator=generator).numpy()
+    y = torch.randint(0, CLASSES, (sum(counts),), generator=generator).numpy()
+    bounds = np.cumsum([0, *counts])
+    splits = [(np.arange(a, b), np.arange(0)) for a, b in itertools.pairwise(bounds)]
+    data = node_data(x_train=x, y_train=y, x_test=x[:5], y_test=y[:5], splits=splits,
+                     num_classes=CLASSES)  # fmt: skip
+    torch.manual_seed(0)
+    net = build_model("cnn", input_shape=shape, num_classes=CLASSES, hidden=16)
+    train = TrainConfig(epochs=3, batch_size=16, lr=0.1, momentum=0.9)  # full batches
+    engine = Engine(
+        backend=make_backend(net, input_shape=shape), data=data, train=train,
+        mixing=MixingConfig(rule="none"), topology=Topology(TopologyConfig(), num_nodes=3, seed=0),
+        init=flatten(net.state_dict()), seed=0,
+    )  # fmt: skip
+    engine.train_round(0)
+    for node, (rows, _) in enumerate(splits):
+        module = build_model("cnn", input_shape=shape, num_classes=CLASSES, hidden=16)
+        module.load_state_dict(net.state_dict())
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+        inputs, targets = torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(module(inputs), targets).backward()
+            optimizer.step()
+        assert torch.allclose(engine.params[node], flatten(module.state_dict()), atol=1e-5), node
