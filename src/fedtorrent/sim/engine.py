@@ -745,7 +745,6 @@ class Engine:
                 and train.lr_schedule == "constant"
             )
             self._minus_one = torch.full((1,), -1.0)
-            self._buffers: dict[tuple[int, int], Tensor] = {}
             self._y_shape = tuple(data.y_train.shape[1:])
             layout = backend.layout if isinstance(backend, ModuleLoopBackend) else None
             self.param_width = backend.num_params if layout is None else layout.num_params
@@ -960,8 +959,8 @@ class Engine:
     ) -> None:
         count, batch = index.shape
         flat = index.reshape(-1)
-        x = self._gather(self._x_train, flat).view(count, batch, *self._x_train.shape[1:])
-        y = self._gather(self.data.y_train, flat).view(count, batch, *self._y_shape)
+        x = self._x_train.index_select(0, flat).view(count, batch, *self._x_train.shape[1:])
+        y = self.data.y_train.index_select(0, flat).view(count, batch, *self._y_shape)
         if self._plain_sgd and not isinstance(rows, Tensor):
             assert isinstance(self.backend, LinearBackend)
             self.backend.sgd_step(RowOptimizer._take(self.params, rows), x, y, weight, lr=base_lr)
@@ -972,18 +971,6 @@ class Engine:
             total = RowOptimizer._take(totals, rows)
             lr = base_lr * 0.5 * (1 + torch.cos(math.pi * step / total.clamp_min(1)))
         self.optimizer.step(self.params, grad, rows=rows, lr=lr)
-
-    def _gather(self, source: Tensor, flat: Tensor) -> Tensor:
-        """``source[flat]`` into a buffer kept for the next batch of this shape.
-
-        A fresh megabyte-sized tensor every step costs page faults: reusing one is measurably
-        faster (``benchmarks/sim_speed.py``). The result is valid until the next call.
-        """
-        key = (source.data_ptr(), int(flat.shape[0]))
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = source.new_empty((flat.shape[0], *source.shape[1:]))
-        return torch.index_select(source, 0, flat, out=buffer)
 
     # ---- mixing ---------------------------------------------------------------------------
 
