@@ -744,7 +744,6 @@ class Engine:
                 and train.weight_decay == 0
                 and train.lr_schedule == "constant"
             )
-            self._minus_one = torch.full((1,), -1.0)
             self._y_shape = tuple(data.y_train.shape[1:])
             layout = backend.layout if isinstance(backend, ModuleLoopBackend) else None
             self.param_width = backend.num_params if layout is None else layout.num_params
