@@ -208,26 +208,21 @@ class LinearBackend:
         weight, bias = self._split(params)
         return torch.baddbmm(bias.unsqueeze(2), weight, x.transpose(1, 2))
 
-    def _residual(
-        self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None, *, scale: bool = True
-    ) -> Tensor:
+    def _residual(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
         """``(A, C, B)`` softmax minus one-hot, times each example's weight: dLoss/dlogits.
 
-        With ``weight`` None each weight is ``1 / B``, left out when ``scale`` is False (the
-        caller folds it into its step size).
+        With ``weight`` None each weight is ``1 / B``.
         """
-        return self._residual_of(self._logits_t(params, x), y, weight, scale=scale)
+        return self._residual_of(self._logits_t(params, x), y, weight)
 
     @staticmethod
-    def _residual_of(
-        logits_t: Tensor, y: Tensor, weight: Tensor | None, *, scale: bool = True
-    ) -> Tensor:
-        """:meth:`_residual` from the ``(A, C, B)`` logits (overwritten)."""
+    def _residual_of(logits_t: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+        """:meth:`_residual` from the ``(A, C, B)`` logits."""
         rows, batch = y.shape
         probs = torch.softmax(logits_t, dim=1)
         probs.scatter_add_(1, y.unsqueeze(1), _MINUS_ONE.expand(rows, 1, batch))
         if weight is None:
-            return probs.mul_(1.0 / batch) if scale else probs
+            return probs.mul_(1.0 / batch)
         return probs.mul_(weight.unsqueeze(1))
 
     def grad(self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
@@ -276,12 +271,11 @@ class LinearBackend:
         """Plain SGD in place on ``params`` (a view): no gradient buffer is written at all."""
         weight_t, bias = self._split(params)
         residual = self._residual_of(
-            torch.baddbmm(bias.unsqueeze(2), weight_t, x.transpose(1, 2)), y, weight, scale=False
+            torch.baddbmm(bias.unsqueeze(2), weight_t, x.transpose(1, 2)), y, weight
         )
-        step = lr / y.shape[1] if weight is None else lr
-        bias.sub_(residual.sum(dim=2), alpha=step)
+        bias.sub_(residual.sum(dim=2), alpha=lr)
         # baddbmm_ into the strided view is several times slower than a product then a subtract.
-        weight_t.sub_(torch.bmm(residual, x), alpha=step)
+        weight_t.sub_(torch.bmm(residual, x), alpha=lr)
 
     def losses(self, params: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Mean cross-entropy per row."""
@@ -876,26 +870,20 @@ class Engine:
             return
         self.optimizer.reset()
         order = torch.zeros_like(data.train_index)
-        if len(set(counts.tolist())) == 1 and len(set(totals.tolist())) == 1:
-            # Every node has as many examples and steps: no masks, no row subsets. A pass's last
-            # batch may be short, and is the same length on every node.
-            everyone, per = torch.ones(self.num_nodes, dtype=torch.bool), int(per_pass[0])
-            count = int(counts[0])
-            for step in range(last):
+        # Every node has as many examples and steps: full batches need no masks and no row
+        # subsets (a pass's short last batch takes the masked step below, the same numbers).
+        uniform = len(set(counts.tolist())) == 1 and len(set(totals.tolist())) == 1
+        everyone, per = torch.ones(self.num_nodes, dtype=torch.bool), int(per_pass[0])
+        count = int(counts[0])
+        slot = torch.arange(batch)
+        for step in range(last):
+            if uniform and (step % per + 1) * batch <= count:
                 if step % per == 0:
                     self._shuffle_rows(order, everyone, generators)
                 start = (step % per) * batch
-                step_fn(
-                    order[:, start : min(start + batch, count)],
-                    None,
-                    rows=None,
-                    step=step,
-                    totals=totals,
-                    base_lr=base_lr,
-                )
-            return
-        slot = torch.arange(batch)
-        for step in range(last):
+                step_fn(order[:, start : start + batch], None, rows=None, step=step,
+                        totals=totals, base_lr=base_lr)  # fmt: skip
+                continue
             active = step < totals
             fresh = active & (step % per_pass.clamp_min(1) == 0)
             if bool(fresh.any()):
