@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean docs paper
+.PHONY: demo test lint install clean docs paper notebooks
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,14 @@ demo: $(STAMP)
 		--nodes 6 --mixing learned --cohort 3 --rounds $(DEMO_ROUNDS)
 	$(BIN)/fedtorrent swarm runs/demo/session.torrent --peers 6 --out runs/demo
 
+# Re-execute the companion notebooks at full size, one at a time, saving their outputs
+# (notebooks/README.md); datasets come from $FEDTORRENT_DATA.
+notebooks: $(STAMP)
+	nice -n 19 $(BIN)/python notebooks/run.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks experiments examples paper
-	$(BIN)/ruff format --check src tests benchmarks experiments examples paper
+	$(BIN)/ruff check src tests benchmarks experiments examples paper notebooks
+	$(BIN)/ruff format --check src tests benchmarks experiments examples paper notebooks
 	$(BIN)/mypy
 
 test: lint
