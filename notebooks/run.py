@@ -4,8 +4,8 @@ Usage: ``python notebooks/run.py [NOTEBOOK ...]`` (default: every ``notebooks/*.
 time, in name order). Each runs in the ``python3`` kernel of the interpreter running this script,
 with its folder as the working directory, and ``FEDTORRENT_QUICK`` removed from the environment,
 so the saved copies show the full-size results. Torch gets one thread (``OMP_NUM_THREADS=1``
-unless set), as ``fedtorrent simulate`` does by default: on shared cores more threads only wait
-on each other. Datasets come from ``$FEDTORRENT_DATA``.
+unless set), as ``fedtorrent simulate --threads 1``: on shared cores more threads only wait on
+each other. Datasets come from ``$FEDTORRENT_DATA``.
 """
 
 from __future__ import annotations

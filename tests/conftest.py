@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Real peer processes run beside this one on 2 cores: one torch thread here keeps them from
+# spinning against each other (every CLI test used to set it through `simulate --threads 1`).
+torch.set_num_threads(1)
 
 
 def require_dataset(name: str) -> None:
