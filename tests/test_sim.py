@@ -454,3 +454,17 @@ def test_the_cnn_on_the_engine_trains_each_node_as_its_own_module_would() -> Non
             nn.functional.cross_entropy(module(inputs), targets).backward()
             optimizer.step()
         assert torch.allclose(engine.params[node], flatten(module.state_dict()), atol=1e-5), node
+
+
+def test_identical_nodes_are_scored_once_with_the_same_result_as_each_alone() -> None:
+    engine, _ = _engine([10, 10, 10, 10], mixing=MixingConfig(rule="fixed"))
+    engine.run_round(0)  # complete graph, fixed weights: every node holds the same model
+    assert bool((engine.params == engine.params[:1]).all())
+    x, y = engine._x_test, engine.data.y_test
+    each = engine._evaluate(x, y, True, engine.params)  # every row scored on its own
+    once = engine.evaluate(keep_predictions=True)
+    assert torch.equal(once.loss, each.loss) and torch.equal(once.confusion, each.confusion)
+    assert once.predictions is not None and each.predictions is not None
+    assert torch.equal(once.predictions, each.predictions)
+    engine.params[2, 0] += 1.0  # one node differs: all are scored
+    assert not torch.equal(engine.evaluate().loss[2], engine.evaluate().loss[0])

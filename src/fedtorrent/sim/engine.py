@@ -1098,7 +1098,20 @@ class Engine:
         with _timed(self.timings, "evaluate"), self._on_device():
             inputs = self._x_test if x is None else self.backend.prepare(x.to(self.device))
             targets = self.data.y_test if y is None else y.to(self.device)
-            result = self._evaluate(inputs, targets, keep_predictions)
+            params, n = self.params, self.num_nodes
+            # After fixed mixing on a complete graph every node holds the same model: score it once.
+            same = n > 1 and bool((params == params[:1]).all())
+            result = self._evaluate(
+                inputs, targets, keep_predictions, params[:1] if same else params
+            )
+            if same:
+                result = Evaluation(
+                    loss=result.loss.expand(n).clone(),
+                    confusion=result.confusion.expand(n, -1, -1).clone(),
+                    predictions=None
+                    if result.predictions is None
+                    else result.predictions.expand(n, -1).clone(),
+                )
         if self.device.type == "cpu":
             return result
         return Evaluation(
@@ -1107,8 +1120,8 @@ class Engine:
             predictions=None if result.predictions is None else result.predictions.cpu(),
         )
 
-    def _evaluate(self, x: Tensor, y: Tensor, keep_predictions: bool) -> Evaluation:
-        n, classes, total = self.num_nodes, self.data.num_classes, int(x.shape[0])
+    def _evaluate(self, x: Tensor, y: Tensor, keep_predictions: bool, params: Tensor) -> Evaluation:
+        n, classes, total = params.shape[0], self.data.num_classes, int(x.shape[0])
         loss = torch.zeros(n, dtype=torch.float64)
         confusion = torch.zeros(n * classes * classes, dtype=torch.int64)
         predictions = torch.zeros(n, total, dtype=torch.int64) if keep_predictions else None
@@ -1124,7 +1137,7 @@ class Engine:
             for e0 in range(0, total, ex_chunk):
                 xs, ys = x[e0 : e0 + ex_chunk], y[e0 : e0 + ex_chunk]
                 with torch.no_grad():
-                    logits = self.backend.logits(self.params[rows], xs)
+                    logits = self.backend.logits(params[rows], xs)
                     per_row = F.cross_entropy(
                         logits.transpose(1, 2), ys.expand(count, -1), reduction="none"
                     ).sum(dim=1)
