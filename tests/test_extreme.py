@@ -386,7 +386,7 @@ def _mnist_swarm(tmp_path: Path, name: str, **attack: object) -> dict[str, objec
     create(output=torrent, dataset="mnist", model="logreg", nodes=4, cohort=3, rounds=3,
            mixing="learned", steps=60)  # fmt: skip
     config = SwarmConfig(torrent=torrent, out=tmp_path / name, peers=4, exchange_timeout=20,
-                         **attack)  # type: ignore[arg-type]  # fmt: skip
+                         processes=2, **attack)  # type: ignore[arg-type]  # fmt: skip
     summary = run_swarm(config, timeout=90, plots=False)
     assert summary["finished"] == 4, summary["per_peer"]
     return summary

@@ -116,8 +116,11 @@ def create(folder: Path, spec: str, *, rounds: int = 3, extra: tuple[str, ...] =
 
 def swarm(folder: Path, torrent: Path, spec: str) -> dict[str, object]:
     run = folder / "run"
+    # The 3 peers are threads of one process (one torch import), each loading the task file:
+    # hosted peers must not see each other's half-imported task module.
     done = cli("swarm", str(torrent), "--task", spec, "--peers", "3", "--out", str(run),
-               "--no-live", "--no-plots", "--exchange-timeout", "10", cwd=folder)  # fmt: skip
+               "--no-live", "--no-plots", "--exchange-timeout", "10", "--processes", "1",
+               cwd=folder)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary: dict[str, object] = json.loads((run / "summary.json").read_text())
     summary["stdout"] = done.stdout

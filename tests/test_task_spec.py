@@ -241,3 +241,14 @@ def test_run_swarm_takes_a_task_object_from_an_example(
     assert summary["finished"] == 2, summary["per_peer"]
     assert summary["test_metrics"]["accuracy"]["peers"] == 2
     assert summary["test_metrics"]["accuracy"]["mean"] > 0.7  # the majority class gives 0.63
+
+
+def test_threads_loading_one_task_file_at_once_all_get_the_task(tmp_path: Path) -> None:
+    """Hosted peers are threads of one process: none may see the module half executed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "slowtask.py"
+    path.write_text("import time\ntime.sleep(0.3)  # a slow import widens the window\n" + TASK_FILE)
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: load_task(f"{path}:alias"), range(4)))
+    assert all(isinstance(task, ft.Task) for task in loaded)

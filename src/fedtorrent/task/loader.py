@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 _FORM = "PATH.py:NAME or package.module:NAME"
 _FILE_MODULE = "_fedtorrent_task_"
 """The prefix of the module names task files are imported under."""
+_IMPORTING = threading.RLock()
+"""Peers hosted on threads of one process (``node.host``) load the same file at once: the second
+must wait for the first's module to finish executing, not find it half-run in ``sys.modules``."""
 
 
 def load_task(spec: str) -> Task:
@@ -163,6 +167,11 @@ def _import(spec: str, source: str) -> ModuleType:
 
 
 def _import_file(spec: str, path: Path) -> ModuleType:
+    with _IMPORTING:
+        return _import_file_locked(spec, path)
+
+
+def _import_file_locked(spec: str, path: Path) -> ModuleType:
     if not path.is_file():
         raise ConfigError(f"--task {spec!r}: file {str(path)!r} does not exist")
     resolved = path.resolve()
