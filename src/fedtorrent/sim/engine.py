@@ -213,13 +213,8 @@ class LinearBackend:
 
         With ``weight`` None each weight is ``1 / B``.
         """
-        return self._residual_of(self._logits_t(params, x), y, weight)
-
-    @staticmethod
-    def _residual_of(logits_t: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
-        """:meth:`_residual` from the ``(A, C, B)`` logits."""
         rows, batch = y.shape
-        probs = torch.softmax(logits_t, dim=1)
+        probs = torch.softmax(self._logits_t(params, x), dim=1)
         probs.scatter_add_(1, y.unsqueeze(1), _MINUS_ONE.expand(rows, 1, batch))
         if weight is None:
             return probs.mul_(1.0 / batch)
@@ -269,10 +264,8 @@ class LinearBackend:
         self, params: Tensor, x: Tensor, y: Tensor, weight: Tensor | None, *, lr: float
     ) -> None:
         """Plain SGD in place on ``params`` (a view): no gradient buffer is written at all."""
+        residual = self._residual(params, x, y, weight)
         weight_t, bias = self._split(params)
-        residual = self._residual_of(
-            torch.baddbmm(bias.unsqueeze(2), weight_t, x.transpose(1, 2)), y, weight
-        )
         bias.sub_(residual.sum(dim=2), alpha=lr)
         # baddbmm_ into the strided view is several times slower than a product then a subtract.
         weight_t.sub_(torch.bmm(residual, x), alpha=lr)
